@@ -1,0 +1,639 @@
+"""Generalized Gumbel-Softmax (GenGS) relaxations of truncated discrete distributions."""
+
+import functools
+import itertools
+import math
+import sys
+import warnings
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import Binomial, Geometric, Multinomial, NegativeBinomial, Poisson
+from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_logits
+
+from pyro_relax._numerics import clamp_with_identity_gradient, gumbel_like, straight_through
+from pyro_relax.distributions.truncation import (
+    automatic_truncation,
+    log_survival,
+    supports_truncation,
+    truncated_log_probs,
+)
+
+__all__ = [
+    "GenGS",
+    "GenGSBinomial",
+    "GenGSGeometric",
+    "GenGSMultinomial",
+    "GenGSNegativeBinomial",
+    "GenGSPoisson",
+    "TruncatedGenGS",
+    "TruncationWarning",
+]
+
+# The attribute by which a relaxed sample carries its relaxed one-hot weights to `log_prob`.
+_WEIGHTS = "_gengs_weights"
+# The largest number of outcomes GenGSMultinomial enumerates.
+_MAX_OUTCOMES = 100_000
+
+
+class TruncationWarning(UserWarning):
+    """The mass beyond the last outcome of a truncated distribution exceeds the tolerance."""
+
+
+_REFERENCE = """
+    References:
+        Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
+        Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
+        https://arxiv.org/abs/2003.01847
+"""
+
+
+class TruncatedGenGS(TorchDistribution):
+    r"""Generalized Gumbel-Softmax relaxation of a distribution over finitely many outcomes.
+
+    A relaxed one-hot vector :math:`w` is drawn by the Gumbel-Softmax trick over the log-PMF
+    :math:`\log \pi` and mapped linearly onto the outcomes :math:`c_k`:
+
+    .. math::
+        w = \operatorname{softmax}\big((\log \pi + g) / \tau\big), \quad
+        g_k \sim \operatorname{Gumbel}(0, 1), \qquad z = \sum_k w_k c_k.
+
+    As :math:`\tau \to 0`, :math:`w` tends to the one-hot vector of
+    :math:`\arg\max_k (\log \pi_k + g_k) \sim \operatorname{Categorical}(\pi)`, so :math:`z`
+    tends to a draw of the discrete distribution. As :math:`\tau \to \infty`, :math:`w` tends to
+    the uniform vector and :math:`z` to the average outcome.
+
+    Passing free logits (say, an encoder's output) gives the implicit variant "GenGS IMP", whose
+    PMF is not tied to a parametric family.
+
+    The density of :math:`z` is intractable, so :meth:`log_prob` is defined deliberately:
+
+    - for a value drawn by :meth:`rsample` (it carries its relaxed one-hot :math:`w`),
+      the *soft log-PMF* :math:`\sum_k w_k \log \pi_k`, which tends to :math:`\log \pi_k` of
+      the sampled outcome as :math:`\tau \to 0`. With GenGS distributions in model and guide,
+      ``Trace_ELBO`` then estimates the ELBO of the discrete model;
+    - for a plain value (an observed count, a tensor built by hand), the value must be one of
+      the outcomes and the result is its log-PMF :math:`\log \pi_k`;
+    - anything else (a relaxed value whose weights were lost by ``clone``, ``detach`` or
+      ``.to``) raises ``ValueError`` when validation is on; with validation off the value is
+      scored as its nearest outcome.
+
+    The Concrete density of :math:`w` is deliberately *not* used: its KL between two relaxed
+    distributions is dominated by outcomes both give almost no mass and pins a guide to its
+    prior.
+
+    The attributes :attr:`probs` and :attr:`logits` are the (normalized) PMF over the outcomes;
+    :attr:`mean` and :attr:`variance` are the moments of that discrete distribution, the limit of
+    the relaxed moments as :math:`\tau \to 0` and exactly those of straight-through samples.
+
+    Warning:
+        A relaxed value is scored with the weights it carries, so model and guide must share
+        the same outcomes in the same order; only their number is checked.
+    """ + _REFERENCE + r"""
+    Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0`, broadcasting with the
+            batch shape. A tensor can be annealed in place.
+        probs (Tensor): the PMF :math:`\pi`, shape ``batch_shape + (n,)``, ``n >= 2``.
+        logits (Tensor): unnormalized :math:`\log \pi` (pass ``probs`` or ``logits``).
+        outcomes (Tensor): the outcomes :math:`c`, shape ``(n,)`` or ``(n, d)`` for vector
+            outcomes; default :math:`0, 1, \dots, n - 1`.
+        straight_through (bool): return the hard outcome :math:`c_{\arg\max w}` in the forward
+            pass, with the gradient of the relaxed :math:`z`.
+
+    Example:
+        >>> d = TruncatedGenGS(0.5, logits=torch.zeros(4))
+        >>> z = d.rsample((2,))
+        >>> z.shape, d.log_prob(z).shape
+        (torch.Size([2]), torch.Size([2]))
+    """
+
+    arg_constraints = {
+        "temperature": constraints.positive,
+        "probs": constraints.simplex,
+        "logits": constraints.real_vector,
+    }
+    has_rsample = True
+
+    def __init__(
+        self,
+        temperature,
+        probs=None,
+        logits=None,
+        outcomes=None,
+        *,
+        straight_through=False,
+        validate_args=None,
+    ):
+        if (probs is None) == (logits is None):
+            raise ValueError("pass exactly one of `probs` and `logits`")
+        name = "probs" if probs is not None else "logits"
+        param = torch.as_tensor(probs if probs is not None else logits)
+        if not param.is_floating_point():
+            param = param.to(torch.get_default_dtype())
+        if param.dim() < 1 or param.shape[-1] < 2:
+            raise ValueError(f"`{name}` needs a last dimension of at least 2 outcomes")
+        if probs is not None:
+            self.probs = param
+            logits = probs_to_logits(param)
+        else:
+            logits = param - param.logsumexp(-1, keepdim=True)
+
+        temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+        try:
+            batch_shape = torch.broadcast_shapes(temperature.shape, logits.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with the "
+                f"batch shape {tuple(logits.shape[:-1])} of `{name}`"
+            ) from None
+        num_outcomes = logits.shape[-1]
+        self.temperature = temperature.expand(batch_shape)
+        self.logits = logits.expand(batch_shape + (num_outcomes,))
+        if probs is not None:
+            self.probs = self.probs.expand(batch_shape + (num_outcomes,))
+
+        self._outcomes_are_counts = outcomes is None
+        if outcomes is None:
+            outcomes = torch.arange(num_outcomes, dtype=logits.dtype, device=logits.device)
+        outcomes = torch.as_tensor(outcomes, dtype=logits.dtype, device=logits.device)
+        if outcomes.dim() not in (1, 2) or outcomes.shape[0] != num_outcomes:
+            raise ValueError(
+                f"`outcomes` must have shape ({num_outcomes},) or ({num_outcomes}, d) to match "
+                f"`{name}`, got {tuple(outcomes.shape)}"
+            )
+        self.outcomes = outcomes
+        self.straight_through = bool(straight_through)
+        super().__init__(batch_shape, outcomes.shape[1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(TruncatedGenGS, _instance)
+        batch_shape = torch.Size(batch_shape)
+        pmf_shape = batch_shape + self.logits.shape[-1:]
+        new.logits = self.logits.expand(pmf_shape)
+        if "probs" in self.__dict__:
+            new.probs = self.probs.expand(pmf_shape)
+        new.temperature = self.temperature.expand(batch_shape)
+        new.outcomes = self.outcomes
+        new.straight_through = self.straight_through
+        new._outcomes_are_counts = self._outcomes_are_counts
+        super(TruncatedGenGS, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @lazy_property
+    def probs(self):
+        return logits_to_probs(self.logits)
+
+    @property
+    def num_outcomes(self) -> int:
+        """The number :math:`n` of outcomes."""
+        return self.logits.shape[-1]
+
+    @property
+    def truncation(self):
+        """The number of outcomes the distribution is truncated to (here all of them)."""
+        return self.num_outcomes
+
+    @lazy_property
+    def _outcome_range(self):
+        return self.outcomes.min(0).values, self.outcomes.max(0).values
+
+    @property
+    def support(self):
+        box = constraints.interval(*self._outcome_range)
+        return constraints.independent(box, 1) if self.event_shape else box
+
+    @property
+    def mean(self):
+        return self.probs @ self.outcomes
+
+    @property
+    def variance(self):
+        return self.probs @ self.outcomes.square() - self.mean.square()
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = torch.Size(sample_shape) + self.logits.shape
+        perturbed = (self.logits + gumbel_like(self.logits, shape)) / self.temperature.unsqueeze(-1)
+        weights = torch.softmax(perturbed, -1)
+        value = clamp_with_identity_gradient(weights @ self.outcomes, *self._outcome_range)
+        if self.straight_through:
+            value = straight_through(self.outcomes[perturbed.argmax(-1)], value)
+        setattr(value, _WEIGHTS, weights)
+        return value
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        weights = getattr(value, _WEIGHTS, None)
+        if weights is None:
+            return self._log_prob_of_outcome(value)
+        if weights.shape[-1] != self.num_outcomes:
+            raise ValueError(
+                f"the value was drawn from a GenGS over {weights.shape[-1]} outcomes and cannot "
+                f"be scored by {type(self).__name__} over {self.num_outcomes} outcomes"
+            )
+        # Outcomes excluded here (logit -inf) that the sample gives no weight would make
+        # 0 * -inf = NaN; the most negative finite number keeps 0 * log 0 = 0.
+        log_probs = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)
+        return (weights * log_probs).sum(-1)
+
+    def _log_prob_of_outcome(self, value):
+        if self.event_shape:
+            distance = (value.unsqueeze(-2) - self.outcomes).abs().sum(-1)
+        else:
+            distance = (value.unsqueeze(-1) - self.outcomes).abs()
+        distance, index = distance.min(-1)
+        if self._validate_args:
+            magnitude = value.abs().sum(-1) if self.event_shape else value.abs()
+            tolerance = 16 * torch.finfo(value.dtype).eps * (1 + magnitude)
+            if not bool((distance <= tolerance).all()):
+                raise ValueError(
+                    f"{type(self).__name__}.log_prob got a value that is neither one of the "
+                    "outcomes nor a relaxed sample drawn by rsample (which carries its relaxed "
+                    "one-hot weights; clone, detach and .to drop them)"
+                )
+        index, logits = torch.broadcast_tensors(index.unsqueeze(-1), self.logits)
+        return logits.gather(-1, index[..., :1]).squeeze(-1)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this library, Pyro
+    and torch (construction passes through subclasses and Pyro's metaclass)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        ("pyro_relax.", "pyro.", "torch.")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_truncation(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"`{name}` must be an integer of at least 2, got {value!r}")
+    return value
+
+
+class GenGS(TruncatedGenGS):
+    r"""GenGS relaxation of a count distribution truncated to :math:`n` outcomes.
+
+    The base distribution :math:`X` (Poisson, Geometric, NegativeBinomial or Binomial) is
+    truncated to the outcomes :math:`0, \dots, n-1`, the last one absorbing the tail,
+
+    .. math::
+        \pi_k = P(X = k) \ (k < n - 1), \qquad \pi_{n-1} = P(X \geq n - 1),
+
+    and relaxed as in :class:`TruncatedGenGS`. The tail is computed from a closed-form survival
+    function where one exists. As :math:`n \to \infty` the truncated variable converges to
+    :math:`X` almost surely; as :math:`\tau \to 0` samples follow the truncated PMF.
+
+    The truncation is fixed (``truncation``), or automatic ("GenGS NP"): the smallest :math:`n`
+    whose exact outcomes capture at least ``mass`` of :math:`X`. Automatic truncation without a
+    cap takes the maximum over the batch, which reads tensors on the host; with
+    ``max_truncation`` every batch element gets its own :math:`n \leq` ``max_truncation``, with
+    static shapes and no device synchronization (outcomes beyond an element's :math:`n` get
+    probability zero).
+
+    With validation on, a :class:`TruncationWarning` is raised when the mass beyond the last
+    outcome, :attr:`tail_mass` :math:`= P(X \geq n)`, exceeds ``tail_tolerance``.
+    """ + _REFERENCE + r"""
+    Arguments:
+        base_dist: the count distribution :math:`X`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        truncation (int): the number of outcomes :math:`n \geq 2`; ``None`` for automatic.
+        mass (float): the mass :math:`\eta` automatic truncation captures.
+        max_truncation (int): the cap of automatic truncation, for static shapes.
+        straight_through (bool): return hard integer outcomes (see :class:`TruncatedGenGS`).
+        tail_tolerance (float): the largest :attr:`tail_mass` accepted without a warning.
+
+    Example:
+        >>> from torch.distributions import Poisson
+        >>> d = GenGS(Poisson(torch.tensor([1.0, 4.0])), 0.1, max_truncation=20)
+        >>> d.truncation
+        tensor([ 7, 13])
+    """
+
+    def __init__(
+        self,
+        base_dist,
+        temperature,
+        truncation=None,
+        *,
+        mass=0.999,
+        max_truncation=None,
+        straight_through=False,
+        tail_tolerance=1e-2,
+        validate_args=None,
+    ):
+        if not supports_truncation(base_dist):
+            truncated_log_probs(base_dist, 2)  # raises the error naming the supported families
+        if truncation is not None and max_truncation is not None:
+            raise ValueError("pass `truncation` or `max_truncation`, not both")
+        if truncation is not None:
+            truncation = size = _check_truncation("truncation", truncation)
+        elif max_truncation is not None:
+            size = _check_truncation("max_truncation", max_truncation)
+            truncation = automatic_truncation(base_dist, mass, max_truncation)
+        else:
+            truncation = size = automatic_truncation(base_dist, mass)
+        self.base_dist = base_dist
+        self._truncation = truncation
+        self.tail_tolerance = tail_tolerance
+        super().__init__(
+            temperature,
+            logits=truncated_log_probs(base_dist, truncation, size),
+            straight_through=straight_through,
+            validate_args=validate_args,
+        )
+        if self._validate_args and tail_tolerance is not None:
+            worst = self.tail_mass.max()
+            if bool(worst > tail_tolerance):
+                warnings.warn(
+                    f"{type(self).__name__}: up to {float(worst):.3g} of the mass lies beyond "
+                    f"the last outcome (tolerance {tail_tolerance}); raise the truncation or use "
+                    "automatic truncation",
+                    TruncationWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
+
+    def expand(self, batch_shape, _instance=None):
+        new = _instance if _instance is not None else self.__new__(type(self))
+        new = super().expand(batch_shape, _instance=new)
+        new.base_dist = self.base_dist.expand(batch_shape)
+        truncation = self._truncation
+        new._truncation = truncation.expand(batch_shape) if torch.is_tensor(truncation) else truncation
+        new.tail_tolerance = self.tail_tolerance
+        return new
+
+    @property
+    def truncation(self):
+        """The number of outcomes :math:`n`: an ``int``, or a tensor of one per batch element."""
+        return self._truncation
+
+    @lazy_property
+    def tail_mass(self):
+        r"""The mass :math:`P(X \geq n)` that the last outcome absorbs from beyond it."""
+        n = self._truncation
+        if torch.is_tensor(n):
+            log_sf = log_survival(self.base_dist, self.num_outcomes + 1)
+            return log_sf.gather(-1, n.unsqueeze(-1)).squeeze(-1).exp()
+        return log_survival(self.base_dist, n + 1)[..., n].exp()
+
+
+class GenGSPoisson(GenGS):
+    r"""GenGS relaxation of a Poisson distribution truncated to :math:`n` outcomes.
+
+    .. math::
+        \pi_k = \frac{\lambda^k e^{-\lambda}}{k!} \ (k < n - 1), \qquad
+        \pi_{n-1} = P(n - 1, \lambda),
+
+    where :math:`P(a, x)` is the regularized lower incomplete gamma function. See :class:`GenGS`
+    for the relaxation, the truncation options and the meaning of ``log_prob``.
+    """ + _REFERENCE + r"""
+    Arguments:
+        rate (float or Tensor): the rate :math:`\lambda > 0`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        truncation (int): the number of outcomes :math:`n`; ``None`` for automatic truncation.
+        **kwargs: ``mass``, ``max_truncation``, ``straight_through``, ``tail_tolerance``,
+            ``validate_args`` as for :class:`GenGS`.
+
+    Example:
+        >>> import pyro
+        >>> def model():
+        ...     return pyro.sample("z", GenGSPoisson(torch.tensor(2.0), 0.5, 12))
+        >>> model().shape
+        torch.Size([])
+    """
+
+    arg_constraints = {"rate": constraints.positive, "temperature": constraints.positive}
+
+    def __init__(self, rate, temperature, truncation=None, *, validate_args=None, **kwargs):
+        base = Poisson(rate, validate_args=validate_args)
+        super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
+
+    @property
+    def rate(self):
+        return self.base_dist.rate
+
+
+class GenGSGeometric(GenGS):
+    r"""GenGS relaxation of a Geometric distribution on :math:`0, 1, \dots`, truncated.
+
+    .. math::
+        \pi_k = p (1 - p)^k \ (k < n - 1), \qquad \pi_{n-1} = (1 - p)^{n-1}.
+
+    Pass ``probs`` :math:`p` or ``logits``; the attributes :attr:`probs` and :attr:`logits` are
+    those of the truncated PMF, and :attr:`base_dist` holds the geometric parameters.
+    """ + _REFERENCE + r"""
+    Arguments:
+        probs (float or Tensor): the success probability :math:`p \in (0, 1]`.
+        logits (float or Tensor): its log-odds.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        truncation (int): the number of outcomes :math:`n`; ``None`` for automatic truncation.
+        **kwargs: as for :class:`GenGS`.
+
+    Example:
+        >>> GenGSGeometric(0.5, temperature=0.5, truncation=15).rsample((3,)).shape
+        torch.Size([3])
+    """
+
+    def __init__(
+        self, probs=None, logits=None, *, temperature, truncation=None, validate_args=None, **kwargs
+    ):
+        base = Geometric(probs, logits, validate_args=validate_args)
+        super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
+
+
+class GenGSNegativeBinomial(GenGS):
+    r"""GenGS relaxation of a NegativeBinomial distribution, truncated.
+
+    With torch's convention (:math:`k` successes of probability :math:`p` before :math:`r`
+    failures):
+
+    .. math::
+        \pi_k = \binom{k + r - 1}{k} (1 - p)^r p^k \ (k < n - 1), \qquad
+        \pi_{n-1} = P(X \geq n - 1).
+
+    There is no incomplete beta function in torch: the tail is the complement of the head
+    where it is large and an explicit sum with a geometric bound where it is small.
+    """ + _REFERENCE + r"""
+    Arguments:
+        total_count (float or Tensor): the number of failures :math:`r > 0`.
+        probs (float or Tensor): the success probability :math:`p`.
+        logits (float or Tensor): its log-odds.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        truncation (int): the number of outcomes :math:`n`; ``None`` for automatic truncation.
+        **kwargs: as for :class:`GenGS`.
+
+    Example:
+        >>> GenGSNegativeBinomial(3.0, 0.5, temperature=0.5, truncation=30).mean
+        tensor(3.0000)
+    """
+
+    arg_constraints = {"total_count": constraints.positive, "temperature": constraints.positive}
+
+    def __init__(
+        self,
+        total_count,
+        probs=None,
+        logits=None,
+        *,
+        temperature,
+        truncation=None,
+        validate_args=None,
+        **kwargs,
+    ):
+        try:
+            base = NegativeBinomial(total_count, probs, logits, validate_args=validate_args)
+        except RuntimeError as error:
+            raise ValueError(f"`total_count` and `probs`/`logits` do not broadcast: {error}") from None
+        super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
+
+    @property
+    def total_count(self):
+        return self.base_dist.total_count
+
+
+class GenGSBinomial(GenGS):
+    r"""GenGS relaxation of a Binomial distribution, exact: :math:`N + 1` outcomes.
+
+    .. math::
+        \pi_k = \binom{N}{k} p^k (1 - p)^{N - k}, \qquad k = 0, \dots, N.
+
+    No truncation is needed. With a tensor of total counts the outcomes run to the largest one
+    (read once on the host) and each element gives zero mass beyond its own :math:`N`.
+    """ + _REFERENCE + r"""
+    Arguments:
+        total_count (int or Tensor): the number of trials :math:`N`.
+        probs (float or Tensor): the success probability :math:`p`.
+        logits (float or Tensor): its log-odds.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        **kwargs: ``straight_through``, ``validate_args`` as for :class:`GenGS`.
+
+    Example:
+        >>> GenGSBinomial(20, 0.3, temperature=0.5).num_outcomes
+        21
+    """
+
+    def __init__(
+        self, total_count=1, probs=None, logits=None, *, temperature, validate_args=None, **kwargs
+    ):
+        try:
+            base = Binomial(total_count, probs, logits, validate_args=validate_args)
+        except RuntimeError as error:
+            raise ValueError(f"`total_count` and `probs`/`logits` do not broadcast: {error}") from None
+        truncation = max(int(base.total_count.max()) + 1, 2)
+        super().__init__(
+            base, temperature, truncation, tail_tolerance=None, validate_args=validate_args, **kwargs
+        )
+
+    @property
+    def total_count(self):
+        return self.base_dist.total_count
+
+
+@functools.lru_cache(maxsize=64)
+def _count_vectors(total_count: int, num_classes: int, dtype, device) -> torch.Tensor:
+    # Stars and bars: each choice of num_classes - 1 bar positions among
+    # total_count + num_classes - 1 slots is one count vector.
+    slots = total_count + num_classes - 1
+    rows = []
+    for bars in itertools.combinations(range(slots), num_classes - 1):
+        edges = (-1,) + bars + (slots,)
+        rows.append([edges[i + 1] - edges[i] - 1 for i in range(num_classes)])
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+class _ScaledSimplex(constraints.Constraint):
+    """Non-negative vectors summing to ``total``, up to the rounding of a relaxed sample."""
+
+    is_discrete = False
+    event_dim = 1
+
+    def __init__(self, total):
+        self.total = total
+        super().__init__()
+
+    def check(self, value):
+        # Relaxed samples are softmax weights times counts: their sum is off by a few ulp.
+        tolerance = self.total * max(1e-6, 64 * torch.finfo(value.dtype).eps)
+        return (value >= 0).all(-1) & ((value.sum(-1) - self.total).abs() <= tolerance)
+
+
+class GenGSMultinomial(TruncatedGenGS):
+    r"""GenGS relaxation of a Multinomial distribution over all its count vectors.
+
+    The outcomes are the :math:`\binom{N + K - 1}{K - 1}` count vectors :math:`c` with
+    :math:`\sum_j c_j = N`, each with its multinomial probability,
+
+    .. math::
+        \pi_c = \frac{N!}{\prod_j c_j!} \prod_j p_j^{c_j}, \qquad z = \sum_c w_c\, c,
+
+    so a relaxed sample is a non-negative :math:`K`-vector summing to :math:`N`.
+    """ + _REFERENCE + r"""
+    Arguments:
+        total_count (int): the number of trials :math:`N`.
+        probs (Tensor): the class probabilities :math:`p`, shape ``batch_shape + (K,)``.
+        logits (Tensor): their unnormalized log-probabilities.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        straight_through (bool): return hard count vectors.
+
+    Example:
+        >>> d = GenGSMultinomial(3, torch.tensor([0.2, 0.3, 0.5]), temperature=0.5)
+        >>> d.num_outcomes, d.rsample().sum()
+        (10, tensor(3.))
+    """
+
+    def __init__(
+        self,
+        total_count=1,
+        probs=None,
+        logits=None,
+        *,
+        temperature,
+        straight_through=False,
+        validate_args=None,
+    ):
+        if isinstance(total_count, bool) or not isinstance(total_count, int) or total_count < 1:
+            raise ValueError(f"`total_count` must be a positive integer, got {total_count!r}")
+        base = Multinomial(total_count, probs, logits, validate_args=validate_args)
+        num_classes = base.event_shape[0]
+        if math.comb(total_count + num_classes - 1, num_classes - 1) > _MAX_OUTCOMES:
+            raise ValueError(
+                f"GenGSMultinomial({total_count} trials, {num_classes} classes) has more than "
+                f"{_MAX_OUTCOMES} outcomes to enumerate"
+            )
+        logits = base.logits
+        outcomes = _count_vectors(total_count, num_classes, logits.dtype, logits.device)
+        self.base_dist = base
+        self.total_count = total_count
+        super().__init__(
+            temperature,
+            logits=_multinomial_log_probs(base, outcomes),
+            outcomes=outcomes,
+            straight_through=straight_through,
+            validate_args=validate_args,
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        new = _instance if _instance is not None else self.__new__(type(self))
+        new = super().expand(batch_shape, _instance=new)
+        new.base_dist = self.base_dist.expand(batch_shape)
+        new.total_count = self.total_count
+        return new
+
+    @property
+    def support(self):
+        return _ScaledSimplex(self.total_count)
+
+
+def _multinomial_log_probs(base: Multinomial, outcomes: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of ``base`` at each count vector, shape ``batch_shape + (n,)``."""
+    log_p = base.logits.unsqueeze(-2)  # batch + (1, K), normalized by Multinomial
+    # 0 * log 0 = 0: a class with no mass contributes nothing when it is not chosen.
+    terms = torch.where(outcomes > 0, outcomes * log_p, torch.zeros_like(log_p))
+    log_coefficient = math.lgamma(base.total_count + 1) - torch.lgamma(outcomes + 1).sum(-1)
+    return log_coefficient + terms.sum(-1)

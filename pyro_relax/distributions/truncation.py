@@ -1,0 +1,207 @@
+"""Truncated probability mass functions of count distributions, with an accurate tail bin."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Binomial, Distribution, Geometric, NegativeBinomial, Poisson
+
+from pyro_relax._numerics import log1mexp
+
+__all__ = ["automatic_truncation", "log_survival", "supports_truncation", "truncated_log_probs"]
+
+# Terms summed explicitly before the geometric bound takes over in the negative binomial tail.
+_NB_TAIL_TERMS = 32
+# Below this tail mass the complement 1 - P(X < k) loses too many digits in float32.
+_NB_COMPLEMENT_FLOOR = 1e-2
+
+
+def _counts(size: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(size, dtype=like.dtype, device=like.device)
+
+
+def _poisson_log_pmf(base: Poisson, k: torch.Tensor) -> torch.Tensor:
+    rate = base.rate.unsqueeze(-1)
+    return torch.special.xlogy(k, rate) - rate - torch.lgamma(k + 1)
+
+
+def _poisson_log_sf(base: Poisson, k: torch.Tensor) -> torch.Tensor:
+    # P(X >= m) is the regularized lower incomplete gamma function P(m, rate), differentiable in
+    # the rate. It underflows far in the tail; there rate << m and the geometric series
+    # pmf(m) / (1 - rate / (m + 1)) bounds the tail to relative error O(rate / m^2).
+    rate = base.rate.unsqueeze(-1)
+    m = k.clamp(min=1)
+    tail = torch.special.gammainc(m, rate)
+    finfo = torch.finfo(tail.dtype)
+    accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
+    series = _poisson_log_pmf(base, m) - torch.log1p(-(rate / (m + 1)).clamp(max=0.5))
+    log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
+    return torch.where(k == 0, torch.zeros_like(log_tail), log_tail)
+
+
+def _geometric_log_pmf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
+    probs = base.probs.unsqueeze(-1)
+    return torch.special.xlog1py(k, -probs) + torch.log(probs)
+
+
+def _geometric_log_sf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
+    # Support 0, 1, ...: P(X >= m) = (1 - p)^m in closed form.
+    return torch.special.xlog1py(k, -base.probs.unsqueeze(-1))
+
+
+def _negative_binomial_log_pmf(base: NegativeBinomial, k: torch.Tensor) -> torch.Tensor:
+    # torch's convention: k successes (probability `probs`) before `total_count` failures.
+    r = base.total_count.unsqueeze(-1)
+    logits = base.logits.unsqueeze(-1)
+    log_binom = torch.lgamma(k + r) - torch.lgamma(r) - torch.lgamma(k + 1)
+    return log_binom + r * F.logsigmoid(-logits) + k * F.logsigmoid(logits)
+
+
+def _negative_binomial_log_sf(base: NegativeBinomial, k: torch.Tensor) -> torch.Tensor:
+    # No incomplete beta function in torch. Where the tail is large, take the complement of the
+    # head; where it is small (the complement would cancel), sum the next terms explicitly and
+    # bound the rest by a geometric series in the ratio pmf(j + 1) / pmf(j) = p (j + r) / (j + 1),
+    # which decreases towards p for r >= 1 (and increases towards p for r < 1).
+    size = k.shape[-1]
+    extended = _negative_binomial_log_pmf(base, _counts(size + _NB_TAIL_TERMS, k))
+    head = torch.logcumsumexp(extended[..., : size - 1], -1)
+    before = torch.cat([torch.full_like(extended[..., :1], -float("inf")), head], -1)
+    use_complement = before <= math.log1p(-_NB_COMPLEMENT_FLOOR)
+    complement = log1mexp(torch.where(use_complement, before, torch.full_like(before, -1.0)))
+
+    window = extended.unfold(-1, _NB_TAIL_TERMS, 1)[..., :size, :]
+    last = k + (_NB_TAIL_TERMS - 1)
+    r = base.total_count.unsqueeze(-1)
+    p = base.probs.unsqueeze(-1)
+    ratio = torch.where(r >= 1, p * (last + r) / (last + 1), p.expand_as(last))
+    ratio = ratio.clamp(max=1 - torch.finfo(k.dtype).eps)  # finite where this branch is unused
+    remainder = window[..., -1] + torch.log(ratio) - torch.log1p(-ratio)
+    series = torch.logaddexp(torch.logsumexp(window, -1), remainder)
+    return torch.where(use_complement, complement, series)
+
+
+def _binomial_log_pmf(base: Binomial, k: torch.Tensor) -> torch.Tensor:
+    n = base.total_count.unsqueeze(-1)
+    logits = base.logits.unsqueeze(-1)
+    valid = k <= n
+    rest = torch.where(valid, n - k, torch.zeros_like(n - k))
+    log_binom = torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(rest + 1)
+    log_pmf = log_binom + k * F.logsigmoid(logits) + rest * F.logsigmoid(-logits)
+    return torch.where(valid, log_pmf, torch.full_like(log_pmf, -float("inf")))
+
+
+def _binomial_log_sf(base: Binomial, k: torch.Tensor) -> torch.Tensor:
+    # Finite support: the tail is an exact finite sum, no complement needed. The host reads
+    # the largest total count once, to know how far the sum runs.
+    size = max(k.shape[-1], int(base.total_count.max()) + 1)
+    log_pmf = _binomial_log_pmf(base, _counts(size, k))
+    log_sf = torch.logcumsumexp(log_pmf.flip(-1), -1).flip(-1)
+    return log_sf[..., : k.shape[-1]]
+
+
+# Most derived classes first: the lookup takes the first isinstance match.
+_FAMILIES = (
+    (Binomial, _binomial_log_pmf, _binomial_log_sf),
+    (NegativeBinomial, _negative_binomial_log_pmf, _negative_binomial_log_sf),
+    (Geometric, _geometric_log_pmf, _geometric_log_sf),
+    (Poisson, _poisson_log_pmf, _poisson_log_sf),
+)
+
+
+def _family(base: Distribution):
+    for cls, log_pmf, log_sf in _FAMILIES:
+        if isinstance(base, cls):
+            return log_pmf, log_sf
+    names = ", ".join(cls.__name__ for cls, _, _ in _FAMILIES)
+    raise ValueError(
+        f"GenGS has no truncation rule for {type(base).__name__}; supported bases are {names}. "
+        "For another family pass its truncated log-probabilities as `logits` to TruncatedGenGS."
+    )
+
+
+def supports_truncation(base: Distribution) -> bool:
+    """Whether :func:`truncated_log_probs` knows the family of ``base``."""
+    return any(isinstance(base, cls) for cls, _, _ in _FAMILIES)
+
+
+def _like(base: Distribution) -> torch.Tensor:
+    return base.mean
+
+
+def log_survival(base: Distribution, size: int) -> torch.Tensor:
+    r"""Log survival function :math:`\log P(X \geq k)` for :math:`k = 0, \dots, size - 1`.
+
+    Returns a tensor of shape ``base.batch_shape + (size,)``, computed from a closed form where
+    one exists (Poisson: the regularized incomplete gamma function; Geometric: :math:`(1-p)^k`;
+    Binomial: an exact finite sum) and never as a bare :math:`1 - \sum` of the head.
+    """
+    return _family(base)[1](base, _counts(size, _like(base)))
+
+
+def truncated_log_probs(base: Distribution, truncation, size: int | None = None) -> torch.Tensor:
+    r"""Log-probabilities of ``base`` truncated to ``truncation`` outcomes :math:`0, \dots, n-1`.
+
+    .. math::
+        \pi_k = P(X = k) \quad (k < n - 1), \qquad \pi_{n-1} = P(X \geq n - 1).
+
+    Args:
+        base: a Poisson, Geometric, NegativeBinomial or Binomial distribution.
+        truncation: the number of outcomes :math:`n`, an ``int`` or a tensor of them broadcasting
+            with the batch shape (one truncation per batch element).
+        size: the length of the last dimension, at least the largest truncation (default
+            ``truncation``). Outcomes at or beyond an element's truncation get ``-inf``.
+
+    Returns:
+        A tensor of shape ``batch_shape + (size,)`` whose rows are normalized.
+
+    Example:
+        >>> from torch.distributions import Poisson
+        >>> truncated_log_probs(Poisson(torch.tensor(2.0)), 4).exp().sum()
+        tensor(1.0000)
+    """
+    if size is None:
+        if torch.is_tensor(truncation):
+            raise ValueError("`size` is required when `truncation` is a tensor")
+        size = truncation
+    log_pmf, log_sf = _family(base)
+    k = _counts(size, _like(base))
+    head, tail = log_pmf(base, k), log_sf(base, k)
+    last = truncation - 1
+    if torch.is_tensor(last):
+        last = last.unsqueeze(-1)
+    minus_inf = torch.full_like(head, -float("inf"))
+    return torch.where(k < last, head, torch.where(k == last, tail, minus_inf))
+
+
+def automatic_truncation(base: Distribution, mass: float, max_truncation: int | None = None):
+    r"""The smallest truncation whose exact outcomes capture at least ``mass``.
+
+    The truncation of each batch element is :math:`n = k^* + 2` for the smallest :math:`k^*` with
+    :math:`P(X \leq k^*) \geq \eta`: outcomes :math:`0..k^*` are exact and the last one absorbs
+    the rest (the "GenGS NP" rule of Joo et al., 2020, Algorithm 2).
+
+    Without ``max_truncation`` the result is the maximum over the batch, a Python ``int``; finding
+    it reads tensors on the host (a device synchronization). With ``max_truncation`` the result is
+    a tensor of per-element truncations capped at ``max_truncation``, computed with static shapes
+    and no synchronization, for GPU training.
+    """
+    if not 0.0 < mass < 1.0:
+        raise ValueError(f"`mass` must lie in (0, 1), got {mass}")
+    log_pmf = _family(base)[0]
+    like = _like(base).detach()
+    threshold = torch.log(torch.tensor(mass, dtype=like.dtype, device=like.device))
+    size = max_truncation if max_truncation is not None else 16
+    while True:
+        with torch.no_grad():
+            head = torch.logcumsumexp(log_pmf(base, _counts(size, like)), -1)
+        below = (head < threshold).sum(-1)
+        if max_truncation is not None:
+            return (below + 2).clamp(max=max_truncation)
+        if bool((below < size).all()):
+            return int(below.max()) + 2
+        if size >= 2**16:
+            raise ValueError(
+                f"automatic truncation needs more than {size} outcomes to capture mass {mass}; "
+                "pass `truncation` or `max_truncation`"
+            )
+        size *= 4

@@ -1,0 +1,52 @@
+"""KL divergences between the library's distributions and the discrete ones they relax.
+
+Importing :mod:`pyro_relax` registers them with :func:`torch.distributions.kl.register_kl`, so
+``TraceMeanField_ELBO`` uses them in place of a Monte-Carlo estimate.
+"""
+
+from torch.distributions import Binomial, Geometric, Multinomial, NegativeBinomial, Poisson
+from torch.distributions.kl import register_kl
+
+from pyro_relax._numerics import categorical_kl
+from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
+from pyro_relax.distributions.truncation import truncated_log_probs
+
+__all__ = []
+
+
+@register_kl(TruncatedGenGS, TruncatedGenGS)
+def _kl_truncatedgengs_truncatedgengs(p, q):
+    r"""The categorical KL :math:`\sum_k \pi^p_k (\log \pi^p_k - \log \pi^q_k)` (Joo et al.,
+    2020, Proposition 6): the relaxations share their outcomes, so their KL is that of the
+    truncated discrete distributions they stand for."""
+    if p.num_outcomes != q.num_outcomes or p.event_shape != q.event_shape:
+        raise ValueError(
+            f"KL between GenGS distributions needs the same outcomes; got {p.num_outcomes} "
+            f"outcomes of shape {tuple(p.event_shape)} and {q.num_outcomes} of shape "
+            f"{tuple(q.event_shape)}"
+        )
+    return categorical_kl(p.logits, q.logits)
+
+
+def _kl_truncatedgengs_count(p, q):
+    r"""KL from a GenGS over the counts :math:`0..n-1` to a count distribution truncated at the
+    same :math:`n`, tail bin included (what the GenGS paper trains with)."""
+    if not p._outcomes_are_counts:
+        raise NotImplementedError(
+            "KL to a count distribution needs a GenGS over the default outcomes 0..n-1"
+        )
+    return categorical_kl(p.logits, truncated_log_probs(q, p.truncation, p.num_outcomes))
+
+
+for _count in (Poisson, Geometric, NegativeBinomial, Binomial):
+    register_kl(TruncatedGenGS, _count)(_kl_truncatedgengs_count)
+
+
+@register_kl(GenGSMultinomial, Multinomial)
+def _kl_gengsmultinomial_multinomial(p, q):
+    """KL from a relaxed multinomial to a multinomial with the same number of trials."""
+    if p.total_count != q.total_count:
+        raise ValueError(
+            f"KL needs equal total counts; got {p.total_count} and {q.total_count}"
+        )
+    return categorical_kl(p.logits, _multinomial_log_probs(q, p.outcomes))

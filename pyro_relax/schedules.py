@@ -1,0 +1,53 @@
+"""Temperature schedules that anneal a temperature tensor in place."""
+
+import math
+
+import torch
+
+__all__ = ["ExponentialDecay"]
+
+
+class ExponentialDecay:
+    r"""Exponential decay of a temperature to a floor, updated in place.
+
+    .. math::
+        \tau_t = \max\big(\tau_{\min},\ \tau_0 \, e^{-r t}\big), \qquad
+        r = \log(\tau_0 / \tau_{\min}) / T,
+
+    so the temperature reaches the floor after :math:`T` steps and stays there. The tensor
+    :attr:`temperature` keeps its identity, so distributions built from it each step see the
+    current value without being rebuilt differently (the GenGS paper anneals 1.0 to 0.1).
+
+    Arguments:
+        initial (float): :math:`\tau_0 > 0`.
+        floor (float): :math:`\tau_{\min}`, with :math:`0 < \tau_{\min} \leq \tau_0`.
+        steps (int): :math:`T \geq 1`, the number of steps to reach the floor.
+        device, dtype: where the temperature tensor lives (put it on the parameters' device).
+
+    Example:
+        >>> schedule = ExponentialDecay(1.0, 0.1, steps=2)
+        >>> [round(float(schedule.step()), 4) for _ in range(3)]
+        [0.3162, 0.1, 0.1]
+    """
+
+    def __init__(self, initial=1.0, floor=0.1, steps=1000, *, device=None, dtype=None):
+        if not initial > 0:
+            raise ValueError(f"`initial` must be positive, got {initial}")
+        if not 0 < floor <= initial:
+            raise ValueError(f"`floor` must lie in (0, initial], got {floor}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"`steps` must be a positive integer, got {steps!r}")
+        self.initial, self.floor, self.steps = float(initial), float(floor), steps
+        self.rate = math.log(self.initial / self.floor) / steps
+        self.step_count = 0
+        self.temperature = torch.tensor(self.initial, device=device, dtype=dtype)
+
+    def value_at(self, step: int) -> float:
+        """The temperature after ``step`` steps."""
+        return max(self.floor, self.initial * math.exp(-self.rate * step))
+
+    def step(self) -> torch.Tensor:
+        """Advances one step and returns the (same) temperature tensor."""
+        self.step_count += 1
+        self.temperature.fill_(self.value_at(self.step_count))
+        return self.temperature
