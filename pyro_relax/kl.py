@@ -49,4 +49,4 @@ def _kl_gengsmultinomial_multinomial(p, q):
         raise ValueError(
             f"KL needs equal total counts; got {p.total_count} and {q.total_count}"
         )
-    return categorical_kl(p.logits, _multinomial_log_probs(q, p.outcomes))
+    return categorical_kl(p.logits, _multinomial_log_probs(q.logits, q.total_count, p.outcomes))

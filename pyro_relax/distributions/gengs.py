@@ -8,7 +8,7 @@ import warnings
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
-from torch.distributions import Binomial, Geometric, Multinomial, NegativeBinomial, Poisson
+from torch.distributions import Binomial, Categorical, Geometric, NegativeBinomial, Poisson
 from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_logits
 
 from pyro_relax._numerics import clamp_with_identity_gradient, gumbel_like, straight_through
@@ -599,20 +599,22 @@ class GenGSMultinomial(TruncatedGenGS):
     ):
         if isinstance(total_count, bool) or not isinstance(total_count, int) or total_count < 1:
             raise ValueError(f"`total_count` must be a positive integer, got {total_count!r}")
-        base = Multinomial(total_count, probs, logits, validate_args=validate_args)
-        num_classes = base.event_shape[0]
+        # A Categorical validates and normalizes the class parameters; torch's Multinomial would
+        # validate its inner Categorical even with validate_args=False (a host read per step).
+        classes = Categorical(probs, logits, validate_args=validate_args)
+        num_classes = classes.param_shape[-1]
         if math.comb(total_count + num_classes - 1, num_classes - 1) > _MAX_OUTCOMES:
             raise ValueError(
                 f"GenGSMultinomial({total_count} trials, {num_classes} classes) has more than "
                 f"{_MAX_OUTCOMES} outcomes to enumerate"
             )
-        logits = base.logits
-        outcomes = _count_vectors(total_count, num_classes, logits.dtype, logits.device)
-        self.base_dist = base
+        class_logits = classes.logits
+        outcomes = _count_vectors(total_count, num_classes, class_logits.dtype, class_logits.device)
+        self.class_logits = class_logits
         self.total_count = total_count
         super().__init__(
             temperature,
-            logits=_multinomial_log_probs(base, outcomes),
+            logits=_multinomial_log_probs(class_logits, total_count, outcomes),
             outcomes=outcomes,
             straight_through=straight_through,
             validate_args=validate_args,
@@ -621,7 +623,7 @@ class GenGSMultinomial(TruncatedGenGS):
     def expand(self, batch_shape, _instance=None):
         new = _instance if _instance is not None else self.__new__(type(self))
         new = super().expand(batch_shape, _instance=new)
-        new.base_dist = self.base_dist.expand(batch_shape)
+        new.class_logits = self.class_logits.expand(batch_shape + self.class_logits.shape[-1:])
         new.total_count = self.total_count
         return new
 
@@ -630,10 +632,13 @@ class GenGSMultinomial(TruncatedGenGS):
         return _ScaledSimplex(self.total_count)
 
 
-def _multinomial_log_probs(base: Multinomial, outcomes: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of ``base`` at each count vector, shape ``batch_shape + (n,)``."""
-    log_p = base.logits.unsqueeze(-2)  # batch + (1, K), normalized by Multinomial
+def _multinomial_log_probs(class_logits, total_count: int, outcomes) -> torch.Tensor:
+    """Multinomial log-probabilities of each count vector, shape ``batch_shape + (n,)``.
+
+    ``class_logits`` are normalized class log-probabilities, shape ``batch_shape + (K,)``.
+    """
+    log_p = class_logits.unsqueeze(-2)
     # 0 * log 0 = 0: a class with no mass contributes nothing when it is not chosen.
     terms = torch.where(outcomes > 0, outcomes * log_p, torch.zeros_like(log_p))
-    log_coefficient = math.lgamma(base.total_count + 1) - torch.lgamma(outcomes + 1).sum(-1)
+    log_coefficient = math.lgamma(total_count + 1) - torch.lgamma(outcomes + 1).sum(-1)
     return log_coefficient + terms.sum(-1)

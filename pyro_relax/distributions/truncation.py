@@ -73,7 +73,7 @@ def _negative_binomial_log_sf(base: NegativeBinomial, k: torch.Tensor) -> torch.
     last = k + (_NB_TAIL_TERMS - 1)
     r = base.total_count.unsqueeze(-1)
     p = base.probs.unsqueeze(-1)
-    ratio = torch.where(r >= 1, p * (last + r) / (last + 1), p.expand_as(last))
+    ratio = torch.where(r >= 1, p * (last + r) / (last + 1), p)
     ratio = ratio.clamp(max=1 - torch.finfo(k.dtype).eps)  # finite where this branch is unused
     remainder = window[..., -1] + torch.log(ratio) - torch.log1p(-ratio)
     series = torch.logaddexp(torch.logsumexp(window, -1), remainder)

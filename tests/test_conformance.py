@@ -1,0 +1,157 @@
+"""Generic checks that every example in the registry passes."""
+
+import math
+import pickle
+
+import pytest
+import scipy.stats
+import torch
+from registry import EXAMPLES
+from torch.distributions import kl_divergence
+
+every_example = pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
+categorical = [e for e in EXAMPLES if e.categories is not None]
+
+
+def _first_partner_or_none(example):
+    return example.kl_partners[0]() if example.kl_partners else None
+
+
+@every_example
+@pytest.mark.parametrize("sample_shape", [(), (5,), (2, 3)], ids=str)
+def test_shapes_and_dtype(example, sample_shape):
+    d = example.build()
+    for value in (d.rsample(sample_shape), d.sample(sample_shape)):
+        assert value.shape == torch.Size(sample_shape) + d.batch_shape + d.event_shape
+        assert value.dtype == example.dtype
+        log_prob = d.log_prob(value)
+        assert log_prob.shape == torch.Size(sample_shape) + d.batch_shape
+        assert log_prob.dtype == example.dtype
+
+
+@every_example
+def test_expand(example):
+    d = example.build()
+    batch_shape = torch.Size((4,)) + d.batch_shape
+    expanded = d.expand(batch_shape)
+    assert type(expanded) is type(d)
+    assert expanded.batch_shape == batch_shape
+    assert expanded.rsample((2,)).shape == (2,) + batch_shape + d.event_shape
+    value = d.rsample((2, 1))
+    expected = d.log_prob(value).expand((2,) + batch_shape)
+    torch.testing.assert_close(expanded.log_prob(value), expected)
+    for partner in example.kl_partners:
+        assert kl_divergence(expanded, partner()).shape == batch_shape
+
+
+@every_example
+def test_samples_lie_in_support(example):
+    torch.manual_seed(0)
+    d = example.build()
+    value = d.rsample((500,))
+    assert d.support.check(value).all()
+    assert torch.isfinite(d.log_prob(value)).all()
+
+
+@every_example
+def test_pickle_round_trip(example):
+    d = example.build()
+    clone = pickle.loads(pickle.dumps(d))
+    torch.manual_seed(1)
+    value = d.rsample((3,))
+    torch.manual_seed(1)
+    torch.testing.assert_close(clone.rsample((3,)), value, rtol=0, atol=0)
+    torch.testing.assert_close(clone.log_prob(value), d.log_prob(value))
+
+
+@every_example
+def test_bad_temperature_is_rejected(example):
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            example.build(temperature=torch.tensor(bad, dtype=example.dtype))
+
+
+@every_example
+def test_values_and_gradients_are_finite(example):
+    torch.manual_seed(2)
+    params = example.parameters(requires_grad=True)
+    d = example.build(params)
+    value = d.rsample((64,))
+    loss = value.square().sum() + d.log_prob(value).sum()
+    for partner in example.kl_partners:
+        loss = loss + kl_divergence(d, partner()).sum()
+    assert torch.isfinite(value).all() and torch.isfinite(loss)
+    loss.backward()
+    for name in example.learnable:
+        grad = params[name].grad
+        assert grad is not None and torch.isfinite(grad).all(), name
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.static_shapes], ids=lambda e: e.id)
+def test_noise_and_constants_follow_the_parameters_device(example):
+    # On the meta device any tensor made on the CPU by mistake fails to combine, and any read
+    # on the host (.item(), bool(), int()) raises: the path a GPU user pays for each step.
+    d = example.build(example.parameters(device="meta"), validate_args=False)
+    value = d.rsample((2,))
+    assert value.device.type == "meta"
+    assert d.log_prob(value).device.type == "meta"
+    assert d.expand((3,) + d.batch_shape).rsample().device.type == "meta"
+
+
+@pytest.mark.parametrize("example", categorical, ids=lambda e: e.id)
+def test_category_probs_are_normalized(example):
+    probs = example.category_probs(example.build())
+    assert (probs >= 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]))
+
+
+@pytest.mark.parametrize("example", categorical, ids=lambda e: e.id)
+def test_plain_outcomes_are_scored_by_the_discrete_pmf(example):
+    d = example.build()
+    probs = example.category_probs(d)
+    for k in range(probs.shape[-1]):
+        index = torch.full(d.batch_shape, k, dtype=torch.long)
+        torch.testing.assert_close(d.log_prob(example.values_of(d, index)), probs[..., k].log())
+
+
+@pytest.mark.parametrize("example", categorical, ids=lambda e: e.id)
+def test_goodness_of_fit(example):
+    # The outcome each sample stands for follows the discrete PMF: one chi-square test over all
+    # batch elements (bins with expected count below 5 pooled), rejecting at p < 1e-3.
+    torch.manual_seed(3)
+    num_samples = 4000
+    d = example.build()
+    probs = example.category_probs(d).reshape(-1, example.category_probs(d).shape[-1])
+    index = example.categories(d, d.sample((num_samples,))).reshape(num_samples, -1)
+    statistic, dof = 0.0, 0
+    for element in range(probs.shape[0]):
+        observed = torch.bincount(index[:, element], minlength=probs.shape[1]).double()
+        expected = num_samples * probs[element].double()
+        small = expected < 5
+        assert observed[expected == 0].sum() == 0
+        observed = torch.cat([observed[~small], observed[small].sum().reshape(1)])
+        expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+        keep = expected > 0
+        statistic += float(((observed - expected).square() / expected)[keep].sum())
+        dof += int(keep.sum()) - 1
+    assert scipy.stats.chi2.sf(statistic, dof) > 1e-3
+
+
+@pytest.mark.parametrize("example", [e for e in categorical if e.kl_partners], ids=lambda e: e.id)
+def test_kl_matches_monte_carlo(example):
+    # KL(d || q) against the average log-ratio of outcomes drawn from d's discrete PMF, within
+    # five standard errors plus 2e-3 (a plain count distribution scores the last outcome by its
+    # point mass, not its tail, which moves the estimate by less than 1e-3 in these examples).
+    torch.manual_seed(4)
+    num_samples = 20000
+    d = example.build()
+    index = torch.distributions.Categorical(example.category_probs(d)).sample((num_samples,))
+    value = example.values_of(d, index)
+    for make_partner in example.kl_partners:
+        q = make_partner()
+        kl = kl_divergence(d, q)
+        assert kl.shape == d.batch_shape
+        ratio = d.log_prob(value) - q.log_prob(value)
+        error = (ratio.mean(0) - kl).abs()
+        bound = 5 * ratio.std(0) / math.sqrt(num_samples) + 2e-3
+        assert (error <= bound).all(), (error, bound)
