@@ -46,7 +46,11 @@ for _count in (Poisson, Geometric, NegativeBinomial, Binomial):
 def _kl_gengsmultinomial_multinomial(p, q):
     """KL from a relaxed multinomial to a multinomial with the same number of trials."""
     if p.total_count != q.total_count:
-        raise ValueError(
-            f"KL needs equal total counts; got {p.total_count} and {q.total_count}"
-        )
+        raise ValueError(f"KL needs equal total counts; got {p.total_count} and {q.total_count}")
     return categorical_kl(p.logits, _multinomial_log_probs(q.logits, q.total_count, p.outcomes))
+
+
+# --- IGR -----------------------------------------------------------------------------------
+
+
+# --- The straight-through family (GST, ST, STGS, GR-MCK) ----------------------------------

@@ -49,7 +49,8 @@ _REFERENCE = """
 
 
 class TruncatedGenGS(TorchDistribution):
-    r"""Generalized Gumbel-Softmax relaxation of a distribution over finitely many outcomes.
+    (
+        r"""Generalized Gumbel-Softmax relaxation of a distribution over finitely many outcomes.
 
     A relaxed one-hot vector :math:`w` is drawn by the Gumbel-Softmax trick over the log-PMF
     :math:`\log \pi` and mapped linearly onto the outcomes :math:`c_k`:
@@ -89,7 +90,9 @@ class TruncatedGenGS(TorchDistribution):
     Warning:
         A relaxed value is scored with the weights it carries, so model and guide must share
         the same outcomes in the same order; only their number is checked.
-    """ + _REFERENCE + r"""
+    """
+        + _REFERENCE
+        + r"""
     Arguments:
         temperature (float or Tensor): the temperature :math:`\tau > 0`, broadcasting with the
             batch shape. A tensor can be annealed in place.
@@ -106,6 +109,7 @@ class TruncatedGenGS(TorchDistribution):
         >>> z.shape, d.log_prob(z).shape
         (torch.Size([2]), torch.Size([2]))
     """
+    )
 
     arg_constraints = {
         "temperature": constraints.positive,
@@ -278,7 +282,8 @@ def _check_truncation(name: str, value) -> int:
 
 
 class GenGS(TruncatedGenGS):
-    r"""GenGS relaxation of a count distribution truncated to :math:`n` outcomes.
+    (
+        r"""GenGS relaxation of a count distribution truncated to :math:`n` outcomes.
 
     The base distribution :math:`X` (Poisson, Geometric, NegativeBinomial or Binomial) is
     truncated to the outcomes :math:`0, \dots, n-1`, the last one absorbing the tail,
@@ -299,7 +304,9 @@ class GenGS(TruncatedGenGS):
 
     With validation on, a :class:`TruncationWarning` is raised when the mass beyond the last
     outcome, :attr:`tail_mass` :math:`= P(X \geq n)`, exceeds ``tail_tolerance``.
-    """ + _REFERENCE + r"""
+    """
+        + _REFERENCE
+        + r"""
     Arguments:
         base_dist: the count distribution :math:`X`.
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
@@ -315,6 +322,7 @@ class GenGS(TruncatedGenGS):
         >>> d.truncation
         tensor([ 7, 13])
     """
+    )
 
     def __init__(
         self,
@@ -364,7 +372,9 @@ class GenGS(TruncatedGenGS):
         new = super().expand(batch_shape, _instance=new)
         new.base_dist = self.base_dist.expand(batch_shape)
         truncation = self._truncation
-        new._truncation = truncation.expand(batch_shape) if torch.is_tensor(truncation) else truncation
+        new._truncation = (
+            truncation.expand(batch_shape) if torch.is_tensor(truncation) else truncation
+        )
         new.tail_tolerance = self.tail_tolerance
         return new
 
@@ -384,7 +394,8 @@ class GenGS(TruncatedGenGS):
 
 
 class GenGSPoisson(GenGS):
-    r"""GenGS relaxation of a Poisson distribution truncated to :math:`n` outcomes.
+    (
+        r"""GenGS relaxation of a Poisson distribution truncated to :math:`n` outcomes.
 
     .. math::
         \pi_k = \frac{\lambda^k e^{-\lambda}}{k!} \ (k < n - 1), \qquad
@@ -392,7 +403,9 @@ class GenGSPoisson(GenGS):
 
     where :math:`P(a, x)` is the regularized lower incomplete gamma function. See :class:`GenGS`
     for the relaxation, the truncation options and the meaning of ``log_prob``.
-    """ + _REFERENCE + r"""
+    """
+        + _REFERENCE
+        + r"""
     Arguments:
         rate (float or Tensor): the rate :math:`\lambda > 0`.
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
@@ -407,6 +420,7 @@ class GenGSPoisson(GenGS):
         >>> model().shape
         torch.Size([])
     """
+    )
 
     arg_constraints = {"rate": constraints.positive, "temperature": constraints.positive}
 
@@ -420,14 +434,17 @@ class GenGSPoisson(GenGS):
 
 
 class GenGSGeometric(GenGS):
-    r"""GenGS relaxation of a Geometric distribution on :math:`0, 1, \dots`, truncated.
+    (
+        r"""GenGS relaxation of a Geometric distribution on :math:`0, 1, \dots`, truncated.
 
     .. math::
         \pi_k = p (1 - p)^k \ (k < n - 1), \qquad \pi_{n-1} = (1 - p)^{n-1}.
 
     Pass ``probs`` :math:`p` or ``logits``; the attributes :attr:`probs` and :attr:`logits` are
     those of the truncated PMF, and :attr:`base_dist` holds the geometric parameters.
-    """ + _REFERENCE + r"""
+    """
+        + _REFERENCE
+        + r"""
     Arguments:
         probs (float or Tensor): the success probability :math:`p \in (0, 1]`.
         logits (float or Tensor): its log-odds.
@@ -439,6 +456,7 @@ class GenGSGeometric(GenGS):
         >>> GenGSGeometric(0.5, temperature=0.5, truncation=15).rsample((3,)).shape
         torch.Size([3])
     """
+    )
 
     def __init__(
         self, probs=None, logits=None, *, temperature, truncation=None, validate_args=None, **kwargs
@@ -448,7 +466,8 @@ class GenGSGeometric(GenGS):
 
 
 class GenGSNegativeBinomial(GenGS):
-    r"""GenGS relaxation of a NegativeBinomial distribution, truncated.
+    (
+        r"""GenGS relaxation of a NegativeBinomial distribution, truncated.
 
     With torch's convention (:math:`k` successes of probability :math:`p` before :math:`r`
     failures):
@@ -459,7 +478,9 @@ class GenGSNegativeBinomial(GenGS):
 
     There is no incomplete beta function in torch: the tail is the complement of the head
     where it is large and an explicit sum with a geometric bound where it is small.
-    """ + _REFERENCE + r"""
+    """
+        + _REFERENCE
+        + r"""
     Arguments:
         total_count (float or Tensor): the number of failures :math:`r > 0`.
         probs (float or Tensor): the success probability :math:`p`.
@@ -472,6 +493,7 @@ class GenGSNegativeBinomial(GenGS):
         >>> GenGSNegativeBinomial(3.0, 0.5, temperature=0.5, truncation=30).mean
         tensor(3.0000)
     """
+    )
 
     arg_constraints = {"total_count": constraints.positive, "temperature": constraints.positive}
 
@@ -489,7 +511,9 @@ class GenGSNegativeBinomial(GenGS):
         try:
             base = NegativeBinomial(total_count, probs, logits, validate_args=validate_args)
         except RuntimeError as error:
-            raise ValueError(f"`total_count` and `probs`/`logits` do not broadcast: {error}") from None
+            raise ValueError(
+                f"`total_count` and `probs`/`logits` do not broadcast: {error}"
+            ) from None
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
 
     @property
@@ -498,14 +522,17 @@ class GenGSNegativeBinomial(GenGS):
 
 
 class GenGSBinomial(GenGS):
-    r"""GenGS relaxation of a Binomial distribution, exact: :math:`N + 1` outcomes.
+    (
+        r"""GenGS relaxation of a Binomial distribution, exact: :math:`N + 1` outcomes.
 
     .. math::
         \pi_k = \binom{N}{k} p^k (1 - p)^{N - k}, \qquad k = 0, \dots, N.
 
     No truncation is needed. With a tensor of total counts the outcomes run to the largest one
     (read once on the host) and each element gives zero mass beyond its own :math:`N`.
-    """ + _REFERENCE + r"""
+    """
+        + _REFERENCE
+        + r"""
     Arguments:
         total_count (int or Tensor): the number of trials :math:`N`.
         probs (float or Tensor): the success probability :math:`p`.
@@ -517,6 +544,7 @@ class GenGSBinomial(GenGS):
         >>> GenGSBinomial(20, 0.3, temperature=0.5).num_outcomes
         21
     """
+    )
 
     def __init__(
         self, total_count=1, probs=None, logits=None, *, temperature, validate_args=None, **kwargs
@@ -524,10 +552,17 @@ class GenGSBinomial(GenGS):
         try:
             base = Binomial(total_count, probs, logits, validate_args=validate_args)
         except RuntimeError as error:
-            raise ValueError(f"`total_count` and `probs`/`logits` do not broadcast: {error}") from None
+            raise ValueError(
+                f"`total_count` and `probs`/`logits` do not broadcast: {error}"
+            ) from None
         truncation = max(int(base.total_count.max()) + 1, 2)
         super().__init__(
-            base, temperature, truncation, tail_tolerance=None, validate_args=validate_args, **kwargs
+            base,
+            temperature,
+            truncation,
+            tail_tolerance=None,
+            validate_args=validate_args,
+            **kwargs,
         )
 
     @property
@@ -564,7 +599,8 @@ class _ScaledSimplex(constraints.Constraint):
 
 
 class GenGSMultinomial(TruncatedGenGS):
-    r"""GenGS relaxation of a Multinomial distribution over all its count vectors.
+    (
+        r"""GenGS relaxation of a Multinomial distribution over all its count vectors.
 
     The outcomes are the :math:`\binom{N + K - 1}{K - 1}` count vectors :math:`c` with
     :math:`\sum_j c_j = N`, each with its multinomial probability,
@@ -573,7 +609,9 @@ class GenGSMultinomial(TruncatedGenGS):
         \pi_c = \frac{N!}{\prod_j c_j!} \prod_j p_j^{c_j}, \qquad z = \sum_c w_c\, c,
 
     so a relaxed sample is a non-negative :math:`K`-vector summing to :math:`N`.
-    """ + _REFERENCE + r"""
+    """
+        + _REFERENCE
+        + r"""
     Arguments:
         total_count (int): the number of trials :math:`N`.
         probs (Tensor): the class probabilities :math:`p`, shape ``batch_shape + (K,)``.
@@ -586,6 +624,7 @@ class GenGSMultinomial(TruncatedGenGS):
         >>> d.num_outcomes, d.rsample().sum()
         (10, tensor(3.))
     """
+    )
 
     def __init__(
         self,

@@ -1,0 +1,65 @@
+"""The record that describes one example distribution to the generic tests.
+
+An example declares what it can do (its KL
+partners, whether it builds without reading tensors on the host, how a sample maps to the
+category it stands for), so the generic tests need no branches on the distribution's class.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributions import constraints
+
+__all__ = ["Example"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One distribution built from named parameters.
+
+    Attributes:
+        id: the test id.
+        factory: builds the distribution from ``params`` (keyword arguments) and
+            ``validate_args``.
+        params: tensors passed to ``factory``; their dtype is the example's dtype.
+        learnable: the parameters an SVI guide learns, with the constraint of each.
+        prior: builds a model-side distribution that scores this example's samples under
+            ``Trace_ELBO`` and has a registered KL from it (``None``: no SVI test).
+        kl_partners: builds the distributions ``q`` for which ``KL(d || q)`` is registered.
+        categories: maps ``(d, sample)`` to the index of the discrete outcome the sample
+            stands for (``None``: not a relaxation of a categorical over ``category_probs``).
+        category_probs: the discrete PMF the categories follow, ``batch_shape + (n,)``.
+        values_of: maps ``(d, index)`` to the plain value of that outcome, which ``log_prob``
+            scores as the discrete distribution does.
+        static_shapes: builds and samples without reading tensors on the host.
+    """
+
+    id: str
+    factory: Callable[..., torch.distributions.Distribution]
+    params: dict[str, torch.Tensor]
+    learnable: dict[str, constraints.Constraint] = field(default_factory=dict)
+    prior: Callable[[], torch.distributions.Distribution] | None = None
+    kl_partners: tuple[Callable[[], torch.distributions.Distribution], ...] = ()
+    categories: Callable | None = None
+    category_probs: Callable | None = None
+    values_of: Callable | None = None
+    static_shapes: bool = True
+
+    def parameters(self, *, requires_grad=False, device=None):
+        """Fresh copies of ``params``; the learnable ones require grad if asked."""
+        return {
+            name: value.detach()
+            .clone()
+            .to(device)
+            .requires_grad_(requires_grad and name in self.learnable)
+            for name, value in self.params.items()
+        }
+
+    def build(self, params=None, *, validate_args=None, **overrides):
+        params = {**(params if params is not None else self.parameters()), **overrides}
+        return self.factory(validate_args=validate_args, **params)
+
+    @property
+    def dtype(self):
+        return next(iter(self.params.values())).dtype
