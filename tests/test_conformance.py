@@ -33,7 +33,7 @@ def test_shapes_and_dtype(example, sample_shape):
 def test_expand(example):
     d = example.build()
     batch_shape = torch.Size((4,)) + d.batch_shape
-    expanded = d.expand(batch_shape)
+    expanded = d.expand(list(batch_shape))  # Pyro's plates pass a list
     assert type(expanded) is type(d)
     assert expanded.batch_shape == batch_shape
     assert expanded.rsample((2,)).shape == (2,) + batch_shape + d.event_shape

@@ -662,7 +662,7 @@ class GenGSMultinomial(TruncatedGenGS):
     def expand(self, batch_shape, _instance=None):
         new = _instance if _instance is not None else self.__new__(type(self))
         new = super().expand(batch_shape, _instance=new)
-        new.class_logits = self.class_logits.expand(batch_shape + self.class_logits.shape[-1:])
+        new.class_logits = self.class_logits.expand(new.batch_shape + self.class_logits.shape[-1:])
         new.total_count = self.total_count
         return new
 
