@@ -14,6 +14,7 @@ from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_l
 from pyro_relax._numerics import clamp_with_identity_gradient, gumbel_like, straight_through
 from pyro_relax.distributions.truncation import (
     automatic_truncation,
+    check_truncation,
     log_survival,
     supports_truncation,
     truncated_log_probs,
@@ -275,12 +276,6 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _check_truncation(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"`{name}` must be an integer of at least 2, got {value!r}")
-    return value
-
-
 class GenGS(TruncatedGenGS):
     (
         r"""GenGS relaxation of a count distribution truncated to :math:`n` outcomes.
@@ -341,9 +336,9 @@ class GenGS(TruncatedGenGS):
         if truncation is not None and max_truncation is not None:
             raise ValueError("pass `truncation` or `max_truncation`, not both")
         if truncation is not None:
-            truncation = size = _check_truncation("truncation", truncation)
+            truncation = size = check_truncation("truncation", truncation)
         elif max_truncation is not None:
-            size = _check_truncation("max_truncation", max_truncation)
+            size = check_truncation("max_truncation", max_truncation)
             truncation = automatic_truncation(base_dist, mass, max_truncation)
         else:
             truncation = size = automatic_truncation(base_dist, mass)

@@ -8,12 +8,25 @@ from torch.distributions import Binomial, Distribution, Geometric, NegativeBinom
 
 from pyro_relax._numerics import log1mexp
 
-__all__ = ["automatic_truncation", "log_survival", "supports_truncation", "truncated_log_probs"]
+__all__ = [
+    "automatic_truncation",
+    "check_truncation",
+    "log_survival",
+    "supports_truncation",
+    "truncated_log_probs",
+]
 
 # Terms summed explicitly before the geometric bound takes over in the negative binomial tail.
 _NB_TAIL_TERMS = 32
-# Below this tail mass the complement 1 - P(X < k) loses too many digits in float32.
-_NB_COMPLEMENT_FLOOR = 1e-2
+# Below this tail mass the complement 1 - P(X < k), taken in float64, keeps fewer than 8 digits.
+_NB_COMPLEMENT_FLOOR = 1e-8
+
+
+def check_truncation(name: str, value) -> int:
+    """Returns ``value`` if it is an ``int`` of at least 2, else raises ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"`{name}` must be an integer of at least 2, got {value!r}")
+    return value
 
 
 def _counts(size: int, like: torch.Tensor) -> torch.Tensor:
@@ -50,34 +63,38 @@ def _geometric_log_sf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
 
 
 def _negative_binomial_log_pmf(base: NegativeBinomial, k: torch.Tensor) -> torch.Tensor:
-    # torch's convention: k successes (probability `probs`) before `total_count` failures.
-    r = base.total_count.unsqueeze(-1)
-    logits = base.logits.unsqueeze(-1)
+    return _nb_log_pmf(base.total_count.unsqueeze(-1), base.logits.unsqueeze(-1), k)
+
+
+def _nb_log_pmf(r, logits, k):
+    # torch's convention: k successes (probability sigmoid(logits)) before r failures.
     log_binom = torch.lgamma(k + r) - torch.lgamma(r) - torch.lgamma(k + 1)
     return log_binom + r * F.logsigmoid(-logits) + k * F.logsigmoid(logits)
 
 
 def _negative_binomial_log_sf(base: NegativeBinomial, k: torch.Tensor) -> torch.Tensor:
-    # No incomplete beta function in torch. Where the tail is large, take the complement of the
-    # head; where it is small (the complement would cancel), sum the next terms explicitly and
-    # bound the rest by a geometric series in the ratio pmf(j + 1) / pmf(j) = p (j + r) / (j + 1),
-    # which decreases towards p for r >= 1 (and increases towards p for r < 1).
+    # No incomplete beta function in torch. The tail is the complement of the head, computed in
+    # float64 whatever the input dtype so that it keeps 8 digits down to a tail of 1e-8. Below
+    # that, sum the next terms explicitly and bound the rest by a geometric series in the ratio
+    # pmf(j + 1) / pmf(j) = p (j + r) / (j + 1), which tends to p; the bound's error is then
+    # far below the float32 resolution of the row.
     size = k.shape[-1]
-    extended = _negative_binomial_log_pmf(base, _counts(size + _NB_TAIL_TERMS, k))
+    r = base.total_count.unsqueeze(-1).double()
+    logits = base.logits.unsqueeze(-1).double()
+    extended = _nb_log_pmf(r, logits, _counts(size + _NB_TAIL_TERMS, k).double())
     head = torch.logcumsumexp(extended[..., : size - 1], -1)
     before = torch.cat([torch.full_like(extended[..., :1], -float("inf")), head], -1)
     use_complement = before <= math.log1p(-_NB_COMPLEMENT_FLOOR)
     complement = log1mexp(torch.where(use_complement, before, torch.full_like(before, -1.0)))
 
     window = extended.unfold(-1, _NB_TAIL_TERMS, 1)[..., :size, :]
-    last = k + (_NB_TAIL_TERMS - 1)
-    r = base.total_count.unsqueeze(-1)
-    p = base.probs.unsqueeze(-1)
+    last = k.double() + (_NB_TAIL_TERMS - 1)
+    p = torch.sigmoid(logits)
     ratio = torch.where(r >= 1, p * (last + r) / (last + 1), p)
-    ratio = ratio.clamp(max=1 - torch.finfo(k.dtype).eps)  # finite where this branch is unused
+    ratio = ratio.clamp(max=1 - torch.finfo(ratio.dtype).eps)  # finite where this branch is unused
     remainder = window[..., -1] + torch.log(ratio) - torch.log1p(-ratio)
     series = torch.logaddexp(torch.logsumexp(window, -1), remainder)
-    return torch.where(use_complement, complement, series)
+    return torch.where(use_complement, complement, series).to(k.dtype)
 
 
 def _binomial_log_pmf(base: Binomial, k: torch.Tensor) -> torch.Tensor:
@@ -159,10 +176,13 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
         >>> truncated_log_probs(Poisson(torch.tensor(2.0)), 4).exp().sum()
         tensor(1.0000)
     """
+    if not torch.is_tensor(truncation):
+        check_truncation("truncation", truncation)
     if size is None:
         if torch.is_tensor(truncation):
             raise ValueError("`size` is required when `truncation` is a tensor")
         size = truncation
+    check_truncation("size", size)
     log_pmf, log_sf = _family(base)
     k = _counts(size, _like(base))
     head, tail = log_pmf(base, k), log_sf(base, k)
@@ -187,6 +207,8 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
     """
     if not 0.0 < mass < 1.0:
         raise ValueError(f"`mass` must lie in (0, 1), got {mass}")
+    if max_truncation is not None:
+        check_truncation("max_truncation", max_truncation)
     log_pmf = _family(base)[0]
     like = _like(base).detach()
     threshold = torch.log(torch.tensor(mass, dtype=like.dtype, device=like.device))

@@ -1,0 +1,769 @@
+"""Straight-through estimators for categorical and binary latents: GST, ST, STGS and GR-MCK."""
+
+import math
+from numbers import Real
+
+import torch
+from pyro.distributions import Bernoulli, OneHotCategorical, constraints
+from torch.distributions import Categorical, Distribution
+
+from pyro_relax._numerics import gumbel_like, log1mexp, straight_through
+
+__all__ = [
+    "GRMCKBernoulli",
+    "GRMCKCategorical",
+    "GappedST",
+    "GappedSTBernoulli",
+    "GappedSTCategorical",
+    "STBernoulli",
+    "STCategorical",
+    "STGSBernoulli",
+    "STGSCategorical",
+]
+
+# The attribute by which a soft STGS sample carries its log-weights to `log_prob`.
+_LOG_WEIGHTS = "_straight_through_log_weights"
+
+_STGS_REFERENCES = """
+        Categorical Reparameterization with Gumbel-Softmax.
+        Eric Jang, Shixiang Gu, Ben Poole, 2017.
+        https://arxiv.org/abs/1611.01144
+
+        The Concrete Distribution: A Continuous Relaxation of Discrete Random Variables.
+        Chris J. Maddison, Andriy Mnih, Yee Whye Teh, 2017.
+        https://arxiv.org/abs/1611.00712
+"""
+_ST_REFERENCE = """
+        Estimating or Propagating Gradients Through Stochastic Neurons for Conditional
+        Computation. Yoshua Bengio, Nicholas Léonard, Aaron Courville, 2013.
+        https://arxiv.org/abs/1308.3432
+"""
+_GRMCK_REFERENCE = """
+        Rao-Blackwellizing the Straight-Through Gumbel-Softmax Gradient Estimator.
+        Max B. Paulus, Chris J. Maddison, Andreas Krause, 2021.
+        https://arxiv.org/abs/2010.04838
+"""
+_GST_REFERENCE = """
+        Training Discrete Deep Generative Models via Gapped Straight-Through Estimator.
+        Ting-Han Fan, Ta-Chung Chi, Alexander I. Rudnicky, Peter J. Ramadge, 2022.
+        https://arxiv.org/abs/2206.07235
+"""
+_COMMON_ARGUMENTS = r"""
+        logits (Tensor): unnormalized log-probabilities :math:`l`, shape
+            ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
+        probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
+        hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
+            itself."""
+_BINARY_NOTE = r"""
+    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
+    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
+    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
+    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
+    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`."""
+_BINARY_ARGUMENTS = r"""
+        logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
+        probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`."""
+
+
+def _one_hot(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # A comparison rather than F.one_hot, which checks the indices' range on the host.
+    classes = torch.arange(like.shape[-1], device=like.device)
+    return (index.unsqueeze(-1) == classes).to(like.dtype)
+
+
+def _check_gap(gap):
+    if isinstance(gap, str) and gap == "expected":
+        return gap
+    if isinstance(gap, bool) or not isinstance(gap, Real) or not gap >= 0:
+        raise ValueError(f'`gap` must be a non-negative number or "expected", got {gap!r}')
+    return float(gap)
+
+
+def _expected_gap(log_p: torch.Tensor) -> torch.Tensor:
+    r"""The expected gap :math:`-\log(1 - p) / p` between the two largest Gumbel-perturbed
+    logits, given that the one of probability :math:`p` is the largest (Fan et al., 2022)."""
+    tiny_p = log_p < math.log(torch.finfo(log_p.dtype).eps)
+    # p = 1 would give an infinite gap: keep p one machine epsilon below 1.
+    log_p = log_p.clamp(max=math.log1p(-torch.finfo(log_p.dtype).eps))
+    # Below eps the ratio is 0/0 once p underflows; its series 1 + p/2 is exact to rounding there.
+    safe = torch.where(tiny_p, torch.full_like(log_p, -1.0), log_p)
+    ratio = -log1mexp(safe) / safe.exp()
+    return torch.where(tiny_p, 1 + log_p.exp() / 2, ratio)
+
+
+def _conditional_perturbed_logits(logits, index, log_exponentials):
+    r"""Gumbel-perturbed logits :math:`l + G` conditioned on :math:`\arg\max = D` (Paulus et
+    al., 2021), in log space, from :math:`\log E` with :math:`E \sim \operatorname{Exp}(1)`.
+
+    The maximum is :math:`\log \sum_j e^{l_j} - \log E_D`, the others are Gumbels of location
+    :math:`l_j` truncated below it: :math:`-\operatorname{logaddexp}(\log E_j - l_j,
+    \log E_D - \log \sum_j e^{l_j})`. ``log_exponentials`` may have extra leading dimensions
+    (independent draws).
+    """
+    index = index.expand(log_exponentials.shape[:-1]).unsqueeze(-1)
+    top = logits.logsumexp(-1, keepdim=True) - log_exponentials.gather(-1, index)
+    others = -torch.logaddexp(log_exponentials - logits, -top)
+    return others.scatter(-1, index, top)
+
+
+def _concrete_log_density(logits, temperature, log_weights):
+    r"""The Concrete (Gumbel-Softmax) log-density of the relaxed one-hot :math:`w = e^y`,
+    evaluated from its log-weights :math:`y` (so it stays finite where :math:`w` underflows):
+
+    .. math::
+        \log p(w) = \log (K - 1)! + (K - 1) \log \tau + \sum_k s_k - K \log \sum_k e^{s_k}
+        - \sum_k y_k, \qquad s_k = l_k - \tau y_k.
+
+    Unlike ``torch.distributions.ExpRelaxedCategorical``, a batched temperature broadcasts with
+    the batch, not with the categories (pytorch#37162).
+    """
+    num_classes = logits.shape[-1]
+    scores = logits - temperature.unsqueeze(-1) * log_weights
+    return (
+        math.lgamma(num_classes)
+        + (num_classes - 1) * temperature.log()
+        + scores.sum(-1)
+        - num_classes * scores.logsumexp(-1)
+        - log_weights.sum(-1)
+    )
+
+
+def _carried_log_weights(value, validate: bool, name: str) -> torch.Tensor:
+    """The log-weights a soft STGS sample carries or, without them, the logarithm of its
+    coordinates (see :class:`STGSCategorical` for this fallback)."""
+    log_weights = getattr(value, _LOG_WEIGHTS, None)
+    if log_weights is not None:
+        return log_weights
+    if validate and not bool((value > 0).all()):
+        raise ValueError(
+            f"{name}.log_prob got a relaxed value with a coordinate 0 and without the "
+            "log-weights that rsample attaches (clone, detach and .to drop them): its Concrete "
+            "density cannot be evaluated"
+        )
+    # A coordinate that underflowed to 0 has lost its log-weight; the smallest normal number
+    # keeps the density finite (the documented fallback).
+    return value.clamp(min=torch.finfo(value.dtype).tiny).log()
+
+
+class _StraightThroughCategorical(OneHotCategorical):
+    """Base of the straight-through one-hot categoricals: exact one-hot samples of
+    ``Categorical(softmax(logits))`` whose gradient is that of a surrogate :math:`h`, which each
+    estimator defines in :meth:`_surrogate`."""
+
+    arg_constraints = {
+        "probs": constraints.simplex,
+        "logits": constraints.real_vector,
+        "temperature": constraints.positive,
+    }
+    has_rsample = True
+    # Estimator options, copied by `expand` (and used by the Bernoulli versions).
+    _option_names = ()
+
+    def __init__(self, logits=None, probs=None, temperature=1.0, *, hard=True, validate_args=None):
+        if (probs is None) == (logits is None):
+            raise ValueError("pass exactly one of `probs` and `logits`")
+        name = "probs" if probs is not None else "logits"
+        param = torch.as_tensor(probs if probs is not None else logits)
+        if not param.is_floating_point():
+            param = param.to(torch.get_default_dtype())
+        if param.dim() < 1 or param.shape[-1] < 2:
+            raise ValueError(f"`{name}` needs a last dimension of at least 2 categories")
+        temperature = torch.as_tensor(temperature, dtype=param.dtype, device=param.device)
+        try:
+            batch_shape = torch.broadcast_shapes(temperature.shape, param.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with the "
+                f"batch shape {tuple(param.shape[:-1])} of `{name}`"
+            ) from None
+        param = param.expand(batch_shape + param.shape[-1:])
+        self.temperature = temperature.expand(batch_shape)
+        self.hard = bool(hard)
+        # torch's OneHotCategorical would build its Categorical with default validation, which
+        # reads the parameters on the host at every construction, even with validate_args=False.
+        self._categorical = Categorical(
+            probs=param if probs is not None else None,
+            logits=param if logits is not None else None,
+            validate_args=validate_args,
+        )
+        Distribution.__init__(self, batch_shape, param.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = _instance if _instance is not None else self.__new__(type(self))
+        new = super().expand(batch_shape, _instance=new)
+        new.temperature = self.temperature.expand(batch_shape)
+        new.hard = self.hard
+        for name in self._option_names:
+            setattr(new, name, getattr(self, name))
+        return new
+
+    @property
+    def support(self):
+        return constraints.one_hot if self.hard else constraints.simplex
+
+    @property
+    def has_enumerate_support(self):
+        return self.hard
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        logits = self.logits.expand(shape)
+        gumbels = gumbel_like(logits, shape)
+        # Gumbel-max: an exact draw of Categorical(softmax(logits)), device-agnostic.
+        index = (logits.detach() + gumbels).argmax(-1)
+        one_hot = _one_hot(index, logits)
+        surrogate, log_weights = self._surrogate(logits, index, one_hot, gumbels)
+        if self.hard:
+            return straight_through(one_hot, surrogate)
+        if log_weights is not None:
+            setattr(surrogate, _LOG_WEIGHTS, log_weights)
+        return surrogate
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            if not self.hard:
+                return self.rsample(sample_shape)
+            shape = self._extended_shape(sample_shape)
+            logits = self.logits.expand(shape)
+            return _one_hot((logits + gumbel_like(logits, shape)).argmax(-1), logits)
+
+    def _surrogate(self, logits, index, one_hot, gumbels):
+        """The surrogate :math:`h` (shape of ``logits``) and, if it has a Concrete density,
+        its log-weights (else ``None``), for the sampled ``index`` drawn with ``gumbels``."""
+        raise NotImplementedError
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._log_prob(value)
+
+    def _log_prob(self, value):
+        # Linear in the value: log pi_D for a one-hot, and the gradient reaches the surrogate
+        # (so Trace_ELBO gets the straight-through estimate of the KL's gradient). An excluded
+        # category (logit -inf) would make 0 * -inf = NaN: the most negative finite number
+        # keeps 0 * log 0 = 0.
+        log_probs = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)
+        return (value * log_probs).sum(-1)
+
+
+class STCategorical(_StraightThroughCategorical):
+    (
+        r"""One-hot categorical with the naive straight-through gradient.
+
+    The forward value is an exact draw :math:`D \sim \operatorname{Categorical}(\pi)`, one-hot;
+    the backward pass uses the noiseless surrogate
+
+    .. math::
+        h = \operatorname{softmax}(l / \tau), \qquad
+        \frac{\partial D}{\partial l} := \frac{\partial h}{\partial l}.
+
+    The gradient does not depend on the sample (the estimator is biased and, with
+    :math:`\tau = 1`, it is the derivative of the mean :math:`\pi`). As :math:`\tau \to 0`,
+    :math:`h` tends to the one-hot of the mode and its gradient vanishes; as
+    :math:`\tau \to \infty`, :math:`h` tends to the uniform vector.
+
+    :meth:`log_prob` of a one-hot value is :math:`\log \pi_D`, as for ``OneHotCategorical``,
+    computed as :math:`\sum_k x_k \log \pi_k` so its gradient reaches the surrogate. The
+    categorical KLs of ``OneHotCategorical`` apply. With ``hard=False`` the value is :math:`h`
+    itself and :meth:`log_prob` the soft log-PMF :math:`\sum_k h_k \log \pi_k`.
+
+    References:"""
+        + _ST_REFERENCE
+        + """
+    Arguments:"""
+        + _COMMON_ARGUMENTS
+        + r"""
+
+    Example:
+        >>> d = STCategorical(logits=torch.tensor([0.0, 1.0, 2.0]), temperature=0.5)
+        >>> d.rsample((2,)).sum(-1)
+        tensor([1., 1.])
+    """
+    )
+
+    def _surrogate(self, logits, index, one_hot, gumbels):
+        return torch.softmax(logits / self.temperature.unsqueeze(-1), -1), None
+
+
+class STGSCategorical(_StraightThroughCategorical):
+    (
+        r"""One-hot categorical with the straight-through Gumbel-Softmax (STGS) gradient.
+
+    With Gumbel noise :math:`g_k`, the forward value is the one-hot of
+    :math:`D = \arg\max_k (l_k + g_k) \sim \operatorname{Categorical}(\pi)` and the backward
+    pass uses the Gumbel-Softmax sample built from the same noise,
+
+    .. math::
+        h = \operatorname{softmax}\big((l + g) / \tau\big).
+
+    As :math:`\tau \to 0`, :math:`h \to D` (and the gradient's variance grows); as
+    :math:`\tau \to \infty`, :math:`h` tends to the uniform vector.
+
+    With ``hard=True`` (default), :meth:`log_prob` is :math:`\log \pi_D` (see
+    :class:`STCategorical`). With ``hard=False`` the value is the Gumbel-Softmax sample
+    :math:`h` and :meth:`log_prob` its Concrete density, computed in log space from the
+    log-weights :math:`\log h` that the sample carries, so it is finite in float32 at
+    temperatures down to 0.01, where coordinates of :math:`h` underflow to 0. A value without
+    them (``clone``, ``detach`` and ``.to`` drop them) is scored from the logarithm of its
+    coordinates: with validation on, a coordinate equal to 0 raises ``ValueError``; with
+    validation off it is clamped at the smallest normal number.
+
+    Warning:
+        ``KL`` and ``TraceMeanField_ELBO`` use the KL of the categorical distributions, not of
+        the Concrete ones, also for soft samples (see DESIGN section 2.3 for why).
+
+    References:"""
+        + _STGS_REFERENCES
+        + """
+    Arguments:"""
+        + _COMMON_ARGUMENTS
+        + r"""
+
+    Example:
+        >>> d = STGSCategorical(logits=torch.zeros(10), temperature=0.01, hard=False)
+        >>> w = d.rsample()
+        >>> bool(torch.isfinite(d.log_prob(w)))
+        True
+    """
+    )
+
+    def _surrogate(self, logits, index, one_hot, gumbels):
+        log_weights = torch.log_softmax((logits + gumbels) / self.temperature.unsqueeze(-1), -1)
+        return log_weights.exp(), log_weights
+
+    def _log_prob(self, value):
+        if self.hard:
+            return super()._log_prob(value)
+        log_weights = _carried_log_weights(value, self._validate_args, type(self).__name__)
+        return _concrete_log_density(self.logits, self.temperature, log_weights)
+
+
+class GRMCKCategorical(_StraightThroughCategorical):
+    (
+        r"""One-hot categorical with the Rao-Blackwellized STGS gradient (GR-MCK).
+
+    The forward value is the one-hot of :math:`D \sim \operatorname{Categorical}(\pi)`; the
+    surrogate averages the Gumbel-Softmax over :math:`K` draws of the Gumbel noise conditioned
+    on :math:`\arg\max = D`,
+
+    .. math::
+        h = \frac{1}{K} \sum_{k=1}^{K} \operatorname{softmax}\big((l + G^{(k)}) / \tau\big),
+        \qquad G^{(k)} \sim \operatorname{Gumbel} \mid \arg\max_j (l_j + G^{(k)}_j) = D,
+
+    a Monte-Carlo estimate of :math:`E[\operatorname{STGS} \mid D]`, with lower variance than
+    STGS at :math:`K` times its cost. The conditional Gumbels are drawn in log space from
+    :math:`E \sim \operatorname{Exp}(1)`: :math:`l_D + G_D = \log \sum_j e^{l_j} - \log E_D`,
+    :math:`l_j + G_j = -\operatorname{logaddexp}(\log E_j - l_j, \log E_D - \log \sum_i
+    e^{l_i})`, and detached (the references detach them; differentiating through them is a
+    known mistake). With :math:`K = 1` the gradient has the distribution of STGS's. The
+    temperature limits are those of :class:`STGSCategorical`.
+
+    :meth:`log_prob` is as for :class:`STCategorical`.
+
+    References:"""
+        + _GRMCK_REFERENCE
+        + """
+    Arguments:"""
+        + _COMMON_ARGUMENTS
+        + r"""
+        num_draws (int): the number :math:`K \geq 1` of conditional draws (100 in the
+            paper's baseline "GR-MC100").
+
+    Example:
+        >>> d = GRMCKCategorical(logits=torch.zeros(2, 4), temperature=0.5, num_draws=10)
+        >>> d.rsample((3,)).shape
+        torch.Size([3, 2, 4])
+    """
+    )
+
+    _option_names = ("num_draws",)
+
+    def __init__(
+        self,
+        logits=None,
+        probs=None,
+        temperature=1.0,
+        num_draws=100,
+        *,
+        hard=True,
+        validate_args=None,
+    ):
+        if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
+            raise ValueError(f"`num_draws` must be a positive integer, got {num_draws!r}")
+        self.num_draws = num_draws
+        super().__init__(logits, probs, temperature, hard=hard, validate_args=validate_args)
+
+    def _surrogate(self, logits, index, one_hot, gumbels):
+        fixed = logits.detach()
+        log_exponentials = -gumbel_like(fixed, (self.num_draws,) + fixed.shape)
+        noise = _conditional_perturbed_logits(fixed, index, log_exponentials) - fixed
+        # An excluded category (logit -inf) gets noise -inf - -inf = NaN; it stays excluded.
+        noise = torch.where(torch.isneginf(fixed), torch.zeros_like(noise), noise)
+        tempered = (logits + noise) / self.temperature.unsqueeze(-1)
+        return torch.softmax(tempered, -1).mean(0), None
+
+
+class GappedSTCategorical(_StraightThroughCategorical):
+    (
+        r"""One-hot categorical with the Gapped Straight-Through (GST) gradient.
+
+    The forward value is the one-hot of :math:`D \sim \operatorname{Categorical}(\pi)` (no
+    Gumbel noise enters the surrogate). With the detached logits :math:`\bar l`, the sampled
+    logit is lifted to the maximum and the others pushed at least a gap :math:`\kappa` below
+    it:
+
+    .. math::
+        m_1 = \big(\max_j \bar l_j - \langle \bar l, D \rangle\big) D, \qquad
+        m_2 = \operatorname{relu}\big(\bar l + \kappa - \max_j \bar l_j\big) \odot (1 - D),
+
+    .. math::
+        h = \operatorname{softmax}\big((l + m_1 - m_2) / \tau\big).
+
+    So :math:`\arg\max h = D` (consistency, for :math:`\kappa > 0`) and the top perturbed logit
+    exceeds the others by at least :math:`\kappa` (the gap), as the Gumbel-perturbed logits of
+    STGS do in expectation, but with no noise: a lower-variance gradient at the cost of STGS,
+    without the resampling of GR-MCK. ``gap="expected"`` uses
+    :math:`\kappa = -\log(1 - \pi_D) / \pi_D`, the expected gap between the two largest
+    Gumbel-perturbed logits given :math:`D` (it tends to 1 as :math:`\pi_D \to 0`). As
+    :math:`\tau \to 0`, :math:`h \to D`; as :math:`\tau \to \infty`, :math:`h` tends to uniform.
+
+    Ablations of the paper: ``gap=0`` (no gap; consistency can fail on ties) and
+    ``detach_perturbations=False`` (gradients also flow through :math:`m_1, m_2`).
+
+    :meth:`log_prob` of a one-hot value is :math:`\log \pi_D`, computed as
+    :math:`\sum_k x_k \log \pi_k` so its gradient reaches :math:`h`; ``enumerate_support`` and
+    the categorical KLs of ``OneHotCategorical`` apply. With ``hard=False`` the value is
+    :math:`h` and :meth:`log_prob` the soft log-PMF :math:`\sum_k h_k \log \pi_k`.
+
+    References:"""
+        + _GST_REFERENCE
+        + """
+    Arguments:"""
+        + _COMMON_ARGUMENTS
+        + r"""
+        gap (float or str): the gap :math:`\kappa \geq 0` (default 1.0), or ``"expected"``.
+        detach_perturbations (bool): detach :math:`m_1, m_2` (default; ``False`` is an
+            ablation).
+
+    Example:
+        >>> import pyro
+        >>> def guide():
+        ...     logits = torch.zeros(30, 10, requires_grad=True)
+        ...     return pyro.sample("z", GappedSTCategorical(logits, temperature=1.0, gap=1.0))
+        >>> z = guide()
+        >>> z.shape, bool(((z == 0) | (z == 1)).all()), z.requires_grad
+        (torch.Size([30, 10]), True, True)
+    """
+    )
+
+    _option_names = ("gap", "detach_perturbations")
+
+    def __init__(
+        self,
+        logits=None,
+        probs=None,
+        temperature=1.0,
+        gap=1.0,
+        *,
+        hard=True,
+        detach_perturbations=True,
+        validate_args=None,
+    ):
+        self.gap = _check_gap(gap)
+        self.detach_perturbations = bool(detach_perturbations)
+        super().__init__(logits, probs, temperature, hard=hard, validate_args=validate_args)
+
+    def _surrogate(self, logits, index, one_hot, gumbels):
+        fixed = logits.detach() if self.detach_perturbations else logits
+        top = fixed.max(-1, keepdim=True).values
+        # gather, not <l, D>: 0 * -inf = NaN for an excluded category.
+        sampled = fixed.gather(-1, index.unsqueeze(-1))
+        gap = _expected_gap(sampled) if self.gap == "expected" else self.gap
+        m1 = (top - sampled) * one_hot
+        m2 = torch.relu(fixed + gap - top) * (1 - one_hot)
+        tempered = (logits + m1 - m2) / self.temperature.unsqueeze(-1)
+        return torch.softmax(tempered, -1), None
+
+
+class GappedST(GappedSTCategorical):
+    (
+        r"""The gapped straight-through version of a ``Categorical`` or ``OneHotCategorical``.
+
+    ``GappedST(base_dist, temperature, gap)`` is :class:`GappedSTCategorical` with the
+    parameters of ``base_dist`` (its ``probs`` if it was built from them, else its
+    ``logits``); ``base_dist`` is kept as :attr:`base_dist`. Values are one-hot, also for a
+    ``Categorical`` base: its outcome :math:`k` becomes :math:`e_k` (an index carries no useful
+    straight-through gradient), so score them with a ``OneHotCategorical``.
+
+    References:"""
+        + _GST_REFERENCE
+        + r"""
+    Arguments:
+        base_dist (Categorical or OneHotCategorical): the distribution to relax.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        gap (float or str): the gap :math:`\kappa \geq 0`, or ``"expected"``.
+        **kwargs: ``hard``, ``detach_perturbations``, ``validate_args`` as for
+            :class:`GappedSTCategorical`.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> d = GappedST(dist.OneHotCategorical(logits=torch.zeros(3, 4)), 0.5, gap=1.0)
+        >>> d.batch_shape, d.event_shape
+        (torch.Size([3]), torch.Size([4]))
+    """
+    )
+
+    def __init__(self, base_dist, temperature=1.0, gap=1.0, **kwargs):
+        if isinstance(base_dist, torch.distributions.OneHotCategorical):
+            categorical = base_dist._categorical
+        elif isinstance(base_dist, Categorical):
+            categorical = base_dist
+        else:
+            raise ValueError(
+                "`base_dist` must be a Categorical or a OneHotCategorical, got "
+                f"{type(base_dist).__name__}"
+            )
+        self.base_dist = base_dist
+        if "probs" in categorical.__dict__:
+            super().__init__(probs=categorical.probs, temperature=temperature, gap=gap, **kwargs)
+        else:
+            super().__init__(logits=categorical.logits, temperature=temperature, gap=gap, **kwargs)
+
+    def expand(self, batch_shape, _instance=None):
+        new = _instance if _instance is not None else self.__new__(type(self))
+        new = super().expand(batch_shape, _instance=new)
+        new.base_dist = self.base_dist.expand(batch_shape)
+        return new
+
+
+class _StraightThroughBernoulli(Bernoulli):
+    """Base of the binary versions: the estimator of ``_categorical_class`` applied to the
+    categorical over ``(0, 1)`` with logits ``(0, logits)``."""
+
+    arg_constraints = {
+        "probs": constraints.unit_interval,
+        "logits": constraints.real,
+        "temperature": constraints.positive,
+    }
+    has_rsample = True
+    _categorical_class = _StraightThroughCategorical
+
+    def __init__(self, logits=None, probs=None, temperature=1.0, *, hard=True, validate_args=None):
+        if (probs is None) == (logits is None):
+            raise ValueError("pass exactly one of `probs` and `logits`")
+        name = "probs" if probs is not None else "logits"
+        param = torch.as_tensor(probs if probs is not None else logits)
+        if not param.is_floating_point():
+            param = param.to(torch.get_default_dtype())
+        temperature = torch.as_tensor(temperature, dtype=param.dtype, device=param.device)
+        try:
+            batch_shape = torch.broadcast_shapes(temperature.shape, param.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with "
+                f"`{name}` of shape {tuple(param.shape)}"
+            ) from None
+        param = param.expand(batch_shape)
+        self.temperature = temperature.expand(batch_shape)
+        self.hard = bool(hard)
+        if probs is not None:
+            super().__init__(probs=param, validate_args=validate_args)
+        else:
+            super().__init__(logits=param, validate_args=validate_args)
+        self._relaxed = self._build_relaxed()
+
+    def _build_relaxed(self):
+        pair = torch.stack([torch.zeros_like(self.logits), self.logits], -1)
+        options = {name: getattr(self, name) for name in self._categorical_class._option_names}
+        return self._categorical_class(
+            logits=pair,
+            temperature=self.temperature,
+            hard=self.hard,
+            validate_args=False,
+            **options,
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        new = _instance if _instance is not None else self.__new__(type(self))
+        new = super().expand(batch_shape, _instance=new)
+        new.temperature = self.temperature.expand(batch_shape)
+        new.hard = self.hard
+        for name in self._categorical_class._option_names:
+            setattr(new, name, getattr(self, name))
+        new._relaxed = self._relaxed.expand(batch_shape)
+        return new
+
+    @property
+    def support(self):
+        return constraints.boolean if self.hard else constraints.unit_interval
+
+    @property
+    def has_enumerate_support(self):
+        return self.hard
+
+    def rsample(self, sample_shape=torch.Size()):
+        pair = self._relaxed.rsample(sample_shape)
+        value = pair[..., 1]
+        log_weights = getattr(pair, _LOG_WEIGHTS, None)
+        if log_weights is not None:
+            setattr(value, _LOG_WEIGHTS, log_weights)
+        return value
+
+    def sample(self, sample_shape=torch.Size()):
+        if self.hard:
+            return self._relaxed.sample(sample_shape)[..., 1]
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+
+class STBernoulli(_StraightThroughBernoulli):
+    (
+        r"""Bernoulli with the naive straight-through gradient,
+    :math:`h_1 = \sigma(\theta / \tau)`: :class:`STCategorical` on the pair :math:`(0, \theta)`.
+    """
+        + _BINARY_NOTE
+        + """
+
+    References:"""
+        + _ST_REFERENCE
+        + """
+    Arguments:"""
+        + _BINARY_ARGUMENTS
+        + r"""
+
+    Example:
+        >>> STBernoulli(logits=torch.tensor([-1.0, 1.0])).rsample((4,)).shape
+        torch.Size([4, 2])
+    """
+    )
+
+    _categorical_class = STCategorical
+
+
+class STGSBernoulli(_StraightThroughBernoulli):
+    (
+        r"""Bernoulli with the straight-through Gumbel-Softmax gradient,
+    :math:`h_1 = \sigma((\theta + L) / \tau)` with logistic noise :math:`L` that also decides
+    :math:`D = [\theta + L > 0]`: :class:`STGSCategorical` on the pair :math:`(0, \theta)`.
+    """
+        + _BINARY_NOTE
+        + r"""
+    With ``hard=False``, :meth:`log_prob` is the binary Concrete density of :math:`h_1`,
+    evaluated in log space from the log-weights the sample carries (the fallback without them
+    is that of :class:`STGSCategorical`).
+
+    References:"""
+        + _STGS_REFERENCES
+        + """
+    Arguments:"""
+        + _BINARY_ARGUMENTS
+        + r"""
+
+    Example:
+        >>> d = STGSBernoulli(probs=torch.tensor(0.3), temperature=0.01, hard=False)
+        >>> bool(torch.isfinite(d.log_prob(d.rsample((100,)))).all())
+        True
+    """
+    )
+
+    _categorical_class = STGSCategorical
+
+    def log_prob(self, value):
+        if self.hard:
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        log_weights = getattr(value, _LOG_WEIGHTS, None)
+        if log_weights is None:
+            pair = torch.stack([1 - value, value], -1)
+            log_weights = _carried_log_weights(pair, self._validate_args, type(self).__name__)
+        return _concrete_log_density(self._relaxed.logits, self.temperature, log_weights)
+
+
+class GRMCKBernoulli(_StraightThroughBernoulli):
+    (
+        r"""Bernoulli with the Rao-Blackwellized STGS gradient (GR-MCK):
+    :class:`GRMCKCategorical` on the pair :math:`(0, \theta)`, averaging
+    :math:`\sigma((\theta + L^{(k)}) / \tau)` over :math:`K` logistic draws conditioned on
+    :math:`D`.
+    """
+        + _BINARY_NOTE
+        + """
+
+    References:"""
+        + _GRMCK_REFERENCE
+        + """
+    Arguments:"""
+        + _BINARY_ARGUMENTS
+        + r"""
+        num_draws (int): the number :math:`K \geq 1` of conditional draws.
+
+    Example:
+        >>> GRMCKBernoulli(logits=torch.zeros(3), num_draws=8).rsample().shape
+        torch.Size([3])
+    """
+    )
+
+    _categorical_class = GRMCKCategorical
+
+    def __init__(
+        self,
+        logits=None,
+        probs=None,
+        temperature=1.0,
+        num_draws=100,
+        *,
+        hard=True,
+        validate_args=None,
+    ):
+        self.num_draws = num_draws
+        super().__init__(logits, probs, temperature, hard=hard, validate_args=validate_args)
+
+
+class GappedSTBernoulli(_StraightThroughBernoulli):
+    (
+        r"""Bernoulli with the Gapped Straight-Through gradient: :class:`GappedSTCategorical` on
+    the pair :math:`(0, \theta)`. With :math:`M = \max(0, \theta)`, the perturbed log-odds are
+    :math:`\max(M, \kappa)` after a 1 and :math:`-\max(M - \theta, \kappa)` after a 0, and
+    :math:`h_1 = \sigma\big((\theta + c) / \tau\big)` with :math:`c` that difference minus
+    :math:`\theta`, detached.
+    """
+        + _BINARY_NOTE
+        + """
+
+    References:"""
+        + _GST_REFERENCE
+        + """
+    Arguments:"""
+        + _BINARY_ARGUMENTS
+        + r"""
+        gap (float or str): the gap :math:`\kappa \geq 0` (default 1.0), or ``"expected"``.
+        detach_perturbations (bool): detach the perturbations (``False`` is an ablation).
+
+    Example:
+        >>> z = GappedSTBernoulli(logits=torch.zeros(5, requires_grad=True)).rsample()
+        >>> bool(((z == 0) | (z == 1)).all()), z.requires_grad
+        (True, True)
+    """
+    )
+
+    _categorical_class = GappedSTCategorical
+
+    def __init__(
+        self,
+        logits=None,
+        probs=None,
+        temperature=1.0,
+        gap=1.0,
+        *,
+        hard=True,
+        detach_perturbations=True,
+        validate_args=None,
+    ):
+        self.gap = _check_gap(gap)
+        self.detach_perturbations = bool(detach_perturbations)
+        super().__init__(logits, probs, temperature, hard=hard, validate_args=validate_args)
