@@ -18,8 +18,8 @@ def gumbel_like(logits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     ``(tiny, 1)``: ``torch.rand`` can return 0, whose double logarithm is infinite.
     """
     u = torch.rand(shape, dtype=logits.dtype, device=logits.device)
-    u = u.clamp(min=torch.finfo(u.dtype).tiny)
-    return -torch.log(-torch.log(u))
+    # In place: the noise is a fresh tensor that needs no gradient.
+    return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

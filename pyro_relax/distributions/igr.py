@@ -329,10 +329,16 @@ class IGR(_IGRBase):
         plain = getattr(value, _PREIMAGE, None) is None and log_simplex_of(value) is None
         if self.straight_through and plain:
             return self._log_prob_of_vertex(value)
-        return super().log_prob(value)
-
-    def _log_density(self, y):
-        log_det = self.softmax_plus_plus.log_abs_det_jacobian(y, None)
+        if self._validate_args:
+            self._validate_sample(value)
+        y = self._preimage(value)
+        # The log-coordinates of the value, whichever softmax++ produced it: no second
+        # log_softmax for a sample.
+        log_z = log_simplex_of(value)
+        if log_z is None:
+            log_z = self.softmax_plus_plus.log_call(y)
+        num_free = y.shape[-1]
+        log_det = log_z.sum(-1) - num_free * self.temperature.log()
         return self.base_dist.log_prob(y) - log_det
 
     def _log_prob_of_vertex(self, value):

@@ -34,11 +34,13 @@ def _counts(size: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _poisson_log_pmf(base: Poisson, k: torch.Tensor) -> torch.Tensor:
+    # The rate is positive: k * log(rate) needs no xlogy, and the log is taken per rate, not
+    # per (rate, k) pair (this is the hot path of GenGSPoisson).
     rate = base.rate.unsqueeze(-1)
-    return torch.special.xlogy(k, rate) - rate - torch.lgamma(k + 1)
+    return k * torch.log(rate) - rate - torch.lgamma(k + 1)
 
 
-def _poisson_log_sf(base: Poisson, k: torch.Tensor) -> torch.Tensor:
+def _poisson_log_sf(base: Poisson, k: torch.Tensor, size: int) -> torch.Tensor:
     # P(X >= m) is the regularized lower incomplete gamma function P(m, rate), differentiable in
     # the rate. It underflows far in the tail; there rate << m and the geometric series
     # pmf(m) / (1 - rate / (m + 1)) bounds the tail to relative error O(rate / m^2).
@@ -57,7 +59,7 @@ def _geometric_log_pmf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
     return torch.special.xlog1py(k, -probs) + torch.log(probs)
 
 
-def _geometric_log_sf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
+def _geometric_log_sf(base: Geometric, k: torch.Tensor, size: int) -> torch.Tensor:
     # Support 0, 1, ...: P(X >= m) = (1 - p)^m in closed form.
     return torch.special.xlog1py(k, -base.probs.unsqueeze(-1))
 
@@ -72,29 +74,29 @@ def _nb_log_pmf(r, logits, k):
     return log_binom + r * F.logsigmoid(-logits) + k * F.logsigmoid(logits)
 
 
-def _negative_binomial_log_sf(base: NegativeBinomial, k: torch.Tensor) -> torch.Tensor:
+def _negative_binomial_log_sf(base: NegativeBinomial, k: torch.Tensor, size: int) -> torch.Tensor:
     # No incomplete beta function in torch. The tail is the complement of the head, computed in
     # float64 whatever the input dtype so that it keeps 8 digits down to a tail of 1e-8. Below
     # that, sum the next terms explicitly and bound the rest by a geometric series in the ratio
     # pmf(j + 1) / pmf(j) = p (j + r) / (j + 1), which tends to p; the bound's error is then
     # far below the float32 resolution of the row.
-    size = k.shape[-1]
     r = base.total_count.unsqueeze(-1).double()
     logits = base.logits.unsqueeze(-1).double()
-    extended = _nb_log_pmf(r, logits, _counts(size + _NB_TAIL_TERMS, k).double())
+    counts = _counts(size, k).double()
+    extended = _nb_log_pmf(r, logits, _counts(size + _NB_TAIL_TERMS, counts))
     head = torch.logcumsumexp(extended[..., : size - 1], -1)
     before = torch.cat([torch.full_like(extended[..., :1], -float("inf")), head], -1)
     use_complement = before <= math.log1p(-_NB_COMPLEMENT_FLOOR)
     complement = log1mexp(torch.where(use_complement, before, torch.full_like(before, -1.0)))
 
     window = extended.unfold(-1, _NB_TAIL_TERMS, 1)[..., :size, :]
-    last = k.double() + (_NB_TAIL_TERMS - 1)
+    last = counts + (_NB_TAIL_TERMS - 1)
     p = torch.sigmoid(logits)
     ratio = torch.where(r >= 1, p * (last + r) / (last + 1), p)
     ratio = ratio.clamp(max=1 - torch.finfo(ratio.dtype).eps)  # finite where this branch is unused
     remainder = window[..., -1] + torch.log(ratio) - torch.log1p(-ratio)
     series = torch.logaddexp(torch.logsumexp(window, -1), remainder)
-    return torch.where(use_complement, complement, series).to(k.dtype)
+    return _at(torch.where(use_complement, complement, series), k).to(k.dtype)
 
 
 def _binomial_log_pmf(base: Binomial, k: torch.Tensor) -> torch.Tensor:
@@ -107,13 +109,18 @@ def _binomial_log_pmf(base: Binomial, k: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, log_pmf, torch.full_like(log_pmf, -float("inf")))
 
 
-def _binomial_log_sf(base: Binomial, k: torch.Tensor) -> torch.Tensor:
+def _binomial_log_sf(base: Binomial, k: torch.Tensor, size: int) -> torch.Tensor:
     # Finite support: the tail is an exact finite sum, no complement needed. The host reads
     # the largest total count once, to know how far the sum runs.
-    size = max(k.shape[-1], int(base.total_count.max()) + 1)
+    size = max(size, int(base.total_count.max()) + 1)
     log_pmf = _binomial_log_pmf(base, _counts(size, k))
-    log_sf = torch.logcumsumexp(log_pmf.flip(-1), -1).flip(-1)
-    return log_sf[..., : k.shape[-1]]
+    return _at(torch.logcumsumexp(log_pmf.flip(-1), -1).flip(-1), k)
+
+
+def _at(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``values[..., k]`` for a tensor of counts ``k`` broadcasting with the batch shape."""
+    index = k.long().expand(values.shape[:-1] + k.shape[-1:])
+    return values.gather(-1, index)
 
 
 # Most derived classes first: the lookup takes the first isinstance match.
@@ -145,14 +152,18 @@ def _like(base: Distribution) -> torch.Tensor:
     return base.mean
 
 
-def log_survival(base: Distribution, size: int) -> torch.Tensor:
+def log_survival(base: Distribution, size: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     r"""Log survival function :math:`\log P(X \geq k)` for :math:`k = 0, \dots, size - 1`.
 
     Returns a tensor of shape ``base.batch_shape + (size,)``, computed from a closed form where
     one exists (Poisson: the regularized incomplete gamma function; Geometric: :math:`(1-p)^k`;
-    Binomial: an exact finite sum) and never as a bare :math:`1 - \sum` of the head.
+    Binomial: an exact finite sum) and never as a bare :math:`1 - \sum` of the head. With
+    ``counts`` (values in ``[0, size)``, broadcasting with ``batch_shape + (m,)``) it returns the
+    survival function at those counts only.
     """
-    return _family(base)[1](base, _counts(size, _like(base)))
+    if counts is None:
+        counts = _counts(size, _like(base))
+    return _family(base)[1](base, counts.to(_like(base).dtype), size)
 
 
 def truncated_log_probs(base: Distribution, truncation, size: int | None = None) -> torch.Tensor:
@@ -173,8 +184,8 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
 
     Example:
         >>> from torch.distributions import Poisson
-        >>> truncated_log_probs(Poisson(torch.tensor(2.0)), 4).exp().sum()
-        tensor(1.0000)
+        >>> round(float(truncated_log_probs(Poisson(torch.tensor(2.0)), 4).exp().sum()), 6)
+        1.0
     """
     if not torch.is_tensor(truncation):
         check_truncation("truncation", truncation)
@@ -185,10 +196,16 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
     check_truncation("size", size)
     log_pmf, log_sf = _family(base)
     k = _counts(size, _like(base))
-    head, tail = log_pmf(base, k), log_sf(base, k)
-    last = truncation - 1
-    if torch.is_tensor(last):
-        last = last.unsqueeze(-1)
+    head = log_pmf(base, k)
+    # The survival function is needed at the last outcome only (it is the costly part).
+    if torch.is_tensor(truncation):
+        last = (truncation - 1).unsqueeze(-1).to(k.dtype)
+    else:
+        last = torch.full((1,), truncation - 1, dtype=k.dtype, device=k.device)
+    tail = log_sf(base, last, size)
+    if not torch.is_tensor(truncation) and truncation == size:
+        # No outcome is masked: a concatenation is cheaper than two selects and their backward.
+        return torch.cat([head[..., :-1], tail.expand(head.shape[:-1] + (1,))], -1)
     minus_inf = torch.full_like(head, -float("inf"))
     return torch.where(k < last, head, torch.where(k == last, tail, minus_inf))
 
