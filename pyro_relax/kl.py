@@ -4,12 +4,15 @@ Importing :mod:`pyro_relax` registers them with :func:`torch.distributions.kl.re
 ``TraceMeanField_ELBO`` uses them in place of a Monte-Carlo estimate.
 """
 
+import torch
 from torch.distributions import Binomial, Geometric, Multinomial, NegativeBinomial, Poisson
-from torch.distributions.kl import register_kl
+from torch.distributions.kl import kl_divergence, register_kl
 
 from pyro_relax._numerics import categorical_kl
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
+from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
 from pyro_relax.distributions.truncation import truncated_log_probs
+from pyro_relax.transforms.softmax_plus_plus import same_values
 
 __all__ = []
 
@@ -51,6 +54,45 @@ def _kl_gengsmultinomial_multinomial(p, q):
 
 
 # --- IGR -----------------------------------------------------------------------------------
+
+
+def _igr_gaussian_kl(p, q):
+    """The KL between two Gaussians pushed through the same bijection: that of the Gaussians."""
+    same_map = p._map_parameters(), q._map_parameters()
+    if not all(same_values(a, b) for a, b in zip(*same_map, strict=True)):
+        raise NotImplementedError(
+            f"KL({type(p).__name__} || {type(q).__name__}) is in closed form only for equal "
+            "temperature and delta (TraceMeanField_ELBO then falls back to Monte Carlo)"
+        )
+    kl = kl_divergence(p.base_dist, q.base_dist)
+    return kl.expand(torch.broadcast_shapes(kl.shape, p.batch_shape))
+
+
+@register_kl(IGR, IGR)
+def _kl_igr_igr(p, q):
+    r"""The Gaussian KL in closed form when the temperatures and deltas are equal (softmax++
+    is the same bijection); ``NotImplementedError`` otherwise, on which
+    ``TraceMeanField_ELBO`` falls back to a Monte-Carlo estimate."""
+    return _igr_gaussian_kl(p, q)
+
+
+@register_kl(IGRStickBreaking, IGRStickBreaking)
+def _kl_igrstickbreaking_igrstickbreaking(p, q):
+    r"""The Gaussian KL in closed form for equal temperatures and deltas and all sticks kept;
+    ``NotImplementedError`` otherwise (with a ``precision``, a sample drops the Gaussian
+    coordinates of its dropped sticks and the KL has no closed form)."""
+    if p.precision is not None or q.precision is not None:
+        raise NotImplementedError(
+            "KL between IGRStickBreaking with countably infinite support has no closed form "
+            "(TraceMeanField_ELBO then falls back to Monte Carlo)"
+        )
+    return _igr_gaussian_kl(p, q)
+
+
+@register_kl(IGRCount, IGRCount)
+def _kl_igrcount_igrcount(p, q):
+    """The KL of the simplex points the counts carry (the augmented latents)."""
+    return kl_divergence(p.simplex_dist, q.simplex_dist)
 
 
 # --- The straight-through family (GST, ST, STGS, GR-MCK) ----------------------------------

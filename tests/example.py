@@ -33,6 +33,9 @@ class Example:
         values_of: maps ``(d, index)`` to the plain value of that outcome, which ``log_prob``
             scores as the discrete distribution does.
         static_shapes: builds and samples without reading tensors on the host.
+        exact_density: ``log_prob`` of an ``rsample`` value is the exact density of the
+            latent it carries, so a registered KL equals the mean of ``log p - log q`` over
+            ``rsample`` values (continuous relaxations such as IGR).
     """
 
     id: str
@@ -45,6 +48,7 @@ class Example:
     category_probs: Callable | None = None
     values_of: Callable | None = None
     static_shapes: bool = True
+    exact_density: bool = False
 
     def parameters(self, *, requires_grad=False, device=None):
         """Fresh copies of ``params``; the learnable ones require grad if asked."""

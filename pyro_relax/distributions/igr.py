@@ -20,6 +20,7 @@ from pyro_relax._numerics import clamp_with_identity_gradient, straight_through
 from pyro_relax.transforms.softmax_plus_plus import (
     SoftmaxPlusPlusTransform,
     attach_log_simplex,
+    broadcast_shapes,
     log_simplex_of,
     on_simplex,
     same_values,
@@ -34,14 +35,6 @@ _PREIMAGE = "_igr_preimage"
 _KEPT = "_igr_kept_sticks"
 # The attribute by which a count sample carries its simplex point.
 _SIMPLEX = "_igr_simplex"
-
-_REFERENCE = """
-    References:
-        Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
-        Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
-"""
-
 
 # Proposition 2's integrals run over standardized u from max(-mu_k / sigma_k, -_REACH) to
 # _REACH past max(that, 0): the standard normal density beyond 12 is below 1e-31 of its peak.
@@ -173,7 +166,7 @@ class _IGRBase(TransformedDistribution):
         batch_shape = loc.shape[:-1]
         for name, value in named.items():
             try:
-                batch_shape = torch.broadcast_shapes(batch_shape, value.shape)
+                batch_shape = broadcast_shapes(batch_shape, value.shape)
             except RuntimeError:
                 raise ValueError(
                     f"`{name}` of shape {tuple(value.shape)} does not broadcast with the batch "
@@ -244,8 +237,7 @@ class _IGRBase(TransformedDistribution):
 
 
 class IGR(_IGRBase):
-    (
-        r"""Invertible Gaussian reparameterization of a categorical variable (IGR-I).
+    r"""Invertible Gaussian reparameterization of a categorical variable (IGR-I).
 
     Gaussian noise pushed onto the :math:`K`-simplex by softmax++
     (:class:`~pyro_relax.transforms.SoftmaxPlusPlusTransform`):
@@ -276,9 +268,10 @@ class IGR(_IGRBase):
     carries its soft relaxation, which :meth:`log_prob` scores; a plain one-hot vector (built by
     hand, or a sample whose attributes were lost to ``clone``) is scored by the discrete PMF
     :math:`\log P(H = k)`.
-    """
-        + _REFERENCE
-        + r"""
+    References:
+        Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
+        Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
+        https://arxiv.org/abs/2001.05069
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): the standard deviations :math:`\sigma > 0`, broadcasting with ``loc``.
@@ -292,9 +285,8 @@ class IGR(_IGRBase):
         >>> d = IGR(torch.zeros(3), torch.ones(3), temperature=0.1)
         >>> z = d.rsample((2,))
         >>> z.shape, d.log_prob(z).shape, d.categorical().probs
-        (torch.Size([2, 4]), torch.Size([2]), tensor([0.2500, 0.2500, 0.2500, 0.2500]))
+        (torch.Size([2, 4]), torch.Size([2]), tensor([0.2917, 0.2917, 0.2917, 0.1250]))
     """
-    )
 
     def __init__(
         self, loc, scale, temperature, delta=1.0, *, straight_through=False, validate_args=None
@@ -363,8 +355,7 @@ class IGR(_IGRBase):
 
 
 class IGRStickBreaking(_IGRBase):
-    (
-        r"""IGR with stick-breaking (IGR-SB), for finitely or countably infinitely many
+    r"""IGR with stick-breaking (IGR-SB), for finitely or countably infinitely many
     categories.
 
     .. math::
@@ -391,9 +382,10 @@ class IGRStickBreaking(_IGRBase):
     :meth:`captured_mass_of` report :math:`n` and the sticks' cumulative mass. The density is
     that of the kept coordinates (on the face of the simplex they span); the KL divergence has
     no closed form in this mode.
-    """
-        + _REFERENCE
-        + r"""
+    References:
+        Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
+        Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
+        https://arxiv.org/abs/2001.05069
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): the standard deviations :math:`\sigma > 0`.
@@ -408,7 +400,6 @@ class IGRStickBreaking(_IGRBase):
         >>> z.shape, bool((d.captured_mass_of(z) >= 0.9).all())
         (torch.Size([4, 10]), True)
     """
-    )
 
     def __init__(self, loc, scale, temperature, delta=1.0, *, precision=None, validate_args=None):
         if precision is not None and not 0 < precision < 1:
@@ -516,8 +507,7 @@ class IGRStickBreaking(_IGRBase):
 
 
 class IGRPlanar(_IGRBase):
-    (
-        r"""IGR with planar normalizing flows before softmax++ (IGR-Planar).
+    r"""IGR with planar normalizing flows before softmax++ (IGR-Planar).
 
     .. math::
         y \sim \mathcal{N}(\mu, \operatorname{diag} \sigma^2), \quad
@@ -538,9 +528,10 @@ class IGRPlanar(_IGRBase):
     distribution (or one with the same flows and parameters), and raises ``ValueError`` for
     other values. The flows are ``torch.nn.Module`` objects: register them in a guide with
     ``pyro.module("flows", torch.nn.ModuleList(d.flows))`` to train them.
-    """
-        + _REFERENCE
-        + r"""
+    References:
+        Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
+        Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
+        https://arxiv.org/abs/2001.05069
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): the standard deviations :math:`\sigma > 0`.
@@ -556,7 +547,6 @@ class IGRPlanar(_IGRBase):
         >>> z.shape, d.log_prob(z).shape
         (torch.Size([5, 4]), torch.Size([5]))
     """
-    )
 
     def __init__(self, loc, scale, temperature, delta=1.0, *, flows=1, validate_args=None):
         self._set_parameters(loc, scale, temperature, delta)
@@ -624,8 +614,7 @@ def _flow_tensors(flow):
 
 
 class IGRCount(TorchDistribution):
-    (
-        r"""IGR relaxation of a count variable: stick-breaking IGR over the outcomes
+    r"""IGR relaxation of a count variable: stick-breaking IGR over the outcomes
     :math:`0, \dots, K - 1`, mapped to a count.
 
     .. math::
@@ -641,9 +630,10 @@ class IGRCount(TorchDistribution):
     The density of :math:`c` is intractable; :meth:`log_prob` scores the simplex point
     :math:`z` a sample carries (the augmented latent, whose KL divergence is the Gaussian KL in
     closed form, as the paper trains), and raises ``ValueError`` for a plain count.
-    """
-        + _REFERENCE
-        + r"""
+    References:
+        Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
+        Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
+        https://arxiv.org/abs/2001.05069
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): the standard deviations :math:`\sigma > 0`.
@@ -657,7 +647,6 @@ class IGRCount(TorchDistribution):
         >>> c.shape, d.log_prob(c).shape
         (torch.Size([3]), torch.Size([3]))
     """
-    )
 
     arg_constraints = _IGRBase.arg_constraints
     has_rsample = True

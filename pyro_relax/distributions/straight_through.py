@@ -24,50 +24,6 @@ __all__ = [
 # The attribute by which a soft STGS sample carries its log-weights to `log_prob`.
 _LOG_WEIGHTS = "_straight_through_log_weights"
 
-_STGS_REFERENCES = """
-        Categorical Reparameterization with Gumbel-Softmax.
-        Eric Jang, Shixiang Gu, Ben Poole, 2017.
-        https://arxiv.org/abs/1611.01144
-
-        The Concrete Distribution: A Continuous Relaxation of Discrete Random Variables.
-        Chris J. Maddison, Andriy Mnih, Yee Whye Teh, 2017.
-        https://arxiv.org/abs/1611.00712
-"""
-_ST_REFERENCE = """
-        Estimating or Propagating Gradients Through Stochastic Neurons for Conditional
-        Computation. Yoshua Bengio, Nicholas Léonard, Aaron Courville, 2013.
-        https://arxiv.org/abs/1308.3432
-"""
-_GRMCK_REFERENCE = """
-        Rao-Blackwellizing the Straight-Through Gumbel-Softmax Gradient Estimator.
-        Max B. Paulus, Chris J. Maddison, Andreas Krause, 2021.
-        https://arxiv.org/abs/2010.04838
-"""
-_GST_REFERENCE = """
-        Training Discrete Deep Generative Models via Gapped Straight-Through Estimator.
-        Ting-Han Fan, Ta-Chung Chi, Alexander I. Rudnicky, Peter J. Ramadge, 2022.
-        https://arxiv.org/abs/2206.07235
-"""
-_COMMON_ARGUMENTS = r"""
-        logits (Tensor): unnormalized log-probabilities :math:`l`, shape
-            ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
-        probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
-        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
-        hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
-            itself."""
-_BINARY_NOTE = r"""
-    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
-    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
-    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
-    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
-    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`."""
-_BINARY_ARGUMENTS = r"""
-        logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
-        probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
-        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`."""
-
 
 def _one_hot(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     # A comparison rather than F.one_hot, which checks the indices' range on the host.
@@ -251,8 +207,7 @@ class _StraightThroughCategorical(OneHotCategorical):
 
 
 class STCategorical(_StraightThroughCategorical):
-    (
-        r"""One-hot categorical with the naive straight-through gradient.
+    r"""One-hot categorical with the naive straight-through gradient.
 
     The forward value is an exact draw :math:`D \sim \operatorname{Categorical}(\pi)`, one-hot;
     the backward pass uses the noiseless surrogate
@@ -271,27 +226,32 @@ class STCategorical(_StraightThroughCategorical):
     categorical KLs of ``OneHotCategorical`` apply. With ``hard=False`` the value is :math:`h`
     itself and :meth:`log_prob` the soft log-PMF :math:`\sum_k h_k \log \pi_k`.
 
-    References:"""
-        + _ST_REFERENCE
-        + """
-    Arguments:"""
-        + _COMMON_ARGUMENTS
-        + r"""
+    References:
+        Estimating or Propagating Gradients Through Stochastic Neurons for Conditional
+        Computation. Yoshua Bengio, Nicholas Léonard, Aaron Courville, 2013.
+        https://arxiv.org/abs/1308.3432
+
+    Arguments:
+        logits (Tensor): unnormalized log-probabilities :math:`l`, shape
+            ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
+        probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
+        hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
+            itself.
 
     Example:
         >>> d = STCategorical(logits=torch.tensor([0.0, 1.0, 2.0]), temperature=0.5)
         >>> d.rsample((2,)).sum(-1)
         tensor([1., 1.])
     """
-    )
 
     def _surrogate(self, logits, index, one_hot, gumbels):
         return torch.softmax(logits / self.temperature.unsqueeze(-1), -1), None
 
 
 class STGSCategorical(_StraightThroughCategorical):
-    (
-        r"""One-hot categorical with the straight-through Gumbel-Softmax (STGS) gradient.
+    r"""One-hot categorical with the straight-through Gumbel-Softmax (STGS) gradient.
 
     With Gumbel noise :math:`g_k`, the forward value is the one-hot of
     :math:`D = \arg\max_k (l_k + g_k) \sim \operatorname{Categorical}(\pi)` and the backward
@@ -313,15 +273,28 @@ class STGSCategorical(_StraightThroughCategorical):
     validation off it is clamped at the smallest normal number.
 
     Warning:
-        ``KL`` and ``TraceMeanField_ELBO`` use the KL of the categorical distributions, not of
-        the Concrete ones, also for soft samples (see DESIGN section 2.3 for why).
+        ``kl_divergence`` and ``TraceMeanField_ELBO`` use the KL of the categorical
+        distributions, also for soft samples, not that of the Concrete ones: the latter is
+        dominated by categories that both distributions give almost no mass and pins a guide
+        to its prior.
 
-    References:"""
-        + _STGS_REFERENCES
-        + """
-    Arguments:"""
-        + _COMMON_ARGUMENTS
-        + r"""
+    References:
+        Categorical Reparameterization with Gumbel-Softmax.
+        Eric Jang, Shixiang Gu, Ben Poole, 2017.
+        https://arxiv.org/abs/1611.01144
+
+        The Concrete Distribution: A Continuous Relaxation of Discrete Random Variables.
+        Chris J. Maddison, Andriy Mnih, Yee Whye Teh, 2017.
+        https://arxiv.org/abs/1611.00712
+
+    Arguments:
+        logits (Tensor): unnormalized log-probabilities :math:`l`, shape
+            ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
+        probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
+        hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
+            itself.
 
     Example:
         >>> d = STGSCategorical(logits=torch.zeros(10), temperature=0.01, hard=False)
@@ -329,7 +302,6 @@ class STGSCategorical(_StraightThroughCategorical):
         >>> bool(torch.isfinite(d.log_prob(w)))
         True
     """
-    )
 
     def _surrogate(self, logits, index, one_hot, gumbels):
         log_weights = torch.log_softmax((logits + gumbels) / self.temperature.unsqueeze(-1), -1)
@@ -343,8 +315,7 @@ class STGSCategorical(_StraightThroughCategorical):
 
 
 class GRMCKCategorical(_StraightThroughCategorical):
-    (
-        r"""One-hot categorical with the Rao-Blackwellized STGS gradient (GR-MCK).
+    r"""One-hot categorical with the Rao-Blackwellized STGS gradient (GR-MCK).
 
     The forward value is the one-hot of :math:`D \sim \operatorname{Categorical}(\pi)`; the
     surrogate averages the Gumbel-Softmax over :math:`K` draws of the Gumbel noise conditioned
@@ -364,12 +335,19 @@ class GRMCKCategorical(_StraightThroughCategorical):
 
     :meth:`log_prob` is as for :class:`STCategorical`.
 
-    References:"""
-        + _GRMCK_REFERENCE
-        + """
-    Arguments:"""
-        + _COMMON_ARGUMENTS
-        + r"""
+    References:
+        Rao-Blackwellizing the Straight-Through Gumbel-Softmax Gradient Estimator.
+        Max B. Paulus, Chris J. Maddison, Andreas Krause, 2021.
+        https://arxiv.org/abs/2010.04838
+
+    Arguments:
+        logits (Tensor): unnormalized log-probabilities :math:`l`, shape
+            ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
+        probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
+        hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
+            itself.
         num_draws (int): the number :math:`K \geq 1` of conditional draws (100 in the
             paper's baseline "GR-MC100").
 
@@ -378,7 +356,6 @@ class GRMCKCategorical(_StraightThroughCategorical):
         >>> d.rsample((3,)).shape
         torch.Size([3, 2, 4])
     """
-    )
 
     _option_names = ("num_draws",)
 
@@ -408,8 +385,7 @@ class GRMCKCategorical(_StraightThroughCategorical):
 
 
 class GappedSTCategorical(_StraightThroughCategorical):
-    (
-        r"""One-hot categorical with the Gapped Straight-Through (GST) gradient.
+    r"""One-hot categorical with the Gapped Straight-Through (GST) gradient.
 
     The forward value is the one-hot of :math:`D \sim \operatorname{Categorical}(\pi)` (no
     Gumbel noise enters the surrogate). With the detached logits :math:`\bar l`, the sampled
@@ -439,12 +415,19 @@ class GappedSTCategorical(_StraightThroughCategorical):
     the categorical KLs of ``OneHotCategorical`` apply. With ``hard=False`` the value is
     :math:`h` and :meth:`log_prob` the soft log-PMF :math:`\sum_k h_k \log \pi_k`.
 
-    References:"""
-        + _GST_REFERENCE
-        + """
-    Arguments:"""
-        + _COMMON_ARGUMENTS
-        + r"""
+    References:
+        Training Discrete Deep Generative Models via Gapped Straight-Through Estimator.
+        Ting-Han Fan, Ta-Chung Chi, Alexander I. Rudnicky, Peter J. Ramadge, 2022.
+        https://arxiv.org/abs/2206.07235
+
+    Arguments:
+        logits (Tensor): unnormalized log-probabilities :math:`l`, shape
+            ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
+        probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
+        hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
+            itself.
         gap (float or str): the gap :math:`\kappa \geq 0` (default 1.0), or ``"expected"``.
         detach_perturbations (bool): detach :math:`m_1, m_2` (default; ``False`` is an
             ablation).
@@ -458,7 +441,6 @@ class GappedSTCategorical(_StraightThroughCategorical):
         >>> z.shape, bool(((z == 0) | (z == 1)).all()), z.requires_grad
         (torch.Size([30, 10]), True, True)
     """
-    )
 
     _option_names = ("gap", "detach_perturbations")
 
@@ -490,8 +472,7 @@ class GappedSTCategorical(_StraightThroughCategorical):
 
 
 class GappedST(GappedSTCategorical):
-    (
-        r"""The gapped straight-through version of a ``Categorical`` or ``OneHotCategorical``.
+    r"""The gapped straight-through version of a ``Categorical`` or ``OneHotCategorical``.
 
     ``GappedST(base_dist, temperature, gap)`` is :class:`GappedSTCategorical` with the
     parameters of ``base_dist`` (its ``probs`` if it was built from them, else its
@@ -499,9 +480,11 @@ class GappedST(GappedSTCategorical):
     ``Categorical`` base: its outcome :math:`k` becomes :math:`e_k` (an index carries no useful
     straight-through gradient), so score them with a ``OneHotCategorical``.
 
-    References:"""
-        + _GST_REFERENCE
-        + r"""
+    References:
+        Training Discrete Deep Generative Models via Gapped Straight-Through Estimator.
+        Ting-Han Fan, Ta-Chung Chi, Alexander I. Rudnicky, Peter J. Ramadge, 2022.
+        https://arxiv.org/abs/2206.07235
+
     Arguments:
         base_dist (Categorical or OneHotCategorical): the distribution to relax.
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
@@ -515,7 +498,6 @@ class GappedST(GappedSTCategorical):
         >>> d.batch_shape, d.event_shape
         (torch.Size([3]), torch.Size([4]))
     """
-    )
 
     def __init__(self, base_dist, temperature=1.0, gap=1.0, **kwargs):
         if isinstance(base_dist, torch.distributions.OneHotCategorical):
@@ -621,54 +603,80 @@ class _StraightThroughBernoulli(Bernoulli):
 
 
 class STBernoulli(_StraightThroughBernoulli):
-    (
-        r"""Bernoulli with the naive straight-through gradient,
-    :math:`h_1 = \sigma(\theta / \tau)`: :class:`STCategorical` on the pair :math:`(0, \theta)`.
-    """
-        + _BINARY_NOTE
-        + """
+    r"""Bernoulli with the naive straight-through gradient.
 
-    References:"""
-        + _ST_REFERENCE
-        + """
-    Arguments:"""
-        + _BINARY_ARGUMENTS
-        + r"""
+    :class:`STCategorical` on the pair of logits :math:`(0, \theta)`: the surrogate is
+
+    .. math::
+        h_1 = \sigma(\theta / \tau),
+
+    with the temperature limits of :class:`STCategorical`.
+
+    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
+    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
+    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
+    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
+    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`.
+
+    References:
+        Estimating or Propagating Gradients Through Stochastic Neurons for Conditional
+        Computation. Yoshua Bengio, Nicholas Léonard, Aaron Courville, 2013.
+        https://arxiv.org/abs/1308.3432
+
+    Arguments:
+        logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
+        probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
 
     Example:
         >>> STBernoulli(logits=torch.tensor([-1.0, 1.0])).rsample((4,)).shape
         torch.Size([4, 2])
     """
-    )
 
     _categorical_class = STCategorical
 
 
 class STGSBernoulli(_StraightThroughBernoulli):
-    (
-        r"""Bernoulli with the straight-through Gumbel-Softmax gradient,
-    :math:`h_1 = \sigma((\theta + L) / \tau)` with logistic noise :math:`L` that also decides
-    :math:`D = [\theta + L > 0]`: :class:`STGSCategorical` on the pair :math:`(0, \theta)`.
-    """
-        + _BINARY_NOTE
-        + r"""
+    r"""Bernoulli with the straight-through Gumbel-Softmax (STGS) gradient.
+
+    :class:`STGSCategorical` on the pair of logits :math:`(0, \theta)`: with logistic noise
+    :math:`L`, the value is :math:`D = [\theta + L > 0]` and the surrogate
+
+    .. math::
+        h_1 = \sigma\big((\theta + L) / \tau\big),
+
+    with the temperature limits of :class:`STGSCategorical`.
+
+    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
+    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
+    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
+    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
+    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`.
     With ``hard=False``, :meth:`log_prob` is the binary Concrete density of :math:`h_1`,
     evaluated in log space from the log-weights the sample carries (the fallback without them
     is that of :class:`STGSCategorical`).
 
-    References:"""
-        + _STGS_REFERENCES
-        + """
-    Arguments:"""
-        + _BINARY_ARGUMENTS
-        + r"""
+    References:
+        Categorical Reparameterization with Gumbel-Softmax.
+        Eric Jang, Shixiang Gu, Ben Poole, 2017.
+        https://arxiv.org/abs/1611.01144
+
+        The Concrete Distribution: A Continuous Relaxation of Discrete Random Variables.
+        Chris J. Maddison, Andriy Mnih, Yee Whye Teh, 2017.
+        https://arxiv.org/abs/1611.00712
+
+    Arguments:
+        logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
+        probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
 
     Example:
         >>> d = STGSBernoulli(probs=torch.tensor(0.3), temperature=0.01, hard=False)
         >>> bool(torch.isfinite(d.log_prob(d.rsample((100,)))).all())
         True
     """
-    )
 
     _categorical_class = STGSCategorical
 
@@ -685,28 +693,38 @@ class STGSBernoulli(_StraightThroughBernoulli):
 
 
 class GRMCKBernoulli(_StraightThroughBernoulli):
-    (
-        r"""Bernoulli with the Rao-Blackwellized STGS gradient (GR-MCK):
-    :class:`GRMCKCategorical` on the pair :math:`(0, \theta)`, averaging
-    :math:`\sigma((\theta + L^{(k)}) / \tau)` over :math:`K` logistic draws conditioned on
-    :math:`D`.
-    """
-        + _BINARY_NOTE
-        + """
+    r"""Bernoulli with the Rao-Blackwellized STGS gradient (GR-MCK).
 
-    References:"""
-        + _GRMCK_REFERENCE
-        + """
-    Arguments:"""
-        + _BINARY_ARGUMENTS
-        + r"""
+    :class:`GRMCKCategorical` on the pair of logits :math:`(0, \theta)`: the surrogate averages
+    :math:`K` logistic draws :math:`L^{(k)}` conditioned on the value :math:`D`,
+
+    .. math::
+        h_1 = \frac{1}{K} \sum_{k=1}^{K} \sigma\big((\theta + L^{(k)}) / \tau\big),
+
+    with the temperature limits of :class:`STGSCategorical`.
+
+    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
+    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
+    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
+    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
+    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`.
+
+    References:
+        Rao-Blackwellizing the Straight-Through Gumbel-Softmax Gradient Estimator.
+        Max B. Paulus, Chris J. Maddison, Andreas Krause, 2021.
+        https://arxiv.org/abs/2010.04838
+
+    Arguments:
+        logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
+        probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
         num_draws (int): the number :math:`K \geq 1` of conditional draws.
 
     Example:
         >>> GRMCKBernoulli(logits=torch.zeros(3), num_draws=8).rsample().shape
         torch.Size([3])
     """
-    )
 
     _categorical_class = GRMCKCategorical
 
@@ -725,22 +743,35 @@ class GRMCKBernoulli(_StraightThroughBernoulli):
 
 
 class GappedSTBernoulli(_StraightThroughBernoulli):
-    (
-        r"""Bernoulli with the Gapped Straight-Through gradient: :class:`GappedSTCategorical` on
-    the pair :math:`(0, \theta)`. With :math:`M = \max(0, \theta)`, the perturbed log-odds are
-    :math:`\max(M, \kappa)` after a 1 and :math:`-\max(M - \theta, \kappa)` after a 0, and
-    :math:`h_1 = \sigma\big((\theta + c) / \tau\big)` with :math:`c` that difference minus
-    :math:`\theta`, detached.
-    """
-        + _BINARY_NOTE
-        + """
+    r"""Bernoulli with the Gapped Straight-Through (GST) gradient.
 
-    References:"""
-        + _GST_REFERENCE
-        + """
-    Arguments:"""
-        + _BINARY_ARGUMENTS
-        + r"""
+    :class:`GappedSTCategorical` on the pair of logits :math:`(0, \theta)`. With
+    :math:`M = \max(0, \theta)` (detached), the perturbed log-odds are
+    :math:`\Delta = \max(M, \kappa)` after a 1 and :math:`\Delta = -\max(M - \theta, \kappa)`
+    after a 0, and
+
+    .. math::
+        h_1 = \sigma\big((\theta + c) / \tau\big), \qquad
+        c = \operatorname{stop\_grad}(\Delta - \theta),
+
+    with the temperature limits of :class:`GappedSTCategorical`.
+
+    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
+    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
+    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
+    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
+    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`.
+
+    References:
+        Training Discrete Deep Generative Models via Gapped Straight-Through Estimator.
+        Ting-Han Fan, Ta-Chung Chi, Alexander I. Rudnicky, Peter J. Ramadge, 2022.
+        https://arxiv.org/abs/2206.07235
+
+    Arguments:
+        logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
+        probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
         gap (float or str): the gap :math:`\kappa \geq 0` (default 1.0), or ``"expected"``.
         detach_perturbations (bool): detach the perturbations (``False`` is an ablation).
 
@@ -749,7 +780,6 @@ class GappedSTBernoulli(_StraightThroughBernoulli):
         >>> bool(((z == 0) | (z == 1)).all()), z.requires_grad
         (True, True)
     """
-    )
 
     _categorical_class = GappedSTCategorical
 

@@ -221,6 +221,12 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
     it reads tensors on the host (a device synchronization). With ``max_truncation`` the result is
     a tensor of per-element truncations capped at ``max_truncation``, computed with static shapes
     and no synchronization, for GPU training.
+
+    Example:
+        >>> from torch.distributions import Poisson
+        >>> rate = torch.tensor([0.5, 2.0, 9.0])
+        >>> automatic_truncation(Poisson(rate), 0.99), automatic_truncation(Poisson(rate), 0.99, 10)
+        (19, tensor([ 5,  8, 10]))
     """
     if not 0.0 < mass < 1.0:
         raise ValueError(f"`mass` must lie in (0, 1), got {mass}")

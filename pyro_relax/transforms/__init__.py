@@ -1,3 +1,6 @@
-"""Bijections onto the simplex used by the relaxations (filled by the IGR family)."""
+"""Bijections onto the simplex used by the relaxations."""
 
-__all__ = []
+from pyro_relax.transforms.softmax_plus_plus import SoftmaxPlusPlusTransform
+from pyro_relax.transforms.stick_breaking import SigmoidSticksTransform
+
+__all__ = ["SigmoidSticksTransform", "SoftmaxPlusPlusTransform"]

@@ -1,0 +1,555 @@
+"""What is unique to the straight-through family: GST, ST, STGS, GR-MCK and their binary forms."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import scipy.stats
+import torch
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.optim import Adam
+from torch.autograd.functional import jacobian
+from torch.distributions import kl_divergence
+
+import pyro_relax as pr
+from pyro_relax._numerics import gumbel_like
+from pyro_relax.distributions.straight_through import (
+    _conditional_perturbed_logits,
+    _expected_gap,
+)
+
+_f64 = torch.float64
+
+CATEGORICAL_ESTIMATORS = {
+    "ST": lambda logits, **kw: pr.STCategorical(logits, **kw),
+    "STGS": lambda logits, **kw: pr.STGSCategorical(logits, **kw),
+    "GR-MC3": lambda logits, **kw: pr.GRMCKCategorical(logits, num_draws=3, **kw),
+    "GST-1.0": lambda logits, **kw: pr.GappedSTCategorical(logits, gap=1.0, **kw),
+    "GST-expected": lambda logits, **kw: pr.GappedSTCategorical(logits, gap="expected", **kw),
+    "GST-ablation": lambda logits, **kw: pr.GappedSTCategorical(
+        logits, gap=0.0, detach_perturbations=False, **kw
+    ),
+}
+BINARY_ESTIMATORS = {
+    "ST": lambda logits, **kw: pr.STBernoulli(logits, **kw),
+    "STGS": lambda logits, **kw: pr.STGSBernoulli(logits, **kw),
+    "GR-MC3": lambda logits, **kw: pr.GRMCKBernoulli(logits, num_draws=3, **kw),
+    "GST-1.0": lambda logits, **kw: pr.GappedSTBernoulli(logits, gap=1.0, **kw),
+}
+categorical_estimators = pytest.mark.parametrize(
+    "make", CATEGORICAL_ESTIMATORS.values(), ids=CATEGORICAL_ESTIMATORS.keys()
+)
+binary_estimators = pytest.mark.parametrize(
+    "make", BINARY_ESTIMATORS.values(), ids=BINARY_ESTIMATORS.keys()
+)
+
+
+def _random_logits(*shape, seed=0, scale=2.0, dtype=_f64):
+    generator = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(shape, generator=generator, dtype=dtype)
+
+
+def _chi_square_p_value(index, probs):
+    """One chi-square test of integer samples ``(n, m)`` against ``m`` PMFs ``(m, K)``, bins
+    with expected count below 5 pooled (scipy's p-value)."""
+    num_samples = index.shape[0]
+    statistic, dof = 0.0, 0
+    for element in range(probs.shape[0]):
+        observed = torch.bincount(index[:, element], minlength=probs.shape[1]).double()
+        expected = num_samples * probs[element].double()
+        small = expected < 5
+        observed = torch.cat([observed[~small], observed[small].sum().reshape(1)])
+        expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+        keep = expected > 0
+        statistic += float(((observed - expected).square() / expected)[keep].sum())
+        dof += int(keep.sum()) - 1
+    return scipy.stats.chi2.sf(statistic, dof)
+
+
+# --- Forward samples are exact -------------------------------------------------------------
+
+
+@categorical_estimators
+@pytest.mark.parametrize("dtype, temperature", [(_f64, 1.0), (torch.float32, 0.01)])
+def test_forward_samples_are_categorical(make, dtype, temperature):
+    # 4000 draws of 6 random categoricals over 5 classes, against Categorical(softmax(logits))
+    # with scipy's chi-square p-value; rejected at p < 1e-3.
+    torch.manual_seed(0)
+    logits = _random_logits(6, 5, dtype=dtype)
+    value = make(logits, temperature=temperature).rsample((4000,))
+    assert ((value == 0) | (value == 1)).all() and (value.sum(-1) == 1).all()
+    index = value.argmax(-1)
+    assert _chi_square_p_value(index, torch.softmax(logits.double(), -1)) > 1e-3
+
+
+@binary_estimators
+def test_binary_forward_samples_are_bernoulli(make):
+    torch.manual_seed(1)
+    logits = _random_logits(6)
+    value = make(logits, temperature=0.5).rsample((4000,))
+    assert ((value == 0) | (value == 1)).all()
+    probs = torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)], -1)
+    assert _chi_square_p_value(value.long(), probs) > 1e-3
+
+
+# --- Consistency and the gap ----------------------------------------------------------------
+
+
+def _hard_and_soft(make, logits, seed, **kwargs):
+    # The same noise gives the hard value D and the surrogate h (the soft mode's value).
+    torch.manual_seed(seed)
+    hard = make(logits, hard=True, **kwargs).rsample((500,))
+    torch.manual_seed(seed)
+    soft = make(logits, hard=False, **kwargs).rsample((500,))
+    return hard, soft
+
+
+@pytest.mark.parametrize(
+    "make",
+    [CATEGORICAL_ESTIMATORS[name] for name in ("STGS", "GR-MC3", "GST-1.0", "GST-expected")],
+    ids=["STGS", "GR-MC3", "GST-1.0", "GST-expected"],
+)
+def test_consistency(make):
+    # argmax h = D, on random logits (the naive ST and the gap-0 ablation are not consistent).
+    logits = _random_logits(8, 6, seed=2)
+    hard, soft = _hard_and_soft(make, logits, seed=3, temperature=0.5)
+    assert torch.equal(soft.argmax(-1), hard.argmax(-1))
+
+
+@pytest.mark.parametrize("gap", [0.5, 1.0, 3.0, "expected"])
+def test_gap_of_the_perturbed_logits(gap):
+    # At tau = 1, tau * log h recovers the perturbed logits l + m1 - m2 up to a constant. Their
+    # top-1 minus top-2 is exactly max(kappa, max_j l_j - max_{j != D} l_j) >= kappa, with
+    # kappa = -log(1 - p_D) / p_D for the expected gap; tolerance 1e-9 in float64.
+    logits = _random_logits(8, 6, seed=4)
+    hard, soft = _hard_and_soft(pr.GappedSTCategorical, logits, seed=5, temperature=1.0, gap=gap)
+    index = hard.argmax(-1, keepdim=True)
+    perturbed = soft.log()
+    top2 = perturbed.topk(2, -1).values
+    observed_gap = top2[..., 0] - top2[..., 1]
+    log_probs = torch.log_softmax(logits, -1).expand_as(hard)
+    if gap == "expected":
+        p = log_probs.gather(-1, index).squeeze(-1).exp()
+        kappa = -torch.log1p(-p) / p
+    else:
+        kappa = torch.full_like(observed_gap, gap)
+    others = log_probs.masked_fill(hard.bool(), -math.inf).max(-1).values
+    natural_gap = log_probs.max(-1).values - others
+    torch.testing.assert_close(observed_gap, torch.maximum(kappa, natural_gap), rtol=0, atol=1e-9)
+    assert (observed_gap >= kappa - 1e-9).all()
+
+
+def test_expected_gap_matches_monte_carlo():
+    # E[top-1 minus top-2 of l + g | argmax = D] against -log(1 - p_D) / p_D: 400000 Gumbel
+    # draws of 4 classes, within five standard errors.
+    torch.manual_seed(6)
+    logits = torch.tensor([1.5, 0.0, -1.0, 0.5], dtype=_f64)
+    perturbed = logits + gumbel_like(logits, (400_000, 4))
+    top2 = perturbed.topk(2, -1)
+    gaps = top2.values[:, 0] - top2.values[:, 1]
+    log_probs = torch.log_softmax(logits, -1)
+    for k in range(4):
+        chosen = gaps[top2.indices[:, 0] == k]
+        error = abs(float(chosen.mean() - _expected_gap(log_probs[k])))
+        assert error < 5 * float(chosen.std()) / math.sqrt(len(chosen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, _f64])
+def test_expected_gap_limits(dtype):
+    # -> 1 as p -> 0 (also where p underflows), finite and large as p -> 1, finite gradient.
+    log_p = torch.tensor([-1e4, -200.0, -30.0, -1e-3, -1e-12, 0.0], dtype=dtype)
+    log_p.requires_grad_()
+    gap = _expected_gap(log_p)
+    assert torch.isfinite(gap).all()
+    torch.testing.assert_close(gap[:3], torch.ones(3, dtype=dtype))
+    assert (gap[3:] > 5).all()
+    gap.sum().backward()
+    assert torch.isfinite(log_p.grad).all()
+
+
+# --- The backward pass is the Jacobian of the surrogate -------------------------------------
+
+
+def _gst_reference(logits, one_hot, gap, temperature, detach=True):
+    # DESIGN section 4: m1 lifts the sampled logit to the maximum, m2 pushes the others at
+    # least kappa below it.
+    fixed = logits.detach() if detach else logits
+    top = fixed.max(-1, keepdim=True).values
+    sampled = (fixed * one_hot).sum(-1, keepdim=True)
+    if gap == "expected":
+        p = torch.softmax(fixed, -1).mul(one_hot).sum(-1, keepdim=True)
+        gap = -torch.log1p(-p) / p
+    m1 = (top - sampled) * one_hot
+    m2 = torch.relu(fixed + gap - top) * (1 - one_hot)
+    return torch.softmax((logits + m1 - m2) / temperature, -1)
+
+
+def _references(name, one_hot, shape, seed, temperature):
+    """The surrogate h(logits) of each estimator, rebuilt from DESIGN's formulas. The noise of
+    STGS and GR-MCK is redrawn with the seed, in the order rsample draws it (the Gumbels that
+    choose D, then the Exp(1) variables of GR-MCK as minus Gumbels)."""
+    torch.manual_seed(seed)
+    gumbels = gumbel_like(torch.zeros((), dtype=_f64), shape)
+    log_e = -gumbel_like(torch.zeros((), dtype=_f64), (3,) + shape)
+
+    def grmck(logits):
+        fixed = torch.log_softmax(logits, -1).detach()
+        log_norm = fixed.logsumexp(-1, keepdim=True)
+        log_e_top = (log_e * one_hot).sum(-1, keepdim=True)
+        top = log_norm - log_e_top
+        others = -torch.logaddexp(log_e - fixed, log_e_top - log_norm)
+        noise = torch.where(one_hot.bool(), top, others) - fixed
+        return torch.softmax((logits + noise) / temperature, -1).mean(0)
+
+    return {
+        "ST": lambda logits: torch.softmax(logits / temperature, -1).expand(shape),
+        "STGS": lambda logits: torch.softmax((logits + gumbels) / temperature, -1),
+        "GR-MC3": grmck,
+        "GST-1.0": lambda logits: _gst_reference(logits, one_hot, 1.0, temperature),
+        "GST-expected": lambda logits: _gst_reference(logits, one_hot, "expected", temperature),
+        "GST-ablation": lambda logits: _gst_reference(logits, one_hot, 0.0, temperature, False),
+    }[name]
+
+
+@pytest.mark.parametrize("name", CATEGORICAL_ESTIMATORS)
+def test_backward_is_the_jacobian_of_the_surrogate(name):
+    # In float64: the Jacobian of the hard sample (one backward pass per output coordinate)
+    # equals the autograd Jacobian of the surrogate rebuilt from DESIGN's formulas, and that
+    # of the soft sample (which is the surrogate); the soft value equals the reference.
+    make, logits, temperature, seed = CATEGORICAL_ESTIMATORS[name], _random_logits(2, 4), 0.7, 7
+
+    def sample(hard):
+        def draw(logits):
+            torch.manual_seed(seed)
+            return make(logits, temperature=temperature, hard=hard).rsample((3,))
+
+        return draw
+
+    hard_jacobian = jacobian(sample(True), logits)
+    one_hot = sample(True)(logits)
+    reference = _references(name, one_hot, one_hot.shape, seed, temperature)
+    torch.testing.assert_close(hard_jacobian, jacobian(reference, logits))
+    torch.testing.assert_close(hard_jacobian, jacobian(sample(False), logits))
+    torch.testing.assert_close(sample(False)(logits), reference(logits))
+
+
+@pytest.mark.parametrize("gap", [0.4, 2.0])
+def test_binary_gst_matches_its_closed_form(gap):
+    # GappedSTBernoulli's docstring: perturbed log-odds max(M, kappa) after a 1 and
+    # -max(M - theta, kappa) after a 0, M = max(0, theta); h_1 = sigma((theta + c) / tau).
+    theta, temperature = _random_logits(6, seed=8), 0.6
+
+    def draw(theta):
+        torch.manual_seed(9)
+        return pr.GappedSTBernoulli(theta, temperature=temperature, gap=gap).rsample((4,))
+
+    value = draw(theta)
+    top = theta.clamp(min=0)
+    perturbed = torch.where(value == 1, top.clamp(min=gap), -(top - theta).clamp(min=gap))
+
+    def closed_form(theta):
+        return torch.sigmoid((theta + (perturbed - theta).detach()) / temperature)
+
+    torch.testing.assert_close(jacobian(draw, theta), jacobian(closed_form, theta))
+
+
+def test_log_prob_is_linear_in_the_value():
+    # log pi_D, as OneHotCategorical scores it, with gradient log pi with respect to the value,
+    # so Trace_ELBO's log q(z) term passes the straight-through gradient to the surrogate.
+    logits = _random_logits(3, 5, seed=10).requires_grad_()
+    d = pr.GappedSTCategorical(logits, temperature=0.5)
+    value = d.rsample((4,))
+    log_prob = d.log_prob(value)
+    torch.testing.assert_close(log_prob, dist.OneHotCategorical(logits=logits).log_prob(value))
+    (grad,) = torch.autograd.grad(log_prob.sum(), value, retain_graph=True)
+    torch.testing.assert_close(grad, torch.log_softmax(logits, -1).detach().expand_as(grad))
+
+
+# --- GR-MCK ---------------------------------------------------------------------------------
+
+
+def _moment_errors(x, y):
+    """Differences of means and of variances of two samples, over five standard errors."""
+    x_c, y_c = x - x.mean(0), y - y.mean(0)
+    mean_se = (x.var(0) / len(x) + y.var(0) / len(y)).sqrt()
+    var_se = (x_c.square().var(0) / len(x) + y_c.square().var(0) / len(y)).sqrt()
+    return (x.mean(0) - y.mean(0)).abs() / (5 * mean_se), (x.var(0) - y.var(0)).abs() / (5 * var_se)
+
+
+def test_conditional_gumbels_match_rejection_sampling():
+    # For each category D, the perturbed logits l + G given argmax = D, drawn in log space, have
+    # the per-coordinate mean and variance of rejection-sampled Gumbel-max draws (300000
+    # proposals), within five standard errors.
+    torch.manual_seed(11)
+    logits = torch.log_softmax(torch.tensor([1.0, 0.0, -0.5, 0.3], dtype=_f64), -1)
+    proposals = logits + gumbel_like(logits, (300_000, 4))
+    accepted = proposals.argmax(-1)
+    for k in range(4):
+        rejected = proposals[accepted == k]
+        index = torch.full((100_000,), k)
+        log_e = -gumbel_like(logits, (100_000, 4))
+        conditional = _conditional_perturbed_logits(logits, index, log_e)
+        assert (conditional.argmax(-1) == k).all()
+        mean_error, var_error = _moment_errors(conditional, rejected)
+        assert (mean_error < 1).all() and (var_error < 1).all(), (k, mean_error, var_error)
+
+
+def _per_sample_gradients(make, num_samples, seed):
+    # Gradient of <w, z> with respect to the first logit, one independent sample per row.
+    logits = torch.tensor([0.5, -0.5, 1.0, 0.0], dtype=_f64).expand(num_samples, 4).clone()
+    logits.requires_grad_()
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=_f64)
+    torch.manual_seed(seed)
+    (make(logits).rsample() * weights).sum().backward()
+    return logits.grad[:, 0]
+
+
+def test_grmck_with_one_draw_has_the_gradient_distribution_of_stgs():
+    # Two-sample Kolmogorov-Smirnov test on 4000 independent gradients each, p > 1e-3; and
+    # more draws reduce the variance (the point of Rao-Blackwellization).
+    stgs = _per_sample_gradients(
+        lambda logits: pr.STGSCategorical(logits, temperature=0.5), 4000, 12
+    )
+    grmc1 = _per_sample_gradients(
+        lambda logits: pr.GRMCKCategorical(logits, temperature=0.5, num_draws=1), 4000, 13
+    )
+    assert scipy.stats.ks_2samp(stgs.numpy(), grmc1.numpy()).pvalue > 1e-3
+    grmc20 = _per_sample_gradients(
+        lambda logits: pr.GRMCKCategorical(logits, temperature=0.5, num_draws=20), 4000, 14
+    )
+    assert grmc20.var() < 0.8 * grmc1.var()
+    torch.testing.assert_close(grmc20.mean(), grmc1.mean(), atol=0.1, rtol=0)
+
+
+def test_grmck_keeps_excluded_categories_excluded():
+    logits = torch.tensor([0.0, -math.inf, 1.0], requires_grad=True)
+    value = pr.GRMCKCategorical(logits, num_draws=5).rsample((50,))
+    assert (value[:, 1] == 0).all()
+    value.square().sum().backward()
+    assert torch.isfinite(logits.grad[[0, 2]]).all()
+
+
+# --- The Concrete density of soft STGS samples ----------------------------------------------
+
+
+def test_concrete_density_matches_torch_in_float64():
+    torch.manual_seed(15)
+    logits = _random_logits(3, 4, seed=16)
+    temperature = torch.tensor([0.3, 0.7, 1.5], dtype=_f64)
+    value = pr.STGSCategorical(logits, temperature=temperature, hard=False).rsample((5,))
+    log_prob = pr.STGSCategorical(logits, temperature=temperature, hard=False).log_prob(value)
+    for i in range(3):  # torch's batched temperature broadcasts wrongly (pytorch#37162)
+        expected = dist.RelaxedOneHotCategorical(temperature[i], logits=logits[i])
+        torch.testing.assert_close(log_prob[:, i], expected.log_prob(value[:, i]))
+    # A clone loses the log-weights; at these temperatures its coordinates are positive.
+    torch.testing.assert_close(
+        pr.STGSCategorical(logits, temperature=temperature, hard=False).log_prob(value.clone()),
+        log_prob,
+    )
+
+
+def test_binary_concrete_density_matches_torch():
+    torch.manual_seed(17)
+    logits = _random_logits(4, seed=18)
+    d = pr.STGSBernoulli(logits, temperature=0.5, hard=False)
+    value = d.rsample((6,))
+    expected = dist.RelaxedBernoulli(torch.tensor(0.5, dtype=_f64), logits=logits)
+    torch.testing.assert_close(d.log_prob(value), expected.log_prob(value))
+    torch.testing.assert_close(d.log_prob(value.clone()), expected.log_prob(value))
+
+
+def test_soft_stgs_density_is_accurate_in_float32_at_temperature_001():
+    # float32 at tau = 0.01: coordinates underflow, the log-weights do not; the density agrees
+    # with the float64 evaluation of the same log-weights to 1e-5 relative.
+    torch.manual_seed(19)
+    logits = _random_logits(20, 10, seed=20, dtype=torch.float32)
+    d = pr.STGSCategorical(logits, temperature=0.01, hard=False)
+    value = d.rsample((50,))
+    assert (value == 0).any()
+    log_prob = d.log_prob(value)
+    assert torch.isfinite(log_prob).all()
+    exact = pr.STGSCategorical(logits.double(), temperature=0.01, hard=False)
+    log_weights = value._straight_through_log_weights.double()
+    value64 = log_weights.exp()
+    value64._straight_through_log_weights = log_weights
+    torch.testing.assert_close(log_prob.double(), exact.log_prob(value64), rtol=1e-5, atol=0)
+
+
+# --- Pyro's RelaxedOneHotCategoricalStraightThrough: the fragility ours fixes ---------------
+
+
+def test_cloned_samples_never_give_nan():
+    # Pyro's straight-through relaxed categorical returns NaN for a cloned sample: the premise.
+    torch.manual_seed(21)
+    logits = _random_logits(4, 6, seed=22, dtype=torch.float32)
+    theirs = dist.RelaxedOneHotCategoricalStraightThrough(torch.tensor(0.5), logits=logits)
+    assert torch.isnan(theirs.log_prob(theirs.rsample().clone())).all()
+    # Ours: a hard value is scored as the categorical does, clone or not.
+    ours = pr.STGSCategorical(logits, temperature=0.5)
+    value = ours.rsample()
+    torch.testing.assert_close(ours.log_prob(value.clone()), ours.log_prob(value))
+    # A soft value at tau = 0.01 loses coordinates to underflow: a clear error under
+    # validation, the documented finite fallback without.
+    cold = pr.STGSCategorical(logits, temperature=0.01, hard=False)
+    soft = cold.rsample((20,))
+    assert torch.isfinite(cold.log_prob(soft)).all()
+    with pytest.raises(ValueError, match="log-weights"):
+        cold.log_prob(soft.clone())
+    unchecked = pr.STGSCategorical(logits, temperature=0.01, hard=False, validate_args=False)
+    assert torch.isfinite(unchecked.log_prob(soft.clone())).all()
+
+
+def _categorical_model_and_guide(make, dtype=torch.float32, observe=True):
+    # 6 latents over 12 classes in a plate, observed through a fixed linear Bernoulli decoder.
+    decoder = _random_logits(12, 3, seed=23, dtype=dtype)
+    data = torch.tensor([[1.0, 0.0, 1.0]] * 6, dtype=dtype)
+
+    def model():
+        with pyro.plate("items", 6):
+            z = pyro.sample("z", make(torch.zeros(6, 12, dtype=dtype)))
+            if observe:
+                pyro.sample("x", dist.Bernoulli(logits=z @ decoder).to_event(1), obs=data)
+
+    def guide():
+        logits = pyro.param("logits", torch.zeros(6, 12, dtype=dtype))
+        with pyro.plate("items", 6):
+            pyro.sample("z", make(logits))
+
+    return model, guide
+
+
+def test_pyro_straight_through_fails_validation_in_float32_at_temperature_001():
+    # The premise: Pyro clamps its soft samples' coordinates to [eps, 1 - eps], so with 12
+    # classes at tau = 0.01 their sum exceeds 1 by about 10 eps, beyond the simplex tolerance.
+    torch.manual_seed(27)
+
+    def make(logits):
+        return dist.RelaxedOneHotCategoricalStraightThrough(torch.tensor(0.01), logits=logits)
+
+    pyro.clear_param_store()
+    model, guide = _categorical_model_and_guide(make)
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="Simplex"):
+        SVI(model, guide, Adam({"lr": 0.05}), Trace_ELBO()).step()
+
+
+_SVI_ESTIMATORS = {
+    "STGS-hard": lambda logits, tau: pr.STGSCategorical(logits, temperature=tau),
+    "STGS-soft": lambda logits, tau: pr.STGSCategorical(logits, temperature=tau, hard=False),
+    "ST": lambda logits, tau: pr.STCategorical(logits, temperature=tau),
+    "GR-MC5": lambda logits, tau: pr.GRMCKCategorical(logits, temperature=tau, num_draws=5),
+    "GST-1.0": lambda logits, tau: pr.GappedSTCategorical(logits, temperature=tau),
+    "GST-expected-soft": lambda logits, tau: pr.GappedSTCategorical(
+        logits, temperature=tau, gap="expected", hard=False
+    ),
+}
+
+
+@pytest.mark.parametrize("make", _SVI_ESTIMATORS.values(), ids=_SVI_ESTIMATORS.keys())
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
+@pytest.mark.parametrize("temperature", [0.01, 0.5])
+def test_svi_in_plates_float32_with_validation(make, elbo, temperature):
+    # Model and guide of the same kind inside a plate, an observed decoder, float32, validation
+    # on: finite losses at tau = 0.01, and a guide that moves at tau = 0.5 (at 0.01 GST's
+    # gap saturates the softmax and its likelihood gradient vanishes, as it should).
+    pyro.clear_param_store()
+    torch.manual_seed(24)
+    model, guide = _categorical_model_and_guide(lambda logits: make(logits, temperature))
+    with pyro.validation_enabled(True):
+        svi = SVI(model, guide, Adam({"lr": 0.05}), elbo())
+        losses = [svi.step() for _ in range(5)]
+    assert all(math.isfinite(loss) for loss in losses)
+    if temperature == 0.5:
+        assert pyro.param("logits").abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "make, prior",
+    [
+        (lambda logits: pr.GappedSTCategorical(logits, temperature=0.5), None),
+        (lambda logits: pr.GRMCKCategorical(logits, temperature=0.5, num_draws=5), None),
+        (
+            lambda logits: pr.GappedSTCategorical(logits, temperature=0.5),
+            lambda logits: dist.OneHotCategorical(logits=logits),
+        ),
+    ],
+    ids=["GST", "GR-MC5", "GST-with-OneHotCategorical-prior"],
+)
+def test_trace_mean_field_uses_the_categorical_kl(make, prior):
+    # With no observed site the loss is the KL summed over the plate: deterministic and equal
+    # to the categorical KL (the Monte-Carlo fallback would be random).
+    pyro.clear_param_store()
+    model, guide = _categorical_model_and_guide(make, observe=False)
+    if prior is not None:
+        model, _ = _categorical_model_and_guide(prior, observe=False)
+    with pyro.validation_enabled(True):
+        guide()
+        pyro.param("logits").data.copy_(_random_logits(6, 12, seed=25, dtype=torch.float32))
+        elbo = TraceMeanField_ELBO()
+        loss = elbo.loss(model, guide)
+        assert elbo.loss(model, guide) == loss
+    q = dist.Categorical(logits=pyro.param("logits").detach())
+    expected = kl_divergence(q, dist.Categorical(logits=torch.zeros(6, 12))).sum()
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+@binary_estimators
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
+def test_binary_svi_in_plates(make, elbo):
+    pyro.clear_param_store()
+    torch.manual_seed(1)
+
+    def model():
+        with pyro.plate("items", 8):
+            z = pyro.sample("z", dist.Bernoulli(torch.tensor(0.5)))
+            pyro.sample("x", dist.Normal(3 * z, 1.0), obs=torch.full((8,), 3.0))
+
+    def guide():
+        logits = pyro.param("logits", torch.zeros(8))
+        with pyro.plate("items", 8):
+            pyro.sample("z", make(logits, temperature=0.5))
+
+    with pyro.validation_enabled(True):
+        svi = SVI(model, guide, Adam({"lr": 0.2}), elbo())
+        losses = [svi.step() for _ in range(12)]
+    assert all(math.isfinite(loss) for loss in losses)
+    # The observations pull every z towards 1 (posterior log-odds 4.5); the mean log-odds
+    # after 12 steps was 0.37 to 1.34 over 5 seeds and every estimator, from 0.
+    assert pyro.param("logits").mean() > 0.2
+
+
+# --- Arguments ------------------------------------------------------------------------------
+
+
+def test_bad_arguments_are_rejected():
+    logits = torch.zeros(3)
+    with pytest.raises(ValueError, match="gap"):
+        pr.GappedSTCategorical(logits, gap=-1.0)
+    with pytest.raises(ValueError, match="gap"):
+        pr.GappedSTBernoulli(logits, gap="largest")
+    with pytest.raises(ValueError, match="num_draws"):
+        pr.GRMCKCategorical(logits, num_draws=0)
+    with pytest.raises(ValueError, match="num_draws"):
+        pr.GRMCKBernoulli(logits, num_draws=2.5)
+    with pytest.raises(ValueError, match="probs"):
+        pr.STCategorical(logits, probs=logits.softmax(-1))
+    with pytest.raises(ValueError, match="temperature"):
+        pr.STGSCategorical(torch.zeros(2, 3), temperature=torch.ones(3))
+    with pytest.raises(ValueError, match="base_dist"):
+        pr.GappedST(dist.Bernoulli(0.5))
+
+
+def test_wrapper_keeps_the_parameterization_and_expands():
+    probs = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    d = pr.GappedST(dist.Categorical(probs=probs), 0.5, gap="expected")
+    assert torch.equal(d.probs, probs) and d.gap == "expected"
+    expanded = d.expand((3, 2))
+    assert type(expanded) is pr.GappedST and expanded.base_dist.batch_shape == (3, 2)
+    assert expanded.gap == "expected" and expanded.temperature.shape == (3, 2)
+
+
+def test_soft_mode_has_no_enumerate_support():
+    assert pr.GappedSTCategorical(torch.zeros(3)).has_enumerate_support
+    assert not pr.GappedSTCategorical(torch.zeros(3), hard=False).has_enumerate_support
+    support = pr.GappedSTCategorical(torch.zeros(2, 3)).enumerate_support()
+    assert support.shape == (3, 2, 3)

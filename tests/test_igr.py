@@ -1,0 +1,399 @@
+"""Checks unique to the IGR family: normalization, Proposition 2, priors, SVI, stick-breaking."""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import scipy.integrate
+import scipy.stats
+import torch
+from pyro.distributions.transforms.planar import ConditionedPlanar
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.optim import Adam
+from torch.distributions import StickBreakingTransform, kl_divergence
+
+import pyro_relax as pr
+from pyro_relax.transforms.softmax_plus_plus import attach_log_simplex
+
+_f64 = torch.float64
+
+
+def _t(*values, dtype=_f64):
+    return torch.tensor(values, dtype=dtype)
+
+
+def _monte_carlo_categories(loc, scale, num_samples):
+    """The discrete variable of Proposition 1 by brute force, in float64."""
+    y = loc + scale * torch.randn((num_samples,) + loc.shape, dtype=_f64)
+    index = torch.cat([y, torch.zeros_like(y[..., :1])], -1).argmax(-1)
+    return torch.bincount(index, minlength=loc.shape[-1] + 1).double() / num_samples
+
+
+# --- normalization --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pr.IGR(_t(0.3), _t(0.8), 0.5, delta=1.5),
+        lambda: pr.IGR(_t(-1.0), _t(2.0), 0.2),
+        lambda: pr.IGRStickBreaking(_t(0.3), _t(0.8), 0.5, delta=1.5),
+    ],
+    ids=["IGR", "IGR-cold", "IGRStickBreaking"],
+)
+def test_density_integrates_to_one_for_two_categories(make):
+    # A 1-D integral of the density of the point (z_1, 1 - z_1), built with its log-space twin
+    # (so that 1 - z_1 does not round to 0; no Gaussian pre-image is attached, the value is
+    # inverted), in the variable v = logit(z_1), where it is smooth:
+    # dz_1 = z_1 (1 - z_1) dv. Stick-breaking maps onto an interval only: z_1 = softmax++(w /
+    # tau)_1 for w in (0, 1). scipy's adaptive quadrature; tolerance 1e-6.
+    d = make()
+    if isinstance(d, pr.IGRStickBreaking):
+        edges = [-math.log(d.delta), 1 / float(d.temperature) - math.log(d.delta)]
+    else:
+        edges = [-np.inf, np.inf]
+
+    def density(v):
+        v = torch.tensor([v, -v], dtype=_f64)
+        value = attach_log_simplex(torch.sigmoid(v), torch.nn.functional.logsigmoid(v))
+        return float((d.log_prob(value) + value.log().sum()).exp())
+
+    total, _ = scipy.integrate.quad(density, *edges, epsabs=1e-10)
+    assert abs(total - 1) < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_density_integrates_to_one_for_three_categories(temperature):
+    # A 2-D integral over the simplex, pulled back to R^2 through torch's StickBreakingTransform
+    # (an independent map with its own log-Jacobian): a tensor-product composite Gauss-Legendre
+    # rule on [-40, 40]^2, 80 panels of 8 nodes per axis. Refining it changes the result by
+    # less than 1e-7; the tolerance is 1e-5.
+    d = pr.IGR(_t(0.4, -0.6), _t(0.7, 1.3), temperature, delta=0.7)
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+    edges = np.linspace(-40, 40, 81)
+    half = np.diff(edges)[:, None] / 2
+    u = torch.tensor((edges[:-1, None] + half * (nodes + 1)).ravel(), dtype=_f64)
+    w = torch.tensor((half * weights).ravel(), dtype=_f64)
+    grid = torch.stack(torch.meshgrid(u, u, indexing="ij"), -1).reshape(-1, 2)
+    pullback = StickBreakingTransform()
+    z = pullback(grid)
+    density = (d.log_prob(z) + pullback.log_abs_det_jacobian(grid, z)).exp()
+    total = (density * (w[:, None] * w[None, :]).reshape(-1)).sum()
+    assert abs(float(total) - 1) < 1e-5
+
+
+# --- numerics at low temperature ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.01])
+def test_own_samples_are_scored_finitely_in_float32(temperature):
+    torch.manual_seed(0)
+    loc = torch.linspace(-3, 3, 9 * 4).reshape(4, 9)
+    d = pr.IGR(loc, torch.full_like(loc, 2.0), temperature, validate_args=True)
+    z = d.rsample((500,))
+    assert (z == 0).any()  # coordinates underflow ...
+    log_prob = d.log_prob(z)  # ... and validation and scoring still work
+    assert torch.isfinite(log_prob).all()
+    # Against float64 scoring of the same Gaussian draws.
+    d64 = pr.IGR(loc.double(), torch.full_like(loc, 2.0).double(), temperature)
+    y = z._igr_preimage.base.double()
+    expected = d64.log_prob(d64.softmax_plus_plus(y))
+    torch.testing.assert_close(log_prob.double(), expected, rtol=1e-4, atol=1e-2)
+
+
+def test_samples_pass_the_simplex_check_for_fifty_categories_in_float32():
+    torch.manual_seed(1)
+    d = pr.IGR(torch.zeros(20, 49), torch.ones(20, 49), 0.5, validate_args=True)
+    z = d.rsample((100,))
+    assert torch.distributions.constraints.simplex.check(z).all()
+    assert torch.isfinite(d.log_prob(z)).all()
+
+
+def test_a_prior_scores_a_guide_sample_that_underflowed():
+    # The model-side IGR has other parameters: it inverts through the log-space twin.
+    torch.manual_seed(2)
+    guide = pr.IGR(torch.full((9,), 2.0), torch.ones(9), 0.05)
+    prior = pr.IGR(*pr.uniform_igr_prior(10), 0.05)
+    z = guide.rsample((200,))
+    assert (z == 0).any()
+    assert torch.isfinite(prior.log_prob(z)).all()
+
+
+# --- Proposition 1 and straight-through -----------------------------------------------------
+
+
+def test_straight_through_samples_are_the_limit_vertex_with_soft_gradients():
+    loc = _t(0.5, -1.0, 0.2).requires_grad_()
+    d = pr.IGR(loc, _t(1.0, 2.0, 0.5), 0.3, straight_through=True)
+    soft = pr.IGR(loc, _t(1.0, 2.0, 0.5), 0.3)
+    torch.manual_seed(3)
+    hard = d.rsample((1000,))
+    torch.manual_seed(3)
+    relaxed = soft.rsample((1000,))
+    y = hard._igr_preimage.base
+    limit = torch.where(y.max(-1).values > 0, y.argmax(-1), 3)
+    assert torch.equal(hard, torch.nn.functional.one_hot(limit, 4).to(_f64))
+    # The soft relaxation it carries is scored, exactly as the soft sample.
+    torch.testing.assert_close(d.log_prob(hard), soft.log_prob(relaxed))
+    (hard * _t(1.0, 2.0, 3.0, 4.0)).sum().backward()
+    assert torch.isfinite(loc.grad).all() and (loc.grad != 0).any()
+
+
+def test_straight_through_rejects_values_that_are_not_one_hot():
+    d = pr.IGR(torch.zeros(2), torch.ones(2), 0.3, straight_through=True, validate_args=True)
+    with pytest.raises(ValueError, match="one-hot"):
+        d.log_prob(_t(0.2, 0.3, 0.5, dtype=torch.float32))
+
+
+# --- Proposition 2 --------------------------------------------------------------------------
+
+
+def test_proposition_2_matches_monte_carlo_with_unequal_scales():
+    # 4 million float64 draws: standard error sqrt(p (1 - p) / N) <= 2.5e-4 per category, so
+    # the 1e-3 tolerance is four standard errors.
+    loc, scale = _t(0.3, -0.2, 0.6), _t(0.5, 2.0, 1.0)
+    torch.manual_seed(4)
+    observed = _monte_carlo_categories(loc, scale, 4_000_000)
+    probs = pr.igr_log_probs(loc, scale).exp()
+    assert abs(float(probs.sum()) - 1) < 1e-9
+    assert (probs - observed).abs().max() < 1e-3
+    # The reference implementation scales each factor by its own sigma_j: it computes the
+    # argmax of the standardized variables y_j / sigma_j, far outside the tolerance.
+    reference = pr.igr_log_probs(loc / scale, torch.ones_like(scale)).exp()
+    assert (reference - observed).abs().max() > 2e-2
+    # With equal scales both agree.
+    torch.testing.assert_close(
+        pr.igr_log_probs(loc, torch.full_like(loc, 1.7)),
+        pr.igr_log_probs(loc / 1.7, torch.ones_like(loc)),
+    )
+
+
+def test_categorical_is_batched_and_differentiable():
+    loc = torch.randn(2, 3, 4, dtype=_f64, requires_grad=True)
+    d = pr.IGR(loc, torch.rand(2, 3, 4, dtype=_f64) + 0.5, 0.2)
+    c = d.categorical()
+    assert isinstance(c, torch.distributions.Categorical)
+    assert c.probs.shape == (2, 3, 5)
+    torch.testing.assert_close(c.probs.sum(-1), torch.ones(2, 3, dtype=_f64))
+    c.probs[..., 0].sum().backward()
+    assert torch.isfinite(loc.grad).all()
+
+
+@pytest.mark.parametrize("family", ["stick-breaking", "planar"])
+def test_monte_carlo_categoricals(family):
+    torch.manual_seed(5)
+    loc, scale = _t(0.3, -0.2, 0.6), _t(0.5, 2.0, 1.0)
+    if family == "planar":
+        # A planar layer with u = log(e - 1) w has u_hat = 0, the identity: the PMF is
+        # Proposition 2's.
+        c = math.log(math.e - 1)
+        flat = ConditionedPlanar((_t(0.0), _t(c, 0.0, 0.0), _t(1.0, 0.0, 0.0)))
+        d = pr.IGRPlanar(loc, scale, 0.1, flows=[flat])
+        expected = pr.igr_log_probs(loc, scale).exp()
+    else:
+        d = pr.IGRStickBreaking(loc, scale, 0.1)
+        y = loc + scale * torch.randn(200_000, 3, dtype=_f64)
+        sticks = pr.SigmoidSticksTransform()(y)
+        expected = torch.bincount(sticks.argmax(-1), minlength=4).double() / 200_000
+        assert expected[-1] == 0  # the last category has no mass in the limit
+    probs = d.categorical(num_samples=40_000).probs
+    # Standard error <= 2.5e-3: five of them.
+    assert (probs - expected).abs().max() < 1.3e-2
+
+
+# --- KL -------------------------------------------------------------------------------------
+
+
+def test_kl_needs_equal_temperature_and_delta():
+    p = pr.IGR(torch.zeros(3), torch.ones(3), 0.5)
+    kl = kl_divergence(p, pr.IGR(torch.ones(3), torch.ones(3), torch.tensor(0.5)))
+    torch.testing.assert_close(kl, torch.tensor(1.5))
+    for q in (
+        pr.IGR(torch.zeros(3), torch.ones(3), 0.4),
+        pr.IGR(torch.zeros(3), torch.ones(3), 0.5, 2.0),
+    ):
+        with pytest.raises(NotImplementedError, match="temperature and delta"):
+            kl_divergence(p, q)
+    sb = pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.5, precision=0.9)
+    with pytest.raises(NotImplementedError, match="no closed form"):
+        kl_divergence(sb, sb)
+
+
+def test_kl_fires_after_expand_and_to_event():
+    p = pr.IGR(torch.zeros(2, 3), torch.ones(2, 3), 0.5).expand((4, 2)).to_event(1)
+    q = pr.IGR(torch.ones(3), torch.ones(3), 0.5).expand((4, 2)).to_event(1)
+    torch.testing.assert_close(kl_divergence(p, q), torch.full((4,), 3.0))
+
+
+# --- priors ---------------------------------------------------------------------------------
+
+
+def test_uniform_prior_closed_form():
+    loc, scale = pr.uniform_igr_prior(10, dtype=_f64)
+    ratio = -scipy.stats.norm.ppf(10 ** (-1 / 9))
+    assert abs(ratio + 0.753) < 1e-3
+    torch.testing.assert_close(loc / scale, torch.full((9,), ratio, dtype=_f64))
+    torch.testing.assert_close(
+        pr.igr_log_probs(loc, scale).exp(), torch.full((10,), 0.1, dtype=_f64)
+    )
+    torch.manual_seed(6)
+    # 1e6 draws: standard error 3e-4 per category.
+    observed = _monte_carlo_categories(loc, scale, 1_000_000)
+    assert (observed - 0.1).abs().max() < 1.5e-3
+
+
+def test_prior_fitting_reaches_the_target():
+    torch.manual_seed(7)
+    target = _t(0.6, 0.25, 0.1, 0.05)
+    loc, scale = pr.fit_igr_prior(target, temperature=0.1, num_samples=100, num_steps=100, lr=0.1)
+    probs = pr.IGR(loc, scale, 0.1).categorical().probs
+    assert 0.5 * (probs - target).abs().sum() < 0.03
+
+
+# --- SVI ------------------------------------------------------------------------------------
+
+_CENTERS = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [3.0, 3.0], [-3.0, 0.0]])
+
+
+def _model(data=None, num=8, temperature=0.05):
+    loc0, scale0 = pr.uniform_igr_prior(5)
+    with pyro.plate("data", num):
+        z = pyro.sample("z", pr.IGR(loc0, scale0, temperature))
+        if data is not None:
+            pyro.sample("x", dist.Normal(z @ _CENTERS, 0.5).to_event(1), obs=data)
+
+
+def _guide(data=None, num=8, temperature=0.05):
+    loc = pyro.param("loc", torch.zeros(num, 4))
+    scale = pyro.param("scale", torch.ones(num, 4), constraint=dist.constraints.positive)
+    with pyro.plate("data", num):
+        pyro.sample("z", pr.IGR(loc, scale, temperature))
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
+def test_svi_in_a_plate_in_float32_at_low_temperature(elbo):
+    pyro.clear_param_store()
+    torch.manual_seed(8)
+    data = _CENTERS[torch.arange(8) % 5] + 0.3 * torch.randn(8, 2)
+    with pyro.validation_enabled(True):
+        svi = SVI(_model, _guide, Adam({"lr": 0.05}), elbo())
+        losses = [svi.step(data) for _ in range(60)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    for name in ("loc", "scale"):
+        assert torch.isfinite(pyro.param(name)).all()
+
+
+def test_trace_mean_field_uses_the_closed_form_kl():
+    # Without observations the loss is the KL summed over the plate, exactly, when the
+    # registered KL is used (a Monte-Carlo estimate would differ).
+    pyro.clear_param_store()
+    _guide()
+    loss = TraceMeanField_ELBO().loss(_model, _guide)
+    prior = pr.IGR(*pr.uniform_igr_prior(5), 0.05)
+    guide = pr.IGR(pyro.param("loc"), pyro.param("scale"), 0.05)
+    expected = kl_divergence(guide, prior.expand((8,))).sum().detach()
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_planar_flows_train_in_a_guide():
+    pyro.clear_param_store()
+    torch.manual_seed(9)
+    flows = [pyro.distributions.transforms.Planar(4) for _ in range(2)]
+    before = [p.detach().clone() for f in flows for p in f.parameters()]
+
+    def guide(data=None, num=8, temperature=0.05):
+        pyro.module("flows", torch.nn.ModuleList(flows))
+        loc = pyro.param("loc", torch.zeros(num, 4))
+        with pyro.plate("data", num):
+            pyro.sample("z", pr.IGRPlanar(loc, torch.ones(num, 4), temperature, flows=flows))
+
+    data = _CENTERS[torch.arange(8) % 5]
+    svi = SVI(_model, guide, Adam({"lr": 0.05}), Trace_ELBO())
+    losses = [svi.step(data) for _ in range(10)]
+    assert all(math.isfinite(loss) for loss in losses)
+    after = [p.detach() for f in flows for p in f.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_planar_rejects_values_it_did_not_draw():
+    d = pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.3, flows=1)
+    with pytest.raises(ValueError, match="planar layers have no closed-form inverse"):
+        d.log_prob(torch.full((4,), 0.25))
+
+
+# --- countably infinite stick-breaking ------------------------------------------------------
+
+
+def test_infinite_mode_conserves_mass_and_reports_its_truncation():
+    torch.manual_seed(10)
+    loc = torch.linspace(-2.0, 0.5, 3 * 29).reshape(3, 29)
+    d = pr.IGRStickBreaking(loc, torch.ones(3, 29), 0.1, precision=0.95, validate_args=True)
+    z = d.rsample((400,))
+    assert z.shape == (400, 3, 30)
+    torch.testing.assert_close(z.sum(-1), torch.ones(400, 3))
+    kept = d.truncation_of(z)
+    # The smallest n whose sticks reach the precision, for every sample and batch element.
+    sticks = pr.SigmoidSticksTransform()(z._igr_preimage.base)
+    cumulative = sticks.cumsum(-1)
+    reached = cumulative >= 0.95
+    expected = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, 29)
+    assert torch.equal(kept, expected)
+    assert kept.unique().numel() > 3  # not one truncation for the whole batch
+    assert (kept[:, 0] != kept[:, 1]).any()  # nor that of the first latent variable
+    mass = d.captured_mass_of(z)
+    assert ((mass >= 0.95) | (kept == 29)).all()
+    # The crossing stick is kept, the sticks after it are exact zeros.
+    positions = torch.arange(29)
+    assert (z[..., :-1][positions >= kept.unsqueeze(-1)] == 0).all()
+    assert torch.isfinite(d.log_prob(z)).all()
+    # A plain copy: the truncation is read from the zeros, the density from inversion.
+    plain = z.detach().clone()
+    assert torch.equal(d.truncation_of(plain), kept)
+    torch.testing.assert_close(d.log_prob(plain), d.log_prob(z), rtol=1e-4, atol=1e-3)
+
+
+def test_infinite_mode_when_the_first_stick_already_reaches_the_precision():
+    # The reference code crashed here.
+    d = pr.IGRStickBreaking(_t(8.0, 0.0, 0.0), _t(0.1, 1.0, 1.0), 0.1, precision=0.99)
+    z = d.rsample((50,))
+    assert (d.truncation_of(z) == 1).all()
+    assert (z[:, 1:3] == 0).all() and (z[:, 0] > 0.99).all()
+    torch.testing.assert_close(z.sum(-1), torch.ones(50, dtype=_f64))
+    assert torch.isfinite(d.log_prob(z)).all()
+
+
+def test_infinite_mode_density_integrates_to_one_on_each_face():
+    # Three sticks at most (K_max = 4): samples keep 1, 2 or 3 sticks; the faces' densities
+    # integrate to the probabilities of keeping that many. Check the one-stick face in 1-D.
+    d = pr.IGRStickBreaking(_t(1.0, 0.0, 0.0), _t(1.0, 1.0, 1.0), 0.5, precision=0.6)
+    face = scipy.stats.norm.sf(math.log(0.6 / 0.4), loc=1.0)  # P(s_1 >= 0.6)
+    lower, upper = 1 / (1 + math.exp(-0.6 / 0.5)), 1 / (1 + math.exp(-1 / 0.5))
+
+    # The density is smooth on the face: a 100-node Gauss-Legendre rule, error below 1e-9.
+    nodes, weights = np.polynomial.legendre.leggauss(100)
+    z1 = torch.tensor(lower + (upper - lower) * (nodes + 1) / 2, dtype=_f64)
+    zeros = torch.zeros_like(z1)
+    values = torch.stack([z1, zeros, zeros, 1 - z1], -1)
+    total = float((d.log_prob(values).exp() * torch.tensor(weights)).sum()) * (upper - lower) / 2
+    assert abs(total - face) < 1e-6
+
+
+# --- counts ---------------------------------------------------------------------------------
+
+
+def test_count_values_and_scoring():
+    torch.manual_seed(11)
+    d = pr.IGRCount(torch.zeros(2, 9), torch.ones(2, 9), 1e-3, validate_args=True)
+    c = d.rsample((300,))
+    assert c.shape == (300, 2)
+    assert ((c >= 0) & (c <= 9)).all()
+    # At low temperature the relaxed count is the index of the largest stick.
+    sticks = pr.SigmoidSticksTransform()(c._igr_simplex._igr_preimage.base)
+    near = (c - sticks.argmax(-1)).abs() < 0.05
+    assert near.double().mean() > 0.97  # all but near-ties of the two largest sticks
+    torch.testing.assert_close(d.log_prob(c), d.simplex_dist.log_prob(c._igr_simplex))
+    with pytest.raises(ValueError, match="plain count"):
+        d.log_prob(torch.tensor([3.0, 4.0]))

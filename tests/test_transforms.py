@@ -1,0 +1,123 @@
+"""Generic checks of the library's transforms, generated from a list of instances (float64)."""
+
+import pickle
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+from pyro_relax.transforms import SigmoidSticksTransform, SoftmaxPlusPlusTransform
+
+_f64 = torch.float64
+
+# (id, transform, input shape): every transform maps R^(K-1) vectors, batched.
+TRANSFORMS = [
+    ("softmax++", SoftmaxPlusPlusTransform(0.5), (3, 4)),
+    ("softmax++-delta", SoftmaxPlusPlusTransform(2.0, delta=0.1), (3, 4)),
+    ("softmax++-cold", SoftmaxPlusPlusTransform(0.05, delta=3.0), (2, 3)),
+    (
+        "softmax++-batched",
+        SoftmaxPlusPlusTransform(torch.tensor([0.3, 1.0], dtype=_f64), torch.tensor(2.0)),
+        (2, 5),
+    ),
+    ("softmax++-K2", SoftmaxPlusPlusTransform(0.7), (4, 1)),
+    ("sticks", SigmoidSticksTransform(), (3, 4)),
+    ("sticks-K2", SigmoidSticksTransform(), (2, 1)),
+]
+every_transform = pytest.mark.parametrize(
+    "transform, shape", [t[1:] for t in TRANSFORMS], ids=[t[0] for t in TRANSFORMS]
+)
+
+
+def _inputs(shape):
+    torch.manual_seed(0)
+    return torch.randn(shape, dtype=_f64) * 1.5
+
+
+def _plain(value):
+    # A copy without the attributes a transform attaches to its outputs.
+    return value.detach().clone()
+
+
+@every_transform
+def test_round_trip(transform, shape):
+    x = _inputs(shape)
+    y = transform(x)
+    assert transform.codomain.check(y).all()
+    torch.testing.assert_close(transform.inv(y), x)  # through what the output carries
+    torch.testing.assert_close(transform.inv(_plain(y)), x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(transform(transform.inv(_plain(y))), y)
+
+
+@every_transform
+def test_log_det_matches_autograd(transform, shape):
+    x = _inputs(shape)
+    log_det = transform.log_abs_det_jacobian(x, transform(x))
+    assert log_det.shape == shape[:-1]
+    for index in range(shape[0]):
+
+        def row(v, index=index):
+            # Only the first K - 1 coordinates of a simplex point are free.
+            return transform(torch.cat([x[:index], v[None], x[index + 1 :]]))[index, : shape[-1]]
+
+        expected = torch.linalg.slogdet(jacobian(row, x[index]))[1]
+        torch.testing.assert_close(log_det[index], expected)
+
+
+@every_transform
+def test_shapes(transform, shape):
+    x = _inputs(shape)
+    y = transform(x)
+    assert transform.forward_shape(x.shape) == y.shape
+    assert transform.inverse_shape(y.shape) == x.shape
+    assert transform.inv(y).shape == x.shape
+
+
+@every_transform
+def test_equality_and_pickling(transform, shape):
+    clone = pickle.loads(pickle.dumps(transform))
+    assert clone == transform and not clone != transform
+    assert transform != SoftmaxPlusPlusTransform(123.0)
+    x = _inputs(shape)
+    torch.testing.assert_close(clone(x), transform(x))
+
+
+@every_transform
+def test_cache(transform, shape):
+    cached = transform.with_cache(1)
+    assert cached == transform
+    x = _inputs(shape)
+    y = cached(x)
+    assert cached(x) is y
+    assert cached.inv(y) is x
+
+
+def test_softmax_plus_plus_temperature_limits():
+    x = torch.tensor([[1.0, -2.0, 0.5], [-1.0, -0.3, -2.0]], dtype=_f64)
+    # Proposition 1: the vertex of argmax x when max x > 0, else the last one.
+    cold = SoftmaxPlusPlusTransform(1e-3, delta=2.0)(x)
+    torch.testing.assert_close(cold, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1]], dtype=_f64))
+    hot = SoftmaxPlusPlusTransform(1e9, delta=2.0)(x)
+    torch.testing.assert_close(hot, torch.tensor([1.0, 1.0, 1.0, 2.0], dtype=_f64).expand(2, 4) / 5)
+
+
+def test_softmax_plus_plus_outputs_pass_the_simplex_check_in_float32():
+    # torch's check allows 1e-6; summing 50 float32 softmax outputs can miss it.
+    torch.manual_seed(1)
+    x = torch.randn(2000, 49) * 3
+    for temperature in (1.0, 0.1, 0.01):
+        z = SoftmaxPlusPlusTransform(temperature)(x)
+        assert torch.distributions.constraints.simplex.check(z).all()
+
+
+def test_softmax_plus_plus_inverts_underflowed_outputs_through_the_log_twin():
+    x = torch.tensor([[3.0, -3.0, 0.5]])
+    t = SoftmaxPlusPlusTransform(0.01)
+    z = t(x)
+    assert (z == 0).any()  # float32 underflow at this temperature
+    torch.testing.assert_close(t.inv(z), x)
+    # Another softmax++ (a prior scoring a guide's sample) inverts it as well.
+    other = SoftmaxPlusPlusTransform(0.02, delta=2.0)
+    expected = other.inv(t(x.double())).float()
+    torch.testing.assert_close(other.inv(z), expected)
+    assert torch.isfinite(t.inv(_plain(z))).all()  # without the twin: clamped, finite
