@@ -175,7 +175,9 @@ class SoftmaxPlusPlusTransform(Transform):
         logits = torch.cat(
             [scaled.expand(shape + x.shape[-1:]), log_delta.expand(shape + (1,))], -1
         )
-        return torch.log_softmax(logits, -1)
+        # x - logsumexp(x), not log_softmax: on CPU, torch's log_softmax kernel is several times
+        # slower for short rows (measured 350 us against 78 us for 100 x 20 rows of 10).
+        return logits - logits.logsumexp(-1, keepdim=True)
 
     def _call(self, x):
         log_z = self.log_call(x)
