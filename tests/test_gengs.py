@@ -5,6 +5,7 @@ numpy. Shapes, ``expand``, pickling, support and SVI are covered by the generic 
 """
 
 import math
+import warnings
 
 import numpy as np
 import pyro.distributions as dist
@@ -731,3 +732,39 @@ def test_exponential_decay_updates_temperature_in_place():
 def test_exponential_decay_rejects_bad_arguments(name, kwargs):
     with pytest.raises(ValueError, match=name):
         ExponentialDecay(**kwargs)
+
+
+def test_truncation_warning_is_shown_once_per_location():
+    # Training builds the distribution at every step with changing parameters; the default
+    # warning filter must show the warning once, not every step.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for rate in (5.0, 6.0, 7.0):
+            GenGSPoisson(torch.tensor(rate), 0.5, 8)
+    assert len([w for w in caught if issubclass(w.category, TruncationWarning)]) == 1
+
+
+@pytest.mark.parametrize(
+    "outcomes", [torch.arange(6.0), torch.randn(6, 3)], ids=["scalar", "vector"]
+)
+def test_fused_relaxed_one_hot_backward_equals_autograd(outcomes):
+    # The fused backward of GenGS's relaxed one-hot and linear map against autograd of the
+    # plain formula, in float64, with upstream gradients on both the weights and the value.
+    from pyro_relax.distributions.gengs import _RelaxedOneHotMap
+
+    torch.manual_seed(5)
+    outcomes = outcomes.double()
+    scores = (3 * torch.randn(4, 6, dtype=torch.float64)).requires_grad_()
+    floor = torch.full((6,), -700.0, dtype=torch.float64)  # inactive for these scores
+    weights, value = _RelaxedOneHotMap.apply(scores, floor, outcomes)
+    a = torch.randn_like(weights)
+    b = torch.randn_like(value)
+    (grad,) = torch.autograd.grad((a * weights).sum() + (b * value).sum(), scores)
+
+    reference_weights = torch.softmax(scores, -1)
+    reference_value = reference_weights @ outcomes
+    torch.testing.assert_close(weights, reference_weights)
+    torch.testing.assert_close(value, reference_value)
+    loss = (a * reference_weights).sum() + (b * reference_value).sum()
+    (reference,) = torch.autograd.grad(loss, scores)
+    torch.testing.assert_close(grad, reference)

@@ -37,7 +37,7 @@ def _poisson_log_pmf(base: Poisson, k: torch.Tensor) -> torch.Tensor:
     # The rate is positive: k * log(rate) needs no xlogy, and the log is taken per rate, not
     # per (rate, k) pair (this is the hot path of GenGSPoisson).
     rate = base.rate.unsqueeze(-1)
-    return k * torch.log(rate) - rate - torch.lgamma(k + 1)
+    return torch.addcmul(-rate - torch.lgamma(k + 1), k, torch.log(rate))
 
 
 def _poisson_log_sf(base: Poisson, k: torch.Tensor, size: int) -> torch.Tensor:
@@ -196,7 +196,6 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
     check_truncation("size", size)
     log_pmf, log_sf = _family(base)
     k = _counts(size, _like(base))
-    head = log_pmf(base, k)
     # The survival function is needed at the last outcome only (it is the costly part).
     if torch.is_tensor(truncation):
         last = (truncation - 1).unsqueeze(-1).to(k.dtype)
@@ -205,7 +204,9 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
     tail = log_sf(base, last, size)
     if not torch.is_tensor(truncation) and truncation == size:
         # No outcome is masked: a concatenation is cheaper than two selects and their backward.
-        return torch.cat([head[..., :-1], tail.expand(head.shape[:-1] + (1,))], -1)
+        head = log_pmf(base, k[:-1])
+        return torch.cat([head, tail.expand(head.shape[:-1] + (1,))], -1)
+    head = log_pmf(base, k)
     minus_inf = torch.full_like(head, -float("inf"))
     return torch.where(k < last, head, torch.where(k == last, tail, minus_inf))
 

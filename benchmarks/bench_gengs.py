@@ -1,0 +1,202 @@
+"""Benchmark: GenGSPoisson against torch's RelaxedOneHotCategorical, rsample plus backward.
+
+Both sides relax a categorical over the same number n of outcomes for a batch of 100 x 50
+latents, and each call builds its distribution, as a training step does. GenGS also computes
+the truncated Poisson log-PMF from the rate; torch starts from logits, given two ways:
+standard normal logits (its best case) and the same truncated Poisson log-PMF as GenGS (what a
+user relaxing a Poisson would pass it; its long thin tail makes exp return subnormal numbers,
+which x86 CPUs compute about 100 times slower). The measurements alternate within each
+repetition; the table gives medians over the repetitions and the ratios of GenGS to each.
+
+    python benchmarks/bench_gengs.py [--repeats 30] [--device cpu|cuda] [--profile]
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+
+import torch
+from torch.distributions import Poisson, RelaxedOneHotCategorical
+
+import pyro_relax
+from pyro_relax import GenGSPoisson, truncated_log_probs
+
+BATCH = (100, 50)
+TRUNCATIONS = (15, 50)
+TEMPERATURE = 0.5
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _revision() -> str:
+    """The git commit of the checkout the benchmark runs in, if any (the library changes)."""
+    try:
+        command = ["git", "describe", "--always", "--dirty"]
+        folder = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(command, cwd=folder, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _load() -> str:
+    # Other processes on the machine distort timings: say how busy it was.
+    if not hasattr(os, "getloadavg"):
+        return "unknown"
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def machine(device: torch.device) -> str:
+    """A one-paragraph description of where the benchmark ran."""
+    lines = [
+        f"platform: {platform.platform()}",
+        f"cpu: {_cpu_name()}, {os.cpu_count()} logical cpus, load average {_load()}",
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"torch.get_num_threads() = {torch.get_num_threads()}",
+        f"pyro-relax {pyro_relax.__version__} {_revision()}".rstrip(),
+    ]
+    if device.type == "cuda":
+        lines.append(f"device: {torch.cuda.get_device_name(device)}")
+    return "\n".join(lines)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(truncation: int, device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    # Rates whose tail beyond 15 outcomes stays under GenGS's 1% warning tolerance.
+    rate = (0.5 + 4.5 * torch.rand(BATCH, generator=generator)).to(device).requires_grad_()
+    logits = torch.randn(BATCH + (truncation,), generator=generator).to(device).requires_grad_()
+    temperature = torch.tensor(TEMPERATURE, device=device)
+    poisson_logits = truncated_log_probs(Poisson(rate.detach()), truncation).requires_grad_()
+    return rate, logits, poisson_logits, temperature
+
+
+def gengs_step(rate, temperature, truncation, validate_args):
+    """Builds the GenGS Poisson, draws a relaxed sample and backpropagates to the rate."""
+    value = GenGSPoisson(rate, temperature, truncation, validate_args=validate_args).rsample()
+    value.sum().backward()
+
+
+def torch_step(logits, temperature, validate_args):
+    """Draws a relaxed one-hot sample from torch's Concrete and backpropagates to the logits."""
+    value = RelaxedOneHotCategorical(temperature, logits=logits, validate_args=validate_args)
+    value.rsample().sum().backward()
+
+
+def _time(step, device, number: int) -> float:
+    """Milliseconds per call of ``step``, averaged over ``number`` calls."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(number):
+        step()
+    _synchronize(device)
+    return (time.perf_counter() - start) / number * 1e3
+
+
+def compare(truncation, device, repeats, number, validate_args):
+    """Lists of ms per call (torch on normal logits, torch on the Poisson PMF, GenGS), one entry
+    per repetition, measured in turns."""
+    rate, logits, poisson_logits, temperature = _inputs(truncation, device)
+
+    def run_torch():
+        torch_step(logits, temperature, validate_args)
+        logits.grad = None
+
+    def run_torch_poisson():
+        torch_step(poisson_logits, temperature, validate_args)
+        poisson_logits.grad = None
+
+    def run_gengs():
+        gengs_step(rate, temperature, truncation, validate_args)
+        rate.grad = None
+
+    steps = (run_torch, run_torch_poisson, run_gengs)
+    for step in steps:  # warm-up: allocator, kernels, lazy imports
+        _time(step, device, number)
+    times = ([], [], [])
+    for repeat in range(repeats):
+        # Rotate which goes first, so that drifts in the machine's load hit every side.
+        for offset in range(len(steps)):
+            side = (repeat + offset) % len(steps)
+            times[side].append(_time(steps[side], device, number))
+    return times
+
+
+def table(device, repeats, number, validate_args) -> str:
+    """The comparison table for each truncation, medians over the repetitions."""
+    header = ("n", "torch N(0,1)", "torch PMF", "GenGS", "GenGS/N(0,1)", "GenGS/PMF")
+    lines = ["{:>4}  {:>12}  {:>10}  {:>8}  {:>12}  {:>10}".format(*header)]
+    for n in TRUNCATIONS:
+        medians = [statistics.median(t) for t in compare(n, device, repeats, number, validate_args)]
+        normal, pmf, gengs = medians
+        lines.append(
+            f"{n:>4}  {normal:>9.3f} ms  {pmf:>7.3f} ms  {gengs:>5.3f} ms  "
+            f"{gengs / normal:>12.2f}  {gengs / pmf:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def profile(truncation, device, number: int) -> str:
+    """Profiler tables of both sides (ops sorted by self time) for one truncation."""
+    from torch.profiler import ProfilerActivity
+
+    rate, logits, _, temperature = _inputs(truncation, device)
+    steps = {
+        "torch RelaxedOneHotCategorical": lambda: torch_step(logits, temperature, False),
+        "GenGSPoisson": lambda: gengs_step(rate, temperature, truncation, False),
+    }
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = []
+    for name, step in steps.items():
+        _time(step, device, number)  # warm-up
+        with torch.profiler.profile(activities=activities) as prof:
+            _time(step, device, number)
+        table = prof.key_averages().table(sort_by=sort, row_limit=20)
+        tables.append(f"{name}, n = {truncation}, {number} calls\n{table}")
+    return "\n".join(tables)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30, help="alternating repetitions")
+    parser.add_argument("--number", type=int, default=20, help="calls per timed repetition")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="also profile GenGS")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("error")  # a warning inside a timed loop would distort it
+    print(machine(device))
+    print(f"batch {BATCH[0]} x {BATCH[1]} latents, temperature {TEMPERATURE}, rsample + backward,")
+    print(f"median over {args.repeats} alternating repetitions of {args.number} calls each")
+    for validate_args in (False, True):
+        print(f"\nvalidate_args={validate_args}")
+        print(table(device, args.repeats, args.number, validate_args))
+    if args.profile:
+        for n in TRUNCATIONS:
+            print(f"\nprofiles, validate_args=False\n{profile(n, device, args.number)}")
+
+
+if __name__ == "__main__":
+    main()

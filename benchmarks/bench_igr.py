@@ -1,0 +1,119 @@
+"""Benchmark: IGR against torch's RelaxedOneHotCategorical, rsample + log_prob + backward.
+
+Both sides relax a categorical over the same number K of categories for a batch of 100 x 20
+latents: each step builds the distribution, draws a reparameterized sample, scores it with
+``log_prob`` and backpropagates ``value.sum() + log_prob.sum()`` to the parameters (IGR:
+``loc`` and ``scale`` of shape ``(100, 20, K - 1)``; torch: ``logits`` of shape
+``(100, 20, K)``). The two measurements alternate within each repetition and the median is
+reported, with the ratio IGR / torch (target: at most 1.2).
+
+    python benchmarks/bench_igr.py [--repeats 30] [--number 20] [--device cpu|cuda]
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from bench_gengs import machine
+from torch.distributions import RelaxedOneHotCategorical
+
+from pyro_relax import IGR
+
+BATCH = (100, 20)
+CATEGORIES = (10, 50)
+TEMPERATURE = 0.5
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(num_categories: int, device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    shape = BATCH + (num_categories - 1,)
+    loc = torch.randn(shape, generator=generator).to(device).requires_grad_()
+    scale = (0.5 + torch.rand(shape, generator=generator)).to(device).requires_grad_()
+    logits = torch.randn(BATCH + (num_categories,), generator=generator)
+    temperature = torch.tensor(TEMPERATURE, device=device)
+    return loc, scale, logits.to(device).requires_grad_(), temperature
+
+
+def igr_step(loc, scale, temperature, validate_args):
+    d = IGR(loc, scale, temperature, validate_args=validate_args)
+    value = d.rsample()
+    (value.sum() + d.log_prob(value).sum()).backward()
+
+
+def torch_step(logits, temperature, validate_args):
+    d = RelaxedOneHotCategorical(temperature, logits=logits, validate_args=validate_args)
+    value = d.rsample()
+    (value.sum() + d.log_prob(value).sum()).backward()
+
+
+def _time(step, device, number: int) -> float:
+    """Milliseconds per call of ``step``, averaged over ``number`` calls."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(number):
+        step()
+    _synchronize(device)
+    return (time.perf_counter() - start) / number * 1e3
+
+
+def compare(num_categories, device, repeats, number, validate_args):
+    """Median ms per call of (torch, IGR), measured alternately."""
+    loc, scale, logits, temperature = _inputs(num_categories, device)
+
+    def run_torch():
+        torch_step(logits, temperature, validate_args)
+        logits.grad = None
+
+    def run_igr():
+        igr_step(loc, scale, temperature, validate_args)
+        loc.grad = scale.grad = None
+
+    steps = (run_torch, run_igr)
+    for step in steps:  # warm-up: allocator, kernels, lazy imports
+        _time(step, device, number)
+    times = ([], [])
+    for repeat in range(repeats):
+        # Alternate which goes first, so that drifts in the machine's load hit both sides.
+        order = (0, 1) if repeat % 2 == 0 else (1, 0)
+        for side in order:
+            times[side].append(_time(steps[side], device, number))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def table(device, repeats, number, validate_args) -> str:
+    lines = [f"{'K':>4}  {'torch ms':>9}  {'IGR ms':>9}  {'IGR/torch':>9}"]
+    for k in CATEGORIES:
+        torch_ms, igr_ms = compare(k, device, repeats, number, validate_args)
+        lines.append(f"{k:>4}  {torch_ms:>9.3f}  {igr_ms:>9.3f}  {igr_ms / torch_ms:>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30, help="alternating repetitions")
+    parser.add_argument("--number", type=int, default=20, help="calls per timed repetition")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("error")  # a warning inside a timed loop would distort it
+    print(machine(device))
+    print(f"batch {BATCH[0]} x {BATCH[1]} latents, temperature {TEMPERATURE}, ", end="")
+    print("rsample + log_prob + backward,")
+    print(f"median over {args.repeats} alternating repetitions of {args.number} calls each")
+    for validate_args in (False, True):
+        print(f"\nvalidate_args={validate_args}")
+        print(table(device, args.repeats, args.number, validate_args))
+
+
+if __name__ == "__main__":
+    main()
