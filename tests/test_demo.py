@@ -1,0 +1,47 @@
+"""The demo command, in smoke mode: table, plot, and a GenGS run that trains."""
+
+import sys
+
+import pytest
+
+import pyro_relax.__main__ as cli
+from pyro_relax import demo
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def recorded_results(monkeypatch):
+    """Runs of the demo that ``main`` starts, kept for inspection."""
+    results = []
+
+    def run_and_record(config, output):
+        results.extend(demo.run_demo(config, output))
+        return results
+
+    monkeypatch.setattr(cli, "run_demo", run_and_record)
+    return results
+
+
+def test_demo_smoke(tmp_path, monkeypatch, capsys, recorded_results):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--smoke", "--output", "curves.png"]) == 0
+
+    with open(tmp_path / "curves.png", "rb") as png:
+        assert png.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    table = capsys.readouterr().out
+    assert demo.GENGS in table and demo.REINFORCE in table
+    gengs, reinforce = recorded_results
+    assert gengs.method == demo.GENGS and gengs.params_changed
+    assert len(gengs.curve) == len(reinforce.curve) == 2
+
+
+def test_demo_defaults():
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.output == "demo_elbo.png" and args.epochs == demo.DemoConfig.epochs
+
+
+def test_demo_without_optional_dependencies(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes the import machinery find none
+    assert cli.main(["demo", "--smoke"]) == 1
+    assert 'pip install "pyro-relax[demo]"' in capsys.readouterr().err
