@@ -90,7 +90,13 @@ def compare(num_categories, device, repeats, number, validate_args):
 def table(device, repeats, number, validate_args) -> str:
     lines = [f"{'K':>4}  {'torch ms':>9}  {'IGR ms':>9}  {'IGR/torch':>9}"]
     for k in CATEGORIES:
-        torch_ms, igr_ms = compare(k, device, repeats, number, validate_args)
+        try:
+            torch_ms, igr_ms = compare(k, device, repeats, number, validate_args)
+        except ValueError as error:
+            # torch's relaxed categorical can fail the simplex check on its own float32 samples
+            # (their sum is off by more than 1e-6): a finding, not a crash.
+            lines.append(f"{k:>4}  failed validation: {str(error).splitlines()[0][:90]}")
+            continue
         lines.append(f"{k:>4}  {torch_ms:>9.3f}  {igr_ms:>9.3f}  {igr_ms / torch_ms:>9.2f}")
     return "\n".join(lines)
 
