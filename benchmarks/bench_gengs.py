@@ -72,7 +72,7 @@ def machine(device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -99,13 +99,13 @@ def torch_step(logits, temperature, validate_args):
     value.rsample().sum().backward()
 
 
-def _time(step, device, number: int) -> float:
+def time_per_call(step, device, number: int) -> float:
     """Milliseconds per call of ``step``, averaged over ``number`` calls."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(number):
         step()
-    _synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) / number * 1e3
 
 
@@ -128,13 +128,13 @@ def compare(truncation, device, repeats, number, validate_args):
 
     steps = (run_torch, run_torch_poisson, run_gengs)
     for step in steps:  # warm-up: allocator, kernels, lazy imports
-        _time(step, device, number)
+        time_per_call(step, device, number)
     times = ([], [], [])
     for repeat in range(repeats):
         # Rotate which goes first, so that drifts in the machine's load hit every side.
         for offset in range(len(steps)):
             side = (repeat + offset) % len(steps)
-            times[side].append(_time(steps[side], device, number))
+            times[side].append(time_per_call(steps[side], device, number))
     return times
 
 
@@ -167,9 +167,9 @@ def profile(truncation, device, number: int) -> str:
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     tables = []
     for name, step in steps.items():
-        _time(step, device, number)  # warm-up
+        time_per_call(step, device, number)  # warm-up
         with torch.profiler.profile(activities=activities) as prof:
-            _time(step, device, number)
+            time_per_call(step, device, number)
         table = prof.key_averages().table(sort_by=sort, row_limit=20)
         tables.append(f"{name}, n = {truncation}, {number} calls\n{table}")
     return "\n".join(tables)

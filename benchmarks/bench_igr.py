@@ -12,11 +12,10 @@ reported, with the ratio IGR / torch (target: at most 1.2).
 
 import argparse
 import statistics
-import time
 import warnings
 
 import torch
-from bench_gengs import machine
+from bench_gengs import machine, time_per_call
 from torch.distributions import RelaxedOneHotCategorical
 
 from pyro_relax import IGR
@@ -24,11 +23,6 @@ from pyro_relax import IGR
 BATCH = (100, 20)
 CATEGORIES = (10, 50)
 TEMPERATURE = 0.5
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _inputs(num_categories: int, device: torch.device):
@@ -53,16 +47,6 @@ def torch_step(logits, temperature, validate_args):
     (value.sum() + d.log_prob(value).sum()).backward()
 
 
-def _time(step, device, number: int) -> float:
-    """Milliseconds per call of ``step``, averaged over ``number`` calls."""
-    _synchronize(device)
-    start = time.perf_counter()
-    for _ in range(number):
-        step()
-    _synchronize(device)
-    return (time.perf_counter() - start) / number * 1e3
-
-
 def compare(num_categories, device, repeats, number, validate_args):
     """Median ms per call of (torch, IGR), measured alternately."""
     loc, scale, logits, temperature = _inputs(num_categories, device)
@@ -77,13 +61,13 @@ def compare(num_categories, device, repeats, number, validate_args):
 
     steps = (run_torch, run_igr)
     for step in steps:  # warm-up: allocator, kernels, lazy imports
-        _time(step, device, number)
+        time_per_call(step, device, number)
     times = ([], [])
     for repeat in range(repeats):
         # Alternate which goes first, so that drifts in the machine's load hit both sides.
         order = (0, 1) if repeat % 2 == 0 else (1, 0)
         for side in order:
-            times[side].append(_time(steps[side], device, number))
+            times[side].append(time_per_call(steps[side], device, number))
     return statistics.median(times[0]), statistics.median(times[1])
 
 

@@ -4,6 +4,7 @@ import torch
 
 __all__ = [
     "categorical_kl",
+    "categorical_parameters",
     "clamp_with_identity_gradient",
     "gumbel_like",
     "log1mexp",
@@ -77,3 +78,34 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     outcome stays an integer and a plain discrete distribution can score it.
     """
     return _StraightThrough.apply(hard.detach(), soft)
+
+
+def categorical_parameters(probs, logits, temperature, what: str):
+    """Parses the ``probs`` xor ``logits`` and the ``temperature`` of a relaxed categorical.
+
+    Checks that exactly one of ``probs`` and ``logits`` is given, with a last dimension of at
+    least 2 (``what``: "outcomes", "categories"), and broadcasts ``temperature`` with its batch
+    shape, raising ``ValueError`` naming the parameter otherwise.
+
+    Returns:
+        ``(name, param, temperature, batch_shape)``: the name of the parameter given, it as a
+        floating tensor (neither normalized nor expanded), and the temperature as a tensor of its
+        dtype and device, expanded to ``batch_shape``.
+    """
+    if (probs is None) == (logits is None):
+        raise ValueError("pass exactly one of `probs` and `logits`")
+    name = "probs" if probs is not None else "logits"
+    param = torch.as_tensor(probs if probs is not None else logits)
+    if not param.is_floating_point():
+        param = param.to(torch.get_default_dtype())
+    if param.dim() < 1 or param.shape[-1] < 2:
+        raise ValueError(f"`{name}` needs a last dimension of at least 2 {what}")
+    temperature = torch.as_tensor(temperature, dtype=param.dtype, device=param.device)
+    try:
+        batch_shape = torch.broadcast_shapes(temperature.shape, param.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with the "
+            f"batch shape {tuple(param.shape[:-1])} of `{name}`"
+        ) from None
+    return name, param, temperature.expand(batch_shape), batch_shape

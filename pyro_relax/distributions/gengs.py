@@ -11,7 +11,12 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Binomial, Categorical, Geometric, NegativeBinomial, Poisson
 from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_logits
 
-from pyro_relax._numerics import clamp_with_identity_gradient, gumbel_like, straight_through
+from pyro_relax._numerics import (
+    categorical_parameters,
+    clamp_with_identity_gradient,
+    gumbel_like,
+    straight_through,
+)
 from pyro_relax.distributions.truncation import (
     automatic_truncation,
     check_truncation,
@@ -163,14 +168,9 @@ class TruncatedGenGS(TorchDistribution):
         straight_through=False,
         validate_args=None,
     ):
-        if (probs is None) == (logits is None):
-            raise ValueError("pass exactly one of `probs` and `logits`")
-        name = "probs" if probs is not None else "logits"
-        param = torch.as_tensor(probs if probs is not None else logits)
-        if not param.is_floating_point():
-            param = param.to(torch.get_default_dtype())
-        if param.dim() < 1 or param.shape[-1] < 2:
-            raise ValueError(f"`{name}` needs a last dimension of at least 2 outcomes")
+        name, param, temperature, batch_shape = categorical_parameters(
+            probs, logits, temperature, "outcomes"
+        )
         if probs is not None:
             self.probs = param
             logits = probs_to_logits(param)
@@ -178,17 +178,8 @@ class TruncatedGenGS(TorchDistribution):
             logits = param
         else:
             logits = param - param.logsumexp(-1, keepdim=True)
-
-        temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
-        try:
-            batch_shape = torch.broadcast_shapes(temperature.shape, logits.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with the "
-                f"batch shape {tuple(logits.shape[:-1])} of `{name}`"
-            ) from None
         num_outcomes = logits.shape[-1]
-        self.temperature = temperature.expand(batch_shape)
+        self.temperature = temperature
         self.logits = logits.expand(batch_shape + (num_outcomes,))
         if probs is not None:
             self.probs = self.probs.expand(batch_shape + (num_outcomes,))

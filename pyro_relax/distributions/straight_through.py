@@ -7,7 +7,7 @@ import torch
 from pyro.distributions import Bernoulli, OneHotCategorical, constraints
 from torch.distributions import Categorical, Distribution
 
-from pyro_relax._numerics import gumbel_like, log1mexp, straight_through
+from pyro_relax._numerics import categorical_parameters, gumbel_like, log1mexp, straight_through
 
 __all__ = [
     "GRMCKBernoulli",
@@ -120,24 +120,11 @@ class _StraightThroughCategorical(OneHotCategorical):
     _option_names = ()
 
     def __init__(self, logits=None, probs=None, temperature=1.0, *, hard=True, validate_args=None):
-        if (probs is None) == (logits is None):
-            raise ValueError("pass exactly one of `probs` and `logits`")
-        name = "probs" if probs is not None else "logits"
-        param = torch.as_tensor(probs if probs is not None else logits)
-        if not param.is_floating_point():
-            param = param.to(torch.get_default_dtype())
-        if param.dim() < 1 or param.shape[-1] < 2:
-            raise ValueError(f"`{name}` needs a last dimension of at least 2 categories")
-        temperature = torch.as_tensor(temperature, dtype=param.dtype, device=param.device)
-        try:
-            batch_shape = torch.broadcast_shapes(temperature.shape, param.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with the "
-                f"batch shape {tuple(param.shape[:-1])} of `{name}`"
-            ) from None
+        _, param, temperature, batch_shape = categorical_parameters(
+            probs, logits, temperature, "categories"
+        )
         param = param.expand(batch_shape + param.shape[-1:])
-        self.temperature = temperature.expand(batch_shape)
+        self.temperature = temperature
         self.hard = bool(hard)
         # torch's OneHotCategorical would build its Categorical with default validation, which
         # reads the parameters on the host at every construction, even with validate_args=False.
