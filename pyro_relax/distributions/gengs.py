@@ -21,7 +21,6 @@ from pyro_relax.distributions.truncation import (
     automatic_truncation,
     check_truncation,
     log_survival,
-    supports_truncation,
     truncated_log_probs,
 )
 
@@ -366,8 +365,6 @@ class GenGS(TruncatedGenGS):
         tail_tolerance=1e-2,
         validate_args=None,
     ):
-        if not supports_truncation(base_dist):
-            truncated_log_probs(base_dist, 2)  # raises the error naming the supported families
         if truncation is not None and max_truncation is not None:
             raise ValueError("pass `truncation` or `max_truncation`, not both")
         if truncation is not None:

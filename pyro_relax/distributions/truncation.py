@@ -12,7 +12,6 @@ __all__ = [
     "automatic_truncation",
     "check_truncation",
     "log_survival",
-    "supports_truncation",
     "truncated_log_probs",
 ]
 
@@ -141,11 +140,6 @@ def _family(base: Distribution):
         f"GenGS has no truncation rule for {type(base).__name__}; supported bases are {names}. "
         "For another family pass its truncated log-probabilities as `logits` to TruncatedGenGS."
     )
-
-
-def supports_truncation(base: Distribution) -> bool:
-    """Whether :func:`truncated_log_probs` knows the family of ``base``."""
-    return any(isinstance(base, cls) for cls, _, _ in _FAMILIES)
 
 
 def _like(base: Distribution) -> torch.Tensor:
