@@ -482,6 +482,22 @@ class IGRStickBreaking(_IGRBase):
         kept = self._kept_of(value)
         return torch.where(kept, sticks, torch.zeros_like(sticks)).sum(-1)
 
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        y = self._preimage(value)
+        # A value cut at other sticks than this distribution cuts its pre-image (a guide with
+        # another precision, or a finite one) is not in this distribution's image: its density
+        # is 0 here, not that of the point this distribution would map the pre-image to.
+        same_cut = (self._kept_of(value) == self._kept(self.transforms[0].log_sticks(y))).all(-1)
+        if self._validate_args and not bool(same_cut.all()):
+            raise ValueError(
+                "IGRStickBreaking.log_prob got a value cut at other sticks than this "
+                "distribution's precision cuts it (model and guide need the same `precision`)"
+            )
+        log_density = self._log_density(y)
+        return torch.where(same_cut, log_density, torch.full_like(log_density, -math.inf))
+
     def _log_density(self, y):
         log_z, kept = self._log_simplex(y)
         zero = torch.zeros_like(y)
