@@ -80,12 +80,13 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(hard.detach(), soft)
 
 
-def categorical_parameters(probs, logits, temperature, what: str):
-    """Parses the ``probs`` xor ``logits`` and the ``temperature`` of a relaxed categorical.
+def categorical_parameters(probs, logits, temperature, what: str = "", event_dim: int = 1):
+    """Parses the ``probs`` xor ``logits`` and the ``temperature`` of a relaxed distribution.
 
-    Checks that exactly one of ``probs`` and ``logits`` is given, with a last dimension of at
-    least 2 (``what``: "outcomes", "categories"), and broadcasts ``temperature`` with its batch
-    shape, raising ``ValueError`` naming the parameter otherwise.
+    Checks that exactly one of ``probs`` and ``logits`` is given (with ``event_dim=1``, with a
+    last dimension of at least 2 ``what``: "outcomes", "categories"; with ``event_dim=0``, a
+    Bernoulli's scalar parameter), and broadcasts ``temperature`` with its batch shape, raising
+    ``ValueError`` naming the parameter otherwise.
 
     Returns:
         ``(name, param, temperature, batch_shape)``: the name of the parameter given, it as a
@@ -98,14 +99,15 @@ def categorical_parameters(probs, logits, temperature, what: str):
     param = torch.as_tensor(probs if probs is not None else logits)
     if not param.is_floating_point():
         param = param.to(torch.get_default_dtype())
-    if param.dim() < 1 or param.shape[-1] < 2:
+    if event_dim and (param.dim() < 1 or param.shape[-1] < 2):
         raise ValueError(f"`{name}` needs a last dimension of at least 2 {what}")
+    param_batch_shape = param.shape[: param.dim() - event_dim]
     temperature = torch.as_tensor(temperature, dtype=param.dtype, device=param.device)
     try:
-        batch_shape = torch.broadcast_shapes(temperature.shape, param.shape[:-1])
+        batch_shape = torch.broadcast_shapes(temperature.shape, param_batch_shape)
     except RuntimeError:
         raise ValueError(
             f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with the "
-            f"batch shape {tuple(param.shape[:-1])} of `{name}`"
+            f"batch shape {tuple(param_batch_shape)} of `{name}`"
         ) from None
     return name, param, temperature.expand(batch_shape), batch_shape

@@ -522,22 +522,11 @@ class _StraightThroughBernoulli(Bernoulli):
     _categorical_class = _StraightThroughCategorical
 
     def __init__(self, logits=None, probs=None, temperature=1.0, *, hard=True, validate_args=None):
-        if (probs is None) == (logits is None):
-            raise ValueError("pass exactly one of `probs` and `logits`")
-        name = "probs" if probs is not None else "logits"
-        param = torch.as_tensor(probs if probs is not None else logits)
-        if not param.is_floating_point():
-            param = param.to(torch.get_default_dtype())
-        temperature = torch.as_tensor(temperature, dtype=param.dtype, device=param.device)
-        try:
-            batch_shape = torch.broadcast_shapes(temperature.shape, param.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with "
-                f"`{name}` of shape {tuple(param.shape)}"
-            ) from None
+        _, param, temperature, batch_shape = categorical_parameters(
+            probs, logits, temperature, event_dim=0
+        )
         param = param.expand(batch_shape)
-        self.temperature = temperature.expand(batch_shape)
+        self.temperature = temperature
         self.hard = bool(hard)
         if probs is not None:
             super().__init__(probs=param, validate_args=validate_args)
