@@ -5,12 +5,25 @@ Importing :mod:`pyro_relax` registers them with :func:`torch.distributions.kl.re
 """
 
 import torch
-from torch.distributions import Binomial, Geometric, Multinomial, NegativeBinomial, Poisson
+import torch.nn.functional as F
+from torch.distributions import (
+    Bernoulli,
+    Binomial,
+    Geometric,
+    Multinomial,
+    NegativeBinomial,
+    OneHotCategorical,
+    Poisson,
+)
 from torch.distributions.kl import kl_divergence, register_kl
 
 from pyro_relax._numerics import categorical_kl
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
+from pyro_relax.distributions.straight_through import (
+    _StraightThroughBernoulli,
+    _StraightThroughCategorical,
+)
 from pyro_relax.distributions.truncation import truncated_log_probs
 from pyro_relax.transforms.softmax_plus_plus import same_values
 
@@ -96,3 +109,24 @@ def _kl_igrcount_igrcount(p, q):
 
 
 # --- The straight-through family (GST, ST, STGS, GR-MCK) ----------------------------------
+
+# torch's categorical and Bernoulli KLs, which these classes would inherit, mark impossible
+# outcomes by boolean-mask assignment: a host synchronization on CUDA at every
+# TraceMeanField_ELBO step. The same KLs without it:
+
+
+@register_kl(_StraightThroughCategorical, OneHotCategorical)
+def _kl_straightthroughcategorical_onehotcategorical(p, q):
+    """The categorical KL, from a straight-through categorical to a one-hot categorical."""
+    return categorical_kl(p.logits, q.logits)
+
+
+def _bernoulli_log_probs(d):
+    # log (1 - p), log p from the logits, each finite where the other underflows.
+    return torch.stack([-F.softplus(d.logits), -F.softplus(-d.logits)], -1)
+
+
+@register_kl(_StraightThroughBernoulli, Bernoulli)
+def _kl_straightthroughbernoulli_bernoulli(p, q):
+    """The Bernoulli KL, from a straight-through Bernoulli to a Bernoulli."""
+    return categorical_kl(_bernoulli_log_probs(p), _bernoulli_log_probs(q))

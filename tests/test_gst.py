@@ -553,3 +553,35 @@ def test_soft_mode_has_no_enumerate_support():
     assert not pr.GappedSTCategorical(torch.zeros(3), hard=False).has_enumerate_support
     support = pr.GappedSTCategorical(torch.zeros(2, 3)).enumerate_support()
     assert support.shape == (3, 2, 3)
+
+
+def test_registered_kls_replace_torchs_masked_ones():
+    # torch's categorical and Bernoulli KLs mark impossible outcomes by boolean-mask assignment,
+    # a host read per step on CUDA. Ours must be the ones dispatched, with the same values.
+    from torch.distributions.kl import _dispatch_kl
+
+    from pyro_relax import kl
+
+    assert (
+        _dispatch_kl(pr.GappedSTCategorical, dist.OneHotCategorical)
+        is kl._kl_straightthroughcategorical_onehotcategorical
+    )
+    assert _dispatch_kl(pr.STBernoulli, dist.Bernoulli) is kl._kl_straightthroughbernoulli_bernoulli
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    prior_logits = torch.randn(5, dtype=torch.float64)
+    expected = kl_divergence(
+        dist.OneHotCategorical(logits=logits), dist.OneHotCategorical(logits=prior_logits)
+    )
+    for cls in (pr.GappedSTCategorical, pr.STCategorical, pr.STGSCategorical, pr.GRMCKCategorical):
+        guide = cls(logits=logits, temperature=0.5)
+        torch.testing.assert_close(
+            kl_divergence(guide, dist.OneHotCategorical(logits=prior_logits)), expected
+        )
+    bits = torch.tensor([-50.0, -1.0, 0.0, 2.0, 50.0], dtype=torch.float64)
+    prior = dist.Bernoulli(logits=torch.tensor(3.0, dtype=torch.float64))
+    for cls in (pr.GappedSTBernoulli, pr.STBernoulli, pr.STGSBernoulli, pr.GRMCKBernoulli):
+        torch.testing.assert_close(
+            kl_divergence(cls(logits=bits, temperature=0.5), prior),
+            kl_divergence(dist.Bernoulli(logits=bits), prior),
+        )
