@@ -518,3 +518,23 @@ def test_stick_breaking_rejects_samples_cut_at_other_sticks(precision):
     )
     log_prob = unvalidated.log_prob(value)
     assert not torch.isnan(log_prob).any() and torch.isneginf(log_prob).any()
+
+
+@pytest.mark.parametrize("family", [pr.IGR, pr.IGRStickBreaking])
+def test_closed_form_kl_off_the_cpu(family):
+    # Off the CPU, parameters are compared by identity (a value comparison would synchronize
+    # with the device). The map is identified by the arguments as the user passed them, so one
+    # temperature tensor or equal Python numbers give the closed form there too, not a silent
+    # Monte-Carlo fallback in TraceMeanField_ELBO. The meta device takes the non-CPU path.
+    loc, scale = torch.zeros(4, 3, device="meta"), torch.ones(4, 3, device="meta")
+    tau = torch.tensor(0.5, device="meta")
+    for temperature in (tau, 0.5):
+        guide = family(loc, scale, temperature, validate_args=False)
+        prior = family(loc, scale, temperature, validate_args=False).expand([2, 4])
+        assert kl_divergence(guide.expand([2, 4]), prior).device.type == "meta"
+    other = torch.tensor(0.5, device="meta")  # equal, perhaps, but not known to be
+    with pytest.raises(NotImplementedError):
+        kl_divergence(
+            family(loc, scale, tau, validate_args=False),
+            family(loc, scale, other, validate_args=False),
+        )

@@ -176,6 +176,9 @@ class _IGRBase(TransformedDistribution):
         self.scale = scale.expand(batch_shape + loc.shape[-1:])
         self.temperature = named["temperature"].expand(batch_shape)
         self.delta = named["delta"].expand(batch_shape)
+        # As passed: the same tensor object or equal Python numbers identify the same map
+        # without reading a device (the expanded views above are new objects every time).
+        self._map_arguments = (temperature, delta)
 
     def _expand_parameters(self, new, batch_shape):
         batch_shape = torch.Size(batch_shape)
@@ -183,6 +186,7 @@ class _IGRBase(TransformedDistribution):
         new.scale = self.scale.expand(batch_shape + self.scale.shape[-1:])
         new.temperature = self.temperature.expand(batch_shape)
         new.delta = self.delta.expand(batch_shape)
+        new._map_arguments = self._map_arguments
 
     @property
     def num_categories(self) -> int:
@@ -194,7 +198,7 @@ class _IGRBase(TransformedDistribution):
         return self.transforms[-1]
 
     def _map_parameters(self) -> tuple:
-        return (self.temperature, self.delta)
+        return self._map_arguments
 
     def _tag(self, value, base):
         setattr(value, _PREIMAGE, _Preimage(base, type(self), self._map_parameters()))
@@ -420,8 +424,7 @@ class IGRStickBreaking(_IGRBase):
         return super().expand(batch_shape, _instance=new)
 
     def _map_parameters(self):
-        precision = torch.tensor(-1.0 if self.precision is None else self.precision)
-        return (self.temperature, self.delta, precision)
+        return (*self._map_arguments, self.precision)
 
     def _kept(self, log_sticks):
         """A mask of the sticks each sample keeps."""
@@ -580,7 +583,7 @@ class IGRPlanar(_IGRBase):
         return super().expand(batch_shape, _instance=new)
 
     def _map_parameters(self):
-        return (self.temperature, self.delta, *(t for f in self.flows for t in _flow_tensors(f)))
+        return (*self._map_arguments, *(t for f in self.flows for t in _flow_tensors(f)))
 
     def _flow(self, y):
         """The flows' output and the sum of their log-Jacobians."""

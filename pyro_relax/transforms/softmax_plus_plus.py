@@ -40,13 +40,17 @@ def attach_log_simplex(value: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor
 def same_values(a, b) -> bool:
     """Whether two parameters are equal, reading values on the host only for CPU tensors.
 
-    The same object, or equal CPU tensors after broadcasting; parameters on another device are
-    compared by identity only, so that no call synchronizes with an accelerator.
+    The same object, equal Python numbers, or equal CPU tensors after broadcasting; tensors on
+    another device are compared by identity only, so that no call synchronizes with an
+    accelerator.
     """
     if a is b:
         return True
-    if not (torch.is_tensor(a) and torch.is_tensor(b)):
-        return False
+    if not torch.is_tensor(a) and not torch.is_tensor(b):
+        return a == b  # Python numbers (or None), as passed by the user
+    if not torch.is_tensor(a):
+        a, b = b, a
+    b = torch.as_tensor(b, dtype=a.dtype)  # a number takes the tensor's dtype, as in IGR
     if a.device.type != "cpu" or b.device.type != "cpu":
         return False
     try:
