@@ -1,6 +1,7 @@
 """The public API: every name documented, with a runnable example, and the papers cited."""
 
 import inspect
+import re
 
 import pytest
 from pyro.distributions import TorchDistribution
@@ -42,3 +43,23 @@ def test_public_names_are_documented(module_name, name):
 @pytest.mark.parametrize("name", DISTRIBUTIONS)
 def test_distributions_cite_their_paper(name):
     assert "arxiv.org/abs/" in getattr(pyro_relax.distributions, name).__doc__
+
+
+_SECTION = re.compile(
+    r"^(References|Arguments|Args|Example|Examples|Returns|Raises|Notes?|Warnings?|Yields):$"
+)
+
+
+@pytest.mark.parametrize("module_name, name", PUBLIC, ids=lambda x: str(x))
+def test_docstrings_render_in_sphinx(module_name, name):
+    obj = _obj(module_name, name)
+    if inspect.isclass(obj) and issubclass(obj, Warning):
+        return
+    lines = inspect.getdoc(obj).splitlines()
+    # The API reference shows each name's defining equation.
+    assert ".. math::" in obj.__doc__, f"{name} has no defining equation"
+    # Napoleon turns "Args:" into a section only after a blank line; otherwise the reader sees
+    # a literal ".. rubric::" glued to the previous paragraph.
+    for before, line in zip(lines, lines[1:], strict=False):
+        if _SECTION.match(line):
+            assert not before.strip(), f"{name}: no blank line before {line!r}"

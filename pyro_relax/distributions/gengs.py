@@ -127,10 +127,12 @@ class TruncatedGenGS(TorchDistribution):
     Warning:
         A relaxed value is scored with the weights it carries, so model and guide must share
         the same outcomes in the same order; only their number is checked.
+
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
         https://arxiv.org/abs/2003.01847
+
     Arguments:
         temperature (float or Tensor): the temperature :math:`\tau > 0`, broadcasting with the
             batch shape. A tensor can be annealed in place.
@@ -331,10 +333,12 @@ class GenGS(TruncatedGenGS):
 
     With validation on, a :class:`TruncationWarning` is raised when the mass beyond the last
     outcome, :attr:`tail_mass` :math:`= P(X \geq n)`, exceeds ``tail_tolerance``.
+
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
         https://arxiv.org/abs/2003.01847
+
     Arguments:
         base_dist: the count distribution :math:`X`.
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
@@ -434,10 +438,12 @@ class GenGSPoisson(GenGS):
 
     where :math:`P(a, x)` is the regularized lower incomplete gamma function. See :class:`GenGS`
     for the relaxation, the truncation options and the meaning of ``log_prob``.
+
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
         https://arxiv.org/abs/2003.01847
+
     Arguments:
         rate (float or Tensor): the rate :math:`\lambda > 0`.
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
@@ -472,10 +478,12 @@ class GenGSGeometric(GenGS):
 
     Pass ``probs`` :math:`p` or ``logits``; the attributes :attr:`probs` and :attr:`logits` are
     those of the truncated PMF, and :attr:`base_dist` holds the geometric parameters.
+
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
         https://arxiv.org/abs/2003.01847
+
     Arguments:
         probs (float or Tensor): the success probability :math:`p \in (0, 1]`.
         logits (float or Tensor): its log-odds.
@@ -507,10 +515,12 @@ class GenGSNegativeBinomial(GenGS):
 
     There is no incomplete beta function in torch: the tail is the complement of the head
     where it is large and an explicit sum with a geometric bound where it is small.
+
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
         https://arxiv.org/abs/2003.01847
+
     Arguments:
         total_count (float or Tensor): the number of failures :math:`r > 0`.
         probs (float or Tensor): the success probability :math:`p`.
@@ -558,10 +568,12 @@ class GenGSBinomial(GenGS):
 
     No truncation is needed. With a tensor of total counts the outcomes run to the largest one
     (read once on the host) and each element gives zero mass beyond its own :math:`N`.
+
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
         https://arxiv.org/abs/2003.01847
+
     Arguments:
         total_count (int or Tensor): the number of trials :math:`N`.
         probs (float or Tensor): the success probability :math:`p`.
@@ -636,10 +648,12 @@ class GenGSMultinomial(TruncatedGenGS):
         \pi_c = \frac{N!}{\prod_j c_j!} \prod_j p_j^{c_j}, \qquad z = \sum_c w_c\, c,
 
     so a relaxed sample is a non-negative :math:`K`-vector summing to :math:`N`.
+
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
         https://arxiv.org/abs/2003.01847
+
     Arguments:
         total_count (int): the number of trials :math:`N`.
         probs (Tensor): the class probabilities :math:`p`, shape ``batch_shape + (K,)``.

@@ -272,10 +272,12 @@ class IGR(_IGRBase):
     carries its soft relaxation, which :meth:`log_prob` scores; a plain one-hot vector (built by
     hand, or a sample whose attributes were lost to ``clone``) is scored by the discrete PMF
     :math:`\log P(H = k)`.
+
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
         https://arxiv.org/abs/2001.05069
+
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): the standard deviations :math:`\sigma > 0`, broadcasting with ``loc``.
@@ -386,10 +388,12 @@ class IGRStickBreaking(_IGRBase):
     :meth:`captured_mass_of` report :math:`n` and the sticks' cumulative mass. The density is
     that of the kept coordinates (on the face of the simplex they span); the KL divergence has
     no closed form in this mode.
+
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
         https://arxiv.org/abs/2001.05069
+
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): the standard deviations :math:`\sigma > 0`.
@@ -547,10 +551,12 @@ class IGRPlanar(_IGRBase):
     distribution (or one with the same flows and parameters), and raises ``ValueError`` for
     other values. The flows are ``torch.nn.Module`` objects: register them in a guide with
     ``pyro.module("flows", torch.nn.ModuleList(d.flows))`` to train them.
+
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
         https://arxiv.org/abs/2001.05069
+
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): the standard deviations :math:`\sigma > 0`.
@@ -649,10 +655,12 @@ class IGRCount(TorchDistribution):
     The density of :math:`c` is intractable; :meth:`log_prob` scores the simplex point
     :math:`z` a sample carries (the augmented latent, whose KL divergence is the Gaussian KL in
     closed form, as the paper trains), and raises ``ValueError`` for a plain count.
+
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
         https://arxiv.org/abs/2001.05069
+
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): the standard deviations :math:`\sigma > 0`.

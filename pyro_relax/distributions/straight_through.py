@@ -463,7 +463,14 @@ class GappedST(GappedSTCategorical):
 
     ``GappedST(base_dist, temperature, gap)`` is :class:`GappedSTCategorical` with the
     parameters of ``base_dist`` (its ``probs`` if it was built from them, else its
-    ``logits``); ``base_dist`` is kept as :attr:`base_dist`. Values are one-hot, also for a
+    ``logits``); ``base_dist`` is kept as :attr:`base_dist`. The forward value is the one-hot
+    draw :math:`D` and the gradient is that of the gapped surrogate
+
+    .. math::
+        h = \operatorname{softmax}\big((l + m_1 - m_2) / \tau\big),
+
+    where :math:`m_1` lifts the sampled logit to the maximum and :math:`m_2` pushes the others
+    at least a gap :math:`\kappa` below it (see :class:`GappedSTCategorical`). Values are one-hot, also for a
     ``Categorical`` base: its outcome :math:`k` becomes :math:`e_k` (an index carries no useful
     straight-through gradient), so score them with a ``OneHotCategorical``.
 

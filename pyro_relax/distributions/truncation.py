@@ -208,9 +208,13 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
 def automatic_truncation(base: Distribution, mass: float, max_truncation: int | None = None):
     r"""The smallest truncation whose exact outcomes capture at least ``mass``.
 
-    The truncation of each batch element is :math:`n = k^* + 2` for the smallest :math:`k^*` with
-    :math:`P(X \leq k^*) \geq \eta`: outcomes :math:`0..k^*` are exact and the last one absorbs
-    the rest (the "GenGS NP" rule of Joo et al., 2020, Algorithm 2).
+    The truncation of each batch element is
+
+    .. math::
+        n = k^* + 2, \qquad k^* = \min\{k : P(X \leq k) \geq \eta\},
+
+    so outcomes :math:`0..k^*` are exact and the last one absorbs the rest (the "GenGS NP" rule
+    of Joo et al., 2020, Algorithm 2).
 
     Without ``max_truncation`` the result is the maximum over the batch, a Python ``int``; finding
     it reads tensors on the host (a device synchronization). With ``max_truncation`` the result is
