@@ -276,7 +276,7 @@ class IGR(_IGRBase):
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
+        https://arxiv.org/abs/1912.09588
 
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
@@ -392,7 +392,7 @@ class IGRStickBreaking(_IGRBase):
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
+        https://arxiv.org/abs/1912.09588
 
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
@@ -555,7 +555,7 @@ class IGRPlanar(_IGRBase):
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
+        https://arxiv.org/abs/1912.09588
 
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.
@@ -659,7 +659,7 @@ class IGRCount(TorchDistribution):
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
+        https://arxiv.org/abs/1912.09588
 
     Arguments:
         loc (Tensor): the mean :math:`\mu`, shape ``batch_shape + (K - 1,)``.

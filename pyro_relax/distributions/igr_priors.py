@@ -25,7 +25,7 @@ def uniform_igr_prior(num_categories: int, scale=1.0, *, dtype=None, device=None
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
+        https://arxiv.org/abs/1912.09588
 
     Arguments:
         num_categories (int): :math:`K \geq 2`.
@@ -124,7 +124,7 @@ def fit_igr_prior(
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
+        https://arxiv.org/abs/1912.09588
 
     Arguments:
         target_probs (Tensor): :math:`p_0`, shape ``(K,)`` or ``batch_shape + (K,)``.

@@ -111,7 +111,7 @@ class SoftmaxPlusPlusTransform(Transform):
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
+        https://arxiv.org/abs/1912.09588
 
     Arguments:
         temperature (float or Tensor): the temperature :math:`\tau > 0`; a tensor broadcasts

@@ -34,7 +34,7 @@ class SigmoidSticksTransform(Transform):
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
         Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
-        https://arxiv.org/abs/2001.05069
+        https://arxiv.org/abs/1912.09588
 
     Arguments:
         cache_size (int): torch's cache of the last ``(x, w)`` pair, 0 or 1.
