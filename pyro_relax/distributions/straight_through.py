@@ -470,9 +470,11 @@ class GappedST(GappedSTCategorical):
         h = \operatorname{softmax}\big((l + m_1 - m_2) / \tau\big),
 
     where :math:`m_1` lifts the sampled logit to the maximum and :math:`m_2` pushes the others
-    at least a gap :math:`\kappa` below it (see :class:`GappedSTCategorical`). Values are one-hot, also for a
-    ``Categorical`` base: its outcome :math:`k` becomes :math:`e_k` (an index carries no useful
-    straight-through gradient), so score them with a ``OneHotCategorical``.
+    at least a gap :math:`\kappa` below it (see :class:`GappedSTCategorical`).
+
+    Values are one-hot, also for a ``Categorical`` base: its outcome :math:`k` becomes
+    :math:`e_k` (an index carries no useful straight-through gradient), so score them with a
+    ``OneHotCategorical``.
 
     References:
         Training Discrete Deep Generative Models via Gapped Straight-Through Estimator.
