@@ -1,7 +1,8 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+LINTED := pyro_relax tests benchmarks docs tutorials
 
-.PHONY: torch demo test lint bench
+.PHONY: torch demo test lint docs tutorials bench
 
 # Install torch before the package: with no torch present, pip resolves `torch>=2.1` to the
 # newest CUDA build (several GB). 2.13.0 is the CPU wheel this project's machines carry.
@@ -18,8 +19,19 @@ test: torch
 
 lint: torch
 	$(PIP) install -q -e ".[test]"
-	$(PYTHON) -m ruff check pyro_relax tests benchmarks
-	$(PYTHON) -m ruff format --check pyro_relax tests benchmarks
+	$(PYTHON) -m ruff check $(LINTED)
+	$(PYTHON) -m ruff format --check $(LINTED)
+
+# The HTML docs, warnings as errors; the tutorials are rendered from their stored outputs.
+docs: torch
+	$(PIP) install -q -e ".[docs]"
+	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
+# Every tutorial top to bottom with its smoke-test switch on (CI=1): small loops, outputs dropped.
+tutorials: torch
+	$(PIP) install -q -e ".[tutorials]"
+	$(PYTHON) tutorials/execute.py --smoke
 
 bench: torch
 	$(PIP) install -q -e ".[test]"
