@@ -18,6 +18,11 @@ class ExponentialDecay:
     :attr:`temperature` keeps its identity, so distributions built from it each step see the
     current value without being rebuilt differently (the GenGS paper anneals 1.0 to 0.1).
 
+    References:
+        Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
+        Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
+        https://arxiv.org/abs/2003.01847
+
     Arguments:
         initial (float): :math:`\tau_0 > 0`.
         floor (float): :math:`\tau_{\min}`, with :math:`0 < \tau_{\min} \leq \tau_0`.

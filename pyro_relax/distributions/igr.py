@@ -86,6 +86,11 @@ def igr_log_probs(loc, scale, *, num_panels: int = 24, points_per_panel: int = 1
     grow as :math:`K^2` times the number of nodes per batch element; the result is
     differentiable in :math:`\mu` and :math:`\sigma`.
 
+    References:
+        Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
+        Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
+        https://arxiv.org/abs/1912.09588
+
     Arguments:
         loc (Tensor): :math:`\mu`, shape ``batch_shape + (K - 1,)``.
         scale (Tensor): :math:`\sigma > 0`, broadcasting with ``loc``.

@@ -166,6 +166,11 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
     .. math::
         \pi_k = P(X = k) \quad (k < n - 1), \qquad \pi_{n-1} = P(X \geq n - 1).
 
+    References:
+        Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
+        Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
+        https://arxiv.org/abs/2003.01847
+
     Args:
         base: a Poisson, Geometric, NegativeBinomial or Binomial distribution.
         truncation: the number of outcomes :math:`n`, an ``int`` or a tensor of them broadcasting
@@ -220,6 +225,11 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
     it reads tensors on the host (a device synchronization). With ``max_truncation`` the result is
     a tensor of per-element truncations capped at ``max_truncation``, computed with static shapes
     and no synchronization, for GPU training.
+
+    References:
+        Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
+        Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
+        https://arxiv.org/abs/2003.01847
 
     Example:
         >>> from torch.distributions import Poisson
