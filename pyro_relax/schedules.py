@@ -27,7 +27,12 @@ class ExponentialDecay:
         initial (float): :math:`\tau_0 > 0`.
         floor (float): :math:`\tau_{\min}`, with :math:`0 < \tau_{\min} \leq \tau_0`.
         steps (int): :math:`T \geq 1`, the number of steps to reach the floor.
-        device, dtype: where the temperature tensor lives (put it on the parameters' device).
+        device (torch.device): where the temperature tensor lives (the parameters' device).
+        dtype (torch.dtype): the temperature tensor's dtype (the parameters' dtype).
+
+    Attributes:
+        temperature (Tensor): the current :math:`\tau_t`, a 0-dimensional tensor that
+            :meth:`step` updates in place; pass it to the distributions.
 
     Example:
         >>> schedule = ExponentialDecay(1.0, 0.1, steps=2)

@@ -393,8 +393,8 @@ class GenGS(TruncatedGenGS):
                 # than at every SVI step; the masses are in `tail_mass`.
                 warnings.warn(
                     f"{type(self).__name__}: more than tail_tolerance={tail_tolerance} of the "
-                    "mass lies beyond the last outcome (see .tail_mass); raise the truncation or "
-                    "use automatic truncation",
+                    "mass lies beyond the last outcome (see .tail_mass); raise the truncation, "
+                    "keeping the same outcomes in model and guide",
                     TruncationWarning,
                     stacklevel=_caller_stacklevel(),
                 )
@@ -412,7 +412,7 @@ class GenGS(TruncatedGenGS):
 
     @property
     def truncation(self):
-        """The number of outcomes :math:`n`: an ``int``, or a tensor of one per batch element."""
+        """The number of outcomes :math:`n` (an ``int``, or a tensor of one per batch element)."""
         return self._truncation
 
     @lazy_property

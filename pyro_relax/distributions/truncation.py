@@ -231,6 +231,15 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
         https://arxiv.org/abs/2003.01847
 
+    Args:
+        base: a Poisson, Geometric, NegativeBinomial or Binomial distribution.
+        mass: :math:`\eta \in (0, 1)`, the probability the exact outcomes must capture.
+        max_truncation: a cap on each element's truncation; ``None`` for one truncation (the
+            batch maximum).
+
+    Returns:
+        An ``int``, or with ``max_truncation`` a tensor of shape ``batch_shape``.
+
     Example:
         >>> from torch.distributions import Poisson
         >>> rate = torch.tensor([0.5, 2.0, 9.0])
