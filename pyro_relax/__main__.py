@@ -1,6 +1,7 @@
 """Command-line interface: ``python -m pyro_relax COMMAND``, also installed as ``pyro-relax``."""
 
 import argparse
+import shlex
 import sys
 
 from pyro_relax.demo import DemoConfig, MissingDependencyError, run_demo
@@ -47,19 +48,54 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(run=_run_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, with one subcommand per task."""
+def _add_experiments(subparsers, argv) -> None:
+    from pyro_relax import experiments
+
+    parser = subparsers.add_parser(
+        "experiment",
+        help="reproduce a paper's experiment through Pyro SVI",
+        description="Experiments that reproduce the papers' results through Pyro SVI. Results "
+        "go to --results as JSON (one record per run, merged with earlier runs), a Markdown "
+        "table and plots; an interrupted run resumes from its checkpoint.",
+    )
+    names = parser.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    # Only the experiment being run is imported (each pulls in its own dependencies).
+    chosen = argv[1] if len(argv) > 1 and argv[0] == "experiment" else None
+    for name, (_, summary) in experiments.EXPERIMENTS.items():
+        sub = names.add_parser(name, help=summary, description=summary)
+        if name != chosen:
+            continue
+        sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sub.add_argument(
+            "--smoke", action="store_true", help="tiny settings that run in seconds (CI)"
+        )
+        sub.add_argument(
+            "--results", default="results", help="directory for results (default: results)"
+        )
+        sub.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        module = experiments.load(name)
+        sub.description = module.DESCRIPTION
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+
+
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    """The argument parser, with one subcommand per task (``argv`` selects the experiment whose
+    options are loaded)."""
     parser = argparse.ArgumentParser(
         prog="pyro-relax", description="Demos and experiments of pyro-relax."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(subparsers)
+    _add_experiments(subparsers, list(argv))
     return parser
 
 
 def main(argv=None) -> int:
     """Runs the command in ``argv`` (default: the process's arguments); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    args.command_line = shlex.join(["pyro-relax", *argv])
     return args.run(args)
 
 

@@ -1,0 +1,273 @@
+"""The topic-model experiment: smoke run, synthetic corpus, perplexity scorer, corpora, resume."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from scipy import stats
+
+import pyro_relax.__main__ as cli
+from pyro_relax.experiments import topic
+from pyro_relax.experiments.common import Checkpoint
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REQUIRED = (
+    "corpus",
+    "estimator",
+    "test_perplexity",
+    "train_perplexity",
+    "epochs",
+    "seed",
+    "seconds",
+    "machine",
+    "command",
+    "history",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the experiment runs: tiny matrices gain nothing from a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_smoke_run_writes_results(tmp_path):
+    argv = ["experiment", "topic", "--smoke", "--results", str(tmp_path)]
+    assert cli.main(argv) == 0
+
+    records = json.loads((tmp_path / "topic.json").read_text())
+    assert {r["estimator"] for r in records} == {*topic.ESTIMATORS, topic.TRUE_MODEL}
+    for record in records:
+        assert set(REQUIRED) <= set(record)
+        assert record["corpus"] == "synthetic-smoke" and record["seed"] == 0
+        assert record["command"] == f"pyro-relax experiment topic --smoke --results {tmp_path}"
+        assert 1 < record["test_perplexity"] < 10 * topic.SMOKE_SPEC.vocab_size
+        assert 1 < record["train_perplexity"] < 10 * topic.SMOKE_SPEC.vocab_size
+        assert record["epochs"] == len(record["history"]) == topic.SMOKE_CONFIG.epochs
+    assert "| synthetic-smoke | GenGS | 0 |" in (tmp_path / "topic.md").read_text()
+    assert (tmp_path / "topic.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert not list((tmp_path / ".checkpoints").iterdir())  # removed once the run is done
+    true_model = next(r for r in records if r["estimator"] == topic.TRUE_MODEL)
+    assert "true decoder" in true_model["objective"]
+
+    # A second run replaces its rows rather than adding to them.
+    assert cli.main(argv) == 0
+    assert len(json.loads((tmp_path / "topic.json").read_text())) == len(records)
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic corpus
+
+SPEC = topic.SyntheticSpec(vocab_size=30, layers=(6, 3), train_docs=3000, test_docs=100)
+
+
+def test_synthetic_corpus_is_deterministic_per_seed():
+    first, again, other = (topic.synthetic_corpus(seed, SPEC) for seed in (3, 3, 4))
+    assert torch.equal(first.train, again.train) and torch.equal(first.test, again.test)
+    assert np.array_equal(first.truth["loadings"], again.truth["loadings"])
+    assert not torch.equal(first.train, other.train)
+
+
+def test_synthetic_corpus_shapes_and_mean_counts():
+    corpus = topic.synthetic_corpus(0, SPEC)
+    assert corpus.train.shape == (SPEC.train_docs, SPEC.vocab_size)
+    assert corpus.test.shape == (SPEC.test_docs, SPEC.vocab_size)
+    assert len(corpus.vocabulary) == SPEC.vocab_size
+    (weights,) = corpus.truth["weights"]
+    loadings = corpus.truth["loadings"]
+    assert loadings.shape == (6, SPEC.vocab_size) and weights.shape == (6, 3)
+    assert ((loadings > 0).sum(-1) == SPEC.topic_words).all()
+    z1, z2 = corpus.train_latents
+    assert z1.shape == (SPEC.train_docs, 6) and z2.shape == (SPEC.train_docs, 3)
+
+    def close(sample, expected):  # within 5 standard errors of the sample mean
+        error = sample.std(0) / math.sqrt(len(sample))
+        np.testing.assert_array_less(np.abs(sample.mean(0) - expected), 5 * error + 1e-12)
+
+    close(z2, SPEC.prior_rate)
+    close(z1, weights @ np.full(3, SPEC.prior_rate) + SPEC.rate_offset)
+    lengths = corpus.train.sum(-1).numpy()
+    close(lengths, SPEC.mean_length)
+    # Each word's count has mean N p_v(z1) given the latents.
+    decoder = topic.PoissonDEF.from_truth(corpus.truth)
+    z1 = torch.as_tensor(z1, dtype=torch.float32)
+    expected = (lengths[:, None] * decoder.word_log_probs(z1).exp().numpy()).mean(0)
+    close(corpus.train.numpy(), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity against exact enumeration on a two-layer model with one latent per layer
+
+TRUTH = {
+    "loadings": np.array([[1.0, -0.5, 0.0]]),
+    "background": np.log([0.5, 0.3, 0.2]),
+    "weights": [np.array([[1.5]])],
+    "prior_rate": 1.2,
+    "rate_offset": 0.1,
+}
+DOCS = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
+RATES = [torch.tensor([[1.3], [0.7]]), torch.tensor([[0.8], [2.0]])]  # z1, z2
+OUTCOMES = np.arange(60)  # enough for the Poisson sums: the rates are at most 3.1
+
+
+def _log_joint(x, z1, z2):
+    """log p(x, z1, z2) of the model TRUTH, for arrays of z1 and z2 that broadcast."""
+    z1 = np.asarray(z1, dtype=float)
+    logits = TRUTH["background"] + z1[..., None] * TRUTH["loadings"][0]
+    log_words = (x * (logits - np.logaddexp.reduce(logits, axis=-1)[..., None])).sum(-1)
+    rate1 = TRUTH["weights"][0][0, 0] * np.asarray(z2) + TRUTH["rate_offset"]
+    return (
+        log_words + stats.poisson.logpmf(z1, rate1) + stats.poisson.logpmf(z2, TRUTH["prior_rate"])
+    )
+
+
+def _guide_pmf(rate, truncation):
+    """The guide's PMF over OUTCOMES: Poisson, or truncated to ``truncation`` outcomes with
+    the last absorbing the tail."""
+    pmf = stats.poisson.pmf(OUTCOMES, rate)
+    if truncation is not None:
+        pmf[truncation - 1] = stats.poisson.sf(truncation - 2, rate)
+        pmf[truncation:] = 0
+    return pmf
+
+
+def _enumerated(x, rate1, rate2, truncation):
+    """The ELBO and the log-mass of the outcomes the guide covers, by enumeration."""
+    q1, q2 = _guide_pmf(rate1, truncation), _guide_pmf(rate2, truncation)
+    z2, z1 = np.meshgrid(OUTCOMES, OUTCOMES, indexing="ij")
+    weight = q2[:, None] * q1[None, :]
+    covered = weight > 0
+    with np.errstate(divide="ignore", invalid="ignore"):  # log 0 where the guide has no mass
+        log_ratio = _log_joint(x, z1, z2) - np.log(q1)[None, :] - np.log(q2)[:, None]
+        elbo = float(np.where(covered, weight * log_ratio, 0.0).sum())
+    log_mass = float(np.logaddexp.reduce(_log_joint(x, z1, z2)[covered]))
+    return elbo, log_mass
+
+
+@pytest.mark.parametrize("truncation", [None, 4])
+def test_perplexity_matches_enumeration(truncation):
+    """The discrete ELBO (hard samples, exact KLs) and the importance-sampled bound against
+    exact sums, for a Poisson guide and for the truncated PMF of a GenGS guide (rates up to 2
+    put up to a third of the mass in the tail bin of 4 outcomes)."""
+    decoder = topic.PoissonDEF.from_truth(TRUTH).double()
+    rates = [r.double() for r in RATES]
+    x = DOCS.double()
+    exact = [
+        _enumerated(x[d].numpy(), float(rates[0][d]), float(rates[1][d]), truncation)
+        for d in range(len(x))
+    ]
+    elbo = topic.discrete_elbo(decoder, rates, x, truncation=truncation, num_samples=100_000)
+    np.testing.assert_allclose(elbo.numpy(), [e for e, _ in exact], atol=0.03)
+    bound = topic.importance_log_likelihood(
+        decoder, rates, x, truncation=truncation, num_samples=1_000_000
+    )
+    np.testing.assert_allclose(bound.numpy(), [m for _, m in exact], atol=0.01)
+    assert (bound > elbo).all()
+
+    class Encoder(torch.nn.Module):
+        def forward(self, x):
+            return rates
+
+    perplexity = topic.perplexity(decoder, Encoder(), x, truncation=truncation, num_samples=100_000)
+    assert perplexity == pytest.approx(math.exp(-float(elbo.sum()) / float(x.sum())), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# User-supplied corpora
+
+
+def _sorted_rows(counts):
+    return sorted(map(tuple, np.asarray(counts).tolist()))
+
+
+def test_corpus_file_round_trip(tmp_path):
+    counts = np.random.default_rng(0).poisson(1.0, size=(25, 8))
+    counts[3] = 0  # an empty document is dropped
+    vocabulary = [f"word{v}" for v in range(8)]
+    topic.save_corpus(tmp_path / "dense.npz", counts, vocabulary)
+    scipy.sparse.save_npz(tmp_path / "sparse.npz", scipy.sparse.csr_matrix(counts))
+    nonempty = counts[counts.sum(-1) > 0]
+
+    for name in ("dense.npz", "sparse.npz"):
+        corpus = topic.load_corpus(tmp_path / name, seed=1, test_fraction=0.2)
+        assert corpus.name == name and len(corpus.test) == 5 and len(corpus.train) == 19
+        assert _sorted_rows(torch.cat([corpus.train, corpus.test])) == _sorted_rows(nonempty)
+        assert corpus.truth is None
+    assert topic.load_corpus(tmp_path / "dense.npz").vocabulary == vocabulary
+    assert topic.load_corpus(tmp_path / "sparse.npz").vocabulary[0] == "w0"
+    # The split depends on the seed only.
+    again = topic.load_corpus(tmp_path / "dense.npz", seed=1, test_fraction=0.2)
+    assert torch.equal(again.test, topic.load_corpus(tmp_path / "dense.npz", seed=1).test)
+
+
+def test_text_corpus(tmp_path):
+    documents = tmp_path / "docs"
+    (documents / "sub").mkdir(parents=True)
+    (documents / "a.txt").write_text("Apples and pears; apples again!")
+    (documents / "b.txt").write_text("pears 42 and plums")
+    (documents / "sub" / "c.txt").write_text("Plums, apples, pears")
+    (documents / "ignored.md").write_text("cherries")
+    corpus = topic.load_corpus(documents, vocab_size=2)
+    assert corpus.vocabulary == ["apples", "pears"]  # the two most frequent; "and" is a stop word
+    assert _sorted_rows(torch.cat([corpus.train, corpus.test])) == [(0, 1), (1, 1), (2, 1)]
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("apples pears\nplums\n")
+    assert len(topic.load_corpus(lines, vocab_size=10).train) == 1
+
+
+def test_smoke_run_on_a_corpus_file(tmp_path):
+    counts = np.random.default_rng(0).poisson(0.5, size=(80, 12))
+    topic.save_corpus(tmp_path / "mine.npz", counts)
+    argv = ["experiment", "topic", "--smoke", "--results", str(tmp_path)]
+    assert cli.main([*argv, "--corpus", str(tmp_path / "mine.npz")]) == 0
+    records = json.loads((tmp_path / "topic.json").read_text())
+    assert {(r["corpus"], r["estimator"]) for r in records} == {
+        ("mine.npz-smoke", estimator) for estimator in topic.ESTIMATORS
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("estimator", topic.ESTIMATORS)
+def test_resumed_run_equals_uninterrupted_run(tmp_path, estimator):
+    """A run stopped after its first epoch continues from the saved epoch and ends exactly as
+    a run that was never stopped."""
+    corpus = topic.synthetic_corpus(0, topic.SMOKE_SPEC)
+    config = dataclasses.replace(topic.SMOKE_CONFIG, epochs=3)
+    uninterrupted = topic.train(estimator, corpus, config)
+
+    checkpoint = Checkpoint(tmp_path / "run.pt")
+
+    def stop(epoch):
+        raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        topic.train(estimator, corpus, config, checkpoint=checkpoint, on_epoch_end=stop)
+    torch.manual_seed(12345)  # the checkpoint restores the generators, whatever happened since
+    epochs = []
+    resumed = topic.train(
+        estimator, corpus, config, checkpoint=checkpoint, on_epoch_end=epochs.append
+    )
+    assert epochs == [2, 3]
+
+    def without_times(record):
+        history = [{k: v for k, v in h.items() if k != "seconds"} for h in record["history"]]
+        return {k: v for k, v in record.items() if k != "seconds"} | {"history": history}
+
+    assert without_times(resumed) == without_times(uninterrupted)
+    # A finished run's checkpoint holds its record.
+    assert topic.train(estimator, corpus, config, checkpoint=checkpoint) == resumed

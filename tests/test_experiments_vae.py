@@ -1,0 +1,341 @@
+"""The count-latent VAE experiment: command line, resume, the discrete-ELBO scorer, the priors."""
+
+import itertools
+import json
+import math
+import shlex
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from torch.distributions import kl_divergence
+
+from pyro_relax.__main__ import main
+from pyro_relax.experiments import vae
+from pyro_relax.experiments.vae import (
+    ESTIMATORS,
+    PRIORS,
+    build_estimator,
+    discrete_kl,
+    discrete_neg_elbo,
+)
+
+REQUIRED = (
+    "dataset",
+    "prior",
+    "estimator",
+    "train_neg_elbo",
+    "test_neg_elbo",
+    "epochs",
+    "seed",
+    "seconds",
+    "machine",
+    "command",
+    "history",
+)
+
+
+def _smoke(results, *extra):
+    argv = ["experiment", "vae", "--smoke", "--results", str(results), *extra]
+    assert main(argv) == 0
+    return argv
+
+
+def test_smoke_run_writes_the_records_table_and_plot(tmp_path, capsys):
+    argv = _smoke(tmp_path, "--prior", "Pois(2)", "--estimator", "all")
+    records = json.loads((tmp_path / "gengs_vae.json").read_text())
+    assert sorted(r["estimator"] for r in records) == sorted(ESTIMATORS)
+    for record in records:
+        assert all(field in record for field in REQUIRED)
+        assert record["dataset"] == "digits" and record["prior"] == "Pois(2)"
+        assert record["command"] == shlex.join(["pyro-relax", *argv])
+        assert math.isfinite(record["train_neg_elbo"]) and record["train_neg_elbo"] > 0
+        assert len(record["history"]) == record["epochs"] == 1
+    table = (tmp_path / "gengs_vae.md").read_text()
+    assert table.count("| digits | Pois(2) |") == len(ESTIMATORS)
+    assert (tmp_path / "gengs_vae.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+    assert "negative ELBO train" in capsys.readouterr().out
+
+
+def test_runs_of_other_priors_are_merged(tmp_path):
+    _smoke(tmp_path, "--prior", "Geom(.5)", "--estimator", "GenGS")
+    _smoke(tmp_path, "--prior", "NB(3,.5)", "--estimator", "GenGS-IMP", "REINFORCE")
+    _smoke(tmp_path, "--prior", "Geom(.5)", "--estimator", "GenGS")  # a rerun replaces its row
+    records = json.loads((tmp_path / "gengs_vae.json").read_text())
+    assert sorted((r["prior"], r["estimator"]) for r in records) == [
+        ("Geom(.5)", "GenGS"),
+        ("NB(3,.5)", "GenGS-IMP"),
+        ("NB(3,.5)", "REINFORCE"),
+    ]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("estimator", ["GenGS", "REINFORCE"])
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, estimator):
+    options = ["--prior", "Pois(2)", "--estimator", estimator, "--epochs", "3"]
+    _smoke(tmp_path / "straight", *options)
+
+    def interrupt(epoch):
+        if epoch == 2:
+            raise _Interrupt
+
+    monkeypatch.setattr(vae, "_after_epoch", interrupt)
+    with pytest.raises(_Interrupt):
+        _smoke(tmp_path / "resumed", *options)
+    assert len(list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))) == 1
+    pyro.set_rng_seed(123)  # whatever happens in between, the resumed run restores its state
+    monkeypatch.setattr(vae, "_after_epoch", lambda epoch: None)
+    _smoke(tmp_path / "resumed", *options)
+
+    straight, resumed = (
+        json.loads((tmp_path / name / "gengs_vae.json").read_text())[0]
+        for name in ("straight", "resumed")
+    )
+    for key in ("train_neg_elbo", "test_neg_elbo"):
+        assert resumed[key] == straight[key]
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
+    assert not list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
+    options = ["--prior", "Pois(2)", "--estimator", "GenGS-IMP"]
+
+    def interrupt(epoch):
+        raise _Interrupt
+
+    monkeypatch.setattr(vae, "_after_epoch", interrupt)
+    with pytest.raises(_Interrupt):
+        _smoke(tmp_path / "a", *options, "--epochs", "2")
+    monkeypatch.setattr(vae, "_after_epoch", lambda epoch: None)
+    _smoke(tmp_path / "a", *options, "--epochs", "1")
+    _smoke(tmp_path / "b", *options, "--epochs", "1")
+    assert "starting over" in capsys.readouterr().err
+    a, b = (json.loads((tmp_path / d / "gengs_vae.json").read_text())[0] for d in "ab")
+    assert a["train_neg_elbo"] == b["train_neg_elbo"]
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    argv = ["experiment", "vae", "--results", str(tmp_path), "--data-dir", str(tmp_path)]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert "MNIST not found" in error and "train-images-idx3-ubyte.gz" in error
+
+
+# --- The priors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, mean, truncation",
+    [
+        ("Pois(2)", 2.0, 12),
+        ("Pois(3)", 3.0, 15),
+        ("Geom(.25)", 3.0, 25),  # (1 - p) / p on 0, 1, ...
+        ("Geom(.5)", 1.0, 15),
+        ("NB(3,.5)", 3.0, 30),  # r (1 - p) / p failures before the r-th success
+        ("NB(5,.3)", 35 / 3, 30),
+    ],
+)
+def test_prior_conventions(name, mean, truncation):
+    prior = PRIORS[name]
+    assert prior.truncation == truncation
+    base = prior.distribution()
+    assert float(base.mean) == pytest.approx(mean, rel=1e-6)
+    samples = base.sample((200_000,))
+    assert float(samples.mean()) == pytest.approx(mean, abs=5 * float(base.stddev) / 447)
+    relaxed = prior.relaxed(0.5, truncation, tail_tolerance=None, **prior.prior_kwargs())
+    # The truncated PMF agrees with the untruncated one below the last outcome.
+    head = base.log_prob(torch.arange(truncation - 1.0))
+    assert torch.allclose(relaxed.logits[:-1], head, atol=1e-5)
+    assert float(relaxed.logits.exp()[-1]) == pytest.approx(1 - float(head.exp().sum()), abs=1e-6)
+
+
+def test_nb_prior_is_failures_before_the_rth_success():
+    # P(X = 0) = p^r: the first r trials all succeed.
+    prior = PRIORS["NB(5,.3)"].distribution()
+    assert float(prior.log_prob(torch.tensor(0.0)).exp()) == pytest.approx(0.3**5, rel=1e-5)
+
+
+# --- Estimators: the analytic KL is what TraceMeanField_ELBO uses -----------------------------
+
+
+def _tiny_estimator(estimator, prior, latents=3, pixels=6, temperature=0.5):
+    k = prior.truncation if estimator == "GenGS-IMP" else prior.num_guide_parameters
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(pixels, latents * k)
+    decoder = torch.nn.Linear(latents, pixels)
+    return build_estimator(estimator, prior, encoder, decoder, torch.tensor(temperature), latents)
+
+
+@pytest.mark.parametrize("prior", list(PRIORS))
+@pytest.mark.parametrize("estimator", ["GenGS", "GenGS-IMP", "GenGS-NP"])
+def test_gengs_estimators_use_the_registered_kl(prior, estimator):
+    pyro.clear_param_store()
+    e = _tiny_estimator(estimator, PRIORS[prior])
+    x = torch.bernoulli(torch.full((4, 6), 0.5))
+    guide_trace = poutine.trace(e.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(e.model, trace=guide_trace)).get_trace(x)
+    q, p = guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
+    kl = kl_divergence(q, p)  # NotImplementedError would make the ELBO fall back to Monte Carlo
+    assert kl.shape == (4,) and torch.isfinite(kl).all()
+    discrete = e.discrete_guide(x)
+    # The categorical KL between the truncated PMFs, latent by latent.
+    prior_logits = p.base_dist.logits
+    expected = (discrete.probs * (discrete.logits - prior_logits)).nan_to_num().sum((-1, -2))
+    assert torch.allclose(kl, expected, atol=1e-5)
+
+
+def test_gengs_np_truncates_each_latent_on_its_own():
+    e = _tiny_estimator("GenGS-NP", PRIORS["Pois(2)"])
+    logits = e.discrete_guide(torch.ones(5, 6)).logits
+    assert logits.shape == (5, 3, 24)  # the cap: twice the paper's truncation
+    kept = (~logits.isneginf()).sum(-1)
+    assert kept.min() >= 2 and kept.max() <= 24
+    assert torch.isfinite(discrete_kl(e.discrete_guide(torch.ones(5, 6)), e.prior)).all()
+
+
+def test_reinforce_trains_with_a_decaying_average_baseline():
+    pyro.clear_param_store()
+    e = _tiny_estimator("REINFORCE", PRIORS["Geom(.5)"])
+    svi = pyro.infer.SVI(e.model, e.guide, pyro.optim.Adam({"lr": 1e-2}), e.loss)
+    svi.step(torch.ones(4, 6))
+    assert "__baseline_avg_downstream_cost_z" in pyro.get_param_store()
+    assert isinstance(e.loss, pyro.infer.TraceGraph_ELBO)
+
+
+# --- The discrete-ELBO scorer -----------------------------------------------------------------
+
+
+def _brute_force(q_probs, prior, decoder, x):
+    """The exact KL and negative ELBO of one image, enumerating every latent vector."""
+    latents, n = q_probs.shape
+    kl = neg_elbo = 0.0
+    for z in itertools.product(range(n), repeat=latents):
+        z = torch.tensor(z, dtype=torch.float64)
+        q_of_z = q_probs[torch.arange(latents), z.long()]
+        log_ratio = float(q_of_z.log().sum() - prior.log_prob(z).sum())
+        log_likelihood = float(dist.Bernoulli(logits=decoder(z)).log_prob(x).sum())
+        kl += float(q_of_z.prod()) * log_ratio
+        neg_elbo += float(q_of_z.prod()) * (log_ratio - log_likelihood)
+    return kl, neg_elbo
+
+
+def test_scorer_matches_brute_force_on_a_tiny_model():
+    torch.manual_seed(0)
+    latents, n, pixels = 2, 4, 5
+    # The guide gives the last outcome (the tail bin) much mass: scoring with a prior truncated
+    # at n instead of the untruncated one would change the value by more than the tolerance.
+    q_probs = [[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.1, 0.4]]
+    q_logits = torch.tensor(q_probs, dtype=torch.float64).log()
+    weight = torch.randn(pixels, latents, dtype=torch.float64)
+
+    def decoder(z):
+        return z @ weight.T - 1.0
+
+    prior = dist.Poisson(torch.tensor(1.5, dtype=torch.float64))
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    exact_kl, exact = _brute_force(q_logits.exp(), prior, decoder, x[0])
+
+    def guide(images):
+        return dist.Categorical(logits=q_logits.expand(len(images), latents, n))
+
+    kl = float(discrete_kl(guide(x), prior).sum())
+    assert kl == pytest.approx(exact_kl, abs=1e-9)
+    truncated = vae.PRIORS["Pois(2)"].relaxed(  # the prior truncated at n: a different KL
+        1.0, n, tail_tolerance=None, rate=torch.tensor(1.5, dtype=torch.float64)
+    )
+    truncated_kl = float((q_logits.exp() * (q_logits - truncated.logits)).sum())
+    assert abs(truncated_kl - exact_kl) > 0.05
+
+    images = x.expand(20_000, pixels)  # one image, many hard samples
+    estimate = discrete_neg_elbo(guide, decoder, prior, images, num_samples=1, seed=1)
+    # The Monte-Carlo standard error of the likelihood term over 20000 draws.
+    samples = guide(images).sample()
+    log_likelihood = dist.Bernoulli(logits=decoder(samples.double())).log_prob(images).sum(-1)
+    standard_error = float(log_likelihood.std()) / math.sqrt(len(images))
+    assert abs(estimate - exact) < 4 * standard_error
+    assert 4 * standard_error < 0.05  # finer than the truncated prior's error
+
+
+def test_scorer_leaves_the_global_generator_alone():
+    def guide(images):
+        return dist.Poisson(torch.full((len(images), 3), 2.0))
+
+    state = torch.get_rng_state()
+    first = discrete_neg_elbo(
+        guide, lambda z: z[..., :2], PRIORS["Pois(2)"].distribution(), torch.ones(7, 2), seed=5
+    )
+    assert torch.equal(torch.get_rng_state(), state)
+    again = discrete_neg_elbo(
+        guide, lambda z: z[..., :2], PRIORS["Pois(2)"].distribution(), torch.ones(7, 2), seed=5
+    )
+    assert first == again
+
+
+def _sum_kl(q, p, size):
+    counts = torch.arange(size, dtype=torch.float64).view(size, *([1] * len(q.batch_shape)))
+    log_q, log_p = q.log_prob(counts), p.log_prob(counts)
+    return (log_q.exp() * (log_q - log_p)).sum(0)
+
+
+@pytest.mark.parametrize(
+    "q, p",
+    [
+        (dist.Poisson(torch.tensor([0.5, 4.0, 9.0])), PRIORS["Pois(2)"]),
+        (dist.Geometric(logits=torch.tensor([-2.0, 0.0, 3.0])), PRIORS["Geom(.5)"]),
+        (
+            dist.NegativeBinomial(
+                torch.tensor([0.7, 3.0, 20.0]), logits=torch.tensor([1.5, 0.0, -1.0])
+            ),
+            PRIORS["NB(3,.5)"],
+        ),
+    ],
+    ids=["poisson", "geometric", "negative-binomial"],
+)
+def test_kl_of_count_guides_matches_a_long_sum(q, p):
+    prior = p.distribution()
+    q64 = vae._as_float64(q)
+    expected = _sum_kl(q64, vae._as_float64(prior), 4000)
+    assert torch.allclose(discrete_kl(q, prior).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_of_a_negative_binomial_guide_with_a_long_head_is_estimated():
+    # Mean 2 e^6 (about 800): the head beyond 256 counts falls back to Monte Carlo.
+    q = dist.NegativeBinomial(torch.tensor([2.0, 3.0]), logits=torch.tensor([6.0, 0.0]))
+    prior = PRIORS["NB(3,.5)"].distribution()
+    q64, p64 = vae._as_float64(q), vae._as_float64(prior)
+    expected = _sum_kl(q64, p64, 40_000)
+    torch.manual_seed(0)
+    kl = discrete_kl(q, prior).double()
+    assert float(kl[1]) == pytest.approx(float(expected[1]), abs=1e-6)  # summed exactly
+    samples = q64.sample((10_000,))
+    spread = float((q64.log_prob(samples) - p64.log_prob(samples))[:, 0].std())
+    assert abs(float(kl[0] - expected[0])) < 4 * spread / math.sqrt(vae._KL_SAMPLES)
+
+
+def test_command_line_options(capsys):
+    from pyro_relax.__main__ import build_parser
+
+    def parse(*options):
+        argv = ["experiment", "vae", *options]
+        return build_parser(argv).parse_args(argv)
+
+    args = parse("--prior", "all", "--hidden", "8,4")
+    assert vae._expand(args.prior, PRIORS) == list(PRIORS) and args.hidden == (8, 4)
+    assert vae._expand(args.estimator, ESTIMATORS) == list(ESTIMATORS)
+    settings = vae._settings(args, "Pois(2)", "GenGS")
+    assert (settings.dataset, settings.epochs, settings.latents) == ("mnist", 100, 32)
+    smoke = vae._settings(parse("--smoke"), "Pois(2)", "GenGS")
+    assert (smoke.dataset, smoke.epochs, smoke.steps_per_epoch) == ("digits", 1, 3)
+    for bad in (["--epochs", "0"], ["--prior", "Pois(4)"], ["--hidden", "8,x"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+    capsys.readouterr()
