@@ -768,3 +768,19 @@ def test_fused_relaxed_one_hot_backward_equals_autograd(outcomes):
     loss = (a * reference_weights).sum() + (b * reference_value).sum()
     (reference,) = torch.autograd.grad(loss, scores)
     torch.testing.assert_close(grad, reference)
+
+
+@pytest.mark.parametrize("logit", [-100.0, -20.0, 20.0, 100.0])
+def test_geometric_gradients_stay_finite_where_the_probability_rounds_to_0_or_1(logit):
+    # An encoder's logit of 20 rounds p to 1 in float32; the log-PMF taken from p then had
+    # log1p(-p) = -inf and NaN gradients, which ended a VAE run.
+    logits = torch.tensor([logit], requires_grad=True)
+    guide = GenGSGeometric(logits=logits, temperature=0.5, truncation=15, tail_tolerance=None)
+    prior = GenGSGeometric(probs=torch.tensor(0.5), temperature=0.5, truncation=15)
+    (guide.rsample((50,)).sum() + kl_divergence(guide, prior).sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+    # The truncated PMF still matches scipy's geometric (shifted to start at 0).
+    p = torch.sigmoid(torch.tensor(logit, dtype=torch.float64)).item()
+    expected = scipy.stats.geom.logpmf(np.arange(1, 15), p) if 0 < p < 1 else None
+    if expected is not None and np.isfinite(expected).all():
+        np.testing.assert_allclose(guide.logits[0, :14].detach().double(), expected, rtol=1e-4)

@@ -54,13 +54,15 @@ def _poisson_log_sf(base: Poisson, k: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _geometric_log_pmf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
-    probs = base.probs.unsqueeze(-1)
-    return torch.special.xlog1py(k, -probs) + torch.log(probs)
+    # From the logits: log p and log(1 - p) stay finite, with finite gradients, where p rounds
+    # to 0 or 1 (an encoder's logit of 20 gives p = 1 in float32, and log1p(-p) = -inf).
+    logits = base.logits.unsqueeze(-1)
+    return k * F.logsigmoid(-logits) + F.logsigmoid(logits)
 
 
 def _geometric_log_sf(base: Geometric, k: torch.Tensor, size: int) -> torch.Tensor:
     # Support 0, 1, ...: P(X >= m) = (1 - p)^m in closed form.
-    return torch.special.xlog1py(k, -base.probs.unsqueeze(-1))
+    return k * F.logsigmoid(-base.logits.unsqueeze(-1))
 
 
 def _negative_binomial_log_pmf(base: NegativeBinomial, k: torch.Tensor) -> torch.Tensor:
