@@ -16,6 +16,7 @@ from pyro_relax.experiments.common import (
     Checkpoint,
     atomic_write_text,
     markdown_table,
+    torch_threads,
     update_records,
 )
 
@@ -97,3 +98,11 @@ def test_every_experiment_takes_the_shared_options(name):
     args = build_parser(argv).parse_args(argv)
     assert (args.smoke, args.seed, args.results, args.device) == (True, 3, "somewhere", "cpu")
     assert callable(args.run)
+
+
+def test_torch_threads_are_restored_even_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("interrupted")
+    assert torch.get_num_threads() == before

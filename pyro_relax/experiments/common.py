@@ -21,6 +21,7 @@ __all__ = [
     "markdown_table",
     "progress",
     "seed_everything",
+    "torch_threads",
     "update_records",
 ]
 
@@ -28,6 +29,21 @@ __all__ = [
 def seed_everything(seed: int) -> None:
     """Seeds Python's, NumPy's and torch's generators (through Pyro)."""
     pyro.set_rng_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """Runs the block with ``count`` torch threads (``None``: unchanged), then restores them.
+
+    On a small shared machine one thread is often faster for these small networks: waking the
+    other threads costs more than they save."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def machine() -> str:

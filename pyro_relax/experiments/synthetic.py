@@ -930,12 +930,8 @@ def _gradient_figure(records, config: Config, path: Path) -> None:
 def run(args) -> int:
     """Runs the study, writes ``synthetic.json``, ``synthetic.md`` and the two figures into
     ``args.results``, and returns the exit code."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with common.torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> int:

@@ -75,6 +75,7 @@ from pyro_relax.experiments.common import (
     markdown_table,
     progress,
     seed_everything,
+    torch_threads,
     update_records,
 )
 from pyro_relax.schedules import ExponentialDecay
@@ -901,12 +902,8 @@ def _corpus(args) -> Corpus:
 
 def run(args) -> int:
     """Runs the experiment from the parsed command line; returns the exit code."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> int:

@@ -825,26 +825,20 @@ def run(args) -> int:
     except MissingDatasetError as error:
         print(f"pyro-relax experiment vae: {error}", file=sys.stderr)
         return 1
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        with pyro.validation_enabled(not args.no_validation):
-            for prior in _expand(args.prior, PRIORS):
-                for estimator in _expand(args.estimator, ESTIMATORS):
-                    settings = _settings(args, prior, estimator)
-                    record = train(settings, data, results, args.device)
-                    record["command"] = args.command_line
-                    record["smoke"] = bool(args.smoke)
-                    merged = common.update_records(
-                        results / f"{RESULTS_NAME}.json", [record], RECORD_KEY
-                    )
-                    write_reports(results, merged)
-                    print(
-                        f"{record['dataset']} {prior} {estimator} seed {args.seed}: negative "
-                        f"ELBO train {record['train_neg_elbo']:.2f}, test "
-                        f"{record['test_neg_elbo']:.2f} ({record['seconds']:.0f} s)"
-                    )
-    finally:
-        torch.set_num_threads(threads)
+    with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
+        for prior in _expand(args.prior, PRIORS):
+            for estimator in _expand(args.estimator, ESTIMATORS):
+                settings = _settings(args, prior, estimator)
+                record = train(settings, data, results, args.device)
+                record["command"] = args.command_line
+                record["smoke"] = bool(args.smoke)
+                merged = common.update_records(
+                    results / f"{RESULTS_NAME}.json", [record], RECORD_KEY
+                )
+                write_reports(results, merged)
+                print(
+                    f"{record['dataset']} {prior} {estimator} seed {args.seed}: negative "
+                    f"ELBO train {record['train_neg_elbo']:.2f}, test "
+                    f"{record['test_neg_elbo']:.2f} ({record['seconds']:.0f} s)"
+                )
     return 0
