@@ -16,6 +16,7 @@ from pyro_relax.experiments.common import (
     Checkpoint,
     atomic_write_text,
     markdown_table,
+    save_figure,
     torch_threads,
     update_records,
 )
@@ -106,3 +107,16 @@ def test_torch_threads_are_restored_even_after_an_error():
         assert torch.get_num_threads() == 1
         raise RuntimeError("interrupted")
     assert torch.get_num_threads() == before
+
+
+def test_save_figure_replaces_the_png_and_leaves_no_temporary_file(tmp_path):
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "curves.png"
+    for _ in range(2):
+        figure = Figure()
+        figure.add_subplot().plot([0, 1], [1, 0])
+        save_figure(figure, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -20,6 +20,7 @@ __all__ = [
     "machine",
     "markdown_table",
     "progress",
+    "save_figure",
     "seed_everything",
     "torch_threads",
     "update_records",
@@ -78,6 +79,18 @@ def atomic_write_text(path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(f.name, 0o644)  # temporary files are private; results are for everyone to read
+    os.replace(f.name, path)
+
+
+def save_figure(figure, path, dpi: int = 110) -> None:
+    """Saves a matplotlib figure as a PNG atomically, like :func:`atomic_write_text`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False
+    ) as f:
+        figure.savefig(f, format="png", dpi=dpi)
     os.chmod(f.name, 0o644)  # temporary files are private; results are for everyone to read
     os.replace(f.name, path)
 

@@ -98,8 +98,6 @@ References:
 
 import dataclasses
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -801,17 +799,6 @@ def _style(name, temperature, temperatures):
     return styles[name]
 
 
-def _save_figure(figure, path: Path) -> None:
-    """Saves a figure so that readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False
-    ) as f:
-        figure.savefig(f, format="png", dpi=120)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
-
-
 def _loss_figure(records, config: Config, path: Path) -> None:
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
@@ -840,7 +827,7 @@ def _loss_figure(records, config: Config, path: Path) -> None:
         f"Exact expected loss E[Σ(z − t)²] during Adam (lr {config.lr} decaying to "
         f"{config.lr * config.lr_decay:g}, {config.samples} samples per gradient estimate)"
     )
-    _save_figure(figure, path)
+    common.save_figure(figure, path, dpi=120)
 
 
 def _gradient_figure(records, config: Config, path: Path) -> None:
@@ -924,7 +911,7 @@ def _gradient_figure(records, config: Config, path: Path) -> None:
     bias_axis.set_title("Poisson: gradient bias vs 1 + 2(λ − t), ± 2 s.e.")
     bias_axis.legend(fontsize=7)
     bias_axis.grid(alpha=0.3)
-    _save_figure(figure, path)
+    common.save_figure(figure, path, dpi=120)
 
 
 def run(args) -> int:

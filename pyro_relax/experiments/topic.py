@@ -52,9 +52,7 @@ References:
 
 import dataclasses
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +72,7 @@ from pyro_relax.experiments.common import (
     machine,
     markdown_table,
     progress,
+    save_figure,
     seed_everything,
     torch_threads,
     update_records,
@@ -820,13 +819,8 @@ def _write_plot(path, records) -> None:
     panels[1].set_title(f"epochs {last // 2 + 1} to {last}")
     panels[0].legend(fontsize=8)
     figure.tight_layout()
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False
-    ) as f:
-        figure.savefig(f, dpi=110)
+    save_figure(figure, path)
     plt.close(figure)
-    os.chmod(f.name, 0o644)  # temporary files are private; results are for everyone to read
-    os.replace(f.name, path)
 
 
 # ---------------------------------------------------------------------------------------------

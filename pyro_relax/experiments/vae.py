@@ -706,7 +706,7 @@ def _plot(records, path: Path) -> None:
         ax.set_ylabel("negative ELBO, discrete model (nats)")
         ax.legend(fontsize="small", title="solid: train, dashed: test", title_fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    common.save_figure(figure, path)
     plt.close(figure)
 
 
