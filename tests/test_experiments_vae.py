@@ -55,6 +55,12 @@ def test_smoke_run_writes_the_records_table_and_plot(tmp_path, capsys):
         assert len(record["history"]) == record["epochs"] == 1
     table = (tmp_path / "gengs_vae.md").read_text()
     assert table.count("| digits | Pois(2) |") == len(ESTIMATORS)
+    # Each row shows the last epoch's training objective next to the discrete score.
+    header = next(line for line in table.splitlines() if line.startswith("| dataset"))
+    assert "| last_epoch_loss |" in header
+    for record in records:
+        loss = f"{record['history'][-1]['loss']:.2f}"
+        assert f"| {record['estimator']} |" in table and f"| {loss} |" in table
     assert (tmp_path / "gengs_vae.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
     assert "negative ELBO train" in capsys.readouterr().out
