@@ -705,7 +705,10 @@ def _plot(records, path: Path) -> None:
     for ax, ((dataset, prior), group) in zip(axes[0], groups.items(), strict=False):
         for index, record in enumerate(group):
             epochs = [h["epoch"] for h in record["history"]]
-            color = f"C{index}"
+            # One colour per estimator in every panel.
+            estimator = record["estimator"]
+            slot = ESTIMATORS.index(estimator) if estimator in ESTIMATORS else 4 + index
+            color = f"C{slot}"
             label = f"{record['estimator']} (seed {record['seed']})"
             train_curve = [h["train_neg_elbo"] for h in record["history"]]
             test_curve = [h["test_neg_elbo"] for h in record["history"]]
