@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 import pyro_relax.__main__ as cli
-from pyro_relax.experiments import topic
+from pyro_relax.experiments import common, topic
 from pyro_relax.experiments.common import Checkpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -32,10 +32,8 @@ REQUIRED = (
 @pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread, as the experiment runs: tiny matrices gain nothing from a second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with common.torch_threads(1):
+        yield
 
 
 def test_smoke_run_writes_results(tmp_path):
