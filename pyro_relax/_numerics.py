@@ -1,14 +1,29 @@
-"""Shared numerics: noise, log-space helpers and gradient-preserving clamps."""
+"""Shared numerics: parameter parsing, noise, log-space helpers and gradient-preserving clamps."""
+
+import warnings
+from numbers import Real
 
 import torch
+from torch.distributions import Distribution, constraints
 
 __all__ = [
+    "as_float",
     "categorical_kl",
     "categorical_parameters",
+    "check_constraint",
+    "check_count",
+    "check_devices",
     "clamp_with_identity_gradient",
+    "finite_positive",
+    "finite_real",
     "gumbel_like",
     "log1mexp",
+    "log_weights",
+    "parse_parameters",
+    "positive_probability",
+    "static_size",
     "straight_through",
+    "validation_enabled",
 ]
 
 
@@ -80,13 +95,229 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(hard.detach(), soft)
 
 
-def categorical_parameters(probs, logits, temperature, what: str = "", event_dim: int = 1):
+# --- Parameters: one parser for every distribution and helper ---------------------------------
+
+
+class _FiniteReal(constraints.Constraint):
+    """Finite real numbers: ``constraints.real`` admits infinities."""
+
+    description = "finite"
+
+    def check(self, value):
+        return torch.isfinite(value)
+
+
+class _FinitePositive(constraints.Constraint):
+    """Finite positive numbers: ``constraints.positive`` admits infinity."""
+
+    description = "finite and positive"
+
+    def check(self, value):
+        return torch.isfinite(value) & (value > 0)
+
+
+class _LogWeights(constraints.Constraint):
+    """Unnormalized log-probabilities: finite or ``-inf`` (an excluded outcome), at least one
+    finite per row."""
+
+    description = "finite or -inf (an excluded outcome), with a finite entry in every row"
+    event_dim = 1
+
+    def check(self, value):
+        no_nan_or_plus_inf = ~(torch.isnan(value) | torch.isposinf(value))
+        return no_nan_or_plus_inf.all(-1) & torch.isfinite(value).any(-1)
+
+
+class _PositiveProbability(constraints.Constraint):
+    """Probabilities in ``(0, 1]``: a Geometric distribution with ``p = 0`` has no mass."""
+
+    description = "in (0, 1]"
+
+    def check(self, value):
+        return (value > 0) & (value <= 1)
+
+
+finite_real = _FiniteReal()
+finite_positive = _FinitePositive()
+log_weights = _LogWeights()
+positive_probability = _PositiveProbability()
+
+# How an error names what a constraint asks for; the finite ones above carry `description`.
+_DESCRIPTIONS = {
+    constraints.simplex: "non-negative and summing to 1 over the last dimension",
+    constraints.unit_interval: "in [0, 1]",
+    constraints.nonnegative_integer: "a non-negative integer",
+    constraints.positive: "positive",
+    constraints.real: "a number (not NaN)",
+}
+
+
+def _describe(constraint) -> str:
+    base = getattr(constraint, "base_constraint", constraint)
+    text = getattr(base, "description", None) or _DESCRIPTIONS.get(base)
+    if text is None and hasattr(base, "lower_bound") and hasattr(base, "upper_bound"):
+        closing = ")" if isinstance(base, constraints.half_open_interval) else "]"
+        text = f"in [{base.lower_bound}, {base.upper_bound}{closing}"
+    return text or f"in {base}"
+
+
+def static_size(size) -> int:
+    """A tensor size as a Python ``int``.
+
+    While ``torch.jit.trace`` records, sizes come back as tensors, and converting one prints a
+    ``TracerWarning``. The sizes the library reads this way (numbers of outcomes or categories)
+    are fixed for a trace, so the conversion is exact and the warning is noise.
+    """
+    if not torch.is_tensor(size):
+        return size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(size)
+
+
+def validation_enabled(validate_args) -> bool:
+    """Whether to check values: ``validate_args``, else torch's (and Pyro's) global default.
+
+    Never while ``torch.jit.trace`` records: a check reads values on the host, which a trace
+    cannot replay (and each one would print a ``TracerWarning``).
+    """
+    if torch._C._get_tracing_state():
+        return False
+    return Distribution._validate_args if validate_args is None else bool(validate_args)
+
+
+def check_constraint(owner: str, name: str, value, constraint) -> None:
+    """Raises ``ValueError`` naming ``name`` if ``value`` violates ``constraint``.
+
+    Values on the meta device have no data and are not checked.
+    """
+    if value is None or (torch.is_tensor(value) and value.device.type == "meta"):
+        return
+    if torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float64:
+        checked = value.detach()
+    else:
+        checked = torch.as_tensor(value)
+    if not bool(constraint.check(checked).all()):
+        shown = checked if checked.numel() <= 8 else f"a tensor of shape {tuple(checked.shape)}"
+        raise ValueError(f"{owner}: `{name}` must be {_describe(constraint)}, got {shown}")
+
+
+def check_count(owner: str, name: str, value, minimum: int = 1) -> int:
+    """Returns ``value`` if it is a Python ``int`` of at least ``minimum``, else raises
+    ``ValueError`` naming ``name`` (``bool`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{owner}: `{name}` must be an integer of at least {minimum}, got {value!r}"
+        )
+    return value
+
+
+def check_devices(owner: str, tensors: dict):
+    """The one device of ``tensors`` (a dict by name; ``None`` if empty), else ``ValueError``
+    naming two parameters and their devices."""
+    device = None
+    for name, value in tensors.items():
+        if device is None:
+            device, first = value.device, name
+        elif value.device != device:
+            raise ValueError(
+                f"{owner}: `{first}` is on {device} but `{name}` is on {value.device}; put "
+                "every parameter on the same device"
+            )
+    return device
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision cannot hold a truncated log-PMF, a Gumbel's double logarithm at low
+    # temperature or a softmax++ density: compute in float32, as torch.autocast does for exp,
+    # log and softmax.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def as_float(owner: str, name: str, value, dtype=None, device=None) -> torch.Tensor:
+    """``value`` (a tensor, a Python number or a nested sequence of numbers) as a floating tensor.
+
+    A tensor keeps its device; it is converted to ``dtype`` if given, else to its own floating
+    dtype, or the default dtype for integers (half precision becomes float32). A Python number
+    becomes a tensor on ``device`` without a host-to-device copy.
+    """
+    if isinstance(value, bool) or (torch.is_tensor(value) and value.dtype == torch.bool):
+        raise TypeError(f"{owner}: `{name}` must be a number or a floating tensor, got a boolean")
+    if torch.is_tensor(value):
+        if value.is_complex():
+            raise TypeError(f"{owner}: `{name}` must be real, got a complex tensor")
+        if dtype is None:
+            dtype = _compute_dtype(value.dtype) if value.is_floating_point() else None
+        return value.to(dtype or torch.get_default_dtype())
+    dtype = dtype or torch.get_default_dtype()
+    if isinstance(value, Real):
+        return torch.full((), float(value), dtype=dtype, device=device)
+    try:
+        tensor = torch.as_tensor(value, dtype=dtype, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"{owner}: `{name}` must be a number, a sequence of numbers or a tensor, got "
+            f"{type(value).__name__}"
+        ) from None
+    return tensor
+
+
+def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: bool):
+    """Converts a distribution's parameters to tensors of one dtype on one device, checks them
+    and finds their batch shape.
+
+    The first tensor in ``params`` (in order) sets the device and, if it is floating, the dtype
+    (half precision becomes float32, the dtype the library computes in); otherwise the first
+    floating tensor does, else the default dtype. ``None`` entries are passed through.
+
+    Raises:
+        ValueError: naming both parameters, for tensors on different devices or shapes that do
+            not broadcast; naming the parameter, when validation is on and a value violates its
+            constraint in ``arg_constraints`` (whose ``event_dim`` also gives each parameter's
+            event dimensions).
+        TypeError: naming the parameter, for a value that is not a number or a tensor.
+
+    Returns:
+        ``(tensors, batch_shape)``: a dict with the same keys, and the broadcast batch shape.
+    """
+    tensors = {name: value for name, value in params.items() if torch.is_tensor(value)}
+    device = check_devices(owner, tensors)
+    floating = [v.dtype for v in tensors.values() if v.is_floating_point()]
+    dtype = _compute_dtype(floating[0]) if floating else torch.get_default_dtype()
+    parsed, batch_shape, shaped_by = {}, torch.Size(), None
+    for name, value in params.items():
+        if value is None:
+            parsed[name] = None
+            continue
+        value = as_float(owner, name, value, dtype, device)
+        constraint = arg_constraints.get(name)
+        event_dim = constraint.event_dim if constraint is not None else 0
+        if value.dim() < event_dim:
+            raise ValueError(f"{owner}: `{name}` needs at least {event_dim} dimension(s)")
+        if validate and constraint is not None:
+            check_constraint(owner, name, value, constraint)
+        shape = value.shape[: value.dim() - event_dim]
+        try:
+            batch_shape = torch.broadcast_shapes(batch_shape, shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{owner}: `{name}` of batch shape {tuple(shape)} does not broadcast with "
+                f"`{shaped_by}` of batch shape {tuple(batch_shape)}"
+            ) from None
+        if shape:
+            shaped_by = shaped_by or name
+        parsed[name] = value
+    return parsed, batch_shape
+
+
+def categorical_parameters(
+    owner: str, probs, logits, temperature, validate: bool, what: str = "", event_dim: int = 1
+):
     """Parses the ``probs`` xor ``logits`` and the ``temperature`` of a relaxed distribution.
 
     Checks that exactly one of ``probs`` and ``logits`` is given (with ``event_dim=1``, with a
     last dimension of at least 2 ``what``: "outcomes", "categories"; with ``event_dim=0``, a
-    Bernoulli's scalar parameter), and broadcasts ``temperature`` with its batch shape, raising
-    ``ValueError`` naming the parameter otherwise.
+    Bernoulli's scalar parameter), then parses them with :func:`parse_parameters`.
 
     Returns:
         ``(name, param, temperature, batch_shape)``: the name of the parameter given, it as a
@@ -94,20 +325,17 @@ def categorical_parameters(probs, logits, temperature, what: str = "", event_dim
         dtype and device, expanded to ``batch_shape``.
     """
     if (probs is None) == (logits is None):
-        raise ValueError("pass exactly one of `probs` and `logits`")
+        raise ValueError(f"{owner}: pass exactly one of `probs` and `logits`")
     name = "probs" if probs is not None else "logits"
-    param = torch.as_tensor(probs if probs is not None else logits)
-    if not param.is_floating_point():
-        param = param.to(torch.get_default_dtype())
-    if event_dim and (param.dim() < 1 or param.shape[-1] < 2):
-        raise ValueError(f"`{name}` needs a last dimension of at least 2 {what}")
-    param_batch_shape = param.shape[: param.dim() - event_dim]
-    temperature = torch.as_tensor(temperature, dtype=param.dtype, device=param.device)
-    try:
-        batch_shape = torch.broadcast_shapes(temperature.shape, param_batch_shape)
-    except RuntimeError:
-        raise ValueError(
-            f"`temperature` of shape {tuple(temperature.shape)} does not broadcast with the "
-            f"batch shape {tuple(param_batch_shape)} of `{name}`"
-        ) from None
-    return name, param, temperature.expand(batch_shape), batch_shape
+    if event_dim:
+        param_constraint = constraints.simplex if name == "probs" else log_weights
+    else:
+        param_constraint = constraints.unit_interval if name == "probs" else finite_real
+    arg_constraints = {name: param_constraint, "temperature": finite_positive}
+    raw = {name: probs if probs is not None else logits, "temperature": temperature}
+    if event_dim:
+        raw[name] = as_float(owner, name, raw[name])
+        if raw[name].dim() < 1 or static_size(raw[name].shape[-1]) < 2:
+            raise ValueError(f"{owner}: `{name}` needs a last dimension of at least 2 {what}")
+    parsed, batch_shape = parse_parameters(owner, raw, arg_constraints, validate)
+    return name, parsed[name], parsed["temperature"].expand(batch_shape), batch_shape

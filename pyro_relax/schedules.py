@@ -1,6 +1,7 @@
 """Temperature schedules that anneal a temperature tensor in place."""
 
 import math
+from numbers import Real
 
 import torch
 
@@ -41,12 +42,19 @@ class ExponentialDecay:
     """
 
     def __init__(self, initial=1.0, floor=0.1, steps=1000, *, device=None, dtype=None):
-        if not initial > 0:
-            raise ValueError(f"`initial` must be positive, got {initial}")
+        for name, value in (("initial", initial), ("floor", floor)):
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise ValueError(f"ExponentialDecay: `{name}` must be a number, got {value!r}")
+        if not 0 < initial < math.inf:
+            raise ValueError(
+                f"ExponentialDecay: `initial` must be finite and positive, got {initial}"
+            )
         if not 0 < floor <= initial:
-            raise ValueError(f"`floor` must lie in (0, initial], got {floor}")
+            raise ValueError(f"ExponentialDecay: `floor` must lie in (0, initial], got {floor}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be a positive integer, got {steps!r}")
+            raise ValueError(f"ExponentialDecay: `steps` must be a positive integer, got {steps!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"ExponentialDecay: `dtype` must be a floating dtype, got {dtype}")
         self.initial, self.floor, self.steps = float(initial), float(floor), steps
         self.rate = math.log(self.initial / self.floor) / steps
         self.step_count = 0

@@ -66,7 +66,8 @@ GENGS_EXAMPLES = [
         lambda logits, temperature, **kw: pr.TruncatedGenGS(
             temperature,
             logits=logits,
-            outcomes=_t([0.0, 0.0], [1.0, -1.0], [2.0, 0.5], [3, 3]),
+            # Outcomes are a parameter like the others: on the logits' device.
+            outcomes=_t([0.0, 0.0], [1.0, -1.0], [2.0, 0.5], [3, 3]).to(logits.device),
             **kw,
         ),
         {"logits": _t([0.5, -1.0, 0.0, 1.0]), "temperature": _t(0.2)},

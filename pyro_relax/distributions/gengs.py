@@ -5,6 +5,7 @@ import itertools
 import math
 import sys
 import warnings
+from numbers import Real
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
@@ -12,13 +13,23 @@ from torch.distributions import Binomial, Categorical, Geometric, NegativeBinomi
 from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_logits
 
 from pyro_relax._numerics import (
+    as_float,
     categorical_parameters,
+    check_constraint,
+    check_devices,
     clamp_with_identity_gradient,
+    finite_positive,
+    finite_real,
     gumbel_like,
+    log_weights,
+    parse_parameters,
+    static_size,
     straight_through,
+    validation_enabled,
 )
 from pyro_relax.distributions.truncation import (
     automatic_truncation,
+    check_base,
     check_truncation,
     log_survival,
     truncated_log_probs,
@@ -151,9 +162,9 @@ class TruncatedGenGS(TorchDistribution):
     """
 
     arg_constraints = {
-        "temperature": constraints.positive,
+        "temperature": finite_positive,
         "probs": constraints.simplex,
-        "logits": constraints.real_vector,
+        "logits": log_weights,
     }
     has_rsample = True
     # Subclasses whose logits are normalized by construction skip the logsumexp.
@@ -169,8 +180,10 @@ class TruncatedGenGS(TorchDistribution):
         straight_through=False,
         validate_args=None,
     ):
+        owner = type(self).__name__
+        validate = validation_enabled(validate_args)
         name, param, temperature, batch_shape = categorical_parameters(
-            probs, logits, temperature, "outcomes"
+            owner, probs, logits, temperature, validate, "outcomes"
         )
         if probs is not None:
             self.probs = param
@@ -184,19 +197,28 @@ class TruncatedGenGS(TorchDistribution):
         self.logits = logits.expand(batch_shape + (num_outcomes,))
         if probs is not None:
             self.probs = self.probs.expand(batch_shape + (num_outcomes,))
-
         self._outcomes_are_counts = outcomes is None
-        if outcomes is None:
-            outcomes = torch.arange(num_outcomes, dtype=logits.dtype, device=logits.device)
-        outcomes = torch.as_tensor(outcomes, dtype=logits.dtype, device=logits.device)
-        if outcomes.dim() not in (1, 2) or outcomes.shape[0] != num_outcomes:
-            raise ValueError(
-                f"`outcomes` must have shape ({num_outcomes},) or ({num_outcomes}, d) to match "
-                f"`{name}`, got {tuple(outcomes.shape)}"
-            )
-        self.outcomes = outcomes
+        self.outcomes = self._parse_outcomes(owner, name, outcomes, validate)
         self.straight_through = bool(straight_through)
-        super().__init__(batch_shape, outcomes.shape[1:], validate_args=validate_args)
+        super().__init__(batch_shape, self.outcomes.shape[1:], validate_args=False)
+        self._validate_args = validate
+
+    def _parse_outcomes(self, owner, name, outcomes, validate):
+        like = self.logits
+        if outcomes is None:
+            return torch.arange(like.shape[-1], dtype=like.dtype, device=like.device)
+        if torch.is_tensor(outcomes):
+            check_devices(owner, {name: like, "outcomes": outcomes})
+        outcomes = as_float(owner, "outcomes", outcomes, like.dtype, like.device)
+        if validate:
+            check_constraint(owner, "outcomes", outcomes, finite_real)
+        num_outcomes = static_size(like.shape[-1])
+        if outcomes.dim() not in (1, 2) or static_size(outcomes.shape[0]) != num_outcomes:
+            raise ValueError(
+                f"{owner}: `outcomes` must have shape ({like.shape[-1]},) or "
+                f"({like.shape[-1]}, d) to match `{name}`, got {tuple(outcomes.shape)}"
+            )
+        return outcomes
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(TruncatedGenGS, _instance)
@@ -220,7 +242,7 @@ class TruncatedGenGS(TorchDistribution):
     @property
     def num_outcomes(self) -> int:
         """The number :math:`n` of outcomes."""
-        return self.logits.shape[-1]
+        return static_size(self.logits.shape[-1])
 
     @property
     def truncation(self):
@@ -266,16 +288,21 @@ class TruncatedGenGS(TorchDistribution):
         return torch.where(self.logits.isneginf(), -math.inf, floor)
 
     def log_prob(self, value):
-        if self._validate_args:
-            self._validate_sample(value)
         weights = getattr(value, _WEIGHTS, None)
-        if weights is None:
-            return self._log_prob_of_outcome(value)
-        if weights.shape[-1] != self.num_outcomes:
+        # Before the support check: a sample of a GenGS over more outcomes can lie outside this
+        # one's support, and the mismatch is what the user needs to hear about.
+        if weights is not None and static_size(weights.shape[-1]) != self.num_outcomes:
             raise ValueError(
                 f"the value was drawn from a GenGS over {weights.shape[-1]} outcomes and cannot "
-                f"be scored by {type(self).__name__} over {self.num_outcomes} outcomes"
+                f"be scored by {type(self).__name__} over {self.num_outcomes} outcomes (model "
+                "and guide need the same outcomes)"
             )
+        if not value.is_floating_point():
+            value = value.to(self.logits.dtype)  # integer counts score as the outcomes they are
+        if self._validate_args:
+            self._validate_sample(value)
+        if weights is None:
+            return self._log_prob_of_outcome(value)
         # Outcomes excluded here (logit -inf) that the sample gives no weight would make
         # 0 * -inf = NaN; the most negative finite number keeps 0 * log 0 = 0.
         log_probs = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)
@@ -294,10 +321,31 @@ class TruncatedGenGS(TorchDistribution):
                 raise ValueError(
                     f"{type(self).__name__}.log_prob got a value that is neither one of the "
                     "outcomes nor a relaxed sample drawn by rsample (which carries its relaxed "
-                    "one-hot weights; clone, detach and .to drop them)"
+                    "one-hot weights; clone, detach and .to drop them). An autoguide such as "
+                    "AutoNormal or AutoDelta proposes such values: a relaxed site needs a guide "
+                    "of its own (a GenGS over the same outcomes; combine it with the autoguide "
+                    "of the other sites through AutoGuideList, or block it from the autoguide "
+                    "with poutine.block)"
                 )
         index, logits = torch.broadcast_tensors(index.unsqueeze(-1), self.logits)
         return logits.gather(-1, index[..., :1]).squeeze(-1)
+
+
+def _count_base(family, owner, validate_args, temperature, **params):
+    """The torch distribution of ``family`` from a count class's parameters: numbers, lists or
+    tensors, checked as :func:`~pyro_relax.distributions.truncation.check_base` does (the
+    ``temperature`` for its device and shape), before anything is computed from them."""
+    owner = type(owner).__name__
+    given = {name: value for name, value in params.items() if value is not None}
+    if len(given) == len(params) and "probs" in given:  # both probs and logits
+        raise ValueError(f"{owner}: pass exactly one of `probs` and `logits`")
+    parsed, _ = parse_parameters(owner, {**given, "temperature": temperature}, {}, False)
+    del parsed["temperature"]
+    try:
+        base = family(**parsed, validate_args=False)
+    except ValueError as error:
+        raise ValueError(f"{owner}: {error}") from None
+    return check_base(owner, base, validation_enabled(validate_args))[0]
 
 
 def _caller_stacklevel() -> int:
@@ -369,8 +417,20 @@ class GenGS(TruncatedGenGS):
         tail_tolerance=1e-2,
         validate_args=None,
     ):
+        owner = type(self).__name__
         if truncation is not None and max_truncation is not None:
-            raise ValueError("pass `truncation` or `max_truncation`, not both")
+            raise ValueError(f"{owner}: pass `truncation` or `max_truncation`, not both")
+        if tail_tolerance is not None and not (
+            isinstance(tail_tolerance, Real) and 0 <= tail_tolerance < 1
+        ):
+            raise ValueError(
+                f"{owner}: `tail_tolerance` must be None or a number in [0, 1), got "
+                f"{tail_tolerance!r}"
+            )
+        base_dist, others = check_base(
+            owner, base_dist, validation_enabled(validate_args), temperature=temperature
+        )
+        temperature = others["temperature"]
         if truncation is not None:
             truncation = size = check_truncation("truncation", truncation)
         elif max_truncation is not None:
@@ -462,7 +522,7 @@ class GenGSPoisson(GenGS):
     arg_constraints = {"rate": constraints.positive, "temperature": constraints.positive}
 
     def __init__(self, rate, temperature, truncation=None, *, validate_args=None, **kwargs):
-        base = Poisson(rate, validate_args=validate_args)
+        base = _count_base(Poisson, self, validate_args, temperature, rate=rate)
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
 
     @property
@@ -499,7 +559,7 @@ class GenGSGeometric(GenGS):
     def __init__(
         self, probs=None, logits=None, *, temperature, truncation=None, validate_args=None, **kwargs
     ):
-        base = Geometric(probs, logits, validate_args=validate_args)
+        base = _count_base(Geometric, self, validate_args, temperature, probs=probs, logits=logits)
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
 
 
@@ -547,12 +607,15 @@ class GenGSNegativeBinomial(GenGS):
         validate_args=None,
         **kwargs,
     ):
-        try:
-            base = NegativeBinomial(total_count, probs, logits, validate_args=validate_args)
-        except RuntimeError as error:
-            raise ValueError(
-                f"`total_count` and `probs`/`logits` do not broadcast: {error}"
-            ) from None
+        base = _count_base(
+            NegativeBinomial,
+            self,
+            validate_args,
+            temperature,
+            total_count=total_count,
+            probs=probs,
+            logits=logits,
+        )
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
 
     @property
@@ -589,13 +652,21 @@ class GenGSBinomial(GenGS):
     def __init__(
         self, total_count=1, probs=None, logits=None, *, temperature, validate_args=None, **kwargs
     ):
-        try:
-            base = Binomial(total_count, probs, logits, validate_args=validate_args)
-        except RuntimeError as error:
-            raise ValueError(
-                f"`total_count` and `probs`/`logits` do not broadcast: {error}"
-            ) from None
-        truncation = max(int(base.total_count.max()) + 1, 2)
+        base = _count_base(
+            Binomial,
+            self,
+            validate_args,
+            temperature,
+            total_count=total_count,
+            probs=probs,
+            logits=logits,
+        )
+        if isinstance(total_count, int) and not isinstance(total_count, bool):
+            truncation = max(total_count + 1, 2)
+        else:
+            # The outcomes run to the largest total count: read on the host, once per
+            # construction.
+            truncation = max(int(base.total_count.max()) + 1, 2)
         super().__init__(
             base,
             temperature,
@@ -619,7 +690,10 @@ def _count_vectors(total_count: int, num_classes: int, dtype, device) -> torch.T
     for bars in itertools.combinations(range(slots), num_classes - 1):
         edges = (-1,) + bars + (slots,)
         rows.append([edges[i + 1] - edges[i] - 1 for i in range(num_classes)])
-    return torch.tensor(rows, dtype=dtype, device=device)
+    with warnings.catch_warnings():
+        # A table of constants: built once per device, and a constant in a jit trace too.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.tensor(rows, dtype=dtype, device=device)
 
 
 class _ScaledSimplex(constraints.Constraint):
@@ -677,11 +751,17 @@ class GenGSMultinomial(TruncatedGenGS):
         straight_through=False,
         validate_args=None,
     ):
+        owner = type(self).__name__
         if isinstance(total_count, bool) or not isinstance(total_count, int) or total_count < 1:
-            raise ValueError(f"`total_count` must be a positive integer, got {total_count!r}")
-        # A Categorical validates and normalizes the class parameters; torch's Multinomial would
-        # validate its inner Categorical even with validate_args=False (a host read per step).
-        classes = Categorical(probs, logits, validate_args=validate_args)
+            raise ValueError(
+                f"{owner}: `total_count` must be a positive integer, got {total_count!r}"
+            )
+        name, param, _, _ = categorical_parameters(
+            owner, probs, logits, temperature, validation_enabled(validate_args), "classes"
+        )
+        # A Categorical normalizes the class parameters; torch's Multinomial would validate its
+        # inner Categorical even with validate_args=False (a host read per step).
+        classes = Categorical(**{name: param}, validate_args=False)
         num_classes = classes.param_shape[-1]
         if math.comb(total_count + num_classes - 1, num_classes - 1) > _MAX_OUTCOMES:
             raise ValueError(

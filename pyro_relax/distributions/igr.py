@@ -2,6 +2,7 @@
 
 import functools
 import math
+from numbers import Real
 from typing import NamedTuple
 
 import numpy as np
@@ -14,13 +15,22 @@ from pyro.distributions import (
     constraints,
 )
 from pyro.distributions.transforms import Planar
+from torch.distributions.transforms import Transform
 from torch.distributions.utils import lazy_property
 
-from pyro_relax._numerics import clamp_with_identity_gradient, straight_through
+from pyro_relax._numerics import (
+    as_float,
+    check_count,
+    clamp_with_identity_gradient,
+    finite_positive,
+    finite_real,
+    parse_parameters,
+    straight_through,
+    validation_enabled,
+)
 from pyro_relax.transforms.softmax_plus_plus import (
     SoftmaxPlusPlusTransform,
     attach_log_simplex,
-    broadcast_shapes,
     log_simplex_of,
     on_simplex,
     same_values,
@@ -104,7 +114,23 @@ def igr_log_probs(loc, scale, *, num_panels: int = 24, points_per_panel: int = 1
         >>> igr_log_probs(torch.zeros(2), torch.ones(2)).exp()
         tensor([0.3750, 0.3750, 0.2500])
     """
-    loc, scale = torch.broadcast_tensors(torch.as_tensor(loc), torch.as_tensor(scale))
+    check_count("igr_log_probs", "num_panels", num_panels)
+    check_count("igr_log_probs", "points_per_panel", points_per_panel)
+    params, _ = parse_parameters(
+        "igr_log_probs",
+        {"loc": loc, "scale": scale},
+        {"loc": finite_real, "scale": finite_positive},
+        validate=validation_enabled(None),
+    )
+    try:
+        loc, scale = torch.broadcast_tensors(params["loc"], params["scale"])
+    except RuntimeError:
+        raise ValueError(
+            f"igr_log_probs: `scale` of shape {tuple(params['scale'].shape)} does not broadcast "
+            f"with `loc` of shape {tuple(params['loc'].shape)}"
+        ) from None
+    if loc.dim() < 1:
+        raise ValueError("igr_log_probs: `loc` needs a last dimension of K - 1 >= 1 coordinates")
     lower = (-loc / scale).clamp(min=-_REACH)
     upper = lower.clamp(min=0) + _REACH
     u, log_weights = _composite_legendre(lower, upper, num_panels, points_per_panel)
@@ -143,47 +169,33 @@ class _IGRBase(TransformedDistribution):
     """Gaussian noise pushed onto the simplex: shared parameters, shapes and scoring."""
 
     arg_constraints = {
-        "loc": constraints.real_vector,
-        "scale": constraints.independent(constraints.positive, 1),
-        "temperature": constraints.positive,
-        "delta": constraints.positive,
+        "loc": constraints.independent(finite_real, 1),
+        "scale": constraints.independent(finite_positive, 1),
+        "temperature": finite_positive,
+        "delta": finite_positive,
     }
     support = constraints.simplex
     has_rsample = True
 
-    def _set_parameters(self, loc, scale, temperature, delta):
-        loc = torch.as_tensor(loc)
-        if not loc.is_floating_point():
-            loc = loc.to(torch.get_default_dtype())
+    def _set_parameters(self, loc, scale, temperature, delta, validate_args):
+        owner = type(self).__name__
+        validate = validation_enabled(validate_args)
+        loc = as_float(owner, "loc", loc)
         if loc.dim() < 1:
-            raise ValueError("`loc` needs a last dimension of K - 1 >= 1 coordinates")
-        like = dict(dtype=loc.dtype, device=loc.device)
-        scale = torch.as_tensor(scale, **like)
-        try:
-            loc, scale = torch.broadcast_tensors(loc, scale)
-        except RuntimeError:
-            raise ValueError(
-                f"`scale` of shape {tuple(scale.shape)} does not broadcast with `loc` of shape "
-                f"{tuple(loc.shape)}"
-            ) from None
-        named = {"temperature": torch.as_tensor(temperature, **like)}
-        named["delta"] = torch.as_tensor(delta, **like)
-        batch_shape = loc.shape[:-1]
-        for name, value in named.items():
-            try:
-                batch_shape = broadcast_shapes(batch_shape, value.shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"`{name}` of shape {tuple(value.shape)} does not broadcast with the batch "
-                    f"shape {tuple(batch_shape)} of `loc`"
-                ) from None
-        self.loc = loc.expand(batch_shape + loc.shape[-1:])
-        self.scale = scale.expand(batch_shape + loc.shape[-1:])
-        self.temperature = named["temperature"].expand(batch_shape)
-        self.delta = named["delta"].expand(batch_shape)
+            raise ValueError(f"{owner}: `loc` needs a last dimension of K - 1 >= 1 coordinates")
+        # loc and scale broadcast in every dimension, the last one included.
+        params, _ = parse_parameters(owner, {"loc": loc, "scale": scale}, {}, validate=False)
+        loc, scale = torch.broadcast_tensors(params["loc"], params["scale"])
+        params = {"loc": loc, "scale": scale, "temperature": temperature, "delta": delta}
+        params, batch_shape = parse_parameters(owner, params, self.arg_constraints, validate)
+        self.loc = params["loc"].expand(batch_shape + loc.shape[-1:])
+        self.scale = params["scale"].expand(batch_shape + loc.shape[-1:])
+        self.temperature = params["temperature"].expand(batch_shape)
+        self.delta = params["delta"].expand(batch_shape)
         # As passed: the same tensor object or equal Python numbers identify the same map
         # without reading a device (the expanded views above are new objects every time).
         self._map_arguments = (temperature, delta)
+        return validate
 
     def _expand_parameters(self, new, batch_shape):
         batch_shape = torch.Size(batch_shape)
@@ -302,11 +314,12 @@ class IGR(_IGRBase):
     def __init__(
         self, loc, scale, temperature, delta=1.0, *, straight_through=False, validate_args=None
     ):
-        self._set_parameters(loc, scale, temperature, delta)
+        validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.straight_through = bool(straight_through)
-        base = Normal(self.loc, self.scale, validate_args=validate_args).to_event(1)
+        base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
         transform = SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=1)
-        super().__init__(base, [transform], validate_args=validate_args)
+        super().__init__(base, [transform], validate_args=False)
+        self._validate_args = validate
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGR, _instance)
@@ -321,6 +334,27 @@ class IGR(_IGRBase):
             hard = _one_hot(_limit_category(y), self.num_categories, z)
             z = attach_log_simplex(straight_through(hard, z), log_simplex_of(z))
         return self._tag(z, y)
+
+    def _map_parameters(self):
+        # IGR-I compares no maps (see _preimage): the parameters themselves, as tensors.
+        return (self.temperature, self.delta)
+
+    def _preimage(self, value):
+        r"""The pre-image of ``value`` under this softmax++, from the pre-image it carries when
+        an IGR-I drew it, whatever that one's temperature and delta.
+
+        Softmax++ gives :math:`\log z_k - \log z_K = y_k / \tau - \log \delta`, so the
+        pre-images under two maps are related by the affine
+        :math:`y = (\tau / \tau') y' + \tau (\log \delta - \log \delta')`: exact, with
+        no comparison of the parameters (a host read on an accelerator, a constant in a jit
+        trace), and the identity when they are equal.
+        """
+        tag = getattr(value, _PREIMAGE, None)
+        if tag is None or tag.family is not IGR:
+            return self._invert(value)
+        tau, log_delta = self.temperature.unsqueeze(-1), self.delta.log().unsqueeze(-1)
+        other_tau, other_delta = (t.unsqueeze(-1) for t in tag.map_parameters)
+        return (tau / other_tau) * tag.base + tau * (log_delta - other_delta.log())
 
     def sample_hard(self, sample_shape=torch.Size()):
         """One-hot draws of the discrete variable :math:`H` (Proposition 1), no gradient."""
@@ -415,16 +449,19 @@ class IGRStickBreaking(_IGRBase):
     """
 
     def __init__(self, loc, scale, temperature, delta=1.0, *, precision=None, validate_args=None):
-        if precision is not None and not 0 < precision < 1:
-            raise ValueError(f"`precision` must lie in (0, 1), got {precision!r}")
-        self._set_parameters(loc, scale, temperature, delta)
+        if precision is not None and not (
+            isinstance(precision, Real) and not isinstance(precision, bool) and 0 < precision < 1
+        ):
+            raise ValueError(f"IGRStickBreaking: `precision` must lie in (0, 1), got {precision!r}")
+        validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.precision = precision
-        base = Normal(self.loc, self.scale, validate_args=validate_args).to_event(1)
+        base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
         transforms = [
             SigmoidSticksTransform(cache_size=1),
             SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=1),
         ]
-        super().__init__(base, transforms, validate_args=validate_args)
+        super().__init__(base, transforms, validate_args=False)
+        self._validate_args = validate
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGRStickBreaking, _instance)
@@ -579,13 +616,22 @@ class IGRPlanar(_IGRBase):
     """
 
     def __init__(self, loc, scale, temperature, delta=1.0, *, flows=1, validate_args=None):
-        self._set_parameters(loc, scale, temperature, delta)
-        if isinstance(flows, int):
+        validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
+        if isinstance(flows, int) and not isinstance(flows, bool):
+            check_count("IGRPlanar", "flows", flows, minimum=0)
             flows = [Planar(self.loc.shape[-1]).to(self.loc) for _ in range(flows)]
+        elif not isinstance(flows, (list, tuple)) or not all(
+            isinstance(flow, Transform) for flow in flows
+        ):
+            raise TypeError(
+                "IGRPlanar: `flows` must be a number of layers or a list of transforms, got "
+                f"{flows!r}"
+            )
         self.flows = list(flows)
-        base = Normal(self.loc, self.scale, validate_args=validate_args).to_event(1)
+        base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
         transform = SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=1)
-        super().__init__(base, [*self.flows, transform], validate_args=validate_args)
+        super().__init__(base, [*self.flows, transform], validate_args=False)
+        self._validate_args = validate
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGRPlanar, _instance)
@@ -687,7 +733,8 @@ class IGRCount(TorchDistribution):
         self.simplex_dist = IGRStickBreaking(
             loc, scale, temperature, delta, precision=precision, validate_args=validate_args
         )
-        super().__init__(self.simplex_dist.batch_shape, validate_args=validate_args)
+        super().__init__(self.simplex_dist.batch_shape, validate_args=False)
+        self._validate_args = self.simplex_dist._validate_args
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGRCount, _instance)

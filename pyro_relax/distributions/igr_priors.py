@@ -1,9 +1,12 @@
 """Priors for IGR: the closed form of a uniform prior, and fitting to a target PMF."""
 
 import math
+from numbers import Real
+from statistics import NormalDist
 
 import torch
 
+from pyro_relax._numerics import as_float, check_constraint, check_count, finite_positive
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
 
 __all__ = ["fit_igr_prior", "uniform_igr_prior"]
@@ -39,15 +42,39 @@ def uniform_igr_prior(num_categories: int, scale=1.0, *, dtype=None, device=None
         >>> round(float(loc[0]), 3)
         -0.753
     """
-    if isinstance(num_categories, bool) or not isinstance(num_categories, int):
-        raise ValueError(f"`num_categories` must be an integer, got {num_categories!r}")
-    if num_categories < 2:
-        raise ValueError(f"`num_categories` must be at least 2, got {num_categories}")
+    check_count("uniform_igr_prior", "num_categories", num_categories, minimum=2)
+    _check_positive_number("uniform_igr_prior", "scale", scale)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"uniform_igr_prior: `dtype` must be a floating dtype, got {dtype}")
     like = dict(dtype=dtype or torch.get_default_dtype(), device=device)
-    k = torch.tensor(float(num_categories), dtype=torch.float64)
-    ratio = -torch.special.ndtri(k ** (-1 / (k - 1)))
+    k = num_categories
+    # In Python, not torch: a model may call this while torch.jit.trace records.
+    ratio = -NormalDist().inv_cdf(k ** (-1 / (k - 1)))
     scale = torch.full((num_categories - 1,), float(scale), **like)
-    return ratio.to(**like) * scale, scale
+    return ratio * scale, scale
+
+
+def _check_positive_number(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
+        raise ValueError(f"{owner}: `{name}` must be a finite positive number, got {value!r}")
+
+
+def _target_pmf(target_probs):
+    """The target PMF as a floating tensor, checked: finite, non-negative, normalized."""
+    owner = "fit_igr_prior"
+    target = as_float(owner, "target_probs", target_probs)
+    if target.dim() < 1 or target.shape[-1] < 2:
+        raise ValueError(f"{owner}: `target_probs` needs a last dimension of at least 2")
+    if target.device.type != "meta":
+        # Always checked: a fit runs for seconds, and a bad target gives plausible numbers.
+        tolerance = max(1e-6, 16 * target.shape[-1] * torch.finfo(target.dtype).eps)
+        valid = torch.isfinite(target).all() and (target >= 0).all()
+        if not bool(valid and ((target.sum(-1) - 1).abs() <= tolerance).all()):
+            raise ValueError(
+                f"{owner}: `target_probs` must be finite, non-negative and sum to 1 over the "
+                f"last dimension, got {target if target.numel() <= 8 else 'other values'}"
+            )
+    return target
 
 
 def _hazard_init(target, scale):
@@ -152,6 +179,14 @@ def fit_igr_prior(
         >>> loc.shape
         torch.Size([2])
     """
+    owner = "fit_igr_prior"
+    for name, value in (("temperature", temperature), ("delta", delta)):
+        value = as_float(owner, name, value)
+        if value.device.type != "meta":
+            check_constraint(owner, name, value, finite_positive)
+    check_count(owner, "num_samples", num_samples)
+    check_count(owner, "num_steps", num_steps, minimum=0)
+    _check_positive_number(owner, "lr", lr)
     if objective not in ("squared_error", "cross_entropy"):
         raise ValueError(
             f"`objective` must be 'squared_error' or 'cross_entropy', got {objective!r}"
@@ -164,11 +199,9 @@ def fit_igr_prior(
         raise ValueError(
             "init='hazard' is for the stick-breaking families IGRStickBreaking, IGRCount"
         )
-    if init == "hazard" and not init_scale > 0:
-        raise ValueError(f"`init_scale` must be positive, got {init_scale!r}")
-    target = torch.as_tensor(target_probs)
-    if not target.is_floating_point():
-        target = target.to(torch.get_default_dtype())
+    if init == "hazard":
+        _check_positive_number(owner, "init_scale", init_scale)
+    target = _target_pmf(target_probs)
     if init == "hazard":
         loc, log_scale = _hazard_init(target, float(init_scale))
     else:

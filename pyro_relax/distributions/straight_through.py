@@ -5,9 +5,20 @@ from numbers import Real
 
 import torch
 from pyro.distributions import Bernoulli, OneHotCategorical, constraints
+from pyro.distributions.score_parts import ScoreParts
 from torch.distributions import Categorical, Distribution
 
-from pyro_relax._numerics import categorical_parameters, gumbel_like, log1mexp, straight_through
+from pyro_relax._numerics import (
+    categorical_parameters,
+    finite_positive,
+    finite_real,
+    gumbel_like,
+    log1mexp,
+    log_weights,
+    static_size,
+    straight_through,
+    validation_enabled,
+)
 
 __all__ = [
     "GRMCKBernoulli",
@@ -34,8 +45,8 @@ def _one_hot(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _check_gap(gap):
     if isinstance(gap, str) and gap == "expected":
         return gap
-    if isinstance(gap, bool) or not isinstance(gap, Real) or not gap >= 0:
-        raise ValueError(f'`gap` must be a non-negative number or "expected", got {gap!r}')
+    if isinstance(gap, bool) or not isinstance(gap, Real) or not 0 <= gap < math.inf:
+        raise ValueError(f'`gap` must be a finite non-negative number or "expected", got {gap!r}')
     return float(gap)
 
 
@@ -77,7 +88,7 @@ def _concrete_log_density(logits, temperature, log_weights):
     Unlike ``torch.distributions.ExpRelaxedCategorical``, a batched temperature broadcasts with
     the batch, not with the categories (pytorch#37162).
     """
-    num_classes = logits.shape[-1]
+    num_classes = static_size(logits.shape[-1])
     scores = logits - temperature.unsqueeze(-1) * log_weights
     return (
         math.lgamma(num_classes)
@@ -105,6 +116,18 @@ def _carried_log_weights(value, validate: bool, name: str) -> torch.Tensor:
     return value.clamp(min=torch.finfo(value.dtype).tiny).log()
 
 
+def _score_parts(self, value):
+    """Pyro's estimator ingredients: a value with a pathwise gradient (a draw of ``rsample``)
+    is reparameterized; one without (a value Pyro enumerated, or a draw taken without
+    gradients) gets its score function, as a non-reparameterized ``OneHotCategorical`` or
+    ``Bernoulli`` would, so that ``TraceEnum_ELBO`` weights enumerated guide values by their
+    probabilities and differentiates through them. The entropy term is kept in both cases:
+    ``TraceMeanField_ELBO`` reads the loss from it where no KL is registered."""
+    log_prob = self.log_prob(value)
+    score_function = 0 if value.requires_grad else log_prob
+    return ScoreParts(log_prob=log_prob, score_function=score_function, entropy_term=log_prob)
+
+
 class _StraightThroughCategorical(OneHotCategorical):
     """Base of the straight-through one-hot categoricals: exact one-hot samples of
     ``Categorical(softmax(logits))`` whose gradient is that of a surrogate :math:`h`, which each
@@ -112,16 +135,17 @@ class _StraightThroughCategorical(OneHotCategorical):
 
     arg_constraints = {
         "probs": constraints.simplex,
-        "logits": constraints.real_vector,
-        "temperature": constraints.positive,
+        "logits": log_weights,
+        "temperature": finite_positive,
     }
     has_rsample = True
     # Estimator options, copied by `expand` (and used by the Bernoulli versions).
     _option_names = ()
 
     def __init__(self, logits=None, probs=None, temperature=1.0, *, hard=True, validate_args=None):
+        validate = validation_enabled(validate_args)
         _, param, temperature, batch_shape = categorical_parameters(
-            probs, logits, temperature, "categories"
+            type(self).__name__, probs, logits, temperature, validate, "categories"
         )
         param = param.expand(batch_shape + param.shape[-1:])
         self.temperature = temperature
@@ -131,9 +155,10 @@ class _StraightThroughCategorical(OneHotCategorical):
         self._categorical = Categorical(
             probs=param if probs is not None else None,
             logits=param if logits is not None else None,
-            validate_args=validate_args,
+            validate_args=False,
         )
-        Distribution.__init__(self, batch_shape, param.shape[-1:], validate_args=validate_args)
+        Distribution.__init__(self, batch_shape, param.shape[-1:], validate_args=False)
+        self._validate_args = validate
 
     def expand(self, batch_shape, _instance=None):
         new = _instance if _instance is not None else self.__new__(type(self))
@@ -147,6 +172,8 @@ class _StraightThroughCategorical(OneHotCategorical):
     @property
     def support(self):
         return constraints.one_hot if self.hard else constraints.simplex
+
+    score_parts = _score_parts
 
     @property
     def has_enumerate_support(self):
@@ -524,23 +551,25 @@ class _StraightThroughBernoulli(Bernoulli):
 
     arg_constraints = {
         "probs": constraints.unit_interval,
-        "logits": constraints.real,
-        "temperature": constraints.positive,
+        "logits": finite_real,
+        "temperature": finite_positive,
     }
     has_rsample = True
     _categorical_class = _StraightThroughCategorical
 
     def __init__(self, logits=None, probs=None, temperature=1.0, *, hard=True, validate_args=None):
+        validate = validation_enabled(validate_args)
         _, param, temperature, batch_shape = categorical_parameters(
-            probs, logits, temperature, event_dim=0
+            type(self).__name__, probs, logits, temperature, validate, event_dim=0
         )
         param = param.expand(batch_shape)
         self.temperature = temperature
         self.hard = bool(hard)
         if probs is not None:
-            super().__init__(probs=param, validate_args=validate_args)
+            super().__init__(probs=param, validate_args=False)
         else:
-            super().__init__(logits=param, validate_args=validate_args)
+            super().__init__(logits=param, validate_args=False)
+        self._validate_args = validate
         self._relaxed = self._build_relaxed()
 
     def _build_relaxed(self):
@@ -567,6 +596,8 @@ class _StraightThroughBernoulli(Bernoulli):
     @property
     def support(self):
         return constraints.boolean if self.hard else constraints.unit_interval
+
+    score_parts = _score_parts
 
     @property
     def has_enumerate_support(self):

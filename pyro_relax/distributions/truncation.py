@@ -1,15 +1,32 @@
 """Truncated probability mass functions of count distributions, with an accurate tail bin."""
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Binomial, Distribution, Geometric, NegativeBinomial, Poisson
+from torch.distributions import (
+    Binomial,
+    Distribution,
+    Geometric,
+    NegativeBinomial,
+    Poisson,
+    constraints,
+)
 
-from pyro_relax._numerics import log1mexp
+from pyro_relax._numerics import (
+    check_constraint,
+    finite_positive,
+    finite_real,
+    log1mexp,
+    parse_parameters,
+    positive_probability,
+)
 
 __all__ = [
     "automatic_truncation",
+    "check_base",
     "check_truncation",
     "log_survival",
     "truncated_log_probs",
@@ -98,10 +115,14 @@ def _negative_binomial_log_sf(base: NegativeBinomial, k: torch.Tensor, size: int
     index = (starts.unsqueeze(-1) + terms).flatten(-2)
     window = extended.gather(-1, index).unflatten(-1, (starts.shape[-1], _NB_TAIL_TERMS))
     last = starts.double() + (_NB_TAIL_TERMS - 1)
-    p = torch.sigmoid(logits)
-    ratio = torch.where(r >= 1, p * (last + r) / (last + 1), p)
-    ratio = ratio.clamp(max=1 - torch.finfo(ratio.dtype).eps)  # finite where this branch is unused
-    remainder = window[..., -1] + torch.log(ratio) - torch.log1p(-ratio)
+    # The ratio in log space: p underflows to 0 for very negative logits, where log(p) and its
+    # gradient would be infinite and the NaN of 0 * inf would reach the logits.
+    log_ratio = F.logsigmoid(logits) + torch.where(
+        r >= 1, torch.log((last + r) / (last + 1)), torch.zeros_like(last)
+    )
+    # Below 1, so that the bound is finite where this branch is not used.
+    log_ratio = log_ratio.clamp(max=math.log1p(-torch.finfo(log_ratio.dtype).eps))
+    remainder = window[..., -1] + log_ratio - log1mexp(log_ratio)
     series = torch.logaddexp(torch.logsumexp(window, -1), remainder)
     return torch.where(_at(use_complement, k), _at(complement, k), series).to(k.dtype)
 
@@ -130,24 +151,80 @@ def _at(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return values.gather(-1, index)
 
 
+class _Family(NamedTuple):
+    cls: type
+    log_pmf: Callable
+    log_sf: Callable
+    # The parameters a distribution of the family may hold (by torch's attribute names), with
+    # the values the truncated PMF can be computed from: finite, and away from the degenerate
+    # limits whose log-PMF is 0 * -inf.
+    constraints: dict
+
+
 # Most derived classes first: the lookup takes the first isinstance match.
 _FAMILIES = (
-    (Binomial, _binomial_log_pmf, _binomial_log_sf),
-    (NegativeBinomial, _negative_binomial_log_pmf, _negative_binomial_log_sf),
-    (Geometric, _geometric_log_pmf, _geometric_log_sf),
-    (Poisson, _poisson_log_pmf, _poisson_log_sf),
+    _Family(
+        Binomial,
+        _binomial_log_pmf,
+        _binomial_log_sf,
+        {
+            "total_count": constraints.nonnegative_integer,
+            "probs": constraints.unit_interval,
+            "logits": finite_real,
+        },
+    ),
+    _Family(
+        NegativeBinomial,
+        _negative_binomial_log_pmf,
+        _negative_binomial_log_sf,
+        {
+            "total_count": finite_positive,
+            "probs": constraints.half_open_interval(0.0, 1.0),
+            "logits": finite_real,
+        },
+    ),
+    _Family(
+        Geometric,
+        _geometric_log_pmf,
+        _geometric_log_sf,
+        {"probs": positive_probability, "logits": finite_real},
+    ),
+    _Family(Poisson, _poisson_log_pmf, _poisson_log_sf, {"rate": finite_positive}),
 )
 
 
-def _family(base: Distribution):
-    for cls, log_pmf, log_sf in _FAMILIES:
-        if isinstance(base, cls):
-            return log_pmf, log_sf
-    names = ", ".join(cls.__name__ for cls, _, _ in _FAMILIES)
+def _family(base: Distribution) -> _Family:
+    for family in _FAMILIES:
+        if isinstance(base, family.cls):
+            return family
+    names = ", ".join(family.cls.__name__ for family in _FAMILIES)
     raise ValueError(
         f"GenGS has no truncation rule for {type(base).__name__}; supported bases are {names}. "
         "For another family pass its truncated log-probabilities as `logits` to TruncatedGenGS."
     )
+
+
+def check_base(owner: str, base: Distribution, validate: bool, **others):
+    """Checks the parameters of a count distribution, and returns it ready to truncate.
+
+    Its parameters (those held, by torch's names: ``rate``, ``total_count``, ``probs``,
+    ``logits``) and ``others`` (say the ``temperature``) must share a device; with ``validate``
+    they must lie where the truncated PMF is defined (finite, and not a degenerate limit), else
+    ``ValueError`` names the parameter. A base in half precision or with integer parameters is
+    rebuilt in float32 or the default dtype, the dtypes the PMF is computed in.
+
+    Returns:
+        ``(base, others)``: the base, and ``others`` as tensors on its device, in its dtype.
+    """
+    family = _family(base)
+    held = {name: base.__dict__[name] for name in family.constraints if name in base.__dict__}
+    parsed, _ = parse_parameters(owner, {**held, **others}, {}, validate=False)
+    for name in held:
+        if validate:
+            check_constraint(owner, name, parsed[name], family.constraints[name])
+    if any(parsed[name] is not value for name, value in held.items()):
+        base = type(base)(**{name: parsed[name] for name in held}, validate_args=False)
+    return base, {name: parsed[name] for name in others}
 
 
 def _like(base: Distribution) -> torch.Tensor:
@@ -165,7 +242,7 @@ def log_survival(base: Distribution, size: int, counts: torch.Tensor | None = No
     """
     if counts is None:
         counts = _counts(size, _like(base))
-    return _family(base)[1](base, counts.to(_like(base).dtype), size)
+    return _family(base).log_sf(base, counts.to(_like(base).dtype), size)
 
 
 def truncated_log_probs(base: Distribution, truncation, size: int | None = None) -> torch.Tensor:
@@ -201,7 +278,7 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
             raise ValueError("`size` is required when `truncation` is a tensor")
         size = truncation
     check_truncation("size", size)
-    log_pmf, log_sf = _family(base)
+    log_pmf, log_sf = _family(base)[1:3]
     k = _counts(size, _like(base))
     # The survival function is needed at the last outcome only (it is the costly part).
     if torch.is_tensor(truncation):
@@ -258,9 +335,9 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
         raise ValueError(f"`mass` must lie in (0, 1), got {mass}")
     if max_truncation is not None:
         check_truncation("max_truncation", max_truncation)
-    log_pmf = _family(base)[0]
+    log_pmf = _family(base).log_pmf
     like = _like(base).detach()
-    threshold = torch.log(torch.tensor(mass, dtype=like.dtype, device=like.device))
+    threshold = math.log(mass)
     size = max_truncation if max_truncation is not None else 16
     while True:
         with torch.no_grad():

@@ -4,6 +4,13 @@ import torch
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
+from pyro_relax._numerics import (
+    finite_positive,
+    parse_parameters,
+    static_size,
+    validation_enabled,
+)
+
 __all__ = [
     "SoftmaxPlusPlusTransform",
     "attach_log_simplex",
@@ -42,12 +49,15 @@ def same_values(a, b) -> bool:
 
     The same object, equal Python numbers, or equal CPU tensors after broadcasting; tensors on
     another device are compared by identity only, so that no call synchronizes with an
-    accelerator.
+    accelerator. While ``torch.jit.trace`` records, tensors are compared by identity too: a
+    value comparison would be baked into the trace as a constant.
     """
     if a is b:
         return True
     if not torch.is_tensor(a) and not torch.is_tensor(b):
         return a == b  # Python numbers (or None), as passed by the user
+    if torch.jit.is_tracing():
+        return False
     if not torch.is_tensor(a):
         a, b = b, a
     b = torch.as_tensor(b, dtype=a.dtype)  # a number takes the tensor's dtype, as in IGR
@@ -132,8 +142,14 @@ class SoftmaxPlusPlusTransform(Transform):
 
     def __init__(self, temperature, delta=1.0, cache_size=0):
         super().__init__(cache_size=cache_size)
-        self.temperature = torch.as_tensor(temperature)
-        self.delta = torch.as_tensor(delta)
+        params, _ = parse_parameters(
+            type(self).__name__,
+            {"temperature": temperature, "delta": delta},
+            {"temperature": finite_positive, "delta": finite_positive},
+            # A transform has no validate_args of its own: it follows the global setting.
+            validate=validation_enabled(None),
+        )
+        self.temperature, self.delta = params["temperature"], params["delta"]
 
     def __eq__(self, other):
         return (
@@ -160,7 +176,7 @@ class SoftmaxPlusPlusTransform(Transform):
         return batch + (shape[-1] + 1,)
 
     def inverse_shape(self, shape):
-        if len(shape) < 1 or shape[-1] < 2:
+        if len(shape) < 1 or static_size(shape[-1]) < 2:
             raise ValueError("the simplex needs at least 2 coordinates")
         batch = broadcast_shapes(shape[:-1], self._parameter_shape())
         return batch + (shape[-1] - 1,)
