@@ -10,6 +10,9 @@ __all__ = ["build_parser", "main"]
 
 # A few steps of each run: enough to exercise every code path, for tests.
 _SMOKE = {"epochs": 2, "steps_per_epoch": 3, "eval_samples": 2}
+# Where experiments write unless told otherwise: not the repository's committed results/, which
+# only a deliberate `--results results` updates.
+_DEFAULT_RESULTS = "pyro-relax-results"
 
 
 def _positive_int(text: str) -> int:
@@ -70,13 +73,28 @@ def _add_experiments(subparsers, argv) -> None:
             "--smoke", action="store_true", help="tiny settings that run in seconds (CI)"
         )
         sub.add_argument(
-            "--results", default="results", help="directory for results (default: results)"
+            "--results",
+            default=_DEFAULT_RESULTS,
+            help=f"directory for results (default: {_DEFAULT_RESULTS}; the repository's "
+            "committed results are updated with --results results)",
         )
         sub.add_argument("--device", default="cpu", help="torch device (default: cpu)")
         module = experiments.load(name)
         sub.description = module.DESCRIPTION
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=_run_experiment, run_experiment=module.run)
+
+
+def _run_experiment(args) -> int:
+    """Runs the chosen experiment. A problem the user can fix (a damaged or missing file) is
+    one line on stderr and exit status 1, not a traceback."""
+    from pyro_relax.experiments.common import ExperimentError
+
+    try:
+        return args.run_experiment(args)
+    except ExperimentError as error:
+        print(f"pyro-relax experiment {args.experiment}: {error}", file=sys.stderr)
+        return 1
 
 
 def build_parser(argv=()) -> argparse.ArgumentParser:

@@ -1,25 +1,33 @@
-"""The experiments' shared machinery: results merged atomically, checkpoints, the command line."""
+"""The experiments' shared machinery: results merged atomically, checkpoints, the command line,
+and the guarantees every experiment keeps: a finished result is never lost or overwritten."""
 
 import json
 import multiprocessing
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pyro_relax.__main__ import build_parser
-from pyro_relax.experiments import EXPERIMENTS
+from pyro_relax.__main__ import build_parser, main
+from pyro_relax.experiments import EXPERIMENTS, common
 from pyro_relax.experiments.common import (
     Checkpoint,
+    CorruptFileError,
+    ExperimentError,
     atomic_write_text,
+    checkpoint_path,
     markdown_table,
+    read_records,
     save_figure,
     torch_threads,
     update_records,
 )
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 KEY = ("prior", "estimator")
 
@@ -31,6 +39,37 @@ def test_update_records_replaces_a_rerun_and_keeps_the_others(tmp_path):
     merged = update_records(path, [{"prior": "a", "estimator": "x", "value": 3}], KEY)
     assert json.loads(path.read_text()) == merged
     assert sorted((r["prior"], r["value"]) for r in merged) == [("a", 3), ("b", 2)]
+
+
+def test_update_records_keeps_the_records_of_other_settings(tmp_path):
+    # The key is a function of the record; a stored record that lacks a setting gets the value
+    # it ran with.
+    def settings(record):
+        return {"prior": record["prior"], "lr": record.get("lr", 0.001), "hidden": record["hidden"]}
+
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps([{"prior": "a", "hidden": [8, 4], "value": 1}]))
+    update_records(path, [{"prior": "a", "lr": 0.002, "hidden": (8, 4), "value": 2}], settings)
+    merged = update_records(
+        path, [{"prior": "a", "lr": 0.001, "hidden": (8, 4), "value": 3}], settings
+    )
+    assert sorted(r["value"] for r in merged) == [2, 3]  # the old record was the lr 0.001 run
+
+
+@pytest.mark.parametrize("content", ['[{"prior": ', "{}", "[1, 2]", "\udcff"])
+def test_a_damaged_results_file_is_refused_and_left_alone(tmp_path, content):
+    path = tmp_path / "runs.json"
+    path.write_text(content, errors="surrogateescape")
+    before = path.read_bytes()
+    for attempt in (
+        lambda: read_records(path),
+        lambda: update_records(path, [{"prior": "a", "estimator": "x"}], KEY),
+    ):
+        with pytest.raises(CorruptFileError) as error:
+            attempt()
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert path.read_bytes() == before
+    assert read_records(tmp_path / "absent.json") == []
 
 
 def _writer(path, index):
@@ -82,6 +121,48 @@ def test_checkpoint_restores_state_and_random_generators(tmp_path):
     assert not checkpoint.path.exists()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [lambda raw: raw[: len(raw) // 2], lambda raw: b"not a checkpoint", lambda raw: b""],
+    ids=["truncated", "garbage", "empty"],
+)
+def test_a_damaged_checkpoint_is_refused_and_left_alone(tmp_path, damage):
+    checkpoint = Checkpoint(tmp_path / "run.pt", {"lr": 0.001})
+    checkpoint.save({"epoch": 3, "weights": torch.arange(1000.0)})
+    checkpoint.path.write_bytes(damage(checkpoint.path.read_bytes()))
+    before = checkpoint.path.read_bytes()
+    with pytest.raises(CorruptFileError) as error:
+        checkpoint.load()
+    message = str(error.value)
+    assert str(checkpoint.path) in message and "delete it" in message and "\n" not in message
+    assert checkpoint.path.read_bytes() == before
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    Checkpoint(tmp_path / "run.pt", {"lr": 0.001}).save({"epoch": 3})
+    with pytest.raises(ExperimentError, match="other settings"):
+        Checkpoint(tmp_path / "run.pt", {"lr": 0.002}).load()
+    assert Checkpoint(tmp_path / "run.pt", {"lr": 0.001}).load()["epoch"] == 3
+
+
+def test_a_checkpoint_save_leaves_no_temporary_file(tmp_path):
+    checkpoint = Checkpoint(tmp_path / "run.pt")
+    checkpoint.save({"epoch": 1})
+    checkpoint.save({"epoch": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]
+
+
+def test_checkpoint_paths_differ_in_every_setting(tmp_path):
+    settings = {"prior": "Pois(2)", "lr": 0.001, "hidden": (8, 4), "device": "cpu"}
+    path = checkpoint_path(tmp_path, "vae-Pois(2)-seed0", settings)
+    assert path.parent == tmp_path / "checkpoints" and path.name.startswith("vae-Pois-2-seed0-")
+    assert checkpoint_path(tmp_path, "vae-Pois(2)-seed0", dict(settings, hidden=[8, 4])) == path
+    for name, other in [("lr", 0.002), ("hidden", (8,)), ("device", "cuda")]:
+        assert (
+            checkpoint_path(tmp_path, "vae-Pois(2)-seed0", dict(settings, **{name: other})) != path
+        )
+
+
 def test_command_line_imports_only_the_experiment_it_runs():
     # Another experiment's dependencies must not be needed to run the demo or an experiment.
     code = (
@@ -120,3 +201,88 @@ def test_save_figure_replaces_the_png_and_leaves_no_temporary_file(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_the_default_results_folder_is_not_the_committed_one(name):
+    argv = ["experiment", name]
+    results = Path(build_parser(argv).parse_args(argv).results)
+    assert results == Path("pyro-relax-results")
+    assert (REPOSITORY / results).resolve() != (REPOSITORY / "results").resolve()
+
+
+# --- Every experiment: a finished result is never lost ---------------------------------------
+
+# Each experiment's smoke run (quick options), its results files, and a function that it calls
+# only to train or score (forbidden where a run must not train).
+RUNS = {
+    "vae": (["--estimator", "GenGS"], ["gengs_vae.json"], "discrete_neg_elbo"),
+    "synthetic": (
+        ["--distributions", "poisson", "binomial"],
+        ["synthetic.json", "synthetic_bias.json"],
+        "optimize",
+    ),
+    "topic": (["--estimators", "GenGS"], ["topic.json"], "perplexity"),
+}
+DAMAGED = [(name, file) for name, (_, files, _) in RUNS.items() for file in files]
+
+
+def _smoke(name, results):
+    options, _, _ = RUNS[name]
+    return main(["experiment", name, "--smoke", "--results", str(results), *options])
+
+
+def _forbid(monkeypatch, name):
+    """Makes ``name``'s training (or scoring) fail, to show that a run does none."""
+    module = __import__(f"pyro_relax.experiments.{name}", fromlist=["_"])
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the run trained")
+
+    monkeypatch.setattr(module, RUNS[name][2], fail)
+
+
+def _error_lines(capsys) -> list:
+    return [
+        line for line in capsys.readouterr().err.splitlines() if "pyro-relax experiment" in line
+    ]
+
+
+@pytest.mark.parametrize("name, file", DAMAGED)
+def test_a_damaged_results_file_stops_a_run_before_it_trains(
+    tmp_path, monkeypatch, capsys, name, file
+):
+    path = tmp_path / file
+    path.write_text('[{"finished": ')
+    _forbid(monkeypatch, name)
+    assert _smoke(name, tmp_path) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(path) in error and "left untouched" in error
+    assert path.read_text() == '[{"finished": '
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_a_finished_run_survives_a_failed_merge(tmp_path, monkeypatch, capsys, name):
+    # The results file is damaged while the run trains: the merge fails, the run says so in
+    # one line and keeps its checkpoint; once the file is repaired, the next run merges the
+    # finished record without training again.
+    merge = common.update_records
+
+    def damage_then_merge(path, records, key):
+        path.write_text("[")
+        return merge(path, records, key)
+
+    monkeypatch.setattr(common, "update_records", damage_then_merge)
+    assert _smoke(name, tmp_path) == 1
+    [line] = _error_lines(capsys)
+    damaged = tmp_path / RUNS[name][1][0]
+    assert str(damaged) in line
+    assert list((tmp_path / "checkpoints").glob("*.pt"))
+
+    damaged.unlink()
+    monkeypatch.setattr(common, "update_records", merge)
+    _forbid(monkeypatch, name)
+    assert _smoke(name, tmp_path) == 0
+    assert json.loads(damaged.read_text())
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))

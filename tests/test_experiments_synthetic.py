@@ -3,13 +3,15 @@
 import dataclasses
 import json
 import math
+import shlex
+from pathlib import Path
 
 import pyro
 import pytest
 import torch
 
-from pyro_relax.__main__ import main
-from pyro_relax.experiments import synthetic
+from pyro_relax.__main__ import build_parser, main
+from pyro_relax.experiments import common, synthetic
 
 REQUIRED_FIELDS = {
     "distribution",
@@ -194,3 +196,115 @@ def test_tracegraph_reinforce_is_the_score_function_estimate_of_the_loss():
     (expected,) = torch.autograd.grad((losses * score).mean(), leaf)
     torch.testing.assert_close(rate.grad, expected)
     pyro.clear_param_store()
+
+
+# --- Results: resuming, settings, committed records ------------------------------------------
+
+QUICK = ["--distributions", "poisson", "binomial"]
+
+
+def _run(results, *options):
+    return main(["experiment", "synthetic", "--smoke", "--results", str(results), *options])
+
+
+def _without_times(records):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "command")} for r in records]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_on_call(monkeypatch, name, call):
+    """Makes the ``call``-th call of ``synthetic.<name>`` raise :class:`_Interrupt`."""
+    original, calls = getattr(synthetic, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == call:
+            raise _Interrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, name, interrupted)
+
+
+@pytest.mark.parametrize("where", ["_bias_row", "gradient_study"])
+def test_an_interrupted_run_resumes_to_the_same_records(tmp_path, monkeypatch, where):
+    assert _run(tmp_path / "straight", *QUICK) == 0
+    _interrupt_on_call(monkeypatch, where, call=2)
+    with pytest.raises(_Interrupt):
+        _run(tmp_path / "resumed", *QUICK)
+    assert len(list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))) == 1
+    monkeypatch.undo()
+    optimized = []
+    optimize = synthetic.optimize
+    monkeypatch.setattr(synthetic, "optimize", lambda *a: optimized.append(a) or optimize(*a))
+    pyro.set_rng_seed(123)  # whatever happens in between, every unit of work seeds itself
+    assert _run(tmp_path / "resumed", *QUICK) == 0
+
+    # Only the unfinished units ran again: in the grid, the one interrupted and those after it.
+    grid = sum(
+        len(synthetic.estimators(synthetic.PROBLEMS[name](3), synthetic.SMOKE))
+        for name in ("poisson", "binomial")
+    )
+    assert len(optimized) == (grid - 1 if where == "gradient_study" else 0)
+    for name in ("synthetic.json", "synthetic_bias.json"):
+        straight, resumed = (
+            json.loads((tmp_path / run / name).read_text()) for run in ("straight", "resumed")
+        )
+        assert _without_times(resumed) == _without_times(straight)
+    assert not list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))
+
+
+def test_a_damaged_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    _interrupt_on_call(monkeypatch, "gradient_study", call=3)
+    with pytest.raises(_Interrupt):
+        _run(tmp_path, *QUICK)
+    monkeypatch.undo()
+    [checkpoint] = (tmp_path / "checkpoints").glob("*.pt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+    capsys.readouterr()
+    assert _run(tmp_path, *QUICK) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(checkpoint) in error and "delete it" in error
+
+
+def test_a_rerun_with_other_settings_keeps_the_earlier_records(tmp_path):
+    assert _run(tmp_path, "--distributions", "poisson") == 0
+    first = json.loads((tmp_path / "synthetic.json").read_text())
+    assert _run(tmp_path, "--distributions", "poisson", "--steps", "5") == 0
+    assert _run(tmp_path, "--distributions", "poisson", "--lr", "0.1") == 0
+    assert _run(tmp_path, "--distributions", "poisson", "--bias-repeats", "50") == 0
+    records = json.loads((tmp_path / "synthetic.json").read_text())
+    assert len(records) == 3 * len(first)
+    assert sorted({(r["steps"], r["lr"]) for r in records}) == [(5, 0.05), (10, 0.05), (10, 0.1)]
+    sweep = json.loads((tmp_path / "synthetic_bias.json").read_text())
+    assert sorted(r["repeats"] for r in sweep) == [50, 50, 200, 200]
+
+
+def test_a_run_without_the_poisson_draws_its_figures_without_a_warning(tmp_path):
+    assert _run(tmp_path, "--distributions", "binomial") == 0  # warnings are errors here
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "results"
+
+
+def test_committed_records_are_matched_by_the_settings_of_their_commands():
+    # The committed records predate the settings they are now keyed by; each must be the
+    # record its own command would replace, and no other.
+    for file, settings_of in [
+        ("synthetic.json", synthetic._record_settings),
+        ("synthetic_bias.json", synthetic._sweep_settings),
+    ]:
+        records = json.loads((COMMITTED / file).read_text())
+        digests = {common.settings_digest(settings_of(r)) for r in records}
+        assert len(digests) == len(records)
+        for record in records:
+            argv = shlex.split(record["command"])[1:]
+            config = synthetic._config(build_parser(argv).parse_args(argv))
+            if file == "synthetic.json":
+                identity = (record["distribution"], record["estimator"], record["temperature"])
+                expected = synthetic._unit_settings(config, 0, "cpu", *identity)
+            else:
+                expected = synthetic._row_settings(config, 0, "cpu", record["temperature"])
+            assert common.settings_digest(expected) == common.settings_digest(settings_of(record))

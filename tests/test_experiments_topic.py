@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +53,7 @@ def test_smoke_run_writes_results(tmp_path):
         assert record["epochs"] == len(record["history"]) == topic.SMOKE_CONFIG.epochs
     assert "| synthetic-smoke | GenGS | 0 |" in (tmp_path / "topic.md").read_text()
     assert (tmp_path / "topic.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert not list((tmp_path / ".checkpoints").iterdir())  # removed once the run is done
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))  # removed once merged
     true_model = next(r for r in records if r["estimator"] == topic.TRUE_MODEL)
     assert "true decoder" in true_model["objective"]
 
@@ -269,3 +271,63 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, estimator):
     assert without_times(resumed) == without_times(uninterrupted)
     # A finished run's checkpoint holds its record.
     assert topic.train(estimator, corpus, config, checkpoint=checkpoint) == resumed
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: settings, checkpoints, committed records, damaged corpora
+
+
+def test_a_rerun_on_another_split_keeps_the_earlier_records(tmp_path):
+    counts = np.random.default_rng(0).poisson(0.5, size=(80, 12))
+    topic.save_corpus(tmp_path / "mine.npz", counts)
+    argv = ["experiment", "topic", "--smoke", "--results", str(tmp_path)]
+    argv += ["--corpus", str(tmp_path / "mine.npz"), "--estimators", "GenGS"]
+    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--test-fraction", "0.5"]) == 0
+    assert cli.main(argv) == 0  # the first split again: replaces its record
+    records = json.loads((tmp_path / "topic.json").read_text())
+    assert len(records) == 2 and len({r["corpus_digest"] for r in records}) == 2
+
+
+def test_runs_of_other_settings_have_their_own_checkpoints(tmp_path):
+    corpus = topic.synthetic_corpus(0, topic.SMOKE_SPEC)
+    config = topic.SMOKE_CONFIG
+    paths = {
+        topic._checkpoint(tmp_path, corpus, label, other, device).path
+        for label, other, device in [
+            (topic.GENGS, config, "cpu"),
+            (topic.REINFORCE, config, "cpu"),
+            (topic.GENGS, dataclasses.replace(config, learning_rate=0.01), "cpu"),
+            (topic.GENGS, dataclasses.replace(config, epochs=3), "cpu"),
+            (topic.GENGS, config, "cuda"),
+        ]
+    }
+    assert len(paths) == 5
+
+
+def test_committed_records_are_matched_by_the_settings_of_their_commands():
+    # The committed records predate the corpus fingerprint and the device in the key; each
+    # must be the record its own command would replace, and no other.
+    records = json.loads((Path(__file__).resolve().parents[1] / "results/topic.json").read_text())
+    digests = set()
+    for record in records:
+        argv = shlex.split(record["command"])[1:]
+        args = cli.build_parser(argv).parse_args(argv)
+        config = dataclasses.asdict(topic._config(args))
+        expected = topic._run_settings("synthetic", None, record["estimator"], "cpu", config)
+        stored = topic._record_settings(record)
+        assert common.settings_digest(stored) == common.settings_digest(expected)
+        digests.add(common.settings_digest(stored))
+    assert len(digests) == len(records)
+
+
+@pytest.mark.parametrize(
+    "content", [b"not a zip archive", b"PK\x03\x04 truncated"], ids=["garbage", "truncated"]
+)
+def test_a_damaged_corpus_file_is_one_clear_line(tmp_path, capsys, content):
+    path = tmp_path / "mine.npz"
+    path.write_bytes(content)
+    argv = ["experiment", "topic", "--smoke", "--results", str(tmp_path), "--corpus", str(path)]
+    assert cli.main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(path) in error and "write it again" in error

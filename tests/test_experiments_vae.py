@@ -1,9 +1,12 @@
 """The count-latent VAE experiment: command line, resume, the discrete-ELBO scorer, the priors."""
 
+import dataclasses
 import itertools
 import json
 import math
 import shlex
+import types
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -12,8 +15,9 @@ import torch
 from pyro import poutine
 from torch.distributions import kl_divergence
 
-from pyro_relax.__main__ import main
-from pyro_relax.experiments import vae
+from pyro_relax.__main__ import build_parser, main
+from pyro_relax.experiments import common, vae
+from pyro_relax.experiments.data import IDX_FILES, write_idx
 from pyro_relax.experiments.vae import (
     ESTIMATORS,
     PRIORS,
@@ -112,21 +116,116 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, es
     assert not list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))
 
 
-def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
-    options = ["--prior", "Pois(2)", "--estimator", "GenGS-IMP"]
+def _checkpoints(results):
+    return sorted((results / "checkpoints").glob("*.pt"))
+
+
+def test_runs_of_other_settings_keep_their_own_checkpoints_and_records(tmp_path, monkeypatch):
+    # A run interrupted with one learning rate, a run with another (as if concurrent), then
+    # the first resumed: neither touches the other's checkpoint, and both records are kept.
+    options = ["--prior", "Pois(2)", "--estimator", "GenGS-IMP", "--epochs", "2"]
 
     def interrupt(epoch):
         raise _Interrupt
 
     monkeypatch.setattr(vae, "_after_epoch", interrupt)
     with pytest.raises(_Interrupt):
-        _smoke(tmp_path / "a", *options, "--epochs", "2")
+        _smoke(tmp_path, *options)
+    [interrupted] = _checkpoints(tmp_path)
+    saved = interrupted.read_bytes()
     monkeypatch.setattr(vae, "_after_epoch", lambda epoch: None)
-    _smoke(tmp_path / "a", *options, "--epochs", "1")
-    _smoke(tmp_path / "b", *options, "--epochs", "1")
-    assert "starting over" in capsys.readouterr().err
-    a, b = (json.loads((tmp_path / d / "gengs_vae.json").read_text())[0] for d in "ab")
-    assert a["train_neg_elbo"] == b["train_neg_elbo"]
+    _smoke(tmp_path, *options, "--lr", "0.002")
+    assert _checkpoints(tmp_path) == [interrupted] and interrupted.read_bytes() == saved
+    _smoke(tmp_path, *options)
+    assert not _checkpoints(tmp_path)
+    records = json.loads((tmp_path / "gengs_vae.json").read_text())
+    assert sorted(r["lr"] for r in records) == [0.001, 0.002]
+
+
+def test_a_rerun_with_other_settings_keeps_the_earlier_record(tmp_path):
+    options = ["--prior", "Pois(2)", "--estimator", "REINFORCE"]
+    _smoke(tmp_path, *options)
+    _smoke(tmp_path, *options, "--epochs", "2")
+    _smoke(tmp_path, *options, "--latents", "4")
+    _smoke(tmp_path, *options, "--epochs", "2")  # the same settings: replaces its record
+    records = json.loads((tmp_path / "gengs_vae.json").read_text())
+    assert sorted((r["epochs"], r["latents"]) for r in records) == [(1, 4), (1, 8), (2, 8)]
+
+
+def _fake_mnist(num_train=60_000):
+    """What the settings read of MNIST: its name and how many training images it has."""
+    return types.SimpleNamespace(name="MNIST", train_images=torch.empty(num_train, 0))
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.mark.parametrize("file", ["gengs_vae.json", "vae_latents_128/gengs_vae.json"])
+def test_committed_records_are_matched_by_the_settings_of_their_commands(file):
+    # The committed records predate the settings in the key (the device) and each must be the
+    # record its own command would replace, and no other.
+    records = json.loads((COMMITTED / file).read_text())
+    keys = set()
+    for record in records:
+        argv = shlex.split(record["command"])[1:]
+        args = build_parser(argv).parse_args(argv)
+        settings = vae._settings(args, _fake_mnist(), record["prior"], record["estimator"])
+        stored = vae._record_settings(record)
+        assert common.settings_digest(stored) == common.settings_digest(
+            dataclasses.asdict(settings)
+        )
+        keys.add(common.settings_digest(stored))
+    assert len(keys) == len(records)
+
+
+def test_committed_records_are_replaced_only_by_their_own_rerun(tmp_path):
+    path = tmp_path / "gengs_vae.json"
+    committed = json.loads((COMMITTED / "gengs_vae.json").read_text())
+    path.write_text(json.dumps(committed))
+    rerun = dict(
+        committed[3], train_neg_elbo=1.0, device="cpu", hidden=tuple(committed[3]["hidden"])
+    )
+    merged = common.update_records(path, [rerun], vae._record_settings)
+    assert len(merged) == len(committed)
+    assert [r for r in merged if r["train_neg_elbo"] == 1.0] == [rerun]
+    other = dict(rerun, lr=0.002)
+    assert len(common.update_records(path, [other], vae._record_settings)) == len(committed) + 1
+
+
+def test_a_truncated_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    options = ["--prior", "Pois(2)", "--estimator", "GenGS", "--epochs", "2"]
+
+    def interrupt(epoch):
+        raise _Interrupt
+
+    monkeypatch.setattr(vae, "_after_epoch", interrupt)
+    with pytest.raises(_Interrupt):
+        _smoke(tmp_path, *options)
+    [checkpoint] = _checkpoints(tmp_path)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    capsys.readouterr()
+    argv = ["experiment", "vae", "--smoke", "--results", str(tmp_path), *options]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(checkpoint) in error and "delete it" in error
+    assert checkpoint.stat().st_size == 1000  # left for the user to look at
+
+
+def _mnist_files(directory):
+    for (split, kind), name in IDX_FILES.items():
+        count = 200 if split == "train" else 50
+        shape = (count, 28, 28) if kind == "images" else (count,)
+        write_idx(directory / name, torch.zeros(shape, dtype=torch.uint8))
+
+
+def test_a_damaged_idx_file_is_one_clear_line(tmp_path, capsys):
+    _mnist_files(tmp_path)
+    damaged = tmp_path / IDX_FILES["test", "images"]
+    damaged.write_bytes(damaged.read_bytes()[:-20])  # a truncated download
+    argv = ["experiment", "vae", "--results", str(tmp_path / "out"), "--data-dir", str(tmp_path)]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(damaged) in error and "download" in error
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
@@ -337,9 +436,14 @@ def test_command_line_options(capsys):
     args = parse("--prior", "all", "--hidden", "8,4")
     assert vae._expand(args.prior, PRIORS) == list(PRIORS) and args.hidden == (8, 4)
     assert vae._expand(args.estimator, ESTIMATORS) == list(ESTIMATORS)
-    settings = vae._settings(args, "Pois(2)", "GenGS")
-    assert (settings.dataset, settings.epochs, settings.latents) == ("mnist", 100, 32)
-    smoke = vae._settings(parse("--smoke"), "Pois(2)", "GenGS")
+    settings = vae._settings(args, _fake_mnist(), "Pois(2)", "GenGS")
+    assert (settings.dataset, settings.epochs, settings.latents) == ("MNIST", 100, 32)
+    assert (settings.steps_per_epoch, settings.device) == (600, "cpu")  # every batch
+    capped = vae._settings(parse("--steps-per-epoch", "1000"), _fake_mnist(), "Pois(2)", "GenGS")
+    # A cap above the batches of an epoch changes nothing: the same run.
+    assert capped == vae._settings(parse(), _fake_mnist(), "Pois(2)", "GenGS")
+    digits = types.SimpleNamespace(name="digits", train_images=torch.empty(1500, 0))
+    smoke = vae._settings(parse("--smoke"), digits, "Pois(2)", "GenGS")
     assert (smoke.dataset, smoke.epochs, smoke.steps_per_epoch) == ("digits", 1, 3)
     for bad in (["--epochs", "0"], ["--prior", "Pois(4)"], ["--hidden", "8,x"]):
         with pytest.raises(SystemExit):

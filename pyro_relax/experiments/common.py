@@ -1,11 +1,14 @@
-"""Machinery shared by the experiments: seeds, progress bars, checkpoints and atomic results."""
+"""Machinery shared by the experiments: seeds, progress bars, the settings that identify a run,
+checkpoints, results merged atomically, and the errors a user can fix."""
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -16,15 +19,43 @@ from tqdm import tqdm
 
 __all__ = [
     "Checkpoint",
+    "CorruptFileError",
+    "ExperimentError",
     "atomic_write_text",
+    "checkpoint_path",
+    "describe",
     "machine",
     "markdown_table",
     "progress",
+    "read_records",
     "save_figure",
     "seed_everything",
+    "settings_digest",
     "torch_threads",
     "update_records",
 ]
+
+
+class ExperimentError(Exception):
+    """A problem the user can fix, such as a corrupt or missing file. Its message is one line
+    that names the file and says what to do; ``pyro-relax experiment`` prints it, without a
+    traceback, and exits with status 1."""
+
+
+class CorruptFileError(ExperimentError, ValueError):
+    """A file that an experiment reads is damaged: a results file, a checkpoint or data (a
+    ``ValueError`` too, as any malformed input)."""
+
+
+def describe(error: BaseException) -> str:
+    r"""``Type: first line of its message``, to quote an error inside a one-line message.
+
+    Example:
+        >>> describe(ValueError("bad value\nmore detail"))
+        'ValueError: bad value'
+    """
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +126,38 @@ def save_figure(figure, path, dpi: int = 110) -> None:
     os.replace(f.name, path)
 
 
+# --- The settings that identify a run -------------------------------------------------------
+
+
+def _canonical(settings) -> str:
+    """One string per set of settings: JSON with sorted keys, so that a tuple and the list it
+    is stored as in a results file compare equal (as do dicts built in any order)."""
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def settings_digest(settings: dict) -> str:
+    """A short hash of a run's ``settings``: equal settings, equal digests.
+
+    Example:
+        >>> settings_digest({"lr": 0.001, "hidden": (8, 4)}) == settings_digest(
+        ...     {"hidden": [8, 4], "lr": 0.001}
+        ... )
+        True
+    """
+    return hashlib.sha256(_canonical(settings).encode()).hexdigest()[:16]
+
+
+def checkpoint_path(results, label: str, settings: dict) -> Path:
+    """Where the run with ``settings`` keeps its checkpoint: ``results/checkpoints``, a file
+    named after ``label`` (for people) and the digest of the settings (so that runs of other
+    settings, concurrent or not, never share a checkpoint)."""
+    name = re.sub(r"[^\w.]+", "-", label).strip("-")
+    return Path(results) / "checkpoints" / f"{name}-{settings_digest(settings)}.pt"
+
+
+# --- Results ----------------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,18 +169,49 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def read_records(path) -> list:
+    """The records stored in the results file ``path`` (a JSON list of objects), or an empty
+    list if there is no such file.
+
+    A file that is not such a list raises :class:`CorruptFileError` and is left as it is: it
+    may hold the only copy of finished runs. The experiments read their results files before
+    they train, so that a damaged file stops a run before it costs anything.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    advice = "it was left untouched: repair it or move it away, then run again"
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise CorruptFileError(
+            f"{path} is not a readable results file ({describe(error)}); {advice}"
+        ) from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise CorruptFileError(f"{path} is not a JSON list of records; {advice}")
+    return records
+
+
 def update_records(path, records, key) -> list:
     """Merges ``records`` (dicts) into the JSON list at ``path`` and returns the merged list.
 
-    A stored record with the same values of the fields ``key`` as a new one is replaced, so a
-    rerun updates its row. Concurrent runs are serialized by a lock file next to ``path``, and
-    the file is replaced atomically.
+    ``key`` gives the settings of the run that made a record: a function of the record, or the
+    names of the record's fields that hold them. A stored record with the same settings as a
+    new one is replaced, so a rerun updates its row; records of other settings are kept.
+    Concurrent runs are serialized by a lock file next to ``path`` and the file is replaced
+    atomically. A damaged file raises :class:`CorruptFileError` and is left as it is.
     """
+    if not callable(key):
+        names = tuple(key)
+
+        def key(record):
+            return {name: record.get(name) for name in names}
+
     path = Path(path)
     with _locked(path):
-        stored = json.loads(path.read_text()) if path.exists() else []
-        new_keys = {tuple(record[k] for k in key) for record in records}
-        merged = [r for r in stored if tuple(r.get(k) for k in key) not in new_keys]
+        stored = read_records(path)
+        new_keys = {_canonical(key(record)) for record in records}
+        merged = [r for r in stored if _canonical(key(r)) not in new_keys]
         merged.extend(records)
         atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
     return merged
@@ -139,30 +233,66 @@ def markdown_table(records, columns, formats=None) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Checkpoint:
-    """Training state saved atomically after each epoch, so that an interrupted run resumes.
+# --- Checkpoints ------------------------------------------------------------------------------
 
-    The state is a dict of anything ``torch.save`` accepts; :meth:`save` adds the random number
-    generators' states and :meth:`load` restores them, so a resumed run draws the same noise as
-    an uninterrupted one.
+
+class Checkpoint:
+    """The state of a run, saved atomically after each unit of work so that an interrupted run
+    resumes, and removed by the run only once its records are merged into the results.
+
+    A finished run saves its record(s) here before merging them, so that a merge that fails
+    (a damaged results file) loses nothing: the next run merges the saved record instead of
+    training again. The state is a dict of anything ``torch.save`` accepts; :meth:`save` adds
+    the random number generators' states and :meth:`load` restores them, so a resumed run
+    draws the same noise as an uninterrupted one. ``settings`` are the run's (see
+    :func:`checkpoint_path`); a file saved with other settings is refused, not overwritten.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, settings=None):
         self.path = Path(path)
+        self.settings = settings
 
     def save(self, state: dict) -> None:
-        state = dict(state, _rng=_rng_state())
+        state = dict(state, _rng=_rng_state(), _settings=self.settings)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.path.parent, delete=False) as f:
-            torch.save(state, f)
+        # A hidden temporary name: a run killed while saving leaves no file that looks like a
+        # checkpoint, and the last complete checkpoint stays in place.
+        with tempfile.NamedTemporaryFile(
+            dir=self.path.parent, prefix=f".{self.path.name}.", delete=False
+        ) as f:
+            try:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                os.unlink(f.name)
+                raise
         os.replace(f.name, self.path)
 
     def load(self):
-        """The saved state (RNGs restored), or ``None`` when there is none."""
+        """The saved state (RNGs restored), or ``None`` when there is none.
+
+        An unreadable file (truncated, say) raises :class:`CorruptFileError`, and a file saved
+        with other settings :class:`ExperimentError`; both name the file and leave it alone.
+        """
         if not self.path.exists():
             return None
-        state = torch.load(self.path, weights_only=False)
-        _set_rng_state(state.pop("_rng"))
+        try:
+            state = torch.load(self.path, weights_only=False)
+            rng, settings = state.pop("_rng"), state.pop("_settings", None)
+        # A damaged file fails in many ways: the zip reader's RuntimeError, an
+        # UnpicklingError, an EOFError, a state that is not a dict or lacks its generators.
+        except Exception as error:
+            raise CorruptFileError(
+                f"{self.path} is not a readable checkpoint ({describe(error)}); delete it to "
+                "start this run over"
+            ) from None
+        if _canonical(settings) != _canonical(self.settings):
+            raise ExperimentError(
+                f"{self.path} holds a run with other settings; delete it or move it away to "
+                "start this run"
+            )
+        _set_rng_state(rng)
         return state
 
     def remove(self) -> None:
@@ -172,11 +302,14 @@ class Checkpoint:
 def _rng_state():
     import numpy as np
 
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_initialized():  # a run that never used the GPU draws nothing there
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state) -> None:

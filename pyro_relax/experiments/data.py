@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyro_relax.experiments.common import CorruptFileError, ExperimentError
+
 __all__ = [
     "BINARIZATIONS",
     "DATASETS",
@@ -78,13 +80,18 @@ _IDX_CODES = {dtype.newbyteorder("="): code for code, dtype in _IDX_TYPES.items(
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x0803, 0x0801
 
 
-class IDXFormatError(ValueError):
-    """A file is not a valid IDX file (bad magic number, truncated, or corrupt gzip)."""
+class IDXFormatError(CorruptFileError, ValueError):
+    """A file is not a valid IDX file (bad magic number, truncated, or corrupt gzip); the
+    message names the file and says to download it again."""
 
 
-class MissingDatasetError(FileNotFoundError):
+class MissingDatasetError(ExperimentError, FileNotFoundError):
     """The files of a data set are not where the loader looked; the message says where to put
     them (or which environment variable or package provides them)."""
+
+
+def _damaged(path, problem: str) -> IDXFormatError:
+    return IDXFormatError(f"{path}: {problem}; download this file again")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +127,7 @@ def read_idx(path, expected_magic=None) -> torch.Tensor:
     The magic number is two zero bytes, a type code and the number of dimensions; the sizes
     follow as big-endian 32-bit integers, then the data. ``expected_magic`` (e.g. ``0x0803``
     for unsigned-byte images with 3 dimensions) is checked when given. Anything malformed raises
-    :class:`IDXFormatError` naming the file.
+    :class:`IDXFormatError`, whose message names the file and says to download it again.
 
     Example:
         >>> import tempfile
@@ -137,26 +144,27 @@ def read_idx(path, expected_magic=None) -> torch.Tensor:
     except (OSError, EOFError, zlib.error) as error:
         if isinstance(error, FileNotFoundError):
             raise
-        raise IDXFormatError(f"{path}: not a readable (gzipped) IDX file: {error}") from None
+        raise _damaged(path, f"not a readable (gzipped) IDX file: {error}") from None
     if len(raw) < 4:
-        raise IDXFormatError(f"{path}: {len(raw)} bytes, too short for an IDX header")
+        raise _damaged(path, f"{len(raw)} bytes, too short for an IDX header")
     magic = int.from_bytes(raw[:4], "big")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise IDXFormatError(f"{path}: bad magic number 0x{magic:08x}; not an IDX file")
+        raise _damaged(path, f"bad magic number 0x{magic:08x}, not an IDX file")
     if expected_magic is not None and magic != expected_magic:
-        raise IDXFormatError(
-            f"{path}: magic number 0x{magic:08x} ({magic}), expected 0x{expected_magic:08x} "
-            f"({expected_magic})"
+        raise _damaged(
+            path,
+            f"magic number 0x{magic:08x} ({magic}), expected 0x{expected_magic:08x} "
+            f"({expected_magic})",
         )
     dtype, ndim = _IDX_TYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise IDXFormatError(f"{path}: truncated header ({ndim} dimensions announced)")
+        raise _damaged(path, f"truncated header ({ndim} dimensions announced)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) - header != expected:
-        raise IDXFormatError(
-            f"{path}: {len(raw) - header} bytes of data, expected {expected} for shape {shape}"
+        raise _damaged(
+            path, f"{len(raw) - header} bytes of data, expected {expected} for shape {shape}"
         )
     array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return torch.from_numpy(array.astype(dtype.newbyteorder("=")))
@@ -228,11 +236,14 @@ def load_idx_dataset(directory, name: str = "MNIST", *, origin="given", env=None
         images, labels = arrays[split, "images"], arrays[split, "labels"]
         if len(images) != len(labels):
             raise IDXFormatError(
-                f"{directory}: {len(images)} {split} images but {len(labels)} labels"
+                f"{directory}: {len(images)} {split} images but {len(labels)} labels; "
+                "download the files again"
             )
     image_shape = tuple(arrays["train", "images"].shape[1:])
     if tuple(arrays["test", "images"].shape[1:]) != image_shape:
-        raise IDXFormatError(f"{directory}: training and test images differ in shape")
+        raise IDXFormatError(
+            f"{directory}: training and test images differ in shape; download the files again"
+        )
 
     def pixels(split):
         return arrays[split, "images"].flatten(1).float() / 255.0

@@ -639,30 +639,31 @@ def poisson_bias_sweep(problem: Problem, config: Config, seed: int) -> list:
         >>> row["temperature"], row["repeats"], len(row["coordinate_bias"])
         (0.5, 100, 3)
     """
+    return [_bias_row(problem, tau, config, seed) for tau in config.bias_temperatures]
+
+
+def _bias_row(problem: Problem, temperature: float, config: Config, seed: int) -> dict:
+    """One row of :func:`poisson_bias_sweep`, seeded on its own: a sweep resumed after some
+    rows draws the same numbers for the others."""
     if problem.name != "poisson":
         raise ValueError(f"the bias is known exactly only for the Poisson, not {problem.name}")
     exact = poisson_exact_gradient(problem.initial, problem.targets)
     sweep = dataclasses.replace(config, repeats=config.bias_repeats)
-    rows = []
-    for temperature in config.bias_temperatures:
-        common.seed_everything(seed)
-        estimator = Estimator("GenGS", "gengs", temperature)
-        errors = _torch_gradients(problem, estimator, sweep, problem.initial) - exact
-        repeats = errors.shape[0]
-        per_coordinate = errors.mean(0)
-        noise = errors.var(0) / repeats
-        averaged = errors.mean(-1)
-        rows.append(
-            {
-                "temperature": temperature,
-                "bias": float(averaged.mean()),
-                "bias_se": float(averaged.std() / math.sqrt(repeats)),
-                "rms_bias": float((per_coordinate.square() - noise).mean().clamp(min=0).sqrt()),
-                "coordinate_bias": per_coordinate.tolist(),
-                "repeats": repeats,
-            }
-        )
-    return rows
+    common.seed_everything(seed)
+    estimator = Estimator("GenGS", "gengs", temperature)
+    errors = _torch_gradients(problem, estimator, sweep, problem.initial) - exact
+    repeats = errors.shape[0]
+    per_coordinate = errors.mean(0)
+    noise = errors.var(0) / repeats
+    averaged = errors.mean(-1)
+    return {
+        "temperature": temperature,
+        "bias": float(averaged.mean()),
+        "bias_se": float(averaged.std() / math.sqrt(repeats)),
+        "rms_bias": float((per_coordinate.square() - noise).mean().clamp(min=0).sqrt()),
+        "coordinate_bias": per_coordinate.tolist(),
+        "repeats": repeats,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,7 +745,54 @@ def _config(args) -> Config:
     return config
 
 
-_KEY = ("distribution", "estimator", "temperature", "seed", "smoke")
+_RESULTS, _SWEEP_RESULTS = "synthetic.json", "synthetic_bias.json"
+# A record of synthetic.json is identified by its settings: every Config field but these, which
+# shape other records (the record's own temperature replaces the lists; the bias sweep's rows
+# have their own), plus the problem, the estimator, the seed and the device. --threads is left
+# out: it changes how fast a run goes, not its numbers (up to rounding); --smoke only picks the
+# defaults, and the values it picks are in the key.
+_OTHER_RECORDS = ("temperatures", "variant_temperature", "bias_temperatures", "bias_repeats")
+# The Config fields a row of the bias sweep depends on (its rate and truncation are fixed).
+_SWEEP_FIELDS = ("dims", "samples", "bias_repeats", "chunk")
+# The Config fields that records written before records stored their settings hold.
+_STORED = ("dims", "samples", "steps", "lr", "lr_decay")
+
+
+def _unit_settings(config, seed, device, distribution, estimator, temperature) -> dict:
+    """The settings that change the numbers of one record of ``synthetic.json``."""
+    shared = {k: v for k, v in dataclasses.asdict(config).items() if k not in _OTHER_RECORDS}
+    identity = {"distribution": distribution, "estimator": estimator, "temperature": temperature}
+    return shared | identity | {"seed": seed, "device": device}
+
+
+def _row_settings(config, seed, device, temperature) -> dict:
+    """The settings that change the numbers of one row of ``synthetic_bias.json``."""
+    shared = {name: getattr(config, name) for name in _SWEEP_FIELDS}
+    return shared | {"temperature": temperature, "seed": seed, "device": device}
+
+
+def _stored_config(record) -> Config:
+    """The configuration of a record written before records stored their settings: the fields
+    it holds, and the defaults of its time for the others."""
+    stored = {k: record[k] for k in _STORED if k in record}
+    return dataclasses.replace(SMOKE if record.get("smoke") else FULL, **stored)
+
+
+def _record_settings(record) -> dict:
+    """The settings of the run that made a record of ``synthetic.json`` (records written before
+    records stored them all ran on the CPU)."""
+    if "settings" in record:
+        return record["settings"]
+    identity = (record["distribution"], record["estimator"], record["temperature"])
+    return _unit_settings(_stored_config(record), record["seed"], "cpu", *identity)
+
+
+def _sweep_settings(record) -> dict:
+    """The settings of the run that made a row of ``synthetic_bias.json``."""
+    if "settings" in record:
+        return record["settings"]
+    config = dataclasses.replace(_stored_config(record), bias_repeats=record["repeats"])
+    return _row_settings(config, record["seed"], "cpu", record["temperature"])
 
 
 def _record(problem, estimator, config, args, curve, study, minimum, seconds) -> dict:
@@ -777,10 +825,15 @@ def _record(problem, estimator, config, args, curve, study, minimum, seconds) ->
         "command": args.command_line,
         "curve_every": every,
         "loss_curve": curve[::every] + ([curve[-1]] if (len(curve) - 1) % every else []),
+        "settings": _unit_settings(
+            config,
+            args.seed,
+            str(args.device),
+            problem.name,
+            estimator.name,
+            estimator.temperature,
+        ),
     }
-
-
-_SWEEP_KEY = ("temperature", "seed", "smoke")
 
 
 def _sweep_record(row, problem, config, args, seconds) -> dict:
@@ -795,9 +848,10 @@ def _sweep_record(row, problem, config, args, seconds) -> dict:
         "dims": config.dims,
         "seed": args.seed,
         "smoke": bool(args.smoke),
-        "seconds": seconds,  # the whole sweep's
+        "seconds": seconds,  # this row's (records written before resuming: the whole sweep's)
         "machine": common.machine(),
         "command": args.command_line,
+        "settings": _row_settings(config, args.seed, str(args.device), row["temperature"]),
     }
 
 
@@ -1025,14 +1079,16 @@ def _gradient_figure(records, sweep, config: Config, path: Path) -> None:
     bias_axis.set_xlabel("temperature τ")
     bias_axis.set_ylabel("bias of the gradient in the rate")
     bias_axis.set_title("Poisson: gradient bias vs 1 + 2(λ − t), ± 2 s.e.")
-    bias_axis.legend(fontsize=7)
+    if bias_axis.get_legend_handles_labels()[0]:  # empty without the Poisson
+        bias_axis.legend(fontsize=7)
     bias_axis.grid(alpha=0.3)
     common.save_figure(figure, path, dpi=120)
 
 
 def run(args) -> int:
     """Runs the study, writes ``synthetic.json``, ``synthetic.md`` and the two figures into
-    ``args.results``, and returns the exit code."""
+    ``args.results``, and returns the exit code. An interrupted run resumes from its checkpoint
+    after the last estimator (or temperature of the bias sweep) it finished."""
     with common.torch_threads(args.threads):
         return _run(args)
 
@@ -1040,40 +1096,58 @@ def run(args) -> int:
 def _run(args) -> int:
     config = _config(args)
     results = Path(args.results)
+    for name in (_RESULTS, _SWEEP_RESULTS):
+        common.read_records(results / name)  # a damaged results file stops the run at once
     problems = [PROBLEMS[name](config.dims, args.device) for name in args.distributions]
     grid = [
         (problem, estimator) for problem in problems for estimator in estimators(problem, config)
     ]
+    poisson = next((problem for problem in problems if problem.name == "poisson"), None)
+    checkpoint = _checkpoint(results, config, args)
+    # The finished records, in the order of the grid and of the sweep's temperatures: each is
+    # seeded on its own, so a resumed run computes the others exactly as an uninterrupted one.
+    done = checkpoint.load() or {"records": [], "sweep": []}
+    records, sweep = done["records"], done["sweep"]
     minima = {problem.name: minimum_loss(problem) for problem in problems}
-    records = []
-    bar = common.progress(grid, desc="synthetic", unit="run")
-    for problem, estimator in bar:
-        tau = "" if estimator.temperature is None else f" τ={estimator.temperature:g}"
-        bar.set_postfix_str(f"{problem.name}: {estimator.name}{tau}")
+    bar = common.progress(total=len(grid), initial=len(records), desc="synthetic", unit="run")
+    with bar:
+        for problem, estimator in grid[len(records) :]:
+            tau = "" if estimator.temperature is None else f" τ={estimator.temperature:g}"
+            bar.set_postfix_str(f"{problem.name}: {estimator.name}{tau}")
+            start = time.perf_counter()
+            curve = optimize(problem, estimator, config, args.seed)
+            study = gradient_study(problem, estimator, config, args.seed)
+            seconds = time.perf_counter() - start
+            minimum = minima[problem.name]
+            records.append(
+                _record(problem, estimator, config, args, curve, study, minimum, seconds)
+            )
+            checkpoint.save({"records": records, "sweep": sweep})
+            bar.update()
+    temperatures = config.bias_temperatures if poisson is not None else ()
+    for temperature in temperatures[len(sweep) :]:
         start = time.perf_counter()
-        curve = optimize(problem, estimator, config, args.seed)
-        study = gradient_study(problem, estimator, config, args.seed)
-        seconds = time.perf_counter() - start
-        records.append(
-            _record(problem, estimator, config, args, curve, study, minima[problem.name], seconds)
-        )
-    bar.close()
-    sweep = []
-    poisson = [problem for problem in problems if problem.name == "poisson"]
-    if poisson:
-        start = time.perf_counter()
-        rows = poisson_bias_sweep(poisson[0], config, args.seed)
-        seconds = time.perf_counter() - start
-        sweep = [_sweep_record(row, poisson[0], config, args, seconds) for row in rows]
-    merged = common.update_records(results / "synthetic.json", records, _KEY)
+        row = _bias_row(poisson, temperature, config, args.seed)
+        sweep.append(_sweep_record(row, poisson, config, args, time.perf_counter() - start))
+        checkpoint.save({"records": records, "sweep": sweep})
+    merged = common.update_records(results / _RESULTS, records, _record_settings)
+    merged_sweep = common.update_records(results / _SWEEP_RESULTS, sweep, _sweep_settings)
+    checkpoint.remove()  # only now: until both merges, it holds the finished records
     shown = [r for r in merged if r.get("smoke") == bool(args.smoke)]
-    merged_sweep = common.update_records(results / "synthetic_bias.json", sweep, _SWEEP_KEY)
     shown_sweep = [r for r in merged_sweep if r.get("smoke") == bool(args.smoke)]
     common.atomic_write_text(results / "synthetic.md", _markdown(shown, shown_sweep))
     _loss_figure(records, config, results / "synthetic_loss.png")
     _gradient_figure(records, sweep, config, results / "synthetic_gradients.png")
     print(
-        f"wrote {results / 'synthetic.json'}, synthetic_bias.json, synthetic.md, "
-        "synthetic_loss.png and synthetic_gradients.png"
+        f"wrote {results / _RESULTS}, {_SWEEP_RESULTS}, synthetic.md, synthetic_loss.png and "
+        "synthetic_gradients.png"
     )
     return 0
+
+
+def _checkpoint(results, config, args) -> common.Checkpoint:
+    """The checkpoint of a whole run: every setting, and the problems it runs."""
+    settings = dataclasses.asdict(config) | {"seed": args.seed, "device": str(args.device)}
+    settings["distributions"] = list(args.distributions)
+    path = common.checkpoint_path(results, f"synthetic-seed{args.seed}", settings)
+    return common.Checkpoint(path, settings)

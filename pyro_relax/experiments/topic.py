@@ -51,9 +51,10 @@ References:
 """
 
 import dataclasses
+import hashlib
 import math
-import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -66,17 +67,7 @@ from pyro.optim import Adam
 from torch import nn
 
 from pyro_relax.distributions import GenGSPoisson
-from pyro_relax.experiments.common import (
-    Checkpoint,
-    atomic_write_text,
-    machine,
-    markdown_table,
-    progress,
-    save_figure,
-    seed_everything,
-    torch_threads,
-    update_records,
-)
+from pyro_relax.experiments import common
 from pyro_relax.schedules import ExponentialDecay
 
 __all__ = [
@@ -110,7 +101,6 @@ DESCRIPTION = (
 GENGS, REINFORCE = "GenGS", "REINFORCE"
 ESTIMATORS = (GENGS, REINFORCE)
 TRUE_MODEL = "true model"
-_KEY = ("corpus", "estimator", "seed")
 # The smallest rate the encoder gives: a Poisson rate must be positive, and softplus underflows.
 _MIN_RATE = 1e-3
 # Documents scored at once by the evaluation, to bound its memory (documents x samples x V).
@@ -378,15 +368,22 @@ def load_corpus(path, *, seed=0, test_fraction=0.2, vocab_size=2000) -> Corpus:
       ``.txt`` file with one document per line: tokenized by scikit-learn's
       ``CountVectorizer`` (lowercase, words of two or more letters, English stop words
       removed), keeping the ``vocab_size`` most frequent words.
+
+    A file that cannot be read, or holds no valid counts, raises
+    :class:`~pyro_relax.experiments.common.CorruptFileError` (a ``ValueError``) naming it.
     """
     path = Path(path)
+    if not path.exists():
+        raise common.ExperimentError(f"{path}: no such corpus file or directory")
     if path.is_dir() or path.suffix == ".txt":
         counts, vocabulary = _tokenize(path, vocab_size)
     else:
         counts, vocabulary = _read_npz(path)
     counts = counts[counts.sum(-1) > 0]
     if len(counts) < 2:
-        raise ValueError(f"{path}: need at least two nonempty documents, got {len(counts)}")
+        raise common.CorruptFileError(
+            f"{path}: need at least two nonempty documents, got {len(counts)}"
+        )
     order = np.random.default_rng([seed, 0xC0B]).permutation(len(counts))
     num_test = min(max(1, round(test_fraction * len(counts))), len(counts) - 1)
     counts = torch.as_tensor(counts, dtype=torch.float32)
@@ -394,24 +391,48 @@ def load_corpus(path, *, seed=0, test_fraction=0.2, vocab_size=2000) -> Corpus:
     return Corpus(path.name, vocabulary, train, test)
 
 
+def _corpus_digest(corpus: Corpus) -> str | None:
+    """A fingerprint of a user-supplied corpus's training and test counts, which its file,
+    ``--test-fraction``, ``--vocab-size`` and the seed all change; ``None`` for a synthetic
+    corpus, which its name and the seed determine."""
+    if corpus.truth is not None:
+        return None
+    digest = hashlib.sha256()
+    for counts in (corpus.train, corpus.test):
+        digest.update(str(tuple(counts.shape)).encode())
+        digest.update(counts.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _read_npz(path):
     import scipy.sparse
 
-    with np.load(path, allow_pickle=False) as arrays:
-        if "format" in arrays.files:  # written by scipy.sparse.save_npz
-            counts = scipy.sparse.load_npz(path).toarray()
-        elif "counts" in arrays.files:
-            counts = arrays["counts"]
-        else:
-            raise ValueError(f"{path}: expected a sparse matrix or the key 'counts'")
-        vocabulary = arrays["vocabulary"].tolist() if "vocabulary" in arrays.files else None
+    try:
+        # Opened here: NumPy leaves the file open when the archive is damaged.
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as arrays:
+            names = arrays.files
+            if "format" in names:  # written by scipy.sparse.save_npz
+                counts = scipy.sparse.load_npz(path).toarray()
+            else:
+                counts = arrays["counts"] if "counts" in names else None
+            vocabulary = arrays["vocabulary"].tolist() if "vocabulary" in names else None
+    # A damaged archive fails in the zip reader (BadZipFile), in NumPy (ValueError, EOFError)
+    # or in the file system (OSError).
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise common.CorruptFileError(
+            f"{path} is not a readable .npz corpus ({common.describe(error)}); write it again"
+        ) from None
+    if counts is None:
+        raise common.CorruptFileError(f"{path}: expected a sparse matrix or the key 'counts'")
     counts = np.asarray(counts, dtype=float)
     if counts.ndim != 2 or (counts < 0).any() or (counts != np.round(counts)).any():
-        raise ValueError(f"{path}: counts must be a 2-D array of nonnegative integers")
+        raise common.CorruptFileError(f"{path}: counts must be a 2-D array of nonnegative integers")
     if vocabulary is None:
         vocabulary = [f"w{v}" for v in range(counts.shape[1])]
     if len(vocabulary) != counts.shape[1]:
-        raise ValueError(f"{path}: {len(vocabulary)} words for {counts.shape[1]} columns")
+        raise common.CorruptFileError(
+            f"{path}: {len(vocabulary)} words for {counts.shape[1]} columns"
+        )
     return counts, vocabulary
 
 
@@ -590,7 +611,7 @@ def _steps_per_epoch(num_docs, config) -> int:
 
 
 def _networks(corpus, config, device):
-    seed_everything(config.seed)
+    common.seed_everything(config.seed)
     vocab_size = corpus.train.shape[1]
     # The background starts at the training corpus's smoothed log word frequencies.
     frequencies = corpus.train.sum(0) + 1
@@ -646,9 +667,10 @@ def train(
     With a fixed ``decoder`` (a :class:`PoissonDEF` without gradients, say the true model of a
     synthetic corpus) only the guide is trained, and the record's estimator is
     :data:`TRUE_MODEL`. With a :class:`~pyro_relax.experiments.common.Checkpoint`, the state
-    is saved after every epoch and a saved state of the same settings is resumed (a finished
-    run's record is returned as saved). ``on_epoch_end(epoch)`` is called after each epoch's
-    checkpoint (tests interrupt a run with it).
+    is saved after every epoch and the finished record at the end, and a saved state is resumed
+    (a saved record is returned as it is); the caller removes the checkpoint once the record is
+    merged. ``on_epoch_end(epoch)`` is called after each epoch's checkpoint (tests interrupt a
+    run with it).
     """
     pyro.clear_param_store()
     learned, encoder = _networks(corpus, config, device)
@@ -659,18 +681,9 @@ def train(
     svi, schedule = _svi(estimator, decoder, encoder, config, config.epochs * steps, device)
     truncation = _evaluation_truncation(estimator, config)
     shuffle = torch.Generator().manual_seed(config.seed)
-    # What a saved state must match to be resumed: the settings, the estimator and the corpus.
-    settings = dataclasses.asdict(config) | {
-        "estimator": label,
-        "corpus": corpus.name,
-        "corpus_size": (*corpus.train.shape, float(corpus.train.sum()), float(corpus.test.sum())),
-    }
     history, start_epoch, seconds = [], 0, 0.0
 
     state = checkpoint.load() if checkpoint is not None else None
-    if state is not None and state["settings"] != settings:
-        print(f"{checkpoint.path}: saved with other settings, starting afresh", file=sys.stderr)
-        state = None
     if state is not None:
         if "record" in state:
             return state["record"]
@@ -684,7 +697,7 @@ def train(
         schedule.temperature.fill_(schedule.value_at(schedule.step_count))
         history, start_epoch, seconds = state["history"], state["epoch"], state["seconds"]
 
-    with progress(total=config.epochs, initial=start_epoch, desc=label, unit="epoch") as bar:
+    with common.progress(total=config.epochs, initial=start_epoch, desc=label, unit="epoch") as bar:
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             order = torch.randperm(len(train_x), generator=shuffle)
@@ -716,7 +729,6 @@ def train(
             if checkpoint is not None:
                 checkpoint.save(
                     {
-                        "settings": settings,
                         "epoch": epoch + 1,
                         "decoder": decoder.state_dict(),
                         "encoder": encoder.state_dict(),
@@ -740,7 +752,9 @@ def train(
         objective = f"true decoder, guide trained by {estimator} ({objective})"
     record = {
         "corpus": corpus.name,
+        "corpus_digest": _corpus_digest(corpus),
         "estimator": label,
+        "device": str(device),
         "seed": config.seed,
         "test_perplexity": final(test_x, 10**6),
         "train_perplexity": final(train_x, 2 * 10**6),
@@ -754,7 +768,7 @@ def train(
         "history": history,
     }
     if checkpoint is not None:
-        checkpoint.save({"settings": settings, "record": record})
+        checkpoint.save({"record": record})
     return record
 
 
@@ -778,7 +792,7 @@ def _table(records) -> str:
         "baseline. True model (synthetic corpora): the generating decoder, fixed, with a guide "
         "trained for it by GenGS. `seconds`: training steps only.\n"
     )
-    table = markdown_table(rows, columns, formats)
+    table = common.markdown_table(rows, columns, formats)
     return "# NVPDEF topic model: test perplexity\n\n" + table + "\n" + note
 
 
@@ -819,7 +833,7 @@ def _write_plot(path, records) -> None:
     panels[1].set_title(f"epochs {last // 2 + 1} to {last}")
     panels[0].legend(fontsize=8)
     figure.tight_layout()
-    save_figure(figure, path)
+    common.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -896,21 +910,49 @@ def _corpus(args) -> Corpus:
 
 def run(args) -> int:
     """Runs the experiment from the parsed command line; returns the exit code."""
-    with torch_threads(args.threads):
+    with common.torch_threads(args.threads):
         return _run(args)
 
 
+def _run_settings(corpus: str, corpus_digest, estimator: str, device: str, config: dict) -> dict:
+    """The settings that change a run's numbers: the corpus (its name, and the fingerprint of a
+    user-supplied one), the estimator (or the true model), the device and every field of the
+    :class:`TopicConfig`. ``--threads`` is left out: it changes how fast a run goes, not its
+    numbers (up to rounding)."""
+    identity = {"corpus": corpus, "corpus_digest": corpus_digest, "estimator": estimator}
+    return identity | {"device": device} | config
+
+
+def _record_settings(record) -> dict:
+    """The settings of the run that made ``record`` (records written before the fingerprint
+    and the device were stored are of the synthetic corpus, on the CPU)."""
+    return _run_settings(
+        record["corpus"],
+        record.get("corpus_digest"),
+        record["estimator"],
+        record.get("device", "cpu"),
+        record["settings"],
+    )
+
+
+def _checkpoint(results, corpus, label, config, device) -> common.Checkpoint:
+    digest, values = _corpus_digest(corpus), dataclasses.asdict(config)
+    settings = _run_settings(corpus.name, digest, label, str(device), values)
+    name = f"topic-{corpus.name}-{label}-seed{config.seed}"
+    return common.Checkpoint(common.checkpoint_path(results, name, settings), settings)
+
+
 def _run(args) -> int:
-    config, corpus = _config(args), _corpus(args)
     results = Path(args.results)
+    common.read_records(results / "topic.json")  # a damaged results file stops the run at once
+    config, corpus = _config(args), _corpus(args)
     runs = [(estimator, None) for estimator in args.estimators]
     if corpus.truth is not None:
         runs.append((GENGS, PoissonDEF.from_truth(corpus.truth)))
     records, checkpoints = [], []
     for estimator, decoder in runs:
-        label = estimator if decoder is None else TRUE_MODEL.replace(" ", "-")
-        name = f"topic-{corpus.name}-{label}-seed{args.seed}.pt"
-        checkpoints.append(Checkpoint(results / ".checkpoints" / name))
+        label = estimator if decoder is None else TRUE_MODEL
+        checkpoints.append(_checkpoint(results, corpus, label, config, args.device))
         records.append(
             train(
                 estimator,
@@ -922,12 +964,12 @@ def _run(args) -> int:
             )
         )
     for record in records:
-        record.update(machine=machine(), command=args.command_line)
-    merged = update_records(results / "topic.json", records, _KEY)
-    atomic_write_text(results / "topic.md", _table(merged))
-    _write_plot(results / "topic.png", records)
-    for checkpoint in checkpoints:
+        record.update(machine=common.machine(), command=args.command_line)
+    merged = common.update_records(results / "topic.json", records, _record_settings)
+    for checkpoint in checkpoints:  # only now: until the merge, they hold the finished records
         checkpoint.remove()
+    common.atomic_write_text(results / "topic.md", _table(merged))
+    _write_plot(results / "topic.png", records)
     print(_table(records))
     print(f"results written to {results}/topic.json, topic.md and topic.png")
     return 0

@@ -57,7 +57,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -81,7 +80,6 @@ from pyro_relax.experiments import common
 from pyro_relax.experiments.data import (
     BINARIZATIONS,
     DATASETS,
-    MissingDatasetError,
     batches,
     binarize,
     load_dataset,
@@ -122,7 +120,6 @@ PAPER_TRAIN_NEG_ELBO = {
     ("NB(3,.5)", "GenGS-IMP"): 94.52,
 }
 RESULTS_NAME = "gengs_vae"
-RECORD_KEY = ("dataset", "prior", "estimator", "seed")
 DEFAULT_EPOCHS = 100
 DEFAULT_LATENTS = 32
 DEFAULT_HIDDEN = (512, 256)
@@ -449,29 +446,49 @@ def discrete_neg_elbo(
 
 @dataclasses.dataclass(frozen=True)
 class _Settings:
-    """Everything that defines a run; a checkpoint resumes only a run with equal settings."""
+    """Every setting that changes a run's numbers, resolved (``dataset`` is the data set's name,
+    ``steps_per_epoch`` the batches each epoch trains on). They name the run's checkpoint and
+    identify its record in the results, where each is a field of the record.
+
+    Left out because they do not change what is computed: ``--threads`` and
+    ``--no-validation`` (how fast it runs: Pyro's validation only checks arguments and draws no
+    random numbers, and torch's CPU kernels give the same results with any thread count up to
+    rounding), ``--data-dir`` (where the data set's files are, not which data set), ``--results``
+    and ``--smoke`` (which only changes defaults; the values it picks are here).
+    """
 
     dataset: str
     prior: str
     estimator: str
     seed: int
     epochs: int
-    steps_per_epoch: int | None
+    steps_per_epoch: int
     batch_size: int
     lr: float
     latents: int
     hidden: tuple
     binarization: str
     eval_samples: int
+    device: str
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^\w.]+", "-", text).strip("-")
+# What records written before a setting was stored in them ran with.
+_STORED_BEFORE = {"device": "cpu"}
 
 
-def _checkpoint_path(results: Path, settings: _Settings) -> Path:
-    name = f"vae-{settings.dataset}-{_slug(settings.prior)}-{settings.estimator}"
-    return results / "checkpoints" / f"{name}-seed{settings.seed}.pt"
+def _record_settings(record) -> dict:
+    """The settings of the run that made ``record``, as ``dataclasses.asdict`` of its
+    :class:`_Settings` (a setting that an older record lacks is the one it ran with)."""
+    return {
+        field.name: record.get(field.name, _STORED_BEFORE.get(field.name))
+        for field in dataclasses.fields(_Settings)
+    }
+
+
+def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
+    label = f"vae-{settings.dataset}-{settings.prior}-{settings.estimator}-seed{settings.seed}"
+    values = dataclasses.asdict(settings)
+    return common.Checkpoint(common.checkpoint_path(results, label, values), values)
 
 
 def _after_epoch(epoch: int) -> None:
@@ -500,21 +517,21 @@ def _evaluation_images(data, binarization: str, device):
     return train, test
 
 
-def train(settings: _Settings, data, results: Path, device="cpu", *, quiet=False) -> dict:
+def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     """Trains one VAE (one prior, one estimator, one seed) and returns its record.
 
-    Resumes from the checkpoint in ``results/checkpoints`` when there is one for the same
-    settings, writes one after every epoch and deletes it at the end.
+    With a :class:`~pyro_relax.experiments.common.Checkpoint`, the state is saved after every
+    epoch and the finished record at the end, and a saved state is resumed (a saved record is
+    returned as it is); the caller removes the checkpoint once the record is merged.
     """
-    device = torch.device(device)
+    device = torch.device(settings.device)
     prior = PRIORS[settings.prior]
     common.seed_everything(settings.seed)
     pyro.clear_param_store()
     k = prior.truncation if settings.estimator == "GenGS-IMP" else prior.num_guide_parameters
     encoder = _mlp([data.num_pixels, *settings.hidden, settings.latents * k]).to(device)
     decoder = _mlp([settings.latents, *settings.hidden[::-1], data.num_pixels]).to(device)
-    full_steps = len(data.train_images) // settings.batch_size
-    steps = min(full_steps, settings.steps_per_epoch or full_steps)
+    steps = settings.steps_per_epoch
     schedule = ExponentialDecay(1.0, 0.1, steps=max(settings.epochs * steps, 1), device=device)
     estimator = build_estimator(
         settings.estimator, prior, encoder, decoder, schedule.temperature, settings.latents
@@ -530,10 +547,11 @@ def train(settings: _Settings, data, results: Path, device="cpu", *, quiet=False
             estimator.discrete_guide, decoder, prior_dist, images, num_samples=num_samples
         )
 
-    checkpoint = common.Checkpoint(_checkpoint_path(results, settings))
-    state = checkpoint.load()
+    state = checkpoint.load() if checkpoint is not None else None
     start, history, seconds = 0, [], 0.0
-    if state is not None and state["settings"] == dataclasses.asdict(settings):
+    if state is not None and "record" in state:
+        return state["record"]
+    if state is not None:
         _restore_params(state["params"], {"encoder": encoder, "decoder": decoder})
         optimizer.set_state(state["optimizer"])
         schedule.step_count = state["schedule_step"]
@@ -541,10 +559,6 @@ def train(settings: _Settings, data, results: Path, device="cpu", *, quiet=False
         generator.set_state(state["generator"])
         start, history, seconds = state["epoch"], state["history"], state["seconds"]
         print(f"resuming {checkpoint.path} after epoch {start}", file=sys.stderr)
-    elif state is not None:
-        print(f"{checkpoint.path} has other settings; starting over", file=sys.stderr)
-        checkpoint.remove()
-        return train(settings, data, results, device, quiet=quiet)
 
     desc = f"{settings.prior} {settings.estimator}"
     bar = common.progress(
@@ -578,23 +592,23 @@ def train(settings: _Settings, data, results: Path, device="cpu", *, quiet=False
                 }
             )
             bar.set_postfix(test=f"{history[-1]['test_neg_elbo']:.2f}", refresh=False)
-            checkpoint.save(
-                {
-                    "settings": dataclasses.asdict(settings),
-                    "epoch": epoch + 1,
-                    "params": pyro.get_param_store().get_state(),
-                    "optimizer": optimizer.get_state(),
-                    "schedule_step": schedule.step_count,
-                    "generator": generator.get_state(),
-                    "history": history,
-                    "seconds": seconds,
-                }
-            )
+            if checkpoint is not None:
+                checkpoint.save(
+                    {
+                        "epoch": epoch + 1,
+                        "params": pyro.get_param_store().get_state(),
+                        "optimizer": optimizer.get_state(),
+                        "schedule_step": schedule.step_count,
+                        "generator": generator.get_state(),
+                        "history": history,
+                        "seconds": seconds,
+                    }
+                )
             _after_epoch(epoch + 1)
 
     began = time.perf_counter()
     record = {
-        "dataset": data.name,
+        "dataset": settings.dataset,
         "prior": settings.prior,
         "estimator": settings.estimator,
         "seed": settings.seed,
@@ -603,7 +617,7 @@ def train(settings: _Settings, data, results: Path, device="cpu", *, quiet=False
         "test_neg_elbo": score(eval_test, settings.eval_samples),
         "paper_train_neg_elbo": (
             PAPER_TRAIN_NEG_ELBO.get((settings.prior, settings.estimator))
-            if data.name == "MNIST"
+            if settings.dataset == "MNIST"
             else None
         ),
         "seconds": seconds,
@@ -621,12 +635,14 @@ def train(settings: _Settings, data, results: Path, device="cpu", *, quiet=False
         ),
         "objective": type(estimator.loss).__name__,
         "eval_samples": settings.eval_samples,
+        "device": settings.device,
         "threads": torch.get_num_threads(),
         "validation": is_validation_enabled(),
         "machine": common.machine(),
         "history": history,
     }
-    checkpoint.remove()
+    if checkpoint is not None:
+        checkpoint.save({"record": record})
     return record
 
 
@@ -807,47 +823,48 @@ def _expand(values, everything) -> list:
     return list(everything) if "all" in values else list(dict.fromkeys(values))
 
 
-def _settings(args, prior: str, estimator: str) -> _Settings:
+def _settings(args, data, prior: str, estimator: str) -> _Settings:
+    """The settings of one run of the command line ``args`` on the data set ``data``."""
     smoke = _SMOKE if args.smoke else {}
 
     def pick(value, name, default):
         return value if value is not None else smoke.get(name, default)
 
+    full_steps = len(data.train_images) // args.batch_size
+    cap = pick(args.steps_per_epoch, "steps_per_epoch", None)
     return _Settings(
-        dataset="digits" if args.smoke else args.dataset,
+        dataset=data.name,
         prior=prior,
         estimator=estimator,
         seed=args.seed,
         epochs=pick(args.epochs, "epochs", DEFAULT_EPOCHS),
-        steps_per_epoch=pick(args.steps_per_epoch, "steps_per_epoch", None),
+        steps_per_epoch=min(full_steps, cap or full_steps),
         batch_size=args.batch_size,
         lr=args.lr,
         latents=pick(args.latents, "latents", DEFAULT_LATENTS),
         hidden=pick(args.hidden, "hidden", DEFAULT_HIDDEN),
         binarization=args.binarization,
         eval_samples=pick(args.eval_samples, "eval_samples", 5),
+        device=args.device,
     )
 
 
 def run(args) -> int:
     """Trains and scores every requested prior and estimator; returns the exit code."""
     results = Path(args.results)
-    dataset = "digits" if args.smoke else args.dataset
-    try:
-        data = load_dataset(dataset, args.data_dir)
-    except MissingDatasetError as error:
-        print(f"pyro-relax experiment vae: {error}", file=sys.stderr)
-        return 1
+    path = results / f"{RESULTS_NAME}.json"
+    common.read_records(path)  # a damaged results file stops the run before it trains
+    data = load_dataset("digits" if args.smoke else args.dataset, args.data_dir)
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
         for prior in _expand(args.prior, PRIORS):
             for estimator in _expand(args.estimator, ESTIMATORS):
-                settings = _settings(args, prior, estimator)
-                record = train(settings, data, results, args.device)
+                settings = _settings(args, data, prior, estimator)
+                checkpoint = _checkpoint(results, settings)
+                record = train(settings, data, checkpoint)
                 record["command"] = args.command_line
                 record["smoke"] = bool(args.smoke)
-                merged = common.update_records(
-                    results / f"{RESULTS_NAME}.json", [record], RECORD_KEY
-                )
+                merged = common.update_records(path, [record], _record_settings)
+                checkpoint.remove()  # only now: until the merge, it holds the finished record
                 write_reports(results, merged)
                 print(
                     f"{record['dataset']} {prior} {estimator} seed {args.seed}: negative "
