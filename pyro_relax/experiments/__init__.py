@@ -25,6 +25,10 @@ EXPERIMENTS = {
         "pyro_relax.experiments.topic",
         "a neural Poisson deep exponential family topic model (GenGS paper 6.3)",
     ),
+    "neyman": (
+        "pyro_relax.experiments.neyman",
+        "a Neyman Type A regression of doctor visits (RAND HIE): GenGS pairs and their bias",
+    ),
 }
 
 
