@@ -619,6 +619,33 @@ def _exact_terms(pair, u, v, w, y, config) -> dict:
     }
 
 
+def _slopes(pair, u, v, w, y, config) -> dict:
+    r"""Per person and term of a straight-through pair, :math:`\rho\, E_q[t'(z)]`: the exact
+    gradient :math:`\rho\, E_q[t(z + 1) - t(z)]` with respect to the guide's log-rate (for an
+    untruncated Poisson guide) with the finite difference replaced by the slope at the hard
+    integer, which is what the straight-through estimator differentiates (``None`` where a
+    term is not a function of the hard value: the soft log-PMF, and every term of ``GenGS``).
+    """
+    if pair == GENGS:
+        return dict.fromkeys((*TERMS,))
+    offset = config.rate_offset
+    k = _counts(config.truncation, u)
+    log_q = truncated_log_probs(dist.Poisson(u.exp()), config.truncation)
+    scale = w.exp().unsqueeze(-1)
+    slopes = {
+        "likelihood": scale * (y.unsqueeze(-1) / (offset + scale * k) - 1),
+        "prior": v.unsqueeze(-1) - torch.digamma(k + 1),
+        "entropy": torch.digamma(k + 1) - u.unsqueeze(-1) if pair == ST_SYM else None,
+    }
+    found = {
+        name: None if slope is None else u.exp() * _expectation(log_q, slope)
+        for name, slope in slopes.items()
+    }
+    parts = list(found.values())
+    found["total"] = None if None in parts else sum(parts)
+    return found
+
+
 def _local_gradients(terms: dict, leaves) -> dict:
     """Per term (and for their total), the gradients of the term's sum with respect to each
     of ``leaves``."""
@@ -700,10 +727,11 @@ def gradient_study(pair, networks, x, y, config, *, temperature, draws, seed=0, 
     with torch.no_grad():
         u0 = log_guide_rate.detach()
         v0 = regression.intercept + x @ regression.coefficients
-        w0 = regression.log_scale.expand(people)
+        w0 = regression.log_scale.detach().expand(people)
 
     leaves = [t.clone().requires_grad_() for t in (u0, v0, w0)]
     exact = _local_gradients(_exact_terms(pair, *leaves, y, config), leaves)
+    slopes = _slopes(pair, u0, v0, w0, y, config)
 
     common.seed_everything(seed)
     chunk = chunk or max(1, 50_000 // people)
@@ -748,6 +776,8 @@ def gradient_study(pair, networks, x, y, config, *, temperature, draws, seed=0, 
                 f"{name}_mean": float(mean),
                 f"{name}_se": float(se),
             }
+        slope = slopes[term]
+        record["shift_slope"] = None if slope is None else float(slope.mean())
         network = _agreement([pull_back(h / people) for h in got.guide_halves], pull_back(gu))
         record |= {f"network_{k}": v for k, v in network.items()}
         rows = torch.cat(got.coefficients)
@@ -830,6 +860,7 @@ def _gradient_rows(gradients) -> list:
                 "term": r["term"],
                 "shift exact": f"{r['shift_exact']:+.4f}",
                 "shift estimate": _with_error(r, "shift"),
+                "shift slope": "—" if r.get("shift_slope") is None else f"{r['shift_slope']:+.4f}",
                 "y=0 exact": f"{r['shift_y0_exact']:+.4f}",
                 "y=0 estimate": _with_error(r, "shift_y0"),
                 "network rel. error": r["network_relative_error"],
@@ -933,8 +964,11 @@ def _markdown(records) -> str:
             "discrete ELBO summed over the guide's outcomes), per term of the objective. "
             "Gradients of the ELBO (ascent directions) averaged over people. `shift`: with "
             "respect to all guide log-rates moved together (`y=0`: the part from people "
-            "without a visit); `network`: pulled back to the guide network's weights, the "
-            "relative error of the mean estimate, the part of it that noise alone gives, and "
+            "without a visit; `slope`: the exact gradient with each finite difference "
+            "t(z + 1) - t(z) replaced by the slope t'(z) at the hard integer, for the terms "
+            "that the straight-through pairs evaluate at the hard value); `network`: pulled "
+            "back to the guide network's weights, the relative error of the mean estimate, "
+            "the part of it that noise alone gives, and "
             "the cosine with the exact gradient; `intercept` and `log φ`: the model's.",
             "",
             common.markdown_table(
