@@ -18,9 +18,12 @@ __all__ = [
     "finite_real",
     "gumbel_like",
     "log1mexp",
+    "location",
     "log_weights",
     "parse_parameters",
     "positive_probability",
+    "probability_vector",
+    "scale",
     "static_size",
     "straight_through",
     "validation_enabled",
@@ -116,6 +119,31 @@ class _FinitePositive(constraints.Constraint):
         return torch.isfinite(value) & (value > 0)
 
 
+class _Scale(constraints.Constraint):
+    """A temperature or a standard deviation: finite, positive and between the machine epsilon
+    of the dtype computed in and its inverse (float32: about 1.2e-7 to 8.4e6). Beyond, logits
+    divided by the temperature and squared inverse scales overflow, and gradients become NaN;
+    the relaxation is then numerically its hard or its uniform limit anyway."""
+
+    description = "finite, positive and within [eps, 1/eps] of its dtype (float32: 1.2e-7 to 8.4e6)"
+
+    def check(self, value):
+        dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+        eps = torch.finfo(_compute_dtype(dtype)).eps
+        return torch.isfinite(value) & (value >= eps) & (value <= 1 / eps)
+
+
+class _Location(constraints.Constraint):
+    """A Gaussian mean: finite, with a magnitude at most the inverse machine epsilon of the
+    dtype computed in (float32: about 8.4e6); beyond, squared differences in a KL overflow."""
+
+    description = "finite, with magnitude at most 1/eps of its dtype (float32: 8.4e6)"
+
+    def check(self, value):
+        dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+        return torch.isfinite(value) & (value.abs() <= 1 / torch.finfo(_compute_dtype(dtype)).eps)
+
+
 class _LogWeights(constraints.Constraint):
     """Unnormalized log-probabilities: finite or ``-inf`` (an excluded outcome), at least one
     finite per row."""
@@ -137,10 +165,27 @@ class _PositiveProbability(constraints.Constraint):
         return (value > 0) & (value <= 1)
 
 
+class _Simplex(constraints.Constraint):
+    """Non-negative vectors summing to one, within the rounding of their own dtype (torch's
+    ``simplex`` allows 1e-6, which a bfloat16 softmax does not reach)."""
+
+    description = "non-negative and summing to 1 over the last dimension"
+    event_dim = 1
+
+    def check(self, value):
+        eps = torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0
+        tolerance = max(1e-6, value.shape[-1] * eps)
+        total = value.sum(-1, dtype=torch.float64 if value.dtype == torch.float64 else None)
+        return (value >= 0).all(-1) & ((total - 1).abs() <= tolerance)
+
+
 finite_real = _FiniteReal()
 finite_positive = _FinitePositive()
+scale = _Scale()
+location = _Location()
 log_weights = _LogWeights()
 positive_probability = _PositiveProbability()
+probability_vector = _Simplex()
 
 # How an error names what a constraint asks for; the finite ones above carry `description`.
 _DESCRIPTIONS = {
@@ -227,11 +272,14 @@ def check_devices(owner: str, tensors: dict):
     return device
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half precision cannot hold a truncated log-PMF, a Gumbel's double logarithm at low
     # temperature or a softmax++ density: compute in float32, as torch.autocast does for exp,
     # log and softmax.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in _HALF else dtype
 
 
 def as_float(owner: str, name: str, value, dtype=None, device=None) -> torch.Tensor:
@@ -289,13 +337,16 @@ def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: 
         if value is None:
             parsed[name] = None
             continue
+        original = value
         value = as_float(owner, name, value, dtype, device)
         constraint = arg_constraints.get(name)
         event_dim = constraint.event_dim if constraint is not None else 0
         if value.dim() < event_dim:
             raise ValueError(f"{owner}: `{name}` needs at least {event_dim} dimension(s)")
         if validate and constraint is not None:
-            check_constraint(owner, name, value, constraint)
+            # Half precision is checked as given, to the rounding of its own dtype.
+            half = torch.is_tensor(original) and original.dtype in _HALF
+            check_constraint(owner, name, original if half else value, constraint)
         shape = value.shape[: value.dim() - event_dim]
         try:
             batch_shape = torch.broadcast_shapes(batch_shape, shape)
@@ -328,14 +379,19 @@ def categorical_parameters(
         raise ValueError(f"{owner}: pass exactly one of `probs` and `logits`")
     name = "probs" if probs is not None else "logits"
     if event_dim:
-        param_constraint = constraints.simplex if name == "probs" else log_weights
+        param_constraint = probability_vector if name == "probs" else log_weights
     else:
         param_constraint = constraints.unit_interval if name == "probs" else finite_real
-    arg_constraints = {name: param_constraint, "temperature": finite_positive}
+    arg_constraints = {name: param_constraint, "temperature": scale}
     raw = {name: probs if probs is not None else logits, "temperature": temperature}
     if event_dim:
-        raw[name] = as_float(owner, name, raw[name])
+        if not torch.is_tensor(raw[name]):
+            raw[name] = as_float(owner, name, raw[name])
         if raw[name].dim() < 1 or static_size(raw[name].shape[-1]) < 2:
             raise ValueError(f"{owner}: `{name}` needs a last dimension of at least 2 {what}")
     parsed, batch_shape = parse_parameters(owner, raw, arg_constraints, validate)
-    return name, parsed[name], parsed["temperature"].expand(batch_shape), batch_shape
+    param = parsed[name]
+    if event_dim and name == "probs":
+        # Normalized, as torch's Categorical does (half-precision inputs sum to 1 only roughly).
+        param = param / param.sum(-1, keepdim=True)
+    return name, param, parsed["temperature"].expand(batch_shape), batch_shape

@@ -36,6 +36,10 @@ class Example:
         exact_density: ``log_prob`` of an ``rsample`` value is the exact density of the
             latent it carries, so a registered KL equals the mean of ``log p - log q`` over
             ``rsample`` values (continuous relaxations such as IGR).
+        through: the parameters that reach the distribution inside an object the factory
+            builds with another library (a torch base distribution, Pyro's flows), each with
+            the argument of the distribution that receives the object. The generated-input
+            test leaves their types (lists, devices, dtypes) to that library.
     """
 
     id: str
@@ -49,6 +53,7 @@ class Example:
     values_of: Callable | None = None
     static_shapes: bool = True
     exact_density: bool = False
+    through: dict[str, str] = field(default_factory=dict)
 
     def parameters(self, *, requires_grad=False, device=None):
         """Fresh copies of ``params``; the learnable ones require grad if asked."""

@@ -67,7 +67,9 @@ GENGS_EXAMPLES = [
             temperature,
             logits=logits,
             # Outcomes are a parameter like the others: on the logits' device.
-            outcomes=_t([0.0, 0.0], [1.0, -1.0], [2.0, 0.5], [3, 3]).to(logits.device),
+            outcomes=_t([0.0, 0.0], [1.0, -1.0], [2.0, 0.5], [3, 3]).to(
+                logits.device if torch.is_tensor(logits) else None
+            ),
             **kw,
         ),
         {"logits": _t([0.5, -1.0, 0.0, 1.0]), "temperature": _t(0.2)},
@@ -157,6 +159,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         prior=lambda: pr.GenGSPoisson(torch.tensor(1.0, dtype=_f64), 0.2, 10),
         kl_partners=(lambda: dist.Poisson(torch.tensor(1.0, dtype=_f64)),),
+        through={"rate": "base_dist"},
         **_GENGS,
     ),
     Example(

@@ -222,6 +222,7 @@ GST_EXAMPLES = [
         prior=_onehot_uniform(5),
         kl_partners=(_onehot_uniform(5),),
         **_ONE_HOT,
+        through={"logits": "base_dist"},
     ),
     Example(
         "GappedST-of-OneHotCategorical",
@@ -239,6 +240,7 @@ GST_EXAMPLES = [
         # whatever validate_args says.
         static_shapes=False,
         **_ONE_HOT,
+        through={"probs": "base_dist"},
     ),
     Example(
         "GappedSTBernoulli",

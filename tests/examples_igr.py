@@ -148,6 +148,7 @@ IGR_EXAMPLES = [
         # No prior: there is no closed-form KL to an IGR (TraceMeanField_ELBO would fall back to
         # Monte Carlo), which the integration tests require; test_igr.py trains planar flows.
         exact_density=True,
+        through={"planar_bias": "flows", "planar_u": "flows", "planar_w": "flows"},
     ),
     Example(
         # A count over 0..9; the paper approximates a Poisson(50) with 100 outcomes this way.

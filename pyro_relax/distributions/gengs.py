@@ -18,11 +18,12 @@ from pyro_relax._numerics import (
     check_constraint,
     check_devices,
     clamp_with_identity_gradient,
-    finite_positive,
     finite_real,
     gumbel_like,
     log_weights,
     parse_parameters,
+    probability_vector,
+    scale,
     static_size,
     straight_through,
     validation_enabled,
@@ -56,6 +57,13 @@ class TruncationWarning(UserWarning):
     """The mass beyond the last outcome of a truncated distribution exceeds the tolerance."""
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know (meta), old torch
+        return False
+
+
 class _RelaxedOneHotMap(torch.autograd.Function):
     r"""The relaxed one-hot :math:`w = \operatorname{softmax}(s)` and its image
     :math:`z = \sum_k w_k c_k`, with one fused backward.
@@ -79,6 +87,11 @@ class _RelaxedOneHotMap(torch.autograd.Function):
         weights = (scores - scores.logsumexp(-1, keepdim=True)).exp()
         ctx.save_for_backward(weights, outcomes)
         ctx.set_materialize_grads(False)
+        if _autocast_enabled(scores.device.type):
+            # Under torch.autocast the product would run in half precision: the relaxed value
+            # keeps the dtype of the weights, as without autocast.
+            with torch.autocast(scores.device.type, enabled=False):
+                return weights, weights @ outcomes
         return weights, weights @ outcomes
 
     @staticmethod
@@ -162,8 +175,8 @@ class TruncatedGenGS(TorchDistribution):
     """
 
     arg_constraints = {
-        "temperature": finite_positive,
-        "probs": constraints.simplex,
+        "temperature": scale,
+        "probs": probability_vector,
         "logits": log_weights,
     }
     has_rsample = True

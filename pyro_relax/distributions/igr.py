@@ -20,14 +20,17 @@ from torch.distributions.utils import lazy_property
 
 from pyro_relax._numerics import (
     as_float,
+    check_constraint,
     check_count,
     clamp_with_identity_gradient,
     finite_positive,
     finite_real,
+    location,
     parse_parameters,
     straight_through,
     validation_enabled,
 )
+from pyro_relax._numerics import scale as scale_constraint
 from pyro_relax.transforms.softmax_plus_plus import (
     SoftmaxPlusPlusTransform,
     attach_log_simplex,
@@ -169,9 +172,9 @@ class _IGRBase(TransformedDistribution):
     """Gaussian noise pushed onto the simplex: shared parameters, shapes and scoring."""
 
     arg_constraints = {
-        "loc": constraints.independent(finite_real, 1),
-        "scale": constraints.independent(finite_positive, 1),
-        "temperature": finite_positive,
+        "loc": constraints.independent(location, 1),
+        "scale": constraints.independent(scale_constraint, 1),
+        "temperature": scale_constraint,
         "delta": finite_positive,
     }
     support = constraints.simplex
@@ -269,8 +272,10 @@ class IGR(_IGRBase):
         \log q(z) = \sum_{k<K} \log \mathcal{N}(y_k; \mu_k, \sigma_k) + (K - 1) \log \tau
         - \sum_{k=1}^{K} \log z_k.
 
-    Unlike the Gumbel-Softmax, the density is exact and the KL divergence between two IGRs with
-    the same :math:`\tau` and :math:`\delta` is the Gaussian KL in closed form.
+    Unlike the Gumbel-Softmax, the density is exact and the KL divergence between two IGRs is a
+    Gaussian KL in closed form, for any two temperatures and deltas: the pre-images of two
+    softmax++ maps differ by the affine map
+    :math:`y' = (\tau' / \tau) y + \tau' (\log \delta' - \log \delta)`.
 
     As :math:`\tau \to 0`, :math:`z` tends to the vertex :math:`e_H` with
     :math:`H = \arg\max_k y_k` when :math:`\max_k y_k > 0` and :math:`H = K` otherwise
@@ -628,10 +633,28 @@ class IGRPlanar(_IGRBase):
                 f"{flows!r}"
             )
         self.flows = list(flows)
+        self._check_flows(validate)
         base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
         transform = SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=1)
         super().__init__(base, [*self.flows, transform], validate_args=False)
         self._validate_args = validate
+
+    def _check_flows(self, validate):
+        """The flows' parameters must be floating tensors of the computation's dtype, on the
+        parameters' device (a planar layer multiplies them with the Gaussian draws), and, with
+        validation on, finite."""
+        for flow in self.flows:
+            for tensor in _flow_tensors(flow):
+                if not torch.is_tensor(tensor):
+                    continue
+                if tensor.device != self.loc.device or tensor.dtype != self.loc.dtype:
+                    raise ValueError(
+                        f"IGRPlanar: the parameters of `flows` ({tensor.dtype} on "
+                        f"{tensor.device}) must have the dtype and device the distribution "
+                        f"computes in, those of `loc` ({self.loc.dtype} on {self.loc.device})"
+                    )
+                if validate:
+                    check_constraint("IGRPlanar", "flows", tensor, finite_real)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGRPlanar, _instance)
@@ -649,6 +672,12 @@ class IGRPlanar(_IGRBase):
             out = flow(x)
             log_det = log_det + flow.log_abs_det_jacobian(x, out)
             x = out
+        if self._validate_args and not bool(torch.isfinite(x).all()):
+            # Pyro's planar layer divides by |w|^2: a layer with w = 0 gives NaN.
+            raise ValueError(
+                "IGRPlanar: `flows` map the Gaussian draws to non-finite values (a planar layer "
+                "with w = 0, or parameters too large)"
+            )
         return x, log_det
 
     def rsample(self, sample_shape=torch.Size()):

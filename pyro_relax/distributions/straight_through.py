@@ -10,11 +10,12 @@ from torch.distributions import Categorical, Distribution
 
 from pyro_relax._numerics import (
     categorical_parameters,
-    finite_positive,
     finite_real,
     gumbel_like,
     log1mexp,
     log_weights,
+    probability_vector,
+    scale,
     static_size,
     straight_through,
     validation_enabled,
@@ -134,9 +135,9 @@ class _StraightThroughCategorical(OneHotCategorical):
     estimator defines in :meth:`_surrogate`."""
 
     arg_constraints = {
-        "probs": constraints.simplex,
+        "probs": probability_vector,
         "logits": log_weights,
-        "temperature": finite_positive,
+        "temperature": scale,
     }
     has_rsample = True
     # Estimator options, copied by `expand` (and used by the Bernoulli versions).
@@ -552,7 +553,7 @@ class _StraightThroughBernoulli(Bernoulli):
     arg_constraints = {
         "probs": constraints.unit_interval,
         "logits": finite_real,
-        "temperature": finite_positive,
+        "temperature": scale,
     }
     has_rsample = True
     _categorical_class = _StraightThroughCategorical

@@ -349,7 +349,7 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
             return int(below.max()) + 2
         if size >= 2**16:
             raise ValueError(
-                f"automatic truncation needs more than {size} outcomes to capture mass {mass}; "
-                "pass `truncation` or `max_truncation`"
+                f"automatic truncation needs more than {size} outcomes to capture mass {mass} of "
+                f"{base!r}; pass `truncation` or `max_truncation`"
             )
         size *= 4
