@@ -22,10 +22,12 @@ lint: torch
 	$(PYTHON) -m ruff check $(LINTED)
 	$(PYTHON) -m ruff format --check $(LINTED)
 
-# The HTML docs, warnings as errors; the tutorials are rendered from their stored outputs.
+# The HTML docs, warnings as errors and every reference resolved (-n); the tutorials are
+# rendered from their stored outputs. Then a check that the pages load nothing from the network.
 docs: torch
 	$(PIP) install -q -e ".[docs]"
-	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PYTHON) -m sphinx -W -n --keep-going -q -b html docs docs/_build/html
+	$(PYTHON) docs/_ext/check_offline.py docs/_build/html
 	@echo "docs: docs/_build/html/index.html"
 
 # Every tutorial top to bottom with its smoke-test switch on (CI=1): small loops, outputs dropped.
