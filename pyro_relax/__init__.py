@@ -1,67 +1,18 @@
 """pyro-relax: reparameterizable relaxations of discrete random variables for Pyro."""
 
-from pyro_relax import kl  # noqa: F401  (registers the KL divergences)
-from pyro_relax.distributions import (
-    IGR,
-    GappedST,
-    GappedSTBernoulli,
-    GappedSTCategorical,
-    GenGS,
-    GenGSBinomial,
-    GenGSGeometric,
-    GenGSMultinomial,
-    GenGSNegativeBinomial,
-    GenGSPoisson,
-    GRMCKBernoulli,
-    GRMCKCategorical,
-    IGRCount,
-    IGRPlanar,
-    IGRStickBreaking,
-    STBernoulli,
-    STCategorical,
-    STGSBernoulli,
-    STGSCategorical,
-    TruncatedGenGS,
-    TruncationWarning,
-    automatic_truncation,
-    fit_igr_prior,
-    igr_log_probs,
-    truncated_log_probs,
-    uniform_igr_prior,
+from pyro_relax import (
+    _carry,
+    distributions,
+    kl,  # noqa: F401  (registers the KL divergences)
+    schedules,
+    transforms,
 )
-from pyro_relax.schedules import ExponentialDecay
-from pyro_relax.transforms import SigmoidSticksTransform, SoftmaxPlusPlusTransform
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ExponentialDecay",
-    "GRMCKBernoulli",
-    "GRMCKCategorical",
-    "GappedST",
-    "GappedSTBernoulli",
-    "GappedSTCategorical",
-    "GenGS",
-    "GenGSBinomial",
-    "GenGSGeometric",
-    "GenGSMultinomial",
-    "GenGSNegativeBinomial",
-    "GenGSPoisson",
-    "IGR",
-    "IGRCount",
-    "IGRPlanar",
-    "IGRStickBreaking",
-    "STBernoulli",
-    "STCategorical",
-    "STGSBernoulli",
-    "STGSCategorical",
-    "SigmoidSticksTransform",
-    "SoftmaxPlusPlusTransform",
-    "TruncatedGenGS",
-    "TruncationWarning",
-    "automatic_truncation",
-    "fit_igr_prior",
-    "igr_log_probs",
-    "truncated_log_probs",
-    "uniform_igr_prior",
-]
+# One export list: the public names are those of each module's own ``__all__``, re-exported
+# here so that ``pyro_relax.GenGSPoisson`` and ``pyro_relax.distributions.GenGSPoisson`` are the
+# same object.
+_MODULES = (distributions, transforms, schedules, _carry)
+__all__ = sorted(name for module in _MODULES for name in module.__all__)
+globals().update({name: getattr(module, name) for module in _MODULES for name in module.__all__})

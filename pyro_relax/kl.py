@@ -18,7 +18,7 @@ from torch.distributions import (
 )
 from torch.distributions.kl import kl_divergence, register_kl
 
-from pyro_relax._numerics import categorical_kl
+from pyro_relax._numerics import categorical_kl, same_values
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
 from pyro_relax.distributions.straight_through import (
@@ -26,7 +26,6 @@ from pyro_relax.distributions.straight_through import (
     _StraightThroughCategorical,
 )
 from pyro_relax.distributions.truncation import truncated_log_probs
-from pyro_relax.transforms.softmax_plus_plus import same_values
 
 __all__ = []
 

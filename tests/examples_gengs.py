@@ -14,7 +14,7 @@ _f64 = torch.float64
 
 def _gengs_categories(d, value):
     # The relaxed one-hot a GenGS sample carries: its argmax is the Gumbel-max draw.
-    return value._gengs_weights.argmax(-1)
+    return pr.relaxation_of(value).weights.argmax(-1)
 
 
 def _gengs_values(d, index):

@@ -14,6 +14,7 @@ import scipy.stats
 import torch
 from torch.distributions import Binomial, Geometric, NegativeBinomial, Poisson, kl_divergence
 
+import pyro_relax as pr
 from pyro_relax import (
     ExponentialDecay,
     GenGS,
@@ -30,7 +31,6 @@ from pyro_relax import (
 from pyro_relax.distributions.truncation import log_survival
 
 # The attribute by which a relaxed sample carries its relaxed one-hot weights (DESIGN 2.3).
-WEIGHTS = "_gengs_weights"
 
 # ---------------------------------------------------------------------------------------------
 # Independent references
@@ -420,7 +420,7 @@ def test_log_prob_of_rsample_is_soft_log_pmf(dtype):
     log_pi = torch.tensor(scipy_truncated_log_probs(scipy.stats.poisson(4.0), n), dtype=dtype)
     d = GenGSPoisson(torch.tensor(4.0, dtype=dtype), 0.3, n, validate_args=True)
     z = d.rsample((500,))
-    weights = getattr(z, WEIGHTS)
+    weights = pr.relaxation_of(z).weights
     # The carried weights are the relaxed one-hot that produced the value.
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.allclose(weights.sum(-1), torch.ones((), dtype=dtype), atol=tol)

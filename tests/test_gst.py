@@ -370,9 +370,8 @@ def test_soft_stgs_density_is_accurate_in_float32_at_temperature_001():
     log_prob = d.log_prob(value)
     assert torch.isfinite(log_prob).all()
     exact = pr.STGSCategorical(logits.double(), temperature=0.01, hard=False)
-    log_weights = value._straight_through_log_weights.double()
-    value64 = log_weights.exp()
-    value64._straight_through_log_weights = log_weights
+    log_weights = pr.relaxation_of(value).log_weights.double()
+    value64 = pr.with_relaxation(log_weights.exp(), pr.Relaxation(log_weights=log_weights))
     torch.testing.assert_close(log_prob.double(), exact.log_prob(value64), rtol=1e-5, atol=0)
 
 

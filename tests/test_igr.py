@@ -15,7 +15,6 @@ from pyro.optim import Adam
 from torch.distributions import StickBreakingTransform, kl_divergence
 
 import pyro_relax as pr
-from pyro_relax.transforms.softmax_plus_plus import attach_log_simplex
 
 _f64 = torch.float64
 
@@ -57,7 +56,8 @@ def test_density_integrates_to_one_for_two_categories(make):
 
     def density(v):
         v = torch.tensor([v, -v], dtype=_f64)
-        value = attach_log_simplex(torch.sigmoid(v), torch.nn.functional.logsigmoid(v))
+        log_z = torch.nn.functional.logsigmoid(v)
+        value = pr.with_relaxation(torch.sigmoid(v), pr.Relaxation(log_weights=log_z))
         return float((d.log_prob(value) + value.log().sum()).exp())
 
     total, _ = scipy.integrate.quad(density, *edges, epsabs=1e-10)
@@ -98,7 +98,7 @@ def test_own_samples_are_scored_finitely_in_float32(temperature):
     assert torch.isfinite(log_prob).all()
     # Against float64 scoring of the same Gaussian draws.
     d64 = pr.IGR(loc.double(), torch.full_like(loc, 2.0).double(), temperature)
-    y = z._igr_preimage.base.double()
+    y = pr.relaxation_of(z).preimage.double()
     expected = d64.log_prob(d64.softmax_plus_plus(y))
     torch.testing.assert_close(log_prob.double(), expected, rtol=1e-4, atol=1e-2)
 
@@ -132,7 +132,7 @@ def test_straight_through_samples_are_the_limit_vertex_with_soft_gradients():
     hard = d.rsample((1000,))
     torch.manual_seed(3)
     relaxed = soft.rsample((1000,))
-    y = hard._igr_preimage.base
+    y = pr.relaxation_of(hard).preimage
     limit = torch.where(y.max(-1).values > 0, y.argmax(-1), 3)
     assert torch.equal(hard, torch.nn.functional.one_hot(limit, 4).to(_f64))
     # The soft relaxation it carries is scored, exactly as the soft sample.
@@ -400,7 +400,7 @@ def test_infinite_mode_conserves_mass_and_reports_its_truncation():
     torch.testing.assert_close(z.sum(-1), torch.ones(400, 3))
     kept = d.truncation_of(z)
     # The smallest n whose sticks reach the precision, for every sample and batch element.
-    sticks = pr.SigmoidSticksTransform()(z._igr_preimage.base)
+    sticks = pr.SigmoidSticksTransform()(pr.relaxation_of(z).preimage)
     cumulative = sticks.cumsum(-1)
     reached = cumulative >= 0.95
     expected = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, 29)
@@ -509,10 +509,10 @@ def test_count_values_and_scoring():
     assert c.shape == (300, 2)
     assert ((c >= 0) & (c <= 9)).all()
     # At low temperature the relaxed count is the index of the largest stick.
-    sticks = pr.SigmoidSticksTransform()(c._igr_simplex._igr_preimage.base)
+    sticks = pr.SigmoidSticksTransform()(pr.relaxation_of(pr.relaxation_of(c).simplex).preimage)
     near = (c - sticks.argmax(-1)).abs() < 0.05
     assert near.double().mean() > 0.97  # all but near-ties of the two largest sticks
-    torch.testing.assert_close(d.log_prob(c), d.simplex_dist.log_prob(c._igr_simplex))
+    torch.testing.assert_close(d.log_prob(c), d.simplex_dist.log_prob(pr.relaxation_of(c).simplex))
     with pytest.raises(ValueError, match="plain count"):
         d.log_prob(torch.tensor([3.0, 4.0]))
 

@@ -12,6 +12,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Binomial, Categorical, Geometric, NegativeBinomial, Poisson
 from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_logits
 
+from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
     as_float,
     categorical_parameters,
@@ -47,8 +48,6 @@ __all__ = [
     "TruncationWarning",
 ]
 
-# The attribute by which a relaxed sample carries its relaxed one-hot weights to `log_prob`.
-_WEIGHTS = "_gengs_weights"
 # The largest number of outcomes GenGSMultinomial enumerates.
 _MAX_OUTCOMES = 100_000
 
@@ -286,7 +285,7 @@ class TruncatedGenGS(TorchDistribution):
         value = clamp_with_identity_gradient(value, *self._outcome_range)
         if self.straight_through:
             value = straight_through(self.outcomes[perturbed.argmax(-1)], value)
-        setattr(value, _WEIGHTS, weights)
+        carry(value, weights=weights)
         return value
 
     def sample(self, sample_shape=torch.Size()):
@@ -301,7 +300,7 @@ class TruncatedGenGS(TorchDistribution):
         return torch.where(self.logits.isneginf(), -math.inf, floor)
 
     def log_prob(self, value):
-        weights = getattr(value, _WEIGHTS, None)
+        weights = carried(value, "weights")
         # Before the support check: a sample of a GenGS over more outcomes can lie outside this
         # one's support, and the mismatch is what the user needs to hear about.
         if weights is not None and static_size(weights.shape[-1]) != self.num_outcomes:

@@ -3,7 +3,6 @@
 import functools
 import math
 from numbers import Real
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from pyro.distributions.transforms import Planar
 from torch.distributions.transforms import Transform
 from torch.distributions.utils import lazy_property
 
+from pyro_relax._carry import carried, carry, relaxation_of
 from pyro_relax._numerics import (
     as_float,
     check_constraint,
@@ -26,28 +26,20 @@ from pyro_relax._numerics import (
     finite_positive,
     finite_real,
     location,
+    one_hot,
     parse_parameters,
+    same_values,
     straight_through,
     validation_enabled,
 )
 from pyro_relax._numerics import scale as scale_constraint
 from pyro_relax.transforms.softmax_plus_plus import (
     SoftmaxPlusPlusTransform,
-    attach_log_simplex,
-    log_simplex_of,
     on_simplex,
-    same_values,
 )
 from pyro_relax.transforms.stick_breaking import SigmoidSticksTransform
 
 __all__ = ["IGR", "IGRCount", "IGRPlanar", "IGRStickBreaking", "igr_log_probs"]
-
-# The attribute by which a sample carries its Gaussian pre-image to `log_prob`.
-_PREIMAGE = "_igr_preimage"
-# The attribute by which a stick-breaking sample carries the number of sticks it kept.
-_KEPT = "_igr_kept_sticks"
-# The attribute by which a count sample carries its simplex point.
-_SIMPLEX = "_igr_simplex"
 
 # Proposition 2's integrals run over standardized u from max(-mu_k / sigma_k, -_REACH) to
 # _REACH past max(that, 0): the standard normal density beyond 12 is below 1e-31 of its peak.
@@ -148,24 +140,10 @@ def igr_log_probs(loc, scale, *, num_panels: int = 24, points_per_panel: int = 1
     return torch.cat([head, last], -1)
 
 
-class _Preimage(NamedTuple):
-    """A sample's Gaussian pre-image and the parameters of the map that pushed it forward."""
-
-    base: torch.Tensor
-    family: type
-    map_parameters: tuple
-
-
 def _limit_category(x: torch.Tensor) -> torch.Tensor:
     """Proposition 1: the vertex softmax++ tends to, :math:`\\arg\\max_k x_k` if positive, else
     the last category (index ``K - 1``)."""
     return torch.cat([x, torch.zeros_like(x[..., :1])], -1).argmax(-1)
-
-
-def _one_hot(index: torch.Tensor, num_categories: int, like: torch.Tensor) -> torch.Tensor:
-    # A comparison, not F.one_hot, which validates the indices on the host.
-    categories = torch.arange(num_categories, device=like.device)
-    return (index.unsqueeze(-1) == categories).to(like.dtype)
 
 
 class _IGRBase(TransformedDistribution):
@@ -221,19 +199,18 @@ class _IGRBase(TransformedDistribution):
         return self._map_arguments
 
     def _tag(self, value, base):
-        setattr(value, _PREIMAGE, _Preimage(base, type(self), self._map_parameters()))
-        return value
+        return carry(value, preimage=base, source=(type(self), self._map_parameters()))
 
     def _preimage(self, value):
         """The Gaussian pre-image of ``value``: the one it carries when it was pushed forward by
         the same map, else the inverse (from the log-space twin the value carries, if any)."""
-        tag = getattr(value, _PREIMAGE, None)
-        if tag is not None and tag.family is type(self):
-            mine = self._map_parameters()
-            if len(mine) == len(tag.map_parameters) and all(
-                same_values(a, b) for a, b in zip(mine, tag.map_parameters, strict=True)
+        record = relaxation_of(value)
+        if record is not None and record.source is not None and record.source[0] is type(self):
+            mine, theirs = self._map_parameters(), record.source[1]
+            if len(mine) == len(theirs) and all(
+                same_values(a, b) for a, b in zip(mine, theirs, strict=True)
             ):
-                return tag.base
+                return record.preimage
         return self._invert(value)
 
     def _invert(self, value):
@@ -256,7 +233,7 @@ class _IGRBase(TransformedDistribution):
     def _monte_carlo_categorical(self, num_samples):
         with torch.no_grad():
             index = self._sample_categories(num_samples)
-            counts = _one_hot(index, self.num_categories, self.loc).sum(0)
+            counts = one_hot(index, self.num_categories, self.loc).sum(0)
         return Categorical(probs=counts / num_samples)
 
 
@@ -336,8 +313,8 @@ class IGR(_IGRBase):
         y = self.base_dist.rsample(sample_shape)
         z = self.softmax_plus_plus(y)
         if self.straight_through:
-            hard = _one_hot(_limit_category(y), self.num_categories, z)
-            z = attach_log_simplex(straight_through(hard, z), log_simplex_of(z))
+            hard = one_hot(_limit_category(y), self.num_categories, z)
+            z = carry(straight_through(hard, z), log_weights=carried(z, "log_weights"))
         return self._tag(z, y)
 
     def _map_parameters(self):
@@ -354,21 +331,21 @@ class IGR(_IGRBase):
         no comparison of the parameters (a host read on an accelerator, a constant in a jit
         trace), and the identity when they are equal.
         """
-        tag = getattr(value, _PREIMAGE, None)
-        if tag is None or tag.family is not IGR:
+        record = relaxation_of(value)
+        if record is None or record.source is None or record.source[0] is not IGR:
             return self._invert(value)
         tau, log_delta = self.temperature.unsqueeze(-1), self.delta.log().unsqueeze(-1)
-        other_tau, other_delta = (t.unsqueeze(-1) for t in tag.map_parameters)
-        return (tau / other_tau) * tag.base + tau * (log_delta - other_delta.log())
+        other_tau, other_delta = (t.unsqueeze(-1) for t in record.source[1])
+        return (tau / other_tau) * record.preimage + tau * (log_delta - other_delta.log())
 
     def sample_hard(self, sample_shape=torch.Size()):
         """One-hot draws of the discrete variable :math:`H` (Proposition 1), no gradient."""
         with torch.no_grad():
             y = self.base_dist.sample(sample_shape)
-            return _one_hot(_limit_category(y), self.num_categories, y)
+            return one_hot(_limit_category(y), self.num_categories, y)
 
     def log_prob(self, value):
-        plain = getattr(value, _PREIMAGE, None) is None and log_simplex_of(value) is None
+        plain = carried(value, "preimage") is None and carried(value, "log_weights") is None
         if self.straight_through and plain:
             return self._log_prob_of_vertex(value)
         if self._validate_args:
@@ -376,7 +353,7 @@ class IGR(_IGRBase):
         y = self._preimage(value)
         # The log-coordinates of the value, whichever softmax++ produced it: no second
         # log_softmax for a sample.
-        log_z = log_simplex_of(value)
+        log_z = carried(value, "log_weights")
         if log_z is None:
             log_z = self.softmax_plus_plus.log_call(y)
         num_free = y.shape[-1]
@@ -496,13 +473,12 @@ class IGRStickBreaking(_IGRBase):
     def rsample(self, sample_shape=torch.Size()):
         y = self.base_dist.rsample(sample_shape)
         log_z, kept = self._log_simplex(y)
-        z = attach_log_simplex(on_simplex(log_z), log_z)
-        setattr(z, _KEPT, kept.sum(-1))
+        z = carry(on_simplex(log_z), log_weights=log_z, kept_sticks=kept.sum(-1))
         return self._tag(z, y)
 
     def _invert(self, value):
         kept = self._kept_of(value)
-        log_z = log_simplex_of(value)
+        log_z = carried(value, "log_weights")
         if log_z is None:
             # The smallest normal number stands for a coordinate that underflowed to zero.
             log_z = value.clamp(min=torch.finfo(value.dtype).tiny).log()
@@ -513,7 +489,7 @@ class IGRStickBreaking(_IGRBase):
         return torch.where(kept, y, torch.zeros_like(y))
 
     def _kept_of(self, value):
-        count = getattr(value, _KEPT, None)
+        count = carried(value, "kept_sticks")
         if count is None:
             count = self.truncation_of(value)
         return torch.arange(value.shape[-1] - 1, device=value.device) < count.unsqueeze(-1)
@@ -523,7 +499,7 @@ class IGRStickBreaking(_IGRBase):
 
         Read from the sample; for a value built by hand, the last non-zero stick coordinate.
         """
-        count = getattr(value, _KEPT, None)
+        count = carried(value, "kept_sticks")
         if count is not None:
             return count
         positions = torch.arange(1, value.shape[-1], device=value.device)
@@ -790,7 +766,7 @@ class IGRCount(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()):
         z = self.simplex_dist.rsample(sample_shape)
         count = clamp_with_identity_gradient(z @ self.outcomes, 0, self.outcomes.shape[-1] - 1)
-        setattr(count, _SIMPLEX, z)
+        carry(count, simplex=z)
         return count
 
     def sample(self, sample_shape=torch.Size()):
@@ -800,7 +776,7 @@ class IGRCount(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        z = getattr(value, _SIMPLEX, None)
+        z = carried(value, "simplex")
         if z is None:
             raise ValueError(
                 "IGRCount.log_prob scores relaxed counts drawn by rsample (they carry their "

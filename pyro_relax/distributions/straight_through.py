@@ -8,12 +8,14 @@ from pyro.distributions import Bernoulli, OneHotCategorical, constraints
 from pyro.distributions.score_parts import ScoreParts
 from torch.distributions import Categorical, Distribution
 
+from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
     categorical_parameters,
     finite_real,
     gumbel_like,
     log1mexp,
     log_weights,
+    one_hot,
     probability_vector,
     scale,
     static_size,
@@ -32,15 +34,6 @@ __all__ = [
     "STGSBernoulli",
     "STGSCategorical",
 ]
-
-# The attribute by which a soft STGS sample carries its log-weights to `log_prob`.
-_LOG_WEIGHTS = "_straight_through_log_weights"
-
-
-def _one_hot(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    # A comparison rather than F.one_hot, which checks the indices' range on the host.
-    classes = torch.arange(like.shape[-1], device=like.device)
-    return (index.unsqueeze(-1) == classes).to(like.dtype)
 
 
 def _check_gap(gap):
@@ -103,7 +96,7 @@ def _concrete_log_density(logits, temperature, log_weights):
 def _carried_log_weights(value, validate: bool, name: str) -> torch.Tensor:
     """The log-weights a soft STGS sample carries or, without them, the logarithm of its
     coordinates (see :class:`STGSCategorical` for this fallback)."""
-    log_weights = getattr(value, _LOG_WEIGHTS, None)
+    log_weights = carried(value, "log_weights")
     if log_weights is not None:
         return log_weights
     if validate and not bool((value > 0).all()):
@@ -186,12 +179,12 @@ class _StraightThroughCategorical(OneHotCategorical):
         gumbels = gumbel_like(logits, shape)
         # Gumbel-max: an exact draw of Categorical(softmax(logits)), device-agnostic.
         index = (logits.detach() + gumbels).argmax(-1)
-        one_hot = _one_hot(index, logits)
-        surrogate, log_weights = self._surrogate(logits, index, one_hot, gumbels)
+        hard = one_hot(index, logits.shape[-1], logits)
+        surrogate, log_weights = self._surrogate(logits, index, hard, gumbels)
         if self.hard:
-            return straight_through(one_hot, surrogate)
+            return straight_through(hard, surrogate)
         if log_weights is not None:
-            setattr(surrogate, _LOG_WEIGHTS, log_weights)
+            carry(surrogate, log_weights=log_weights)
         return surrogate
 
     def sample(self, sample_shape=torch.Size()):
@@ -200,7 +193,9 @@ class _StraightThroughCategorical(OneHotCategorical):
                 return self.rsample(sample_shape)
             shape = self._extended_shape(sample_shape)
             logits = self.logits.expand(shape)
-            return _one_hot((logits + gumbel_like(logits, shape)).argmax(-1), logits)
+            return one_hot(
+                (logits + gumbel_like(logits, shape)).argmax(-1), logits.shape[-1], logits
+            )
 
     def _surrogate(self, logits, index, one_hot, gumbels):
         """The surrogate :math:`h` (shape of ``logits``) and, if it has a Concrete density,
@@ -607,9 +602,9 @@ class _StraightThroughBernoulli(Bernoulli):
     def rsample(self, sample_shape=torch.Size()):
         pair = self._relaxed.rsample(sample_shape)
         value = pair[..., 1]
-        log_weights = getattr(pair, _LOG_WEIGHTS, None)
+        log_weights = carried(pair, "log_weights")
         if log_weights is not None:
-            setattr(value, _LOG_WEIGHTS, log_weights)
+            carry(value, log_weights=log_weights)
         return value
 
     def sample(self, sample_shape=torch.Size()):
@@ -702,7 +697,7 @@ class STGSBernoulli(_StraightThroughBernoulli):
             return super().log_prob(value)
         if self._validate_args:
             self._validate_sample(value)
-        log_weights = getattr(value, _LOG_WEIGHTS, None)
+        log_weights = carried(value, "log_weights")
         if log_weights is None:
             pair = torch.stack([1 - value, value], -1)
             log_weights = _carried_log_weights(pair, self._validate_args, type(self).__name__)

@@ -24,13 +24,8 @@ from pyro_relax._numerics import (
     positive_probability,
 )
 
-__all__ = [
-    "automatic_truncation",
-    "check_base",
-    "check_truncation",
-    "log_survival",
-    "truncated_log_probs",
-]
+# The public names; check_base, check_truncation and log_survival serve the GenGS classes.
+__all__ = ["automatic_truncation", "truncated_log_probs"]
 
 # Terms summed explicitly before the geometric bound takes over in the negative binomial tail.
 _NB_TAIL_TERMS = 32

@@ -4,70 +4,20 @@ import torch
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
+from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
+    broadcast_shapes,
     finite_positive,
     parse_parameters,
+    same_values,
     static_size,
     validation_enabled,
 )
 
 __all__ = [
     "SoftmaxPlusPlusTransform",
-    "attach_log_simplex",
-    "broadcast_shapes",
-    "log_simplex_of",
     "on_simplex",
-    "same_values",
 ]
-
-# The attribute by which a softmax++ output carries its log-space twin log z to the inverse.
-_LOG_VALUE = "_log_simplex"
-
-
-def log_simplex_of(value: torch.Tensor):
-    """The log-space twin :math:`\\log z` a softmax++ output carries, or ``None``."""
-    return getattr(value, _LOG_VALUE, None)
-
-
-def broadcast_shapes(*shapes) -> torch.Size:
-    """``torch.broadcast_shapes``, with a fast path when the shapes are equal or empty: torch's
-    version costs tens of microseconds, paid several times each time a distribution is built."""
-    distinct = {tuple(shape) for shape in shapes} - {()}
-    if len(distinct) <= 1:
-        return torch.Size(distinct.pop() if distinct else ())
-    return torch.broadcast_shapes(*shapes)
-
-
-def attach_log_simplex(value: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
-    """Attaches the log-space twin ``log_z`` to a simplex point ``value``, and returns it."""
-    setattr(value, _LOG_VALUE, log_z)
-    return value
-
-
-def same_values(a, b) -> bool:
-    """Whether two parameters are equal, reading values on the host only for CPU tensors.
-
-    The same object, equal Python numbers, or equal CPU tensors after broadcasting; tensors on
-    another device are compared by identity only, so that no call synchronizes with an
-    accelerator. While ``torch.jit.trace`` records, tensors are compared by identity too: a
-    value comparison would be baked into the trace as a constant.
-    """
-    if a is b:
-        return True
-    if not torch.is_tensor(a) and not torch.is_tensor(b):
-        return a == b  # Python numbers (or None), as passed by the user
-    if torch.jit.is_tracing():
-        return False
-    if not torch.is_tensor(a):
-        a, b = b, a
-    b = torch.as_tensor(b, dtype=a.dtype)  # a number takes the tensor's dtype, as in IGR
-    if a.device.type != "cpu" or b.device.type != "cpu":
-        return False
-    try:
-        shape = torch.broadcast_shapes(a.shape, b.shape)
-    except RuntimeError:
-        return False
-    return torch.equal(a.detach().expand(shape), b.detach().expand(shape).to(a.dtype))
 
 
 def on_simplex(log_z: torch.Tensor) -> torch.Tensor:
@@ -206,10 +156,10 @@ class SoftmaxPlusPlusTransform(Transform):
 
     def _call(self, x):
         log_z = self.log_call(x)
-        return attach_log_simplex(on_simplex(log_z), log_z)
+        return carry(on_simplex(log_z), log_weights=log_z)
 
     def _inverse(self, z):
-        log_z = log_simplex_of(z)
+        log_z = carried(z, "log_weights")
         if log_z is None:
             # A coordinate that underflowed to zero has no finite logarithm; the smallest normal
             # number is the nearest value whose inverse is finite.

@@ -5,11 +5,9 @@ import torch.nn.functional as F
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
-__all__ = ["SigmoidSticksTransform"]
+from pyro_relax._carry import carried, carry
 
-# The attribute by which sticks carry their pre-image to the inverse: the map has no
-# parameters, so the pre-image is valid for every instance.
-_PREIMAGE = "_stick_preimage"
+__all__ = ["SigmoidSticksTransform"]
 
 
 class SigmoidSticksTransform(Transform):
@@ -69,13 +67,13 @@ class SigmoidSticksTransform(Transform):
 
     def _call(self, x):
         w = self.log_sticks(x).exp()
-        setattr(w, _PREIMAGE, x)
+        # The map has no parameters: the pre-image is valid for every instance.
+        carry(w, preimage=x, source=(SigmoidSticksTransform,))
         return w
 
     def _inverse(self, w):
-        x = getattr(w, _PREIMAGE, None)
-        if x is not None:
-            return x
+        if carried(w, "source") == (SigmoidSticksTransform,):
+            return carried(w, "preimage")
         # Sticks that underflowed, or whose remainder cancelled, are read as the smallest normal
         # number: the nearest values with a finite inverse.
         tiny = torch.finfo(w.dtype).tiny

@@ -1,0 +1,139 @@
+"""The one record a relaxed sample carries to ``log_prob``, and its public accessor."""
+
+import dataclasses
+
+import torch
+
+# The public names; `carry` and `carried` serve the distributions.
+__all__ = ["Relaxation", "relaxation_of", "with_relaxation"]
+
+# The one attribute by which a tensor carries its record.
+_ATTRIBUTE = "_pyro_relax"
+
+
+@dataclasses.dataclass(frozen=True)
+class Relaxation:
+    r"""What a relaxed sample carries so that ``log_prob`` can score it exactly.
+
+    A relaxed value is a deterministic function of a richer latent: GenGS maps a relaxed
+    one-hot :math:`w` onto the outcomes, IGR pushes a Gaussian pre-image :math:`y` through
+    softmax++. ``log_prob`` needs that latent, which the value alone loses (a convex
+    combination of outcomes does not say which weights made it; a coordinate of :math:`z` can
+    underflow to 0 in float32 while :math:`\log z` stays finite). ``rsample`` therefore attaches
+    this record to the tensor it returns; for example GenGS scores a sample by the soft log-PMF
+    and IGR-I by its density through the pre-image:
+
+    .. math::
+        \log p(z) = \sum_k w_k \log \pi_k, \qquad
+        \log q(z) = \log \mathcal{N}(y; \mu, \sigma) + (K - 1) \log \tau - \sum_k \log z_k.
+
+    Operations that make a new tensor (``clone``, ``detach``, ``.to``, arithmetic) drop the
+    record: :func:`relaxation_of` then returns ``None``, and each distribution documents what
+    its ``log_prob`` does with a value without one (it scores a plain outcome by the discrete
+    PMF, inverts the map, or raises ``ValueError`` under validation). To move a sample and keep
+    its record, attach it again with :func:`with_relaxation`.
+
+    Every field is ``None`` unless the family that drew the sample sets it.
+
+    References:
+        Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
+        Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
+        https://arxiv.org/abs/2003.01847
+
+        Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
+        Andres Potapczynski, Gabriel Loaiza-Ganem, John P. Cunningham, 2020.
+        https://arxiv.org/abs/1912.09588
+
+    Attributes:
+        weights (Tensor): the relaxed one-hot :math:`w` over the outcomes (GenGS).
+        log_weights (Tensor): :math:`\log` of the relaxed one-hot or simplex point the value
+            stands for (soft STGS, softmax++ and the IGR family).
+        preimage (Tensor): the pre-image :math:`y` of the map that made the value (the
+            Gaussian draw of the IGR family; the input of a sigmoid stick-breaking).
+        source (tuple): what made the pre-image, ``(family, map parameters)`` (IGR family).
+        kept_sticks (Tensor): how many sticks each sample kept (IGR-SB with ``precision``).
+        simplex (Tensor): the simplex point a relaxed count was mapped from (``IGRCount``).
+
+    Example:
+        >>> import pyro_relax as pr
+        >>> z = pr.GenGSPoisson(torch.tensor(2.0), temperature=0.5, truncation=12).rsample()
+        >>> pr.relaxation_of(z).weights.shape
+        torch.Size([12])
+        >>> pr.relaxation_of(z.clone()) is None
+        True
+    """
+
+    weights: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
+    preimage: torch.Tensor | None = None
+    source: tuple | None = None
+    kept_sticks: torch.Tensor | None = None
+    simplex: torch.Tensor | None = None
+
+
+def relaxation_of(value) -> Relaxation | None:
+    r"""The :class:`Relaxation` record a relaxed sample carries, or ``None``.
+
+    ``None`` for a value that no relaxed distribution drew, or whose record was dropped by an
+    operation that makes a new tensor (``clone``, ``detach``, ``.to``, arithmetic). The record
+    holds what ``log_prob`` needs to score the sample exactly, such as the relaxed one-hot
+    :math:`w` of a GenGS sample
+
+    .. math::
+        z = \sum_k w_k c_k.
+
+    References:
+        Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
+        Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
+        https://arxiv.org/abs/2003.01847
+
+    Example:
+        >>> import pyro_relax as pr
+        >>> z = pr.IGR(torch.zeros(3), torch.ones(3), temperature=0.1).rsample()
+        >>> pr.relaxation_of(z).preimage.shape
+        torch.Size([3])
+    """
+    return getattr(value, _ATTRIBUTE, None)
+
+
+def with_relaxation(value: torch.Tensor, relaxation: Relaxation | None) -> torch.Tensor:
+    r"""Attaches ``relaxation`` to ``value`` (in place) and returns it.
+
+    For a sample moved or copied on purpose: the record must describe the same draw, on the
+    value's device. ``relaxation`` may be ``None`` (nothing is attached). With it, a GenGS
+    sample :math:`z = \sum_k w_k c_k` is again scored by its soft log-PMF
+
+    .. math::
+        \log p(z) = \sum_k w_k \log \pi_k.
+
+    References:
+        Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
+        Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
+        https://arxiv.org/abs/2003.01847
+
+    Example:
+        >>> import pyro_relax as pr
+        >>> d = pr.GenGSPoisson(torch.tensor(2.0), temperature=0.5, truncation=12)
+        >>> z = d.rsample()
+        >>> copy = pr.with_relaxation(z.detach().clone(), pr.relaxation_of(z))
+        >>> bool(d.log_prob(copy) == d.log_prob(z))
+        True
+    """
+    if relaxation is not None:
+        setattr(value, _ATTRIBUTE, relaxation)
+    return value
+
+
+def carry(value: torch.Tensor, **fields) -> torch.Tensor:
+    """Sets ``fields`` of the record ``value`` carries (adding one if it has none), in place,
+    and returns ``value``."""
+    record = relaxation_of(value)
+    record = Relaxation(**fields) if record is None else dataclasses.replace(record, **fields)
+    setattr(value, _ATTRIBUTE, record)
+    return value
+
+
+def carried(value, field: str):
+    """One field of the record ``value`` carries, or ``None``."""
+    record = relaxation_of(value)
+    return None if record is None else getattr(record, field)
