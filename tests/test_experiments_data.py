@@ -134,6 +134,13 @@ def test_missing_mnist_names_the_files_the_directory_and_the_variable(tmp_path, 
         load_mnist()
 
 
+def test_mnist_without_a_directory_says_how_to_give_one(monkeypatch):
+    # The package does not guess a path relative to a checkout it may not be installed from.
+    monkeypatch.delenv("PYRO_RELAX_MNIST", raising=False)
+    with pytest.raises(MissingDatasetError, match=r"--data-dir.*\$PYRO_RELAX_MNIST"):
+        load_mnist()
+
+
 def test_mnist_directory_from_the_environment(tmp_path, monkeypatch):
     _tiny_dataset(tmp_path, train=7)
     monkeypatch.setenv("PYRO_RELAX_MNIST", str(tmp_path))

@@ -3,8 +3,8 @@ digits, binarization and shuffled batches.
 
 The loaders read the four standard gzipped IDX files themselves (no torchvision, no download):
 
-- MNIST from a directory given as an argument, else ``$PYRO_RELAX_MNIST``, else the project's
-  copy at ``../shared/data/mnist`` next to the repository;
+- MNIST from a directory given as an argument, else ``$PYRO_RELAX_MNIST`` (the package looks
+  nowhere else: it may be installed far from any checkout);
 - Fashion-MNIST from an argument, else ``$PYRO_RELAX_FASHION_MNIST``, else Debian's
   ``/usr/share/datasets/fashion-mnist/`` (``apt-get install dataset-fashion-mnist``);
 - scikit-learn's 8x8 digits (bundled with scikit-learn, so always there) with a fixed split.
@@ -58,8 +58,6 @@ MNIST_ENV = "PYRO_RELAX_MNIST"
 FASHION_MNIST_ENV = "PYRO_RELAX_FASHION_MNIST"
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_APT_PACKAGE = "dataset-fashion-mnist"
-# The project's copy of MNIST, next to the repository (pyro_relax/experiments/data.py -> root).
-_PROJECT_MNIST_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 # scikit-learn's digits: 1797 images, the last 297 (after a fixed shuffle) for testing.
 DIGITS_TEST_SIZE = 297
 _DIGITS_SPLIT_SEED = 0
@@ -269,8 +267,7 @@ def _resolve(directory, env, default):
 
 def load_mnist(directory=None) -> ImageDataset:
     """MNIST (60000 training and 10000 test images of 28x28) from the IDX files in
-    ``directory``, else ``$PYRO_RELAX_MNIST``, else the project's copy in
-    ``../shared/data/mnist`` next to the repository.
+    ``directory``, else ``$PYRO_RELAX_MNIST``.
 
     Example:
         >>> try:
@@ -279,7 +276,12 @@ def load_mnist(directory=None) -> ImageDataset:
         ...     print(str(error).split(" (")[0])
         MNIST not found in /nonexistent
     """
-    directory, origin = _resolve(directory, MNIST_ENV, _PROJECT_MNIST_DIR)
+    if directory is None and not os.environ.get(MNIST_ENV):
+        raise MissingDatasetError(
+            f"MNIST: no directory given; pass it (--data-dir DIR, DIR holding the four gzipped "
+            f"IDX files {', '.join(IDX_FILES.values())}) or set ${MNIST_ENV}"
+        )
+    directory, origin = _resolve(directory, MNIST_ENV, None)
     return load_idx_dataset(directory, "MNIST", origin=origin, env=MNIST_ENV)
 
 
