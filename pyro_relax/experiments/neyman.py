@@ -484,7 +484,11 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:
         if "record" in state:
-            return state["record"], state["networks"]
+            record = state["record"]
+            if "parameters" not in record:  # saved before the untruncated score was added
+                regression.load_state_dict(state["networks"]["regression"])
+                record |= _untruncated(regression, data, config)
+            return record, state["networks"]
         regression.load_state_dict(state["networks"]["regression"])
         encoder.load_state_dict(state["networks"]["encoder"])
         svi.optim.set_state(state["optimizer"])
@@ -529,6 +533,7 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
         )
     record = _record(estimator, config, data, device)
     record |= _evaluate(estimator, regression, encoder, data, config)
+    record |= _untruncated(regression, data, config)
     record |= {
         "train_log_likelihood": float(train_score.mean()),
         "seconds": seconds,
@@ -537,6 +542,29 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
     if checkpoint is not None:
         checkpoint.save({"record": record, "networks": networks()})
     return record, networks()
+
+
+@torch.no_grad()
+def _untruncated(regression, data, config) -> dict:
+    """The learned parameters, and the test score with the prior truncated far enough out to
+    hold all but a negligible mass for every test person (the truncation at ``n`` drops
+    ``prior_tail_mass``, much of it for models with large prior rates)."""
+    rates = regression.prior_rate(data.x_test)
+    largest = float(rates.max())
+    outcomes = max(config.truncation, math.ceil(largest + 12 * math.sqrt(largest) + 20))
+    score = marginal_log_likelihood(
+        regression, data.x_test, data.y_test, outcomes, config.rate_offset
+    )
+    parameters = {
+        "intercept": float(regression.intercept),
+        "coefficients": regression.coefficients.tolist(),
+        "log_phi": float(regression.log_scale),
+    }
+    return {
+        "test_log_likelihood_untruncated": float(score.mean()),
+        "untruncated_outcomes": outcomes,
+        "parameters": parameters,
+    }
 
 
 def _on_device(data: Visits, device) -> Visits:
