@@ -4,6 +4,7 @@ import argparse
 import shlex
 import sys
 
+from pyro_relax._cli import positive_int
 from pyro_relax.demo import DemoConfig, MissingDependencyError, run_demo
 
 __all__ = ["build_parser", "main"]
@@ -13,13 +14,6 @@ _SMOKE = {"epochs": 2, "steps_per_epoch": 3, "eval_samples": 2}
 # Where experiments write unless told otherwise: not the repository's committed results/, which
 # only a deliberate `--results results` updates.
 _DEFAULT_RESULTS = "pyro-relax-results"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _run_demo(args) -> int:
@@ -41,7 +35,7 @@ def _add_demo(subparsers) -> None:
         "ELBO of the discrete model for each and plots the training curves.",
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, default=DemoConfig.epochs, help="training epochs"
+        "--epochs", type=positive_int, default=DemoConfig.epochs, help="training epochs"
     )
     parser.add_argument("--seed", type=int, default=DemoConfig.seed, help="random seed")
     parser.add_argument(

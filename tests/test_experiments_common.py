@@ -286,3 +286,24 @@ def test_a_finished_run_survives_a_failed_merge(tmp_path, monkeypatch, capsys, n
     assert _smoke(name, tmp_path) == 0
     assert json.loads(damaged.read_text())
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["experiment", "synthetic", "--samples", "1"],
+        ["experiment", "synthetic", "--lr", "nan"],
+        ["experiment", "synthetic", "--bias-temperatures", "0.5", "-1"],
+        ["experiment", "vae", "--epochs", "0"],
+        ["experiment", "topic", "--truncation", "1"],
+        ["experiment", "topic", "--lr", "abc"],
+        ["demo", "--epochs", "-3"],
+    ],
+)
+def test_bad_numbers_on_the_command_line_are_usage_errors(argv, capsys):
+    # argparse's one-line usage error (exit status 2) where the number is parsed, not a
+    # traceback once the run has started.
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error: argument" in capsys.readouterr().err

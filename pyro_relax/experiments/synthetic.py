@@ -113,6 +113,7 @@ import torch
 from pyro.infer import TraceGraph_ELBO
 
 from pyro_relax import GenGSBinomial, GenGSMultinomial, GenGSNegativeBinomial, GenGSPoisson
+from pyro_relax._cli import integer_at_least, positive_float, positive_int
 from pyro_relax.experiments import common
 
 __all__ = [
@@ -672,44 +673,48 @@ def _bias_row(problem: Problem, temperature: float, config: Config, seed: int) -
 
 def add_arguments(parser) -> None:
     """Adds the synthetic study's options to its ``pyro-relax experiment`` subcommand."""
-    parser.add_argument("--steps", type=int, help=f"Adam steps (default {FULL.steps})")
-    parser.add_argument("--lr", type=float, help=f"initial Adam learning rate (default {FULL.lr})")
+    parser.add_argument("--steps", type=positive_int, help=f"Adam steps (default {FULL.steps})")
+    parser.add_argument(
+        "--lr", type=positive_float, help=f"initial Adam learning rate (default {FULL.lr})"
+    )
     parser.add_argument(
         "--lr-decay",
-        type=float,
+        type=positive_float,
         help="factor by which the learning rate decays, exponentially, over the steps "
         f"(default {FULL.lr_decay})",
     )
     parser.add_argument(
-        "--samples", type=int, help=f"samples per gradient estimate, >= 2 (default {FULL.samples})"
+        "--samples",
+        type=integer_at_least(2),
+        help=f"samples per gradient estimate, >= 2 (default {FULL.samples})",
     )
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=integer_at_least(2),
         help=f"gradient estimates for variance and bias (default {FULL.repeats}; "
         f"{FULL.pyro_repeats} for the Pyro estimators)",
     )
     parser.add_argument(
         "--temperatures",
-        type=float,
+        type=positive_float,
         nargs="+",
         help=f"GenGS temperatures (default {' '.join(map(str, FULL.temperatures))})",
     )
     parser.add_argument(
         "--bias-temperatures",
-        type=float,
+        type=positive_float,
         nargs="+",
         help="temperatures of the Poisson bias sweep (default "
         f"{' '.join(map(str, FULL.bias_temperatures))})",
     )
     parser.add_argument(
         "--bias-repeats",
-        type=int,
+        type=integer_at_least(2),
         help=f"gradient estimates per temperature of the sweep (default {FULL.bias_repeats})",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch intra-op threads during the run (default 1: the tensors are small, and "
         "on a busy machine a second thread makes each small operation ~100 times slower)",

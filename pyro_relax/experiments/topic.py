@@ -66,6 +66,7 @@ from pyro.infer import SVI, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 from torch import nn
 
+from pyro_relax._cli import integer_at_least, positive_float, positive_int
 from pyro_relax.distributions import GenGSPoisson
 from pyro_relax.experiments import common
 from pyro_relax.schedules import ExponentialDecay
@@ -851,26 +852,37 @@ def add_arguments(parser) -> None:
         "dense under 'counts'), a directory of .txt files, or a .txt file with one document "
         "per line (default: a synthetic corpus from a known Poisson DEF)",
     )
-    parser.add_argument("--vocab-size", type=int, default=2000, help="words kept from text")
     parser.add_argument(
-        "--test-fraction", type=float, default=0.2, help="held-out documents of --corpus"
+        "--vocab-size", type=positive_int, default=2000, help="words kept from text"
+    )
+    parser.add_argument(
+        "--test-fraction", type=positive_float, default=0.2, help="held-out documents of --corpus"
     )
     parser.add_argument(
         "--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS), metavar="NAME"
     )
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     parser.add_argument(
-        "--layers", type=int, nargs="+", default=list(defaults.layers), help="sizes, bottom first"
+        "--layers",
+        type=positive_int,
+        nargs="+",
+        default=list(defaults.layers),
+        help="sizes, bottom first",
     )
-    parser.add_argument("--hidden", type=int, default=defaults.hidden, help="encoder width")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument(
-        "--truncation", type=int, default=defaults.truncation, help="GenGS outcomes"
+        "--hidden", type=positive_int, default=defaults.hidden, help="encoder width"
     )
-    parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: the fastest here)"
+        "--truncation", type=integer_at_least(2), default=defaults.truncation, help="GenGS outcomes"
+    )
+    parser.add_argument("--eval-samples", type=positive_int, default=defaults.eval_samples)
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads (default 1: the fastest here)",
     )
 
 

@@ -70,6 +70,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.params.param_store import param_with_module_name
 from torch import nn
 
+from pyro_relax._cli import positive_int
 from pyro_relax.distributions import (
     GenGSGeometric,
     GenGSNegativeBinomial,
@@ -758,13 +759,6 @@ def _hidden(text: str) -> tuple:
     return sizes
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_arguments(parser) -> None:
     """Adds this experiment's options to its subcommand's ``parser``."""
     parser.add_argument(
@@ -782,11 +776,11 @@ def add_arguments(parser) -> None:
         help="estimator(s), or all (default: all)",
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, help=f"training epochs (default {DEFAULT_EPOCHS}; smoke: 1)"
+        "--epochs", type=positive_int, help=f"training epochs (default {DEFAULT_EPOCHS}; smoke: 1)"
     )
     parser.add_argument(
         "--steps-per-epoch",
-        type=_positive_int,
+        type=positive_int,
         help="cap on the batches per epoch (default: all; smoke: 3)",
     )
     parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="default: mnist")
@@ -795,22 +789,22 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--binarization", choices=BINARIZATIONS, default="dynamic")
     parser.add_argument(
-        "--latents", type=_positive_int, help=f"number of count latents (default {DEFAULT_LATENTS})"
+        "--latents", type=positive_int, help=f"number of count latents (default {DEFAULT_LATENTS})"
     )
     parser.add_argument(
         "--hidden",
         type=_hidden,
         help="encoder hidden sizes, mirrored in the decoder (default 512,256)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=100, help="default: 100")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="default: 100")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument(
         "--eval-samples",
-        type=_positive_int,
+        type=positive_int,
         help="hard samples per image of the final score (default 5)",
     )
     parser.add_argument(
-        "--threads", type=_positive_int, help="torch.set_num_threads (default: torch's)"
+        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
     )
     parser.add_argument(
         "--no-validation",
