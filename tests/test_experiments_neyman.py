@@ -181,3 +181,13 @@ def test_symmetric_straight_through_scores_like_a_poisson():
     count = torch.tensor([0.0, 2.0, 24.0], dtype=torch.float64)
     plain = neyman.GenGSPoisson(rate, 0.2, 25)
     torch.testing.assert_close(guide.log_prob(count), plain.log_prob(count))
+
+
+@pytest.mark.parametrize(
+    "option", [["--truncation", "1"], ["--steps", "0"], ["--gradient-temperatures", "-0.1"]]
+)
+def test_bad_numbers_are_usage_errors(option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["experiment", "neyman", *option])
+    assert exit_info.value.code == 2
+    assert "error: argument" in capsys.readouterr().err

@@ -68,6 +68,7 @@ References:
 """
 
 import dataclasses
+import inspect
 import math
 import sys
 import time
@@ -82,7 +83,8 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 from torch import nn
 
-from pyro_relax import ExponentialDecay, GenGSPoisson, TruncatedGenGS, truncated_log_probs
+from pyro_relax import ExponentialDecay, GenGS, GenGSPoisson, TruncatedGenGS, truncated_log_probs
+from pyro_relax._cli import integer_at_least, positive_float, positive_int
 from pyro_relax.experiments import common
 
 __all__ = [
@@ -124,6 +126,9 @@ GRADIENT_PAIRS = (ST, ST_SYM, GENGS)
 TERMS = ("likelihood", "prior", "entropy", "total")
 # The smallest guide rate: a Poisson rate must be positive, and softplus underflows.
 _MIN_RATE = 1e-3
+# The option that makes a GenGS sample hard in the forward pass. The library is renaming it
+# from `straight_through` to `hard`; this accepts either until the rename has landed.
+_HARD = "hard" if "hard" in inspect.signature(GenGS).parameters else "straight_through"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +344,7 @@ class SymmetricStraightThroughPoisson(GenGSPoisson):
     """
 
     def __init__(self, rate, temperature, truncation, **kwargs):
-        super().__init__(rate, temperature, truncation, straight_through=True, **kwargs)
+        super().__init__(rate, temperature, truncation, **{_HARD: True}, **kwargs)
 
     def log_prob(self, value):
         if not value.requires_grad:
@@ -363,9 +368,7 @@ def _guide_distribution(estimator, output, temperature, truncation):
     if estimator == ST_SYM:
         return SymmetricStraightThroughPoisson(rate, temperature, truncation, tail_tolerance=None)
     straight = estimator in (ST, ST_MF)
-    return GenGSPoisson(
-        rate, temperature, truncation, straight_through=straight, tail_tolerance=None
-    )
+    return GenGSPoisson(rate, temperature, truncation, **{_HARD: straight}, tail_tolerance=None)
 
 
 def _prior_distribution(estimator, rate, temperature, truncation):
@@ -616,7 +619,7 @@ def _surrogate_terms(pair, u, v, w, y, temperature, config) -> dict:
     else:
         straight = pair != GENGS
         guide = GenGSPoisson(
-            u.exp(), temperature, truncation, straight_through=straight, tail_tolerance=None
+            u.exp(), temperature, truncation, **{_HARD: straight}, tail_tolerance=None
         )
     z = guide.rsample()
     prior = _prior_distribution(pair, v.exp(), temperature, truncation)
@@ -1140,12 +1143,21 @@ def add_arguments(parser) -> None:
         metavar="NAME",
         help=f"estimators to train, from {', '.join(ESTIMATORS)} (default: all)",
     )
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="full-batch Adam steps")
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
-    parser.add_argument("--truncation", type=int, default=defaults.truncation, help="outcomes n")
-    parser.add_argument("--hidden", type=int, default=defaults.hidden, help="guide network width")
     parser.add_argument(
-        "--people", type=int, default=None, help="use this many people (default: all 20,190)"
+        "--steps", type=positive_int, default=defaults.steps, help="full-batch Adam steps"
+    )
+    parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate)
+    parser.add_argument(
+        "--truncation", type=integer_at_least(2), default=defaults.truncation, help="outcomes n"
+    )
+    parser.add_argument(
+        "--hidden", type=positive_int, default=defaults.hidden, help="guide network width"
+    )
+    parser.add_argument(
+        "--people",
+        type=integer_at_least(2),
+        default=None,
+        help="use this many people (default: all 20,190)",
     )
     parser.add_argument(
         "--gradient-points",
@@ -1159,19 +1171,28 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--gradient-temperatures",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=[1.0, 0.5, 0.3, 0.1, 0.05],
         metavar="TAU",
     )
     parser.add_argument(
-        "--gradient-draws", type=int, default=1000, help="gradient estimates per setting"
+        "--gradient-draws",
+        type=integer_at_least(2),
+        default=1000,
+        help="gradient estimates per setting (default 1000)",
     )
     parser.add_argument(
-        "--gradient-people", type=int, default=2000, help="training people in the gradient study"
+        "--gradient-people",
+        type=positive_int,
+        default=2000,
+        help="training people in the gradient study (default 2000)",
     )
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: the fastest here)"
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads (default 1: the fastest here)",
     )
 
 
