@@ -54,10 +54,10 @@ NUM_LATENTS, NUM_CLASSES, BATCH = 30, 10, 100
 
 def variants(temperature, num_draws):
     return {
-        "STGS": lambda logits: pr.STGSCategorical(logits, temperature=temperature),
-        "GST-1.0": lambda logits: pr.GappedSTCategorical(logits, temperature=temperature, gap=1.0),
+        "STGS": lambda logits: pr.STGSCategorical(temperature, logits=logits),
+        "GST-1.0": lambda logits: pr.GappedSTCategorical(temperature, logits=logits, gap=1.0),
         f"GR-MC{num_draws}": lambda logits: pr.GRMCKCategorical(
-            logits, temperature=temperature, num_draws=num_draws
+            temperature, logits=logits, num_draws=num_draws
         ),
     }
 

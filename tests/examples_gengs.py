@@ -66,7 +66,6 @@ GENGS_EXAMPLES = [
         lambda logits, temperature, **kw: pr.TruncatedGenGS(
             temperature,
             logits=logits,
-            # Outcomes are a parameter like the others: on the logits' device.
             outcomes=_t([0.0, 0.0], [1.0, -1.0], [2.0, 0.5], [3, 3]).to(
                 logits.device if torch.is_tensor(logits) else None
             ),
@@ -112,9 +111,7 @@ GENGS_EXAMPLES = [
     ),
     Example(
         "GenGSPoisson-straight-through",
-        lambda rate, temperature, **kw: pr.GenGSPoisson(
-            rate, temperature, 15, straight_through=True, **kw
-        ),
+        lambda rate, temperature, **kw: pr.GenGSPoisson(rate, temperature, 15, hard=True, **kw),
         {"rate": _t(1.0, 3.0), "temperature": _t(0.5)},
         learnable=_RATE,
         # Hard integer samples: a plain Poisson prior scores them.
@@ -164,29 +161,22 @@ GENGS_EXAMPLES = [
     ),
     Example(
         "GenGSGeometric",
-        lambda probs, temperature, **kw: pr.GenGSGeometric(
-            probs, temperature=temperature, truncation=25, **kw
-        ),
+        lambda probs, temperature, **kw: pr.GenGSGeometric(temperature, 25, probs=probs, **kw),
         {"probs": _t(0.3, 0.6), "temperature": _t(0.3)},
         learnable=_PROBS,
-        prior=lambda: pr.GenGSGeometric(
-            torch.tensor(0.5, dtype=_f64), temperature=0.3, truncation=25
-        ),
+        prior=lambda: pr.GenGSGeometric(0.3, 25, probs=torch.tensor(0.5, dtype=_f64)),
         kl_partners=(lambda: dist.Geometric(torch.tensor(0.5, dtype=_f64)),),
         **_GENGS,
     ),
     Example(
         "GenGSNegativeBinomial",
         lambda total_count, probs, temperature, **kw: pr.GenGSNegativeBinomial(
-            total_count, probs, temperature=temperature, truncation=30, **kw
+            total_count, temperature, 30, probs=probs, **kw
         ),
         {"total_count": _t(3.0), "probs": _t(0.3, 0.5), "temperature": _t(0.4)},
         learnable=_PROBS,
         prior=lambda: pr.GenGSNegativeBinomial(
-            torch.tensor(3.0, dtype=_f64),
-            torch.tensor(0.5, dtype=_f64),
-            temperature=0.4,
-            truncation=30,
+            torch.tensor(3.0, dtype=_f64), 0.4, 30, probs=torch.tensor(0.5, dtype=_f64)
         ),
         kl_partners=(
             lambda: dist.NegativeBinomial(
@@ -197,24 +187,22 @@ GENGS_EXAMPLES = [
     ),
     Example(
         "GenGSBinomial",
-        lambda probs, temperature, **kw: pr.GenGSBinomial(10, probs, temperature=temperature, **kw),
+        lambda probs, temperature, **kw: pr.GenGSBinomial(10, temperature, probs=probs, **kw),
         {"probs": _t(0.2, 0.5, 0.9), "temperature": _t(0.3)},
         learnable=_PROBS,
-        prior=lambda: pr.GenGSBinomial(10, torch.tensor(0.5, dtype=_f64), temperature=0.3),
+        prior=lambda: pr.GenGSBinomial(10, 0.3, probs=torch.tensor(0.5, dtype=_f64)),
         kl_partners=(lambda: dist.Binomial(10, torch.tensor(0.5, dtype=_f64)),),
         static_shapes=False,
         **_GENGS,
     ),
     Example(
         "GenGSMultinomial",
-        lambda probs, temperature, **kw: pr.GenGSMultinomial(
-            3, probs, temperature=temperature, **kw
-        ),
+        lambda probs, temperature, **kw: pr.GenGSMultinomial(3, temperature, probs=probs, **kw),
         {"probs": _t([0.2, 0.3, 0.5], [0.6, 0.2, 0.2]), "temperature": _t(0.3)},
         learnable=_SIMPLEX,
-        prior=lambda: pr.GenGSMultinomial(3, torch.full((3,), 1 / 3, dtype=_f64), temperature=0.3),
+        prior=lambda: pr.GenGSMultinomial(3, 0.3, probs=torch.full((3,), 1 / 3, dtype=_f64)),
         kl_partners=(
-            lambda: pr.GenGSMultinomial(3, _t(0.5, 0.25, 0.25), temperature=1.0),
+            lambda: pr.GenGSMultinomial(3, 1.0, probs=_t(0.5, 0.25, 0.25)),
             lambda: dist.Multinomial(3, _t(0.5, 0.25, 0.25)),
         ),
         **_GENGS,

@@ -38,10 +38,10 @@ def _t(*values, dtype=_f64):
     return torch.tensor(values, dtype=dtype)
 
 
-def _uniform(cls, num_classes, dtype=_f64, **kwargs):
+def _uniform(cls, num_classes, dtype=_f64, temperature=1.0, **kwargs):
     # A uniform prior of the same kind: it scores soft values too, and the categorical KL
     # from any straight-through categorical to it is registered (OneHotCategorical's).
-    return lambda: cls(logits=torch.zeros(num_classes, dtype=dtype), **kwargs)
+    return lambda: cls(temperature, logits=torch.zeros(num_classes, dtype=dtype), **kwargs)
 
 
 def _onehot_uniform(num_classes, dtype=_f64):
@@ -57,7 +57,7 @@ _BATCHED_LOGITS = torch.linspace(-2.0, 2.0, 15, dtype=_f64).reshape(3, 5).cos() 
 GST_EXAMPLES = [
     Example(
         "GappedSTCategorical",
-        lambda logits, temperature, **kw: pr.GappedSTCategorical(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.GappedSTCategorical(temperature, logits=logits, **kw),
         {"logits": _t(0.5, -1.0, 0.0, 1.0), "temperature": _t(1.0)},
         learnable=_LOGITS,
         prior=_uniform(pr.GappedSTCategorical, 4),
@@ -66,7 +66,7 @@ GST_EXAMPLES = [
     ),
     Example(
         "GappedSTCategorical-batched",
-        lambda logits, temperature, **kw: pr.GappedSTCategorical(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.GappedSTCategorical(temperature, logits=logits, **kw),
         {"logits": _BATCHED_LOGITS, "temperature": _t(0.3, 0.5, 1.0)},
         learnable=_LOGITS,
         # A plain OneHotCategorical prior scores the exact one-hot values.
@@ -76,7 +76,7 @@ GST_EXAMPLES = [
     ),
     Example(
         "GappedSTCategorical-probs",
-        lambda probs, temperature, **kw: pr.GappedSTCategorical(None, probs, temperature, **kw),
+        lambda probs, temperature, **kw: pr.GappedSTCategorical(temperature, probs=probs, **kw),
         {"probs": _t([0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]), "temperature": _t(0.5)},
         learnable=_SIMPLEX,
         prior=_uniform(pr.GappedSTCategorical, 4),
@@ -85,7 +85,7 @@ GST_EXAMPLES = [
     ),
     Example(
         "GappedSTCategorical-broadcast",
-        lambda logits, temperature, **kw: pr.GappedSTCategorical(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.GappedSTCategorical(temperature, logits=logits, **kw),
         {"logits": _BATCHED_LOGITS[:, :4], "temperature": _t([0.2], [1.0])},
         learnable=_LOGITS,
         prior=_uniform(pr.GappedSTCategorical, 4),
@@ -95,7 +95,7 @@ GST_EXAMPLES = [
     Example(
         # The hardest setting DESIGN asks for: float32, temperature 0.01, validation on.
         "GappedSTCategorical-float32-cold",
-        lambda logits, temperature, **kw: pr.GappedSTCategorical(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.GappedSTCategorical(temperature, logits=logits, **kw),
         {
             "logits": torch.linspace(-3.0, 3.0, 30, dtype=_f32).reshape(3, 10).sin() * 3,
             "temperature": _t(0.01, dtype=_f32),
@@ -108,7 +108,7 @@ GST_EXAMPLES = [
     Example(
         "GappedSTCategorical-expected-gap",
         lambda logits, temperature, **kw: pr.GappedSTCategorical(
-            logits, None, temperature, gap="expected", **kw
+            temperature, logits=logits, gap="expected", **kw
         ),
         {"logits": _BATCHED_LOGITS, "temperature": _t(0.5)},
         learnable=_LOGITS,
@@ -120,7 +120,7 @@ GST_EXAMPLES = [
         # Soft values are the surrogate itself; by consistency their argmax is the category.
         "GappedSTCategorical-soft",
         lambda logits, temperature, **kw: pr.GappedSTCategorical(
-            logits, None, temperature, hard=False, **kw
+            temperature, logits=logits, hard=False, **kw
         ),
         {"logits": _BATCHED_LOGITS, "temperature": _t(0.5)},
         learnable=_LOGITS,
@@ -132,7 +132,7 @@ GST_EXAMPLES = [
         # The paper's ablations: no gap, perturbations not detached.
         "GappedSTCategorical-ablation",
         lambda logits, temperature, **kw: pr.GappedSTCategorical(
-            logits, None, temperature, gap=0.0, detach_perturbations=False, **kw
+            temperature, logits=logits, gap=0.0, detach_perturbations=False, **kw
         ),
         {"logits": _BATCHED_LOGITS, "temperature": _t(1.0)},
         learnable=_LOGITS,
@@ -142,7 +142,7 @@ GST_EXAMPLES = [
     ),
     Example(
         "STCategorical",
-        lambda logits, temperature, **kw: pr.STCategorical(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.STCategorical(temperature, logits=logits, **kw),
         {"logits": _BATCHED_LOGITS, "temperature": _t(1.0)},
         learnable=_LOGITS,
         prior=_uniform(pr.STCategorical, 5),
@@ -151,7 +151,7 @@ GST_EXAMPLES = [
     ),
     Example(
         "STGSCategorical",
-        lambda logits, temperature, **kw: pr.STGSCategorical(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.STGSCategorical(temperature, logits=logits, **kw),
         {"logits": _BATCHED_LOGITS, "temperature": _t(0.5)},
         learnable=_LOGITS,
         prior=_uniform(pr.STGSCategorical, 5),
@@ -163,7 +163,7 @@ GST_EXAMPLES = [
         # the one-hot categorical tests do not apply (a vertex has no Concrete density).
         "STGSCategorical-soft",
         lambda logits, temperature, **kw: pr.STGSCategorical(
-            logits, None, temperature, hard=False, **kw
+            temperature, logits=logits, hard=False, **kw
         ),
         {"logits": _BATCHED_LOGITS, "temperature": _t(0.5, 1.0, 2.0)},
         learnable=_LOGITS,
@@ -173,7 +173,7 @@ GST_EXAMPLES = [
     Example(
         "STGSCategorical-soft-float32-cold",
         lambda logits, temperature, **kw: pr.STGSCategorical(
-            logits, None, temperature, hard=False, **kw
+            temperature, logits=logits, hard=False, **kw
         ),
         {
             "logits": torch.linspace(-3.0, 3.0, 30, dtype=_f32).reshape(3, 10).sin() * 3,
@@ -186,7 +186,7 @@ GST_EXAMPLES = [
     Example(
         "GRMCKCategorical",
         lambda logits, temperature, **kw: pr.GRMCKCategorical(
-            logits, None, temperature, num_draws=4, **kw
+            temperature, logits=logits, num_draws=4, **kw
         ),
         {"logits": _BATCHED_LOGITS, "temperature": _t(0.5)},
         learnable=_LOGITS,
@@ -197,7 +197,7 @@ GST_EXAMPLES = [
     Example(
         "GRMCKCategorical-float32-cold",
         lambda logits, temperature, **kw: pr.GRMCKCategorical(
-            logits, None, temperature, num_draws=3, **kw
+            temperature, logits=logits, num_draws=3, **kw
         ),
         {
             "logits": torch.linspace(-3.0, 3.0, 30, dtype=_f32).reshape(3, 10).sin() * 3,
@@ -244,7 +244,7 @@ GST_EXAMPLES = [
     ),
     Example(
         "GappedSTBernoulli",
-        lambda logits, temperature, **kw: pr.GappedSTBernoulli(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.GappedSTBernoulli(temperature, logits=logits, **kw),
         {"logits": _t(-2.0, 0.0, 0.5, 3.0), "temperature": _t(0.5)},
         learnable={"logits": constraints.real},
         prior=_bernoulli_half(),
@@ -254,7 +254,7 @@ GST_EXAMPLES = [
     Example(
         "GappedSTBernoulli-probs-expected-gap",
         lambda probs, temperature, **kw: pr.GappedSTBernoulli(
-            None, probs, temperature, gap="expected", **kw
+            temperature, probs=probs, gap="expected", **kw
         ),
         {"probs": _t([0.1, 0.5], [0.9, 0.3]), "temperature": _t([0.5], [1.0])},
         learnable={"probs": constraints.unit_interval},
@@ -264,7 +264,7 @@ GST_EXAMPLES = [
     ),
     Example(
         "STBernoulli",
-        lambda logits, temperature, **kw: pr.STBernoulli(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.STBernoulli(temperature, logits=logits, **kw),
         {"logits": _t(-1.0, 0.0, 2.0), "temperature": _t(1.0)},
         learnable={"logits": constraints.real},
         prior=_bernoulli_half(),
@@ -273,7 +273,7 @@ GST_EXAMPLES = [
     ),
     Example(
         "STGSBernoulli",
-        lambda logits, temperature, **kw: pr.STGSBernoulli(logits, None, temperature, **kw),
+        lambda logits, temperature, **kw: pr.STGSBernoulli(temperature, logits=logits, **kw),
         {"logits": _t(-1.0, 0.0, 2.0), "temperature": _t(0.5)},
         learnable={"logits": constraints.real},
         prior=_bernoulli_half(),
@@ -283,17 +283,17 @@ GST_EXAMPLES = [
     Example(
         "STGSBernoulli-soft-float32-cold",
         lambda logits, temperature, **kw: pr.STGSBernoulli(
-            logits, None, temperature, hard=False, **kw
+            temperature, logits=logits, hard=False, **kw
         ),
         {"logits": _t(-1.0, 0.0, 2.0, dtype=_f32), "temperature": _t(0.01, dtype=_f32)},
         learnable={"logits": constraints.real},
-        prior=lambda: pr.STGSBernoulli(torch.tensor(0.0), temperature=0.01, hard=False),
+        prior=lambda: pr.STGSBernoulli(0.01, logits=torch.tensor(0.0), hard=False),
         kl_partners=(_bernoulli_half(_f32),),
     ),
     Example(
         "GRMCKBernoulli",
         lambda logits, temperature, **kw: pr.GRMCKBernoulli(
-            logits, None, temperature, num_draws=4, **kw
+            temperature, logits=logits, num_draws=4, **kw
         ),
         {"logits": _t(-1.0, 0.0, 2.0), "temperature": _t(0.5)},
         learnable={"logits": constraints.real},

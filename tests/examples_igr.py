@@ -66,11 +66,11 @@ IGR_EXAMPLES = [
     ),
     Example(
         "IGR-batched-delta",
-        lambda loc, scale, temperature, **kw: pr.IGR(loc, scale, temperature, 0.5, **kw),
+        lambda loc, scale, temperature, **kw: pr.IGR(loc, scale, temperature, delta=0.5, **kw),
         {"loc": _loc(3, 4), "scale": _scale(3, 4), "temperature": _t(0.2, 0.5, 1.0)},
         learnable=_GAUSSIAN,
-        prior=lambda: pr.IGR(*_standard(4), _t(0.2, 0.5, 1.0), 0.5),
-        kl_partners=(lambda: pr.IGR(*_standard(4), _t(0.2, 0.5, 1.0), 0.5),),
+        prior=lambda: pr.IGR(*_standard(4), _t(0.2, 0.5, 1.0), delta=0.5),
+        kl_partners=(lambda: pr.IGR(*_standard(4), _t(0.2, 0.5, 1.0), delta=0.5),),
         exact_density=True,
     ),
     Example(
@@ -101,12 +101,10 @@ IGR_EXAMPLES = [
         # (Proposition 2), so the categorical tests apply. No KL partner: the registered KL
         # is the Gaussian KL of the relaxations, not the categorical KL those tests compare.
         "IGR-straight-through",
-        lambda loc, scale, temperature, **kw: pr.IGR(
-            loc, scale, temperature, straight_through=True, **kw
-        ),
+        lambda loc, scale, temperature, **kw: pr.IGR(loc, scale, temperature, hard=True, **kw),
         {"loc": _loc(2, 3), "scale": _scale(2, 3), "temperature": _t(0.3)},
         learnable=_GAUSSIAN,
-        prior=lambda: pr.IGR(*_standard(3), 0.3, straight_through=True),
+        prior=lambda: pr.IGR(*_standard(3), 0.3, hard=True),
         exact_density=True,
         **_IGR_CATEGORICAL,
     ),

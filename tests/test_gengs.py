@@ -294,13 +294,13 @@ def test_no_truncation_warning_without_validation_or_below_tolerance():
 
 
 def test_binomial_never_warns():
-    d = GenGSBinomial(torch.tensor([2.0, 40.0]), 0.5, temperature=0.5, validate_args=True)
+    d = GenGSBinomial(torch.tensor([2.0, 40.0]), 0.5, probs=0.5, validate_args=True)
     assert d.num_outcomes == 41
     assert torch.all(d.logits[0, 3:] == -math.inf)
     np.testing.assert_allclose(
         d.logits[1].double().numpy(), scipy.stats.binom(40, 0.5).logpmf(np.arange(41)), atol=1e-4
     )
-    GenGSBinomial(1, 0.5, temperature=0.5, validate_args=True)
+    GenGSBinomial(1, 0.5, probs=0.5, validate_args=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def test_soft_log_pmf_tends_to_log_pmf_of_sampled_outcome():
     log_pi = scipy_truncated_log_probs(scipy.stats.poisson(3.0), n)
     gaps = []
     for tau in (1.0, 0.1, 0.01, 0.001):
-        d = GenGSPoisson(torch.tensor(3.0, dtype=torch.float64), tau, n, straight_through=True)
+        d = GenGSPoisson(torch.tensor(3.0, dtype=torch.float64), tau, n, hard=True)
         z = d.rsample((5000,))  # the hard outcome, carrying its relaxed weights
         gap = np.abs(d.log_prob(z).numpy() - log_pi[z.long().numpy()])
         gaps.append(gap.mean())
@@ -452,16 +452,16 @@ def test_soft_log_pmf_tends_to_log_pmf_of_sampled_outcome():
     [
         (lambda: GenGSPoisson(3.0, 0.5, 12), scipy.stats.poisson(3.0), 12),
         (
-            lambda: GenGSGeometric(0.3, temperature=0.5, truncation=20),
+            lambda: GenGSGeometric(0.5, 20, probs=0.3),
             scipy.stats.geom(0.3, loc=-1),
             20,
         ),
         (
-            lambda: GenGSNegativeBinomial(3.0, 0.5, temperature=0.5, truncation=30),
+            lambda: GenGSNegativeBinomial(3.0, 0.5, 30, probs=0.5),
             scipy.stats.nbinom(3.0, 0.5),
             30,
         ),
-        (lambda: GenGSBinomial(6, 0.3, temperature=0.5), scipy.stats.binom(6, 0.3), 7),
+        (lambda: GenGSBinomial(6, 0.5, probs=0.3), scipy.stats.binom(6, 0.3), 7),
     ],
 )
 def test_log_prob_of_plain_outcome_is_truncated_log_pmf(make, frozen, n):
@@ -490,7 +490,7 @@ def test_log_prob_rejects_value_from_other_number_of_outcomes():
 def test_straight_through_samples_are_scored_by_pyro_poisson():
     torch.manual_seed(6)
     rate = torch.tensor(2.5, requires_grad=True)
-    z = GenGSPoisson(rate, 0.5, 20, straight_through=True).rsample((200,))
+    z = GenGSPoisson(rate, 0.5, 20, hard=True).rsample((200,))
     assert torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= 19
     log_prob = dist.Poisson(torch.tensor(3.0), validate_args=True).log_prob(z)
     expected = scipy.stats.poisson(3.0).logpmf(z.detach().numpy())
@@ -502,7 +502,7 @@ def test_straight_through_samples_are_scored_by_pyro_poisson():
 def test_multinomial_samples_and_count_vectors():
     torch.manual_seed(7)
     probs = [0.2, 0.3, 0.5]
-    d = GenGSMultinomial(4, torch.tensor(probs), temperature=0.5, validate_args=True)
+    d = GenGSMultinomial(4, 0.5, probs=torch.tensor(probs), validate_args=True)
     assert d.num_outcomes == math.comb(4 + 2, 2)
     z = d.rsample((1000,))
     assert torch.allclose(z.sum(-1), torch.tensor(4.0), atol=1e-5) and z.min() >= 0
@@ -510,7 +510,7 @@ def test_multinomial_samples_and_count_vectors():
     values = torch.tensor([[4.0, 0, 0], [1, 1, 2], [0, 2, 2], [0, 0, 4]])
     expected = scipy.stats.multinomial(4, probs).logpmf(values.numpy())
     np.testing.assert_allclose(d.log_prob(values).numpy(), expected, rtol=1e-5, atol=1e-5)
-    hard = GenGSMultinomial(4, torch.tensor(probs), temperature=0.5, straight_through=True)
+    hard = GenGSMultinomial(4, 0.5, probs=torch.tensor(probs), hard=True)
     counts = hard.rsample((100,))
     assert torch.equal(counts, counts.round()) and torch.all(counts.sum(-1) == 4)
 
@@ -527,12 +527,12 @@ BAD_INPUTS = [
     ("rate", lambda: GenGSPoisson(-1.0, 0.5, 10)),
     ("probs", lambda: TruncatedGenGS(0.5, probs=torch.tensor([1.5, -0.5]))),
     ("probs", lambda: TruncatedGenGS(0.5, probs=torch.tensor([0.3, 0.3]))),
-    ("probs", lambda: GenGSGeometric(1.5, temperature=0.5, truncation=10)),
-    ("probs", lambda: GenGSNegativeBinomial(3.0, 1.5, temperature=0.5, truncation=10)),
-    ("probs", lambda: GenGSBinomial(5, 1.5, temperature=0.5)),
-    ("probs", lambda: GenGSMultinomial(3, torch.tensor([1.5, -0.5]), temperature=0.5)),
-    ("total_count", lambda: GenGSNegativeBinomial(0.0, 0.5, temperature=0.5, truncation=10)),
-    ("total_count", lambda: GenGSMultinomial(0, torch.tensor([0.5, 0.5]), temperature=0.5)),
+    ("probs", lambda: GenGSGeometric(0.5, 10, probs=1.5)),
+    ("probs", lambda: GenGSNegativeBinomial(3.0, 0.5, 10, probs=1.5)),
+    ("probs", lambda: GenGSBinomial(5, 0.5, probs=1.5)),
+    ("probs", lambda: GenGSMultinomial(3, 0.5, probs=torch.tensor([1.5, -0.5]))),
+    ("total_count", lambda: GenGSNegativeBinomial(0.0, 0.5, 10, probs=0.5)),
+    ("total_count", lambda: GenGSMultinomial(0, 0.5, probs=torch.tensor([0.5, 0.5]))),
     ("truncation", lambda: GenGSPoisson(2.0, 0.5, 1)),
     ("truncation", lambda: GenGSPoisson(2.0, 0.5, 1.5)),
     ("truncation", lambda: GenGSPoisson(2.0, 0.5, True)),
@@ -542,13 +542,11 @@ BAD_INPUTS = [
     ("temperature", lambda: TruncatedGenGS(torch.full((2,), 0.5), logits=torch.zeros(3, 4))),
     (
         "total_count",
-        lambda: GenGSNegativeBinomial(
-            torch.ones(3), torch.full((2,), 0.5), temperature=0.5, truncation=10
-        ),
+        lambda: GenGSNegativeBinomial(torch.ones(3), 0.5, 10, probs=torch.full((2,), 0.5)),
     ),
     (
         "total_count",
-        lambda: GenGSBinomial(torch.full((3,), 4.0), torch.full((2,), 0.5), temperature=0.5),
+        lambda: GenGSBinomial(torch.full((3,), 4.0), 0.5, probs=torch.full((2,), 0.5)),
     ),
     ("mass", lambda: GenGSPoisson(2.0, 0.5, mass=0.0)),
     ("mass", lambda: GenGSPoisson(2.0, 0.5, mass=1.0)),
@@ -606,9 +604,7 @@ def test_kl_between_truncated_gengs_is_categorical_kl():
             15,
         ),
         (
-            lambda: GenGSGeometric(
-                torch.tensor(0.3, dtype=torch.float64), temperature=0.5, truncation=20
-            ),
+            lambda: GenGSGeometric(0.5, 20, probs=torch.tensor(0.3, dtype=torch.float64)),
             lambda: dist.Geometric(torch.tensor(0.5, dtype=torch.float64)),
             scipy.stats.geom(0.3, loc=-1),
             scipy.stats.geom(0.5, loc=-1),
@@ -617,9 +613,9 @@ def test_kl_between_truncated_gengs_is_categorical_kl():
         (
             lambda: GenGSNegativeBinomial(
                 torch.tensor(3.0, dtype=torch.float64),
-                torch.tensor(0.5, dtype=torch.float64),
-                temperature=0.5,
-                truncation=30,
+                0.5,
+                30,
+                probs=torch.tensor(0.5, dtype=torch.float64),
             ),
             lambda: dist.NegativeBinomial(
                 torch.tensor(5.0, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
@@ -629,7 +625,7 @@ def test_kl_between_truncated_gengs_is_categorical_kl():
             30,
         ),
         (
-            lambda: GenGSBinomial(20, torch.tensor(0.3, dtype=torch.float64), temperature=0.5),
+            lambda: GenGSBinomial(20, 0.5, probs=torch.tensor(0.3, dtype=torch.float64)),
             lambda: dist.Binomial(20, torch.tensor(0.4, dtype=torch.float64)),
             scipy.stats.binom(20, 0.3),
             scipy.stats.binom(20, 0.4),
@@ -654,7 +650,7 @@ def test_kl_rejects_mismatched_outcomes():
         kl_divergence(GenGSPoisson(2.0, 0.5, 10), GenGSPoisson(2.0, 0.5, 12))
     with pytest.raises(ValueError, match="total count"):
         kl_divergence(
-            GenGSMultinomial(3, torch.tensor([0.5, 0.5]), temperature=0.5),
+            GenGSMultinomial(3, 0.5, probs=torch.tensor([0.5, 0.5])),
             dist.Multinomial(4, torch.tensor([0.5, 0.5])),
         )
 
@@ -775,8 +771,8 @@ def test_geometric_gradients_stay_finite_where_the_probability_rounds_to_0_or_1(
     # An encoder's logit of 20 rounds p to 1 in float32; the log-PMF taken from p then had
     # log1p(-p) = -inf and NaN gradients, which ended a VAE run.
     logits = torch.tensor([logit], requires_grad=True)
-    guide = GenGSGeometric(logits=logits, temperature=0.5, truncation=15, tail_tolerance=None)
-    prior = GenGSGeometric(probs=torch.tensor(0.5), temperature=0.5, truncation=15)
+    guide = GenGSGeometric(0.5, 15, logits=logits, tail_tolerance=None)
+    prior = GenGSGeometric(0.5, 15, probs=torch.tensor(0.5))
     (guide.rsample((50,)).sum() + kl_divergence(guide, prior).sum()).backward()
     assert torch.isfinite(logits.grad).all()
     # The truncated PMF still matches scipy's geometric (shifted to start at 0).

@@ -22,20 +22,34 @@ from pyro_relax.distributions.straight_through import (
 _f64 = torch.float64
 
 CATEGORICAL_ESTIMATORS = {
-    "ST": lambda logits, **kw: pr.STCategorical(logits, **kw),
-    "STGS": lambda logits, **kw: pr.STGSCategorical(logits, **kw),
-    "GR-MC3": lambda logits, **kw: pr.GRMCKCategorical(logits, num_draws=3, **kw),
-    "GST-1.0": lambda logits, **kw: pr.GappedSTCategorical(logits, gap=1.0, **kw),
-    "GST-expected": lambda logits, **kw: pr.GappedSTCategorical(logits, gap="expected", **kw),
-    "GST-ablation": lambda logits, **kw: pr.GappedSTCategorical(
-        logits, gap=0.0, detach_perturbations=False, **kw
+    "ST": lambda logits, temperature=1.0, **kw: pr.STCategorical(temperature, logits=logits, **kw),
+    "STGS": lambda logits, temperature=1.0, **kw: pr.STGSCategorical(
+        temperature, logits=logits, **kw
+    ),
+    "GR-MC3": lambda logits, temperature=1.0, **kw: pr.GRMCKCategorical(
+        temperature, logits=logits, num_draws=3, **kw
+    ),
+    "GST-1.0": lambda logits, temperature=1.0, **kw: pr.GappedSTCategorical(
+        temperature, logits=logits, gap=1.0, **kw
+    ),
+    "GST-expected": lambda logits, temperature=1.0, **kw: pr.GappedSTCategorical(
+        temperature, logits=logits, gap="expected", **kw
+    ),
+    "GST-ablation": lambda logits, temperature=1.0, **kw: pr.GappedSTCategorical(
+        temperature, logits=logits, gap=0.0, detach_perturbations=False, **kw
     ),
 }
 BINARY_ESTIMATORS = {
-    "ST": lambda logits, **kw: pr.STBernoulli(logits, **kw),
-    "STGS": lambda logits, **kw: pr.STGSBernoulli(logits, **kw),
-    "GR-MC3": lambda logits, **kw: pr.GRMCKBernoulli(logits, num_draws=3, **kw),
-    "GST-1.0": lambda logits, **kw: pr.GappedSTBernoulli(logits, gap=1.0, **kw),
+    "ST": lambda logits, temperature=1.0, **kw: pr.STBernoulli(temperature, logits=logits, **kw),
+    "STGS": lambda logits, temperature=1.0, **kw: pr.STGSBernoulli(
+        temperature, logits=logits, **kw
+    ),
+    "GR-MC3": lambda logits, temperature=1.0, **kw: pr.GRMCKBernoulli(
+        temperature, logits=logits, num_draws=3, **kw
+    ),
+    "GST-1.0": lambda logits, temperature=1.0, **kw: pr.GappedSTBernoulli(
+        temperature, logits=logits, gap=1.0, **kw
+    ),
 }
 categorical_estimators = pytest.mark.parametrize(
     "make", CATEGORICAL_ESTIMATORS.values(), ids=CATEGORICAL_ESTIMATORS.keys()
@@ -99,9 +113,9 @@ def test_binary_forward_samples_are_bernoulli(make):
 def _hard_and_soft(make, logits, seed, **kwargs):
     # The same noise gives the hard value D and the surrogate h (the soft mode's value).
     torch.manual_seed(seed)
-    hard = make(logits, hard=True, **kwargs).rsample((500,))
+    hard = make(logits=logits, hard=True, **kwargs).rsample((500,))
     torch.manual_seed(seed)
-    soft = make(logits, hard=False, **kwargs).rsample((500,))
+    soft = make(logits=logits, hard=False, **kwargs).rsample((500,))
     return hard, soft
 
 
@@ -242,7 +256,7 @@ def test_binary_gst_matches_its_closed_form(gap):
 
     def draw(theta):
         torch.manual_seed(9)
-        return pr.GappedSTBernoulli(theta, temperature=temperature, gap=gap).rsample((4,))
+        return pr.GappedSTBernoulli(temperature, logits=theta, gap=gap).rsample((4,))
 
     value = draw(theta)
     top = theta.clamp(min=0)
@@ -258,7 +272,7 @@ def test_log_prob_is_linear_in_the_value():
     # log pi_D, as OneHotCategorical scores it, with gradient log pi with respect to the value,
     # so Trace_ELBO's log q(z) term passes the straight-through gradient to the surrogate.
     logits = _random_logits(3, 5, seed=10).requires_grad_()
-    d = pr.GappedSTCategorical(logits, temperature=0.5)
+    d = pr.GappedSTCategorical(0.5, logits=logits)
     value = d.rsample((4,))
     log_prob = d.log_prob(value)
     torch.testing.assert_close(log_prob, dist.OneHotCategorical(logits=logits).log_prob(value))
@@ -308,15 +322,13 @@ def _per_sample_gradients(make, num_samples, seed):
 def test_grmck_with_one_draw_has_the_gradient_distribution_of_stgs():
     # Two-sample Kolmogorov-Smirnov test on 4000 independent gradients each, p > 1e-3; and
     # more draws reduce the variance (the point of Rao-Blackwellization).
-    stgs = _per_sample_gradients(
-        lambda logits: pr.STGSCategorical(logits, temperature=0.5), 4000, 12
-    )
+    stgs = _per_sample_gradients(lambda logits: pr.STGSCategorical(0.5, logits=logits), 4000, 12)
     grmc1 = _per_sample_gradients(
-        lambda logits: pr.GRMCKCategorical(logits, temperature=0.5, num_draws=1), 4000, 13
+        lambda logits: pr.GRMCKCategorical(0.5, logits=logits, num_draws=1), 4000, 13
     )
     assert scipy.stats.ks_2samp(stgs.numpy(), grmc1.numpy()).pvalue > 1e-3
     grmc20 = _per_sample_gradients(
-        lambda logits: pr.GRMCKCategorical(logits, temperature=0.5, num_draws=20), 4000, 14
+        lambda logits: pr.GRMCKCategorical(0.5, logits=logits, num_draws=20), 4000, 14
     )
     assert grmc20.var() < 0.8 * grmc1.var()
     torch.testing.assert_close(grmc20.mean(), grmc1.mean(), atol=0.1, rtol=0)
@@ -324,7 +336,7 @@ def test_grmck_with_one_draw_has_the_gradient_distribution_of_stgs():
 
 def test_grmck_keeps_excluded_categories_excluded():
     logits = torch.tensor([0.0, -math.inf, 1.0], requires_grad=True)
-    value = pr.GRMCKCategorical(logits, num_draws=5).rsample((50,))
+    value = pr.GRMCKCategorical(1.0, logits=logits, num_draws=5).rsample((50,))
     assert (value[:, 1] == 0).all()
     value.square().sum().backward()
     assert torch.isfinite(logits.grad[[0, 2]]).all()
@@ -337,14 +349,14 @@ def test_concrete_density_matches_torch_in_float64():
     torch.manual_seed(15)
     logits = _random_logits(3, 4, seed=16)
     temperature = torch.tensor([0.3, 0.7, 1.5], dtype=_f64)
-    value = pr.STGSCategorical(logits, temperature=temperature, hard=False).rsample((5,))
-    log_prob = pr.STGSCategorical(logits, temperature=temperature, hard=False).log_prob(value)
+    value = pr.STGSCategorical(temperature, logits=logits, hard=False).rsample((5,))
+    log_prob = pr.STGSCategorical(temperature, logits=logits, hard=False).log_prob(value)
     for i in range(3):  # torch's batched temperature broadcasts wrongly (pytorch#37162)
         expected = dist.RelaxedOneHotCategorical(temperature[i], logits=logits[i])
         torch.testing.assert_close(log_prob[:, i], expected.log_prob(value[:, i]))
     # A clone loses the log-weights; at these temperatures its coordinates are positive.
     torch.testing.assert_close(
-        pr.STGSCategorical(logits, temperature=temperature, hard=False).log_prob(value.clone()),
+        pr.STGSCategorical(temperature, logits=logits, hard=False).log_prob(value.clone()),
         log_prob,
     )
 
@@ -352,7 +364,7 @@ def test_concrete_density_matches_torch_in_float64():
 def test_binary_concrete_density_matches_torch():
     torch.manual_seed(17)
     logits = _random_logits(4, seed=18)
-    d = pr.STGSBernoulli(logits, temperature=0.5, hard=False)
+    d = pr.STGSBernoulli(0.5, logits=logits, hard=False)
     value = d.rsample((6,))
     expected = dist.RelaxedBernoulli(torch.tensor(0.5, dtype=_f64), logits=logits)
     torch.testing.assert_close(d.log_prob(value), expected.log_prob(value))
@@ -364,12 +376,12 @@ def test_soft_stgs_density_is_accurate_in_float32_at_temperature_001():
     # with the float64 evaluation of the same log-weights to 1e-5 relative.
     torch.manual_seed(19)
     logits = _random_logits(20, 10, seed=20, dtype=torch.float32)
-    d = pr.STGSCategorical(logits, temperature=0.01, hard=False)
+    d = pr.STGSCategorical(0.01, logits=logits, hard=False)
     value = d.rsample((50,))
     assert (value == 0).any()
     log_prob = d.log_prob(value)
     assert torch.isfinite(log_prob).all()
-    exact = pr.STGSCategorical(logits.double(), temperature=0.01, hard=False)
+    exact = pr.STGSCategorical(0.01, logits=logits.double(), hard=False)
     log_weights = pr.relaxation_of(value).log_weights.double()
     value64 = pr.with_relaxation(log_weights.exp(), pr.Relaxation(log_weights=log_weights))
     torch.testing.assert_close(log_prob.double(), exact.log_prob(value64), rtol=1e-5, atol=0)
@@ -385,17 +397,17 @@ def test_cloned_samples_never_give_nan():
     theirs = dist.RelaxedOneHotCategoricalStraightThrough(torch.tensor(0.5), logits=logits)
     assert torch.isnan(theirs.log_prob(theirs.rsample().clone())).all()
     # Ours: a hard value is scored as the categorical does, clone or not.
-    ours = pr.STGSCategorical(logits, temperature=0.5)
+    ours = pr.STGSCategorical(0.5, logits=logits)
     value = ours.rsample()
     torch.testing.assert_close(ours.log_prob(value.clone()), ours.log_prob(value))
     # A soft value at tau = 0.01 loses coordinates to underflow: a clear error under
     # validation, the documented finite fallback without.
-    cold = pr.STGSCategorical(logits, temperature=0.01, hard=False)
+    cold = pr.STGSCategorical(0.01, logits=logits, hard=False)
     soft = cold.rsample((20,))
     assert torch.isfinite(cold.log_prob(soft)).all()
     with pytest.raises(ValueError, match="log-weights"):
         cold.log_prob(soft.clone())
-    unchecked = pr.STGSCategorical(logits, temperature=0.01, hard=False, validate_args=False)
+    unchecked = pr.STGSCategorical(0.01, logits=logits, hard=False, validate_args=False)
     assert torch.isfinite(unchecked.log_prob(soft.clone())).all()
 
 
@@ -433,13 +445,13 @@ def test_pyro_straight_through_fails_validation_in_float32_at_temperature_001():
 
 
 _SVI_ESTIMATORS = {
-    "STGS-hard": lambda logits, tau: pr.STGSCategorical(logits, temperature=tau),
-    "STGS-soft": lambda logits, tau: pr.STGSCategorical(logits, temperature=tau, hard=False),
-    "ST": lambda logits, tau: pr.STCategorical(logits, temperature=tau),
-    "GR-MC5": lambda logits, tau: pr.GRMCKCategorical(logits, temperature=tau, num_draws=5),
-    "GST-1.0": lambda logits, tau: pr.GappedSTCategorical(logits, temperature=tau),
+    "STGS-hard": lambda logits, tau: pr.STGSCategorical(tau, logits=logits),
+    "STGS-soft": lambda logits, tau: pr.STGSCategorical(tau, logits=logits, hard=False),
+    "ST": lambda logits, tau: pr.STCategorical(tau, logits=logits),
+    "GR-MC5": lambda logits, tau: pr.GRMCKCategorical(tau, logits=logits, num_draws=5),
+    "GST-1.0": lambda logits, tau: pr.GappedSTCategorical(tau, logits=logits),
     "GST-expected-soft": lambda logits, tau: pr.GappedSTCategorical(
-        logits, temperature=tau, gap="expected", hard=False
+        tau, logits=logits, gap="expected", hard=False
     ),
 }
 
@@ -465,10 +477,10 @@ def test_svi_in_plates_float32_with_validation(make, elbo, temperature):
 @pytest.mark.parametrize(
     "make, prior",
     [
-        (lambda logits: pr.GappedSTCategorical(logits, temperature=0.5), None),
-        (lambda logits: pr.GRMCKCategorical(logits, temperature=0.5, num_draws=5), None),
+        (lambda logits: pr.GappedSTCategorical(0.5, logits=logits), None),
+        (lambda logits: pr.GRMCKCategorical(0.5, logits=logits, num_draws=5), None),
         (
-            lambda logits: pr.GappedSTCategorical(logits, temperature=0.5),
+            lambda logits: pr.GappedSTCategorical(0.5, logits=logits),
             lambda logits: dist.OneHotCategorical(logits=logits),
         ),
     ],
@@ -523,19 +535,19 @@ def test_binary_svi_in_plates(make, elbo):
 def test_bad_arguments_are_rejected():
     logits = torch.zeros(3)
     with pytest.raises(ValueError, match="gap"):
-        pr.GappedSTCategorical(logits, gap=-1.0)
+        pr.GappedSTCategorical(1.0, logits=logits, gap=-1.0)
     with pytest.raises(ValueError, match="gap"):
-        pr.GappedSTBernoulli(logits, gap="largest")
+        pr.GappedSTBernoulli(1.0, logits=logits, gap="largest")
     with pytest.raises(ValueError, match="num_draws"):
-        pr.GRMCKCategorical(logits, num_draws=0)
+        pr.GRMCKCategorical(1.0, logits=logits, num_draws=0)
     with pytest.raises(ValueError, match="num_draws"):
-        pr.GRMCKBernoulli(logits, num_draws=2.5)
+        pr.GRMCKBernoulli(1.0, logits=logits, num_draws=2.5)
     with pytest.raises(ValueError, match="probs"):
-        pr.STCategorical(logits, probs=logits.softmax(-1))
+        pr.STCategorical(1.0, logits=logits, probs=logits.softmax(-1))
     with pytest.raises(ValueError, match="temperature"):
-        pr.STGSCategorical(torch.zeros(2, 3), temperature=torch.ones(3))
+        pr.STGSCategorical(torch.ones(3), logits=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="base_dist"):
-        pr.GappedST(dist.Bernoulli(0.5))
+        pr.GappedST(dist.Bernoulli(0.5), 1.0)
 
 
 def test_wrapper_keeps_the_parameterization_and_expands():
@@ -548,9 +560,9 @@ def test_wrapper_keeps_the_parameterization_and_expands():
 
 
 def test_soft_mode_has_no_enumerate_support():
-    assert pr.GappedSTCategorical(torch.zeros(3)).has_enumerate_support
-    assert not pr.GappedSTCategorical(torch.zeros(3), hard=False).has_enumerate_support
-    support = pr.GappedSTCategorical(torch.zeros(2, 3)).enumerate_support()
+    assert pr.GappedSTCategorical(1.0, logits=torch.zeros(3)).has_enumerate_support
+    assert not pr.GappedSTCategorical(1.0, logits=torch.zeros(3), hard=False).has_enumerate_support
+    support = pr.GappedSTCategorical(1.0, logits=torch.zeros(2, 3)).enumerate_support()
     assert support.shape == (3, 2, 3)
 
 

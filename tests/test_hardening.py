@@ -19,18 +19,18 @@ _f64 = torch.float64
 # --- Guide-side enumeration of the straight-through family -----------------------------------
 
 CATEGORICALS = [
-    pr.STCategorical,
-    pr.STGSCategorical,
-    lambda logits: pr.GRMCKCategorical(logits, num_draws=4),
-    pr.GappedSTCategorical,
-    lambda logits: pr.GappedSTCategorical(logits, gap="expected"),
-    lambda logits: pr.GappedST(dist.OneHotCategorical(logits=logits)),
+    lambda logits: pr.STCategorical(1.0, logits=logits),
+    lambda logits: pr.STGSCategorical(1.0, logits=logits),
+    lambda logits: pr.GRMCKCategorical(1.0, logits=logits, num_draws=4),
+    lambda logits: pr.GappedSTCategorical(1.0, logits=logits),
+    lambda logits: pr.GappedSTCategorical(1.0, logits=logits, gap="expected"),
+    lambda logits: pr.GappedST(dist.OneHotCategorical(logits=logits), 1.0),
 ]
 BERNOULLIS = [
-    pr.STBernoulli,
-    pr.STGSBernoulli,
-    lambda logits: pr.GRMCKBernoulli(logits, num_draws=4),
-    pr.GappedSTBernoulli,
+    lambda logits: pr.STBernoulli(1.0, logits=logits),
+    lambda logits: pr.STGSBernoulli(1.0, logits=logits),
+    lambda logits: pr.GRMCKBernoulli(1.0, logits=logits, num_draws=4),
+    lambda logits: pr.GappedSTBernoulli(1.0, logits=logits),
 ]
 
 
@@ -85,7 +85,7 @@ def test_reparameterized_draws_keep_the_pathwise_estimator():
     # The same classes, sampled rather than enumerated, stay reparameterized: no score
     # function term, and an entropy term that Pyro differentiates through the sample.
     logits = torch.zeros(3, requires_grad=True)
-    d = pr.GappedSTCategorical(logits)
+    d = pr.GappedSTCategorical(1.0, logits=logits)
     parts = d.score_parts(d.rsample())
     assert isinstance(parts.score_function, int) and parts.score_function == 0
     assert parts.entropy_term.requires_grad
@@ -113,7 +113,7 @@ HELPER_CASES = [
     ("initial", lambda: pr.ExponentialDecay(float("inf"))),
     ("flows", lambda: pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.5, flows=-1)),
     ("precision", lambda: pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.5, precision=1)),
-    ("gap", lambda: pr.GappedSTCategorical(torch.zeros(3), gap=float("inf"))),
+    ("gap", lambda: pr.GappedSTCategorical(1.0, logits=torch.zeros(3), gap=float("inf"))),
     ("tail_tolerance", lambda: pr.GenGSPoisson(2.0, 0.5, 10, tail_tolerance=-1.0)),
     ("mass", lambda: pr.GenGSPoisson(torch.tensor(2.0), 0.5, mass=float("nan"))),
 ]
@@ -138,7 +138,7 @@ def test_negative_binomial_gradient_is_finite_at_extreme_logits(dtype):
     # logits -1000 put all the mass at 0: torch's NegativeBinomial gives a zero gradient; the
     # tail bound took log(p) of an underflowed p and gave NaN.
     logits = torch.tensor(-1000.0, dtype=dtype, requires_grad=True)
-    d = pr.GenGSNegativeBinomial(3.0, logits=logits, temperature=0.5, truncation=40)
+    d = pr.GenGSNegativeBinomial(3.0, 0.5, 40, logits=logits)
     (d.rsample((10,)).sum() + d.log_prob(d.rsample()).sum()).backward()
     assert torch.isfinite(logits.grad) and logits.grad.abs() < 1e-6
 
@@ -187,7 +187,7 @@ def test_integer_lists_and_numbers_give_the_same_distribution():
     for rate in (torch.tensor([3, 1]), [3.0, 1.0], [3, 1]):
         torch.manual_seed(0)
         torch.testing.assert_close(pr.GenGSPoisson(rate, 0.5, 10).rsample(), reference)
-    multinomial = pr.GenGSMultinomial(2, probs=[0.2, 0.8], temperature=0.5)
+    multinomial = pr.GenGSMultinomial(2, 0.5, probs=[0.2, 0.8])
     assert multinomial.rsample().shape == (2,)
 
 

@@ -126,7 +126,7 @@ def test_a_prior_scores_a_guide_sample_that_underflowed():
 
 def test_straight_through_samples_are_the_limit_vertex_with_soft_gradients():
     loc = _t(0.5, -1.0, 0.2).requires_grad_()
-    d = pr.IGR(loc, _t(1.0, 2.0, 0.5), 0.3, straight_through=True)
+    d = pr.IGR(loc, _t(1.0, 2.0, 0.5), 0.3, hard=True)
     soft = pr.IGR(loc, _t(1.0, 2.0, 0.5), 0.3)
     torch.manual_seed(3)
     hard = d.rsample((1000,))
@@ -142,7 +142,7 @@ def test_straight_through_samples_are_the_limit_vertex_with_soft_gradients():
 
 
 def test_straight_through_rejects_values_that_are_not_one_hot():
-    d = pr.IGR(torch.zeros(2), torch.ones(2), 0.3, straight_through=True, validate_args=True)
+    d = pr.IGR(torch.zeros(2), torch.ones(2), 0.3, hard=True, validate_args=True)
     with pytest.raises(ValueError, match="one-hot"):
         d.log_prob(_t(0.2, 0.3, 0.5, dtype=torch.float32))
 
@@ -211,8 +211,8 @@ def test_igr_kl_is_in_closed_form_for_any_temperatures_and_deltas():
     # Gaussian KL of the mapped pre-image: checked against Monte Carlo over 200,000 draws,
     # within five standard errors (q: tau 0.7, delta 1; p: tau 0.4, delta 0.3; K = 5).
     torch.manual_seed(0)
-    q = pr.IGR(torch.randn(4, dtype=_f64), torch.rand(4, dtype=_f64) + 0.5, 0.7, 1.0)
-    p = pr.IGR(torch.randn(4, dtype=_f64), torch.rand(4, dtype=_f64) + 0.5, 0.4, 0.3)
+    q = pr.IGR(torch.randn(4, dtype=_f64), torch.rand(4, dtype=_f64) + 0.5, 0.7, delta=1.0)
+    p = pr.IGR(torch.randn(4, dtype=_f64), torch.rand(4, dtype=_f64) + 0.5, 0.4, delta=0.3)
     value = q.rsample((200_000,))
     ratio = q.log_prob(value) - p.log_prob(value)
     error = (ratio.mean() - kl_divergence(q, p)).abs()
@@ -229,7 +229,7 @@ def test_stick_breaking_kl_needs_equal_temperature_and_delta():
     p = pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.5)
     for q in (
         pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.4),
-        pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.5, 2.0),
+        pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.5, delta=2.0),
     ):
         with pytest.raises(NotImplementedError, match="temperature and delta"):
             kl_divergence(p, q)

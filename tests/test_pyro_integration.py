@@ -147,7 +147,7 @@ def test_registered_kl_survives_to_event(prior, straight_through):
             "rate", torch.tensor([0.5, 1.0, 3.0]), constraint=dist.constraints.positive
         )
         with pyro.plate("data", 4):
-            guide_dist = pr.GenGSPoisson(rate, 0.5, 12, straight_through=straight_through)
+            guide_dist = pr.GenGSPoisson(rate, 0.5, 12, hard=straight_through)
             pyro.sample("z", guide_dist.to_event(1))
 
     loss = TraceMeanField_ELBO().loss(model, guide)
@@ -208,7 +208,7 @@ def test_straight_through_guide_with_a_plain_poisson_prior():
 
     def guide():
         rate = pyro.param("rate", torch.tensor(3.0), constraint=dist.constraints.positive)
-        pyro.sample("z", pr.GenGSPoisson(rate, 0.5, 25, straight_through=True))
+        pyro.sample("z", pr.GenGSPoisson(rate, 0.5, 25, hard=True))
 
     svi = SVI(
         model, guide, Adam({"lr": 0.05}), Trace_ELBO(num_particles=32, vectorize_particles=True)

@@ -19,6 +19,7 @@ from pyro_relax._numerics import (
     check_constraint,
     check_devices,
     clamp_with_identity_gradient,
+    finite_positive,
     finite_real,
     gumbel_like,
     log_weights,
@@ -163,7 +164,7 @@ class TruncatedGenGS(TorchDistribution):
         logits (Tensor): unnormalized :math:`\log \pi` (pass ``probs`` or ``logits``).
         outcomes (Tensor): the outcomes :math:`c`, shape ``(n,)`` or ``(n, d)`` for vector
             outcomes; default :math:`0, 1, \dots, n - 1`.
-        straight_through (bool): return the hard outcome :math:`c_{\arg\max w}` in the forward
+        hard (bool): return the hard outcome :math:`c_{\arg\max w}` in the forward
             pass, with the gradient of the relaxed :math:`z`.
 
     Example:
@@ -185,11 +186,11 @@ class TruncatedGenGS(TorchDistribution):
     def __init__(
         self,
         temperature,
+        *,
         probs=None,
         logits=None,
         outcomes=None,
-        *,
-        straight_through=False,
+        hard=False,
         validate_args=None,
     ):
         owner = type(self).__name__
@@ -211,7 +212,7 @@ class TruncatedGenGS(TorchDistribution):
             self.probs = self.probs.expand(batch_shape + (num_outcomes,))
         self._outcomes_are_counts = outcomes is None
         self.outcomes = self._parse_outcomes(owner, name, outcomes, validate)
-        self.straight_through = bool(straight_through)
+        self.hard = bool(hard)
         super().__init__(batch_shape, self.outcomes.shape[1:], validate_args=False)
         self._validate_args = validate
 
@@ -241,7 +242,7 @@ class TruncatedGenGS(TorchDistribution):
             new.probs = self.probs.expand(pmf_shape)
         new.temperature = self.temperature.expand(batch_shape)
         new.outcomes = self.outcomes
-        new.straight_through = self.straight_through
+        new.hard = self.hard
         new._outcomes_are_counts = self._outcomes_are_counts
         super(TruncatedGenGS, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -283,7 +284,7 @@ class TruncatedGenGS(TorchDistribution):
         perturbed = (self.logits + gumbel_like(self.logits, shape)) / self.temperature.unsqueeze(-1)
         weights, value = _RelaxedOneHotMap.apply(perturbed, self._score_floor, self.outcomes)
         value = clamp_with_identity_gradient(value, *self._outcome_range)
-        if self.straight_through:
+        if self.hard:
             value = straight_through(self.outcomes[perturbed.argmax(-1)], value)
         carry(value, weights=weights)
         return value
@@ -405,7 +406,7 @@ class GenGS(TruncatedGenGS):
         truncation (int): the number of outcomes :math:`n \geq 2`; ``None`` for automatic.
         mass (float): the mass :math:`\eta` automatic truncation captures.
         max_truncation (int): the cap of automatic truncation, for static shapes.
-        straight_through (bool): return hard integer outcomes (see :class:`TruncatedGenGS`).
+        hard (bool): return hard integer outcomes (see :class:`TruncatedGenGS`).
         tail_tolerance (float): the largest :attr:`tail_mass` accepted without a warning.
 
     Example:
@@ -425,7 +426,7 @@ class GenGS(TruncatedGenGS):
         *,
         mass=0.999,
         max_truncation=None,
-        straight_through=False,
+        hard=False,
         tail_tolerance=1e-2,
         validate_args=None,
     ):
@@ -456,7 +457,7 @@ class GenGS(TruncatedGenGS):
         super().__init__(
             temperature,
             logits=truncated_log_probs(base_dist, truncation, size),
-            straight_through=straight_through,
+            hard=hard,
             validate_args=validate_args,
         )
         if self._validate_args and tail_tolerance is not None:
@@ -520,7 +521,7 @@ class GenGSPoisson(GenGS):
         rate (float or Tensor): the rate :math:`\lambda > 0`.
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
         truncation (int): the number of outcomes :math:`n`; ``None`` for automatic truncation.
-        **kwargs: ``mass``, ``max_truncation``, ``straight_through``, ``tail_tolerance``,
+        **kwargs: ``mass``, ``max_truncation``, ``hard``, ``tail_tolerance``,
             ``validate_args`` as for :class:`GenGS`.
 
     Example:
@@ -531,7 +532,7 @@ class GenGSPoisson(GenGS):
         torch.Size([])
     """
 
-    arg_constraints = {"rate": constraints.positive, "temperature": constraints.positive}
+    arg_constraints = {"rate": finite_positive, "temperature": scale}
 
     def __init__(self, rate, temperature, truncation=None, *, validate_args=None, **kwargs):
         base = _count_base(Poisson, self, validate_args, temperature, rate=rate)
@@ -557,19 +558,19 @@ class GenGSGeometric(GenGS):
         https://arxiv.org/abs/2003.01847
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         probs (float or Tensor): the success probability :math:`p \in (0, 1]`.
         logits (float or Tensor): its log-odds.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         truncation (int): the number of outcomes :math:`n`; ``None`` for automatic truncation.
         **kwargs: as for :class:`GenGS`.
 
     Example:
-        >>> GenGSGeometric(0.5, temperature=0.5, truncation=15).rsample((3,)).shape
+        >>> GenGSGeometric(temperature=0.5, truncation=15, probs=0.5).rsample((3,)).shape
         torch.Size([3])
     """
 
     def __init__(
-        self, probs=None, logits=None, *, temperature, truncation=None, validate_args=None, **kwargs
+        self, temperature, truncation=None, *, probs=None, logits=None, validate_args=None, **kwargs
     ):
         base = _count_base(Geometric, self, validate_args, temperature, probs=probs, logits=logits)
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
@@ -595,27 +596,27 @@ class GenGSNegativeBinomial(GenGS):
 
     Arguments:
         total_count (float or Tensor): the number of failures :math:`r > 0`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         probs (float or Tensor): the success probability :math:`p`.
         logits (float or Tensor): its log-odds.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         truncation (int): the number of outcomes :math:`n`; ``None`` for automatic truncation.
         **kwargs: as for :class:`GenGS`.
 
     Example:
-        >>> round(float(GenGSNegativeBinomial(3.0, 0.5, temperature=0.5, truncation=30).mean), 4)
+        >>> round(float(GenGSNegativeBinomial(3.0, 0.5, 30, probs=0.5).mean), 4)
         3.0
     """
 
-    arg_constraints = {"total_count": constraints.positive, "temperature": constraints.positive}
+    arg_constraints = {"total_count": finite_positive, "temperature": scale}
 
     def __init__(
         self,
         total_count,
-        probs=None,
-        logits=None,
-        *,
         temperature,
         truncation=None,
+        *,
+        probs=None,
+        logits=None,
         validate_args=None,
         **kwargs,
     ):
@@ -651,18 +652,18 @@ class GenGSBinomial(GenGS):
 
     Arguments:
         total_count (int or Tensor): the number of trials :math:`N`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         probs (float or Tensor): the success probability :math:`p`.
         logits (float or Tensor): its log-odds.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
-        **kwargs: ``straight_through``, ``validate_args`` as for :class:`GenGS`.
+        **kwargs: ``hard``, ``validate_args`` as for :class:`GenGS`.
 
     Example:
-        >>> GenGSBinomial(20, 0.3, temperature=0.5).num_outcomes
+        >>> GenGSBinomial(20, temperature=0.5, probs=0.3).num_outcomes
         21
     """
 
     def __init__(
-        self, total_count=1, probs=None, logits=None, *, temperature, validate_args=None, **kwargs
+        self, total_count, temperature, *, probs=None, logits=None, validate_args=None, **kwargs
     ):
         base = _count_base(
             Binomial,
@@ -742,25 +743,25 @@ class GenGSMultinomial(TruncatedGenGS):
 
     Arguments:
         total_count (int): the number of trials :math:`N`.
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         probs (Tensor): the class probabilities :math:`p`, shape ``batch_shape + (K,)``.
         logits (Tensor): their unnormalized log-probabilities.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
-        straight_through (bool): return hard count vectors.
+        hard (bool): return hard count vectors.
 
     Example:
-        >>> d = GenGSMultinomial(3, torch.tensor([0.2, 0.3, 0.5]), temperature=0.5)
+        >>> d = GenGSMultinomial(3, temperature=0.5, probs=torch.tensor([0.2, 0.3, 0.5]))
         >>> d.num_outcomes, round(float(d.rsample().sum()), 4)
         (10, 3.0)
     """
 
     def __init__(
         self,
-        total_count=1,
+        total_count,
+        temperature,
+        *,
         probs=None,
         logits=None,
-        *,
-        temperature,
-        straight_through=False,
+        hard=False,
         validate_args=None,
     ):
         owner = type(self).__name__
@@ -788,7 +789,7 @@ class GenGSMultinomial(TruncatedGenGS):
             temperature,
             logits=_multinomial_log_probs(class_logits, total_count, outcomes),
             outcomes=outcomes,
-            straight_through=straight_through,
+            hard=hard,
             validate_args=validate_args,
         )
 

@@ -266,7 +266,7 @@ class IGR(_IGRBase):
     the underflow of inverting :math:`z` in float32. A value built by hand is inverted from
     :math:`z`.
 
-    With ``straight_through=True`` the forward value is the vertex :math:`e_H` of
+    With ``hard=True`` the forward value is the vertex :math:`e_H` of
     Proposition 1 (a one-hot vector) and the gradient is that of :math:`z`. Such a sample
     carries its soft relaxation, which :meth:`log_prob` scores; a plain one-hot vector (built by
     hand, or a sample whose attributes were lost to ``clone``) is scored by the discrete PMF
@@ -284,7 +284,7 @@ class IGR(_IGRBase):
             batch shape.
         delta (float or Tensor): the weight :math:`\delta > 0` of the last category in
             softmax++ (default 1.0, as in the final reference code).
-        straight_through (bool): return the one-hot limit :math:`e_H` in the forward pass.
+        hard (bool): return the one-hot limit :math:`e_H` in the forward pass.
 
     Example:
         >>> d = IGR(torch.zeros(3), torch.ones(3), temperature=0.1)
@@ -293,11 +293,9 @@ class IGR(_IGRBase):
         (torch.Size([2, 4]), torch.Size([2]), tensor([0.2917, 0.2917, 0.2917, 0.1250]))
     """
 
-    def __init__(
-        self, loc, scale, temperature, delta=1.0, *, straight_through=False, validate_args=None
-    ):
+    def __init__(self, loc, scale, temperature, *, delta=1.0, hard=False, validate_args=None):
         validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
-        self.straight_through = bool(straight_through)
+        self.hard = bool(hard)
         base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
         transform = SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=1)
         super().__init__(base, [transform], validate_args=False)
@@ -306,13 +304,13 @@ class IGR(_IGRBase):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGR, _instance)
         self._expand_parameters(new, batch_shape)
-        new.straight_through = self.straight_through
+        new.hard = self.hard
         return super().expand(batch_shape, _instance=new)
 
     def rsample(self, sample_shape=torch.Size()):
         y = self.base_dist.rsample(sample_shape)
         z = self.softmax_plus_plus(y)
-        if self.straight_through:
+        if self.hard:
             hard = one_hot(_limit_category(y), self.num_categories, z)
             z = carry(straight_through(hard, z), log_weights=carried(z, "log_weights"))
         return self._tag(z, y)
@@ -346,7 +344,7 @@ class IGR(_IGRBase):
 
     def log_prob(self, value):
         plain = carried(value, "preimage") is None and carried(value, "log_weights") is None
-        if self.straight_through and plain:
+        if self.hard and plain:
             return self._log_prob_of_vertex(value)
         if self._validate_args:
             self._validate_sample(value)
@@ -365,7 +363,7 @@ class IGR(_IGRBase):
             self._validate_sample(value)
             if not bool(((value == 0) | (value == 1)).all()):
                 raise ValueError(
-                    "IGR(straight_through=True).log_prob got a value that is neither a sample "
+                    "IGR(hard=True).log_prob got a value that is neither a sample "
                     "drawn by rsample (which carries its relaxation) nor a one-hot vector"
                 )
         logits = self.categorical().logits
@@ -430,7 +428,7 @@ class IGRStickBreaking(_IGRBase):
         (torch.Size([4, 10]), True)
     """
 
-    def __init__(self, loc, scale, temperature, delta=1.0, *, precision=None, validate_args=None):
+    def __init__(self, loc, scale, temperature, *, delta=1.0, precision=None, validate_args=None):
         if precision is not None and not (
             isinstance(precision, Real) and not isinstance(precision, bool) and 0 < precision < 1
         ):
@@ -596,7 +594,7 @@ class IGRPlanar(_IGRBase):
         (torch.Size([5, 4]), torch.Size([5]))
     """
 
-    def __init__(self, loc, scale, temperature, delta=1.0, *, flows=1, validate_args=None):
+    def __init__(self, loc, scale, temperature, *, delta=1.0, flows=1, validate_args=None):
         validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
         if isinstance(flows, int) and not isinstance(flows, bool):
             check_count("IGRPlanar", "flows", flows, minimum=0)
@@ -734,9 +732,9 @@ class IGRCount(TorchDistribution):
     arg_constraints = _IGRBase.arg_constraints
     has_rsample = True
 
-    def __init__(self, loc, scale, temperature, delta=1.0, *, precision=None, validate_args=None):
+    def __init__(self, loc, scale, temperature, *, delta=1.0, precision=None, validate_args=None):
         self.simplex_dist = IGRStickBreaking(
-            loc, scale, temperature, delta, precision=precision, validate_args=validate_args
+            loc, scale, temperature, delta=delta, precision=precision, validate_args=validate_args
         )
         super().__init__(self.simplex_dist.batch_shape, validate_args=False)
         self._validate_args = self.simplex_dist._validate_args

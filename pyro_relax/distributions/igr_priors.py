@@ -159,7 +159,7 @@ def fit_igr_prior(
             :class:`~pyro_relax.distributions.IGRStickBreaking` or
             :class:`~pyro_relax.distributions.IGRCount` (whose simplex points, over the outcomes
             :math:`0, \dots, K - 1`, are matched), or any class with the signature
-            ``family(loc, scale, temperature, delta, **family_kwargs)`` whose samples lie on
+            ``family(loc, scale, temperature, delta=delta, **family_kwargs)`` whose samples lie on
             the :math:`K`-simplex.
         temperature (float): :math:`\tau` of the samples matched.
         delta (float): :math:`\delta`.
@@ -214,7 +214,9 @@ def fit_igr_prior(
     optimizer = torch.optim.Adam([loc, log_scale], lr=lr)
     for _ in range(num_steps):
         optimizer.zero_grad()
-        d = family(loc, log_scale.exp(), temperature, delta, validate_args=False, **family_kwargs)
+        d = family(
+            loc, log_scale.exp(), temperature, delta=delta, validate_args=False, **family_kwargs
+        )
         d = getattr(d, "simplex_dist", d)  # IGRCount: match its simplex points
         mean = d.rsample((num_samples,)).mean(0)
         if objective == "cross_entropy":

@@ -136,7 +136,7 @@ class _StraightThroughCategorical(OneHotCategorical):
     # Estimator options, copied by `expand` (and used by the Bernoulli versions).
     _option_names = ()
 
-    def __init__(self, logits=None, probs=None, temperature=1.0, *, hard=True, validate_args=None):
+    def __init__(self, temperature, *, probs=None, logits=None, hard=True, validate_args=None):
         validate = validation_enabled(validate_args)
         _, param, temperature, batch_shape = categorical_parameters(
             type(self).__name__, probs, logits, temperature, validate, "categories"
@@ -242,16 +242,16 @@ class STCategorical(_StraightThroughCategorical):
         https://arxiv.org/abs/1308.3432
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
         logits (Tensor): unnormalized log-probabilities :math:`l`, shape
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
-        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
         hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
             itself.
 
     Example:
-        >>> d = STCategorical(logits=torch.tensor([0.0, 1.0, 2.0]), temperature=0.5)
+        >>> d = STCategorical(0.5, logits=torch.tensor([0.0, 1.0, 2.0]))
         >>> d.rsample((2,)).sum(-1)
         tensor([1., 1.])
     """
@@ -298,16 +298,16 @@ class STGSCategorical(_StraightThroughCategorical):
         https://arxiv.org/abs/1611.00712
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
         logits (Tensor): unnormalized log-probabilities :math:`l`, shape
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
-        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
         hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
             itself.
 
     Example:
-        >>> d = STGSCategorical(logits=torch.zeros(10), temperature=0.01, hard=False)
+        >>> d = STGSCategorical(0.01, logits=torch.zeros(10), hard=False)
         >>> w = d.rsample()
         >>> bool(torch.isfinite(d.log_prob(w)))
         True
@@ -351,18 +351,18 @@ class GRMCKCategorical(_StraightThroughCategorical):
         https://arxiv.org/abs/2010.04838
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
         logits (Tensor): unnormalized log-probabilities :math:`l`, shape
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
-        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
         hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
             itself.
         num_draws (int): the number :math:`K \geq 1` of conditional draws (100 in the
             paper's baseline "GR-MC100").
 
     Example:
-        >>> d = GRMCKCategorical(logits=torch.zeros(2, 4), temperature=0.5, num_draws=10)
+        >>> d = GRMCKCategorical(0.5, logits=torch.zeros(2, 4), num_draws=10)
         >>> d.rsample((3,)).shape
         torch.Size([3, 2, 4])
     """
@@ -371,18 +371,20 @@ class GRMCKCategorical(_StraightThroughCategorical):
 
     def __init__(
         self,
-        logits=None,
-        probs=None,
-        temperature=1.0,
-        num_draws=100,
+        temperature,
         *,
+        probs=None,
+        logits=None,
+        num_draws=100,
         hard=True,
         validate_args=None,
     ):
         if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
             raise ValueError(f"`num_draws` must be a positive integer, got {num_draws!r}")
         self.num_draws = num_draws
-        super().__init__(logits, probs, temperature, hard=hard, validate_args=validate_args)
+        super().__init__(
+            temperature, probs=probs, logits=logits, hard=hard, validate_args=validate_args
+        )
 
     def _surrogate(self, logits, index, one_hot, gumbels):
         fixed = logits.detach()
@@ -431,11 +433,11 @@ class GappedSTCategorical(_StraightThroughCategorical):
         https://arxiv.org/abs/2206.07235
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
+            broadcasting with the batch shape. A tensor can be annealed in place.
         logits (Tensor): unnormalized log-probabilities :math:`l`, shape
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
-        temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
         hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
             itself.
         gap (float or str): the gap :math:`\kappa \geq 0` (default 1.0), or ``"expected"``.
@@ -446,7 +448,7 @@ class GappedSTCategorical(_StraightThroughCategorical):
         >>> import pyro
         >>> def guide():
         ...     logits = torch.zeros(30, 10, requires_grad=True)
-        ...     return pyro.sample("z", GappedSTCategorical(logits, temperature=1.0, gap=1.0))
+        ...     return pyro.sample("z", GappedSTCategorical(1.0, logits=logits, gap=1.0))
         >>> z = guide()
         >>> z.shape, bool(((z == 0) | (z == 1)).all()), z.requires_grad
         (torch.Size([30, 10]), True, True)
@@ -456,18 +458,20 @@ class GappedSTCategorical(_StraightThroughCategorical):
 
     def __init__(
         self,
-        logits=None,
-        probs=None,
-        temperature=1.0,
-        gap=1.0,
+        temperature,
         *,
+        probs=None,
+        logits=None,
+        gap=1.0,
         hard=True,
         detach_perturbations=True,
         validate_args=None,
     ):
         self.gap = _check_gap(gap)
         self.detach_perturbations = bool(detach_perturbations)
-        super().__init__(logits, probs, temperature, hard=hard, validate_args=validate_args)
+        super().__init__(
+            temperature, probs=probs, logits=logits, hard=hard, validate_args=validate_args
+        )
 
     def _surrogate(self, logits, index, one_hot, gumbels):
         fixed = logits.detach() if self.detach_perturbations else logits
@@ -518,7 +522,7 @@ class GappedST(GappedSTCategorical):
         (torch.Size([3]), torch.Size([4]))
     """
 
-    def __init__(self, base_dist, temperature=1.0, gap=1.0, **kwargs):
+    def __init__(self, base_dist, temperature, *, gap=1.0, **kwargs):
         if isinstance(base_dist, torch.distributions.OneHotCategorical):
             categorical = base_dist._categorical
         elif isinstance(base_dist, Categorical):
@@ -530,9 +534,9 @@ class GappedST(GappedSTCategorical):
             )
         self.base_dist = base_dist
         if "probs" in categorical.__dict__:
-            super().__init__(probs=categorical.probs, temperature=temperature, gap=gap, **kwargs)
+            super().__init__(temperature, probs=categorical.probs, gap=gap, **kwargs)
         else:
-            super().__init__(logits=categorical.logits, temperature=temperature, gap=gap, **kwargs)
+            super().__init__(temperature, logits=categorical.logits, gap=gap, **kwargs)
 
     def expand(self, batch_shape, _instance=None):
         new = _instance if _instance is not None else self.__new__(type(self))
@@ -553,7 +557,9 @@ class _StraightThroughBernoulli(Bernoulli):
     has_rsample = True
     _categorical_class = _StraightThroughCategorical
 
-    def __init__(self, logits=None, probs=None, temperature=1.0, *, hard=True, validate_args=None):
+    def __init__(
+        self, temperature, *, probs=None, logits=None, hard=True, validate_args=None, **options
+    ):
         validate = validation_enabled(validate_args)
         _, param, temperature, batch_shape = categorical_parameters(
             type(self).__name__, probs, logits, temperature, validate, event_dim=0
@@ -566,17 +572,22 @@ class _StraightThroughBernoulli(Bernoulli):
         else:
             super().__init__(logits=param, validate_args=False)
         self._validate_args = validate
-        self._relaxed = self._build_relaxed()
+        # The estimator's options (gap, num_draws ...) are those of the categorical class, which
+        # checks them; the binary version keeps them as that class normalized them.
+        names = self._categorical_class._option_names
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
+            )
+        self._relaxed = self._build_relaxed(options)
+        for name in names:
+            setattr(self, name, getattr(self._relaxed, name))
 
-    def _build_relaxed(self):
+    def _build_relaxed(self, options):
         pair = torch.stack([torch.zeros_like(self.logits), self.logits], -1)
-        options = {name: getattr(self, name) for name in self._categorical_class._option_names}
         return self._categorical_class(
-            logits=pair,
-            temperature=self.temperature,
-            hard=self.hard,
-            validate_args=False,
-            **options,
+            self.temperature, logits=pair, hard=self.hard, validate_args=False, **options
         )
 
     def expand(self, batch_shape, _instance=None):
@@ -624,11 +635,9 @@ class STBernoulli(_StraightThroughBernoulli):
 
     with the temperature limits of :class:`STCategorical`.
 
-    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
-    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
-    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
-    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
-    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`.
+    The estimator is applied to the categorical over :math:`(0, 1)` with logits
+    :math:`(0, \theta)`, as for every Bernoulli version (see the section on them in the API
+    reference): values are exactly 0 or 1, ``log_prob`` and the KLs are Bernoulli's.
 
     References:
         Estimating or Propagating Gradients Through Stochastic Neurons for Conditional
@@ -636,13 +645,13 @@ class STBernoulli(_StraightThroughBernoulli):
         https://arxiv.org/abs/1308.3432
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
         probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
 
     Example:
-        >>> STBernoulli(logits=torch.tensor([-1.0, 1.0])).rsample((4,)).shape
+        >>> STBernoulli(1.0, logits=torch.tensor([-1.0, 1.0])).rsample((4,)).shape
         torch.Size([4, 2])
     """
 
@@ -660,11 +669,9 @@ class STGSBernoulli(_StraightThroughBernoulli):
 
     with the temperature limits of :class:`STGSCategorical`.
 
-    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
-    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
-    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
-    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
-    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`.
+    The estimator is applied to the categorical over :math:`(0, 1)` with logits
+    :math:`(0, \theta)`, as for every Bernoulli version (see the section on them in the API
+    reference): values are exactly 0 or 1, ``log_prob`` and the KLs are Bernoulli's.
     With ``hard=False``, :meth:`log_prob` is the binary Concrete density of :math:`h_1`,
     evaluated in log space from the log-weights the sample carries (the fallback without them
     is that of :class:`STGSCategorical`).
@@ -679,13 +686,13 @@ class STGSBernoulli(_StraightThroughBernoulli):
         https://arxiv.org/abs/1611.00712
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
         probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
 
     Example:
-        >>> d = STGSBernoulli(probs=torch.tensor(0.3), temperature=0.01, hard=False)
+        >>> d = STGSBernoulli(0.01, probs=torch.tensor(0.3), hard=False)
         >>> bool(torch.isfinite(d.log_prob(d.rsample((100,)))).all())
         True
     """
@@ -715,11 +722,9 @@ class GRMCKBernoulli(_StraightThroughBernoulli):
 
     with the temperature limits of :class:`STGSCategorical`.
 
-    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
-    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
-    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
-    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
-    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`.
+    The estimator is applied to the categorical over :math:`(0, 1)` with logits
+    :math:`(0, \theta)`, as for every Bernoulli version (see the section on them in the API
+    reference): values are exactly 0 or 1, ``log_prob`` and the KLs are Bernoulli's.
 
     References:
         Rao-Blackwellizing the Straight-Through Gumbel-Softmax Gradient Estimator.
@@ -727,31 +732,18 @@ class GRMCKBernoulli(_StraightThroughBernoulli):
         https://arxiv.org/abs/2010.04838
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
         probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
         num_draws (int): the number :math:`K \geq 1` of conditional draws.
 
     Example:
-        >>> GRMCKBernoulli(logits=torch.zeros(3), num_draws=8).rsample().shape
+        >>> GRMCKBernoulli(1.0, logits=torch.zeros(3), num_draws=8).rsample().shape
         torch.Size([3])
     """
 
     _categorical_class = GRMCKCategorical
-
-    def __init__(
-        self,
-        logits=None,
-        probs=None,
-        temperature=1.0,
-        num_draws=100,
-        *,
-        hard=True,
-        validate_args=None,
-    ):
-        self.num_draws = num_draws
-        super().__init__(logits, probs, temperature, hard=hard, validate_args=validate_args)
 
 
 class GappedSTBernoulli(_StraightThroughBernoulli):
@@ -768,11 +760,9 @@ class GappedSTBernoulli(_StraightThroughBernoulli):
 
     with the temperature limits of :class:`GappedSTCategorical`.
 
-    A Bernoulli variable is the categorical over the outcomes :math:`(0, 1)` with logits
-    :math:`(0, \theta)`: the estimator is applied to that pair and the value is the second
-    coordinate, so a sample is exactly 0 or 1 and carries :math:`\partial h_1 / \partial \theta`.
-    :meth:`log_prob` is Bernoulli's :math:`x \theta - \operatorname{softplus}(\theta)`, linear
-    in the value, and the Bernoulli KLs apply. Soft values lie in :math:`[0, 1]`.
+    The estimator is applied to the categorical over :math:`(0, 1)` with logits
+    :math:`(0, \theta)`, as for every Bernoulli version (see the section on them in the API
+    reference): values are exactly 0 or 1, ``log_prob`` and the KLs are Bernoulli's.
 
     References:
         Training Discrete Deep Generative Models via Gapped Straight-Through Estimator.
@@ -780,32 +770,17 @@ class GappedSTBernoulli(_StraightThroughBernoulli):
         https://arxiv.org/abs/2206.07235
 
     Arguments:
+        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
         probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        temperature (float or Tensor): the temperature :math:`\tau > 0`.
         hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
         gap (float or str): the gap :math:`\kappa \geq 0` (default 1.0), or ``"expected"``.
         detach_perturbations (bool): detach the perturbations (``False`` is an ablation).
 
     Example:
-        >>> z = GappedSTBernoulli(logits=torch.zeros(5, requires_grad=True)).rsample()
+        >>> z = GappedSTBernoulli(1.0, logits=torch.zeros(5, requires_grad=True)).rsample()
         >>> bool(((z == 0) | (z == 1)).all()), z.requires_grad
         (True, True)
     """
 
     _categorical_class = GappedSTCategorical
-
-    def __init__(
-        self,
-        logits=None,
-        probs=None,
-        temperature=1.0,
-        gap=1.0,
-        *,
-        hard=True,
-        detach_perturbations=True,
-        validate_args=None,
-    ):
-        self.gap = _check_gap(gap)
-        self.detach_perturbations = bool(detach_perturbations)
-        super().__init__(logits, probs, temperature, hard=hard, validate_args=validate_args)

@@ -47,7 +47,7 @@ Estimators (``S = 4`` samples per gradient estimate for all):
   (rates up to 9.5, ``p`` up to 0.70) and below :math:`10^{-5}` up to rate 15 and ``p`` = 0.75,
   so the bias measured is the relaxation's; the binomial and multinomial need no truncation;
 - ``GenGS NP`` (automatic truncation, ``truncation=None``, mass 0.999; Poisson and negative
-  binomial) and ``GenGS ST`` (``straight_through=True``), both at temperature 0.5;
+  binomial) and ``GenGS ST`` (``hard=True``), both at temperature 0.5;
 - ``REINFORCE`` and ``REINFORCE + baseline`` (Pyro's decaying-average baseline, beta 0.9), both
   through Pyro's ``TraceGraph_ELBO`` with vectorized particles. The loss is isolated as follows:
   the guide samples ``z`` from the discrete distribution with parameter :math:`\theta`; the
@@ -223,7 +223,7 @@ class Problem:
         r"""The loss :math:`\sum_i \lVert z_i - t_i \rVert^2` of samples ``z``."""
         return (z - self.targets).square().flatten(-1 - self.event_dims).sum(-1)
 
-    def relaxed(self, param, temperature, truncation=None, straight_through=False):
+    def relaxed(self, param, temperature, truncation=None, hard=False):
         """The GenGS relaxation, batch shape ``param``'s batch shape and coordinates."""
         raise NotImplementedError
 
@@ -255,14 +255,8 @@ class PoissonProblem(Problem):
     def moments(self, param):
         return param, param
 
-    def relaxed(self, param, temperature, truncation=None, straight_through=False):
-        return GenGSPoisson(
-            param,
-            temperature,
-            truncation,
-            straight_through=straight_through,
-            validate_args=False,
-        )
+    def relaxed(self, param, temperature, truncation=None, hard=False):
+        return GenGSPoisson(param, temperature, truncation, hard=hard, validate_args=False)
 
     def discrete(self, param):
         return dist.Poisson(param).to_event(1)
@@ -291,13 +285,9 @@ class BinomialProblem(Problem):
         mean = self.total_count * param
         return mean, mean * (1 - param)
 
-    def relaxed(self, param, temperature, truncation=None, straight_through=False):
+    def relaxed(self, param, temperature, truncation=None, hard=False):
         return GenGSBinomial(
-            self.total_count,
-            param,
-            temperature=temperature,
-            straight_through=straight_through,
-            validate_args=False,
+            self.total_count, temperature, probs=param, hard=hard, validate_args=False
         )
 
     def discrete(self, param):
@@ -325,13 +315,9 @@ class MultinomialProblem(Problem):
         mean = self.total_count * probs
         return mean, mean * (1 - probs)
 
-    def relaxed(self, param, temperature, truncation=None, straight_through=False):
+    def relaxed(self, param, temperature, truncation=None, hard=False):
         return GenGSMultinomial(
-            self.total_count,
-            logits=param,
-            temperature=temperature,
-            straight_through=straight_through,
-            validate_args=False,
+            self.total_count, temperature, logits=param, hard=hard, validate_args=False
         )
 
     def discrete(self, param):
@@ -364,13 +350,13 @@ class NegativeBinomialProblem(Problem):
         mean = self.total_count * param / (1 - param)
         return mean, mean / (1 - param)
 
-    def relaxed(self, param, temperature, truncation=None, straight_through=False):
+    def relaxed(self, param, temperature, truncation=None, hard=False):
         return GenGSNegativeBinomial(
             self.total_count,
-            param,
-            temperature=temperature,
-            truncation=truncation,
-            straight_through=straight_through,
+            temperature,
+            truncation,
+            probs=param,
+            hard=hard,
             validate_args=False,
         )
 
