@@ -26,7 +26,7 @@ run):
 
 - ``GenGS``: :class:`~pyro_relax.GenGSPoisson` guide and prior, ``Trace_ELBO`` (soft log-PMFs,
   the relaxed sample in the likelihood);
-- ``GenGS-ST+Poisson``: ``GenGSPoisson(..., straight_through=True)`` guide and a plain
+- ``GenGS-ST+Poisson``: ``GenGSPoisson(..., hard=True)`` guide and a plain
   ``dist.Poisson`` prior, ``Trace_ELBO`` (the pair the README listed as supported);
 - ``GenGS-ST+Poisson-MF``: the same pair with ``TraceMeanField_ELBO`` (the registered KL from
   the guide's truncated PMF to the Poisson truncated at :math:`n`);
@@ -68,7 +68,6 @@ References:
 """
 
 import dataclasses
-import inspect
 import math
 import sys
 import time
@@ -83,7 +82,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 from torch import nn
 
-from pyro_relax import ExponentialDecay, GenGS, GenGSPoisson, TruncatedGenGS, truncated_log_probs
+from pyro_relax import ExponentialDecay, GenGSPoisson, TruncatedGenGS, truncated_log_probs
 from pyro_relax._cli import integer_at_least, positive_float, positive_int
 from pyro_relax.experiments import common
 
@@ -126,9 +125,6 @@ GRADIENT_PAIRS = (ST, ST_SYM, GENGS)
 TERMS = ("likelihood", "prior", "entropy", "total")
 # The smallest guide rate: a Poisson rate must be positive, and softplus underflows.
 _MIN_RATE = 1e-3
-# The option that makes a GenGS sample hard in the forward pass. The library is renaming it
-# from `straight_through` to `hard`; this accepts either until the rename has landed.
-_HARD = "hard" if "hard" in inspect.signature(GenGS).parameters else "straight_through"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +340,7 @@ class SymmetricStraightThroughPoisson(GenGSPoisson):
     """
 
     def __init__(self, rate, temperature, truncation, **kwargs):
-        super().__init__(rate, temperature, truncation, **{_HARD: True}, **kwargs)
+        super().__init__(rate, temperature, truncation, hard=True, **kwargs)
 
     def log_prob(self, value):
         if not value.requires_grad:
@@ -368,7 +364,7 @@ def _guide_distribution(estimator, output, temperature, truncation):
     if estimator == ST_SYM:
         return SymmetricStraightThroughPoisson(rate, temperature, truncation, tail_tolerance=None)
     straight = estimator in (ST, ST_MF)
-    return GenGSPoisson(rate, temperature, truncation, **{_HARD: straight}, tail_tolerance=None)
+    return GenGSPoisson(rate, temperature, truncation, hard=straight, tail_tolerance=None)
 
 
 def _prior_distribution(estimator, rate, temperature, truncation):
@@ -618,9 +614,7 @@ def _surrogate_terms(pair, u, v, w, y, temperature, config) -> dict:
         )
     else:
         straight = pair != GENGS
-        guide = GenGSPoisson(
-            u.exp(), temperature, truncation, **{_HARD: straight}, tail_tolerance=None
-        )
+        guide = GenGSPoisson(u.exp(), temperature, truncation, hard=straight, tail_tolerance=None)
     z = guide.rsample()
     prior = _prior_distribution(pair, v.exp(), temperature, truncation)
     return {
