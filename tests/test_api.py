@@ -4,6 +4,7 @@ import inspect
 import re
 
 import pytest
+import torch
 
 import pyro_relax
 import pyro_relax.distributions
@@ -57,3 +58,14 @@ def test_docstrings_render_in_sphinx(module_name, name):
     for before, line in zip(lines, lines[1:], strict=False):
         if _SECTION.match(line):
             assert not before.strip(), f"{name}: no blank line before {line!r}"
+
+
+@pytest.mark.parametrize("module_name, name", PUBLIC, ids=lambda x: str(x))
+def test_distributions_with_their_own_init_define_expand(module_name, name):
+    # One expand pattern (docs/architecture.md): torch's _get_checked_instance in every class
+    # that defines __init__, so that expand never builds an instance of the wrong class.
+    obj = _obj(module_name, name)
+    if inspect.isclass(obj) and issubclass(obj, torch.distributions.Distribution):
+        if "__init__" in vars(obj):
+            assert "expand" in vars(obj), f"{name} defines __init__ but not expand"
+            assert "_get_checked_instance" in inspect.getsource(obj.expand)

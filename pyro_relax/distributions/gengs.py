@@ -473,7 +473,7 @@ class GenGS(TruncatedGenGS):
                 )
 
     def expand(self, batch_shape, _instance=None):
-        new = _instance if _instance is not None else self.__new__(type(self))
+        new = self._get_checked_instance(GenGS, _instance)
         new = super().expand(batch_shape, _instance=new)
         new.base_dist = self.base_dist.expand(batch_shape)
         truncation = self._truncation
@@ -538,6 +538,10 @@ class GenGSPoisson(GenGS):
         base = _count_base(Poisson, self, validate_args, temperature, rate=rate)
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
 
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GenGSPoisson, _instance)
+        return super().expand(batch_shape, _instance=new)
+
     @property
     def rate(self):
         return self.base_dist.rate
@@ -574,6 +578,10 @@ class GenGSGeometric(GenGS):
     ):
         base = _count_base(Geometric, self, validate_args, temperature, probs=probs, logits=logits)
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GenGSGeometric, _instance)
+        return super().expand(batch_shape, _instance=new)
 
 
 class GenGSNegativeBinomial(GenGS):
@@ -630,6 +638,10 @@ class GenGSNegativeBinomial(GenGS):
             logits=logits,
         )
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GenGSNegativeBinomial, _instance)
+        return super().expand(batch_shape, _instance=new)
 
     @property
     def total_count(self):
@@ -688,6 +700,10 @@ class GenGSBinomial(GenGS):
             validate_args=validate_args,
             **kwargs,
         )
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GenGSBinomial, _instance)
+        return super().expand(batch_shape, _instance=new)
 
     @property
     def total_count(self):
@@ -794,7 +810,7 @@ class GenGSMultinomial(TruncatedGenGS):
         )
 
     def expand(self, batch_shape, _instance=None):
-        new = _instance if _instance is not None else self.__new__(type(self))
+        new = self._get_checked_instance(GenGSMultinomial, _instance)
         new = super().expand(batch_shape, _instance=new)
         new.class_logits = self.class_logits.expand(new.batch_shape + self.class_logits.shape[-1:])
         new.total_count = self.total_count

@@ -155,7 +155,7 @@ class _StraightThroughCategorical(OneHotCategorical):
         self._validate_args = validate
 
     def expand(self, batch_shape, _instance=None):
-        new = _instance if _instance is not None else self.__new__(type(self))
+        new = self._get_checked_instance(_StraightThroughCategorical, _instance)
         new = super().expand(batch_shape, _instance=new)
         new.temperature = self.temperature.expand(batch_shape)
         new.hard = self.hard
@@ -386,6 +386,10 @@ class GRMCKCategorical(_StraightThroughCategorical):
             temperature, probs=probs, logits=logits, hard=hard, validate_args=validate_args
         )
 
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GRMCKCategorical, _instance)
+        return super().expand(batch_shape, _instance=new)
+
     def _surrogate(self, logits, index, one_hot, gumbels):
         fixed = logits.detach()
         log_exponentials = -gumbel_like(fixed, (self.num_draws,) + fixed.shape)
@@ -473,6 +477,10 @@ class GappedSTCategorical(_StraightThroughCategorical):
             temperature, probs=probs, logits=logits, hard=hard, validate_args=validate_args
         )
 
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GappedSTCategorical, _instance)
+        return super().expand(batch_shape, _instance=new)
+
     def _surrogate(self, logits, index, one_hot, gumbels):
         fixed = logits.detach() if self.detach_perturbations else logits
         top = fixed.max(-1, keepdim=True).values
@@ -539,7 +547,7 @@ class GappedST(GappedSTCategorical):
             super().__init__(temperature, logits=categorical.logits, gap=gap, **kwargs)
 
     def expand(self, batch_shape, _instance=None):
-        new = _instance if _instance is not None else self.__new__(type(self))
+        new = self._get_checked_instance(GappedST, _instance)
         new = super().expand(batch_shape, _instance=new)
         new.base_dist = self.base_dist.expand(batch_shape)
         return new
@@ -591,7 +599,7 @@ class _StraightThroughBernoulli(Bernoulli):
         )
 
     def expand(self, batch_shape, _instance=None):
-        new = _instance if _instance is not None else self.__new__(type(self))
+        new = self._get_checked_instance(_StraightThroughBernoulli, _instance)
         new = super().expand(batch_shape, _instance=new)
         new.temperature = self.temperature.expand(batch_shape)
         new.hard = self.hard
