@@ -6,11 +6,11 @@ KLs, one registry ``Example`` each), must pass every generic check of the test s
 other change: if a step of the recipe is missing or wrong, these tests fail.
 """
 
-import pyro
 import pytest
 import test_conformance
 import test_fuzz
 import test_pyro_integration
+from test_pyro_integration import fresh_param_store  # noqa: F401 (an autouse fixture)
 import torch
 from example import Example
 from examples_gst import _ONE_HOT, _onehot_uniform
@@ -57,14 +57,6 @@ BERNOULLI = Example(
 )
 NEW = [CATEGORICAL, BERNOULLI]
 each = pytest.mark.parametrize("example", NEW, ids=lambda e: e.id)
-
-
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    torch.manual_seed(0)
-    yield
-    pyro.clear_param_store()
 
 
 @each
