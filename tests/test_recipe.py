@@ -10,10 +10,10 @@ import pytest
 import test_conformance
 import test_fuzz
 import test_pyro_integration
-from test_pyro_integration import fresh_param_store  # noqa: F401 (an autouse fixture)
 import torch
 from example import Example
 from examples_gst import _ONE_HOT, _onehot_uniform
+from test_pyro_integration import fresh_param_store  # noqa: F401 (an autouse fixture)
 from torch.distributions import constraints
 
 from pyro_relax.distributions.straight_through import (
