@@ -711,7 +711,7 @@ class GenGSBinomial(GenGS):
 
 
 @functools.lru_cache(maxsize=64)
-def _count_vectors(total_count: int, num_classes: int, dtype, device) -> torch.Tensor:
+def _count_vectors_on_cpu(total_count: int, num_classes: int) -> torch.Tensor:
     # Stars and bars: each choice of num_classes - 1 bar positions among
     # total_count + num_classes - 1 slots is one count vector.
     slots = total_count + num_classes - 1
@@ -720,9 +720,15 @@ def _count_vectors(total_count: int, num_classes: int, dtype, device) -> torch.T
         edges = (-1,) + bars + (slots,)
         rows.append([edges[i + 1] - edges[i] - 1 for i in range(num_classes)])
     with warnings.catch_warnings():
-        # A table of constants: built once per device, and a constant in a jit trace too.
+        # A table of constants, and a constant in a jit trace too.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return torch.tensor(rows, dtype=dtype, device=device)
+        return torch.tensor(rows, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _count_vectors(total_count: int, num_classes: int, dtype, device) -> torch.Tensor:
+    # Built on the CPU and copied to each device once: cached per device and dtype.
+    return _count_vectors_on_cpu(total_count, num_classes).to(device=device, dtype=dtype)
 
 
 class _ScaledSimplex(constraints.Constraint):
