@@ -51,3 +51,18 @@ def test_no_python_data_reaches_the_device(example, no_python_data_to_devices):
 def test_the_guard_catches_a_copy(no_python_data_to_devices):
     with pytest.raises(AssertionError, match="copied Python data"):
         torch.tensor([1.0, 2.0], device="meta")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("example", static, ids=lambda e: e.id)
+def test_no_host_synchronization_on_cuda(example):
+    # torch's sync debug mode raises on every synchronizing call. One warm-up pass first: the
+    # multinomial outcome table is copied to the device once, then cached.
+    params = example.parameters(device="cuda")
+    _exercise(example.build(params, validate_args=False))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _exercise(example.build(params, validate_args=False))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
