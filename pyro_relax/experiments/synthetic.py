@@ -423,7 +423,7 @@ class Estimator:
     kind: str  # "exact", "gengs", "reinforce", "rloo"
     temperature: float = None
     automatic_truncation: bool = False
-    straight_through: bool = False
+    hard: bool = False
     baseline: bool = False
 
     @property
@@ -439,7 +439,7 @@ def estimators(problem: Problem, config: Config) -> list:
     result += [Estimator("GenGS", "gengs", tau) for tau in config.temperatures]
     if problem.has_truncation:
         result.append(Estimator("GenGS NP", "gengs", variant, automatic_truncation=True))
-    result.append(Estimator("GenGS ST", "gengs", variant, straight_through=True))
+    result.append(Estimator("GenGS ST", "gengs", variant, hard=True))
     result.append(Estimator("REINFORCE", "reinforce"))
     result.append(Estimator("REINFORCE + baseline", "reinforce", baseline=True))
     result.append(Estimator("RLOO", "rloo"))
@@ -460,7 +460,7 @@ def _objective(problem: Problem, estimator: Estimator, param, samples: int):
             param,
             torch.tensor(estimator.temperature, dtype=param.dtype, device=param.device),
             _truncation(problem, estimator),
-            estimator.straight_through,
+            estimator.hard,
         )
         return problem.loss(relaxed.rsample((samples,))).mean(0)
     if estimator.kind == "rloo":
