@@ -273,7 +273,7 @@ def validation_enabled(validate_args) -> bool:
     Never while ``torch.jit.trace`` records: a check reads values on the host, which a trace
     cannot replay (and each one would print a ``TracerWarning``).
     """
-    if torch._C._get_tracing_state():
+    if torch.jit.is_tracing():
         return False
     return Distribution._validate_args if validate_args is None else bool(validate_args)
 
@@ -285,10 +285,7 @@ def check_constraint(owner: str, name: str, value, constraint) -> None:
     """
     if value is None or (torch.is_tensor(value) and value.device.type == "meta"):
         return
-    if torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float64:
-        checked = value.detach()
-    else:
-        checked = torch.as_tensor(value)
+    checked = value.detach() if torch.is_tensor(value) else torch.as_tensor(value)
     if not bool(constraint.check(checked).all()):
         shown = checked if checked.numel() <= 8 else f"a tensor of shape {tuple(checked.shape)}"
         raise ValueError(f"{owner}: `{name}` must be {_describe(constraint)}, got {shown}")
@@ -437,8 +434,4 @@ def categorical_parameters(
         if raw[name].dim() < 1 or static_size(raw[name].shape[-1]) < 2:
             raise ValueError(f"{owner}: `{name}` needs a last dimension of at least 2 {what}")
     parsed, batch_shape = parse_parameters(owner, raw, arg_constraints, validate)
-    param = parsed[name]
-    if event_dim and name == "probs":
-        # Normalized, as torch's Categorical does (half-precision inputs sum to 1 only roughly).
-        param = param / param.sum(-1, keepdim=True)
-    return name, param, parsed["temperature"].expand(batch_shape), batch_shape
+    return name, parsed[name], parsed["temperature"].expand(batch_shape), batch_shape

@@ -21,35 +21,25 @@ from pyro_relax.distributions.straight_through import (
 
 _f64 = torch.float64
 
+
+def _estimator(cls, **options):
+    # One estimator as the tests call it: logits first, the temperature 1.0 unless given.
+    return lambda logits, temperature=1.0, **kw: cls(temperature, logits=logits, **options, **kw)
+
+
 CATEGORICAL_ESTIMATORS = {
-    "ST": lambda logits, temperature=1.0, **kw: pr.STCategorical(temperature, logits=logits, **kw),
-    "STGS": lambda logits, temperature=1.0, **kw: pr.STGSCategorical(
-        temperature, logits=logits, **kw
-    ),
-    "GR-MC3": lambda logits, temperature=1.0, **kw: pr.GRMCKCategorical(
-        temperature, logits=logits, num_draws=3, **kw
-    ),
-    "GST-1.0": lambda logits, temperature=1.0, **kw: pr.GappedSTCategorical(
-        temperature, logits=logits, gap=1.0, **kw
-    ),
-    "GST-expected": lambda logits, temperature=1.0, **kw: pr.GappedSTCategorical(
-        temperature, logits=logits, gap="expected", **kw
-    ),
-    "GST-ablation": lambda logits, temperature=1.0, **kw: pr.GappedSTCategorical(
-        temperature, logits=logits, gap=0.0, detach_perturbations=False, **kw
-    ),
+    "ST": _estimator(pr.STCategorical),
+    "STGS": _estimator(pr.STGSCategorical),
+    "GR-MC3": _estimator(pr.GRMCKCategorical, num_draws=3),
+    "GST-1.0": _estimator(pr.GappedSTCategorical, gap=1.0),
+    "GST-expected": _estimator(pr.GappedSTCategorical, gap="expected"),
+    "GST-ablation": _estimator(pr.GappedSTCategorical, gap=0.0, detach_perturbations=False),
 }
 BINARY_ESTIMATORS = {
-    "ST": lambda logits, temperature=1.0, **kw: pr.STBernoulli(temperature, logits=logits, **kw),
-    "STGS": lambda logits, temperature=1.0, **kw: pr.STGSBernoulli(
-        temperature, logits=logits, **kw
-    ),
-    "GR-MC3": lambda logits, temperature=1.0, **kw: pr.GRMCKBernoulli(
-        temperature, logits=logits, num_draws=3, **kw
-    ),
-    "GST-1.0": lambda logits, temperature=1.0, **kw: pr.GappedSTBernoulli(
-        temperature, logits=logits, gap=1.0, **kw
-    ),
+    "ST": _estimator(pr.STBernoulli),
+    "STGS": _estimator(pr.STGSBernoulli),
+    "GR-MC3": _estimator(pr.GRMCKBernoulli, num_draws=3),
+    "GST-1.0": _estimator(pr.GappedSTBernoulli, gap=1.0),
 }
 categorical_estimators = pytest.mark.parametrize(
     "make", CATEGORICAL_ESTIMATORS.values(), ids=CATEGORICAL_ESTIMATORS.keys()

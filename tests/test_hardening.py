@@ -60,23 +60,20 @@ def _enumerated_loss_and_grad(guide_dist, bernoulli, strategy):
     return loss.detach(), pyro.param("logits").grad.clone()
 
 
-@pytest.mark.parametrize("strategy", ["parallel", "sequential"])
-@pytest.mark.parametrize("index", range(len(CATEGORICALS)))
-def test_guide_side_enumeration_matches_one_hot_categorical(index, strategy):
-    # Exactly OneHotCategorical's loss and gradient: each enumerated value weighted by its
-    # probability. Before, the classes claimed has_rsample and Pyro summed log q - log p over
-    # the values unweighted, with a zero gradient for the guide's logits.
-    expected = _enumerated_loss_and_grad(dist.OneHotCategorical, False, strategy)
-    actual = _enumerated_loss_and_grad(CATEGORICALS[index], False, strategy)
-    torch.testing.assert_close(actual, expected)
-    assert expected[1].abs().sum() > 0
+ENUMERATED = [(make, dist.OneHotCategorical, False) for make in CATEGORICALS] + [
+    (make, dist.Bernoulli, True) for make in BERNOULLIS
+]
 
 
 @pytest.mark.parametrize("strategy", ["parallel", "sequential"])
-@pytest.mark.parametrize("index", range(len(BERNOULLIS)))
-def test_guide_side_enumeration_matches_bernoulli(index, strategy):
-    expected = _enumerated_loss_and_grad(dist.Bernoulli, True, strategy)
-    actual = _enumerated_loss_and_grad(BERNOULLIS[index], True, strategy)
+@pytest.mark.parametrize("index", range(len(ENUMERATED)))
+def test_guide_side_enumeration_matches_the_discrete_distribution(index, strategy):
+    # Exactly OneHotCategorical's (Bernoulli's) loss and gradient: each enumerated value
+    # weighted by its probability. Before, the classes claimed has_rsample and Pyro summed
+    # log q - log p over the values unweighted, with a zero gradient for the guide's logits.
+    make, discrete, bernoulli = ENUMERATED[index]
+    expected = _enumerated_loss_and_grad(discrete, bernoulli, strategy)
+    actual = _enumerated_loss_and_grad(make, bernoulli, strategy)
     torch.testing.assert_close(actual, expected)
     assert expected[1].abs().sum() > 0
 

@@ -199,8 +199,10 @@ class TruncatedGenGS(TorchDistribution):
             owner, probs, logits, temperature, validate, "outcomes"
         )
         if probs is not None:
-            self.probs = param
-            logits = probs_to_logits(param)
+            # Normalized, as torch's Categorical does: half-precision inputs sum to 1 only
+            # within their rounding.
+            self.probs = param / param.sum(-1, keepdim=True)
+            logits = probs_to_logits(self.probs)
         elif self._logits_are_normalized:
             logits = param
         else:
@@ -344,21 +346,21 @@ class TruncatedGenGS(TorchDistribution):
         return logits.gather(-1, index[..., :1]).squeeze(-1)
 
 
-def _count_base(family, owner, validate_args, temperature, **params):
-    """The torch distribution of ``family`` from a count class's parameters: numbers, lists or
-    tensors, checked as :func:`~pyro_relax.distributions.truncation.check_base` does (the
-    ``temperature`` for its device and shape), before anything is computed from them."""
+def _count_base(family, owner, temperature, **params):
+    """The torch distribution of ``family`` from a count class's parameters (numbers, lists or
+    tensors), converted to one dtype and device with the ``temperature`` and checked to
+    broadcast with it. :class:`GenGS` checks its values
+    (:func:`~pyro_relax.distributions.truncation.check_base`)."""
     owner = type(owner).__name__
-    given = {name: value for name, value in params.items() if value is not None}
-    if len(given) == len(params) and "probs" in given:  # both probs and logits
+    if params.get("probs") is not None and params.get("logits") is not None:
         raise ValueError(f"{owner}: pass exactly one of `probs` and `logits`")
+    given = {name: value for name, value in params.items() if value is not None}
     parsed, _ = parse_parameters(owner, {**given, "temperature": temperature}, {}, False)
     del parsed["temperature"]
     try:
-        base = family(**parsed, validate_args=False)
+        return family(**parsed, validate_args=False)
     except ValueError as error:
         raise ValueError(f"{owner}: {error}") from None
-    return check_base(owner, base, validation_enabled(validate_args))[0]
 
 
 def _caller_stacklevel() -> int:
@@ -535,7 +537,7 @@ class GenGSPoisson(GenGS):
     arg_constraints = {"rate": finite_positive, "temperature": scale}
 
     def __init__(self, rate, temperature, truncation=None, *, validate_args=None, **kwargs):
-        base = _count_base(Poisson, self, validate_args, temperature, rate=rate)
+        base = _count_base(Poisson, self, temperature, rate=rate)
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
 
     def expand(self, batch_shape, _instance=None):
@@ -576,7 +578,7 @@ class GenGSGeometric(GenGS):
     def __init__(
         self, temperature, truncation=None, *, probs=None, logits=None, validate_args=None, **kwargs
     ):
-        base = _count_base(Geometric, self, validate_args, temperature, probs=probs, logits=logits)
+        base = _count_base(Geometric, self, temperature, probs=probs, logits=logits)
         super().__init__(base, temperature, truncation, validate_args=validate_args, **kwargs)
 
     def expand(self, batch_shape, _instance=None):
@@ -631,7 +633,6 @@ class GenGSNegativeBinomial(GenGS):
         base = _count_base(
             NegativeBinomial,
             self,
-            validate_args,
             temperature,
             total_count=total_count,
             probs=probs,
@@ -680,7 +681,6 @@ class GenGSBinomial(GenGS):
         base = _count_base(
             Binomial,
             self,
-            validate_args,
             temperature,
             total_count=total_count,
             probs=probs,
@@ -690,7 +690,8 @@ class GenGSBinomial(GenGS):
             truncation = max(total_count + 1, 2)
         else:
             # The outcomes run to the largest total count: read on the host, once per
-            # construction.
+            # construction, after the values are checked (GenGS checks them again, cheaply).
+            base = check_base(type(self).__name__, base, validation_enabled(validate_args))[0]
             truncation = max(int(base.total_count.max()) + 1, 2)
         super().__init__(
             base,

@@ -19,7 +19,6 @@ from torch.distributions.utils import lazy_property
 
 from pyro_relax._carry import carried, carry, relaxation_of
 from pyro_relax._numerics import (
-    as_float,
     check_constraint,
     check_count,
     clamp_with_identity_gradient,
@@ -161,11 +160,10 @@ class _IGRBase(TransformedDistribution):
     def _set_parameters(self, loc, scale, temperature, delta, validate_args):
         owner = type(self).__name__
         validate = validation_enabled(validate_args)
-        loc = as_float(owner, "loc", loc)
-        if loc.dim() < 1:
-            raise ValueError(f"{owner}: `loc` needs a last dimension of K - 1 >= 1 coordinates")
         # loc and scale broadcast in every dimension, the last one included.
         params, _ = parse_parameters(owner, {"loc": loc, "scale": scale}, {}, validate=False)
+        if params["loc"].dim() < 1:
+            raise ValueError(f"{owner}: `loc` needs a last dimension of K - 1 >= 1 coordinates")
         loc, scale = torch.broadcast_tensors(params["loc"], params["scale"])
         params = {"loc": loc, "scale": scale, "temperature": temperature, "delta": delta}
         params, batch_shape = parse_parameters(owner, params, self.arg_constraints, validate)

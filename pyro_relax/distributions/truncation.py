@@ -214,8 +214,8 @@ def check_base(owner: str, base: Distribution, validate: bool, **others):
     family = _family(base)
     held = {name: base.__dict__[name] for name in family.constraints if name in base.__dict__}
     parsed, _ = parse_parameters(owner, {**held, **others}, {}, validate=False)
-    for name in held:
-        if validate:
+    if validate:
+        for name in held:
             check_constraint(owner, name, parsed[name], family.constraints[name])
     if any(parsed[name] is not value for name, value in held.items()):
         base = type(base)(**{name: parsed[name] for name in held}, validate_args=False)
@@ -273,7 +273,8 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
             raise ValueError("`size` is required when `truncation` is a tensor")
         size = truncation
     check_truncation("size", size)
-    log_pmf, log_sf = _family(base)[1:3]
+    family = _family(base)
+    log_pmf, log_sf = family.log_pmf, family.log_sf
     k = _counts(size, _like(base))
     # The survival function is needed at the last outcome only (it is the costly part).
     if torch.is_tensor(truncation):
