@@ -3,6 +3,7 @@
 from pyro_relax import (
     _carry,
     distributions,
+    infer,
     kl,  # noqa: F401  (registers the KL divergences)
     schedules,
     transforms,

@@ -19,6 +19,7 @@ from torch.distributions import (
 from torch.distributions.kl import kl_divergence, register_kl
 
 from pyro_relax._numerics import categorical_kl, same_values
+from pyro_relax.distributions.finite_discrete import FiniteDiscrete
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
 from pyro_relax.distributions.straight_through import (
@@ -40,6 +41,18 @@ def _kl_truncatedgengs_truncatedgengs(p, q):
             f"KL between GenGS distributions needs the same outcomes; got {p.num_outcomes} "
             f"outcomes of shape {tuple(p.event_shape)} and {q.num_outcomes} of shape "
             f"{tuple(q.event_shape)}"
+        )
+    return categorical_kl(p.logits, q.logits)
+
+
+@register_kl(FiniteDiscrete, FiniteDiscrete)
+def _kl_finitediscrete_finitediscrete(p, q):
+    """The categorical KL between two distributions over the same outcomes (the KL of the
+    discrete distributions two GenGS relax)."""
+    if p.outcomes.shape != q.outcomes.shape:
+        raise ValueError(
+            f"KL between FiniteDiscrete distributions needs the same outcomes; got shapes "
+            f"{tuple(p.outcomes.shape)} and {tuple(q.outcomes.shape)}"
         )
     return categorical_kl(p.logits, q.logits)
 

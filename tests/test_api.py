@@ -8,12 +8,18 @@ import torch
 
 import pyro_relax
 import pyro_relax.distributions
+import pyro_relax.infer
 import pyro_relax.transforms
 
 PUBLIC = sorted(
     {
         (module.__name__, name)
-        for module in (pyro_relax, pyro_relax.distributions, pyro_relax.transforms)
+        for module in (
+            pyro_relax,
+            pyro_relax.distributions,
+            pyro_relax.infer,
+            pyro_relax.transforms,
+        )
         for name in module.__all__
     }
 )

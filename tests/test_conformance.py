@@ -175,3 +175,27 @@ def test_kl_matches_monte_carlo_of_the_density(example):
         error = (ratio.mean(0) - kl.detach()).abs()
         bound = 5 * ratio.std(0) / math.sqrt(num_samples) + 1e-3
         assert (error <= bound).all(), (error, bound)
+
+
+@every_example
+def test_discrete_is_the_distribution_relaxed(example):
+    # `discrete()` has the relaxation's shapes, its draws are values it scores finitely, and
+    # (where the registry knows the PMF) it scores each outcome by that PMF.
+    torch.manual_seed(5)
+    d = example.build()
+    discrete = d.discrete()
+    assert discrete.batch_shape == d.batch_shape and discrete.event_shape == d.event_shape
+    assert not discrete.has_rsample
+    value = discrete.sample((50,))
+    assert value.shape == (50,) + d.batch_shape + d.event_shape
+    assert torch.isfinite(discrete.log_prob(value)).all()
+    if example.category_probs is None:
+        return
+    torch.manual_seed(6)  # Monte Carlo PMFs (IGR-SB, IGR-Planar) drawn alike in both calls
+    probs = example.category_probs(d)
+    torch.manual_seed(6)
+    discrete = d.discrete()
+    for k in range(probs.shape[-1]):
+        index = torch.full(d.batch_shape, k, dtype=torch.long)
+        expected = probs[..., k].log()
+        torch.testing.assert_close(discrete.log_prob(example.values_of(d, index)), expected)

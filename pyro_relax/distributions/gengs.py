@@ -30,6 +30,7 @@ from pyro_relax._numerics import (
     straight_through,
     validation_enabled,
 )
+from pyro_relax.distributions.finite_discrete import FiniteDiscrete, outcome_index
 from pyro_relax.distributions.truncation import (
     automatic_truncation,
     check_base,
@@ -324,26 +325,27 @@ class TruncatedGenGS(TorchDistribution):
         return (weights * log_probs).sum(-1)
 
     def _log_prob_of_outcome(self, value):
-        if self.event_shape:
-            distance = (value.unsqueeze(-2) - self.outcomes).abs().sum(-1)
-        else:
-            distance = (value.unsqueeze(-1) - self.outcomes).abs()
-        distance, index = distance.min(-1)
-        if self._validate_args:
-            magnitude = value.abs().sum(-1) if self.event_shape else value.abs()
-            tolerance = 16 * torch.finfo(value.dtype).eps * (1 + magnitude)
-            if not bool((distance <= tolerance).all()):
-                raise ValueError(
-                    f"{type(self).__name__}.log_prob got a value that is neither one of the "
-                    "outcomes nor a relaxed sample drawn by rsample (which carries its relaxed "
-                    "one-hot weights; clone, detach and .to drop them). An autoguide such as "
-                    "AutoNormal or AutoDelta proposes such values: a relaxed site needs a guide "
-                    "of its own (a GenGS over the same outcomes; combine it with the autoguide "
-                    "of the other sites through AutoGuideList, or block it from the autoguide "
-                    "with poutine.block)"
-                )
+        index = outcome_index(
+            type(self).__name__, value, self.outcomes, self._validate_args, _NOT_AN_OUTCOME
+        )
         index, logits = torch.broadcast_tensors(index.unsqueeze(-1), self.logits)
         return logits.gather(-1, index[..., :1]).squeeze(-1)
+
+    def discrete(self) -> FiniteDiscrete:
+        r"""The discrete distribution this relaxes, the limit :math:`\tau \to 0`: the PMF
+        :math:`\pi` over the outcomes (for a count class, the truncated PMF, its last outcome
+        holding the tail)."""
+        return FiniteDiscrete(self.outcomes, logits=self.logits, validate_args=self._validate_args)
+
+
+# What a value that is not an outcome usually is, and what to do about it.
+_NOT_AN_OUTCOME = (
+    " nor a relaxed sample drawn by rsample (which carries its relaxed one-hot weights; clone, "
+    "detach and .to drop them). An autoguide such as AutoNormal or AutoDelta proposes such "
+    "values: a relaxed site needs a guide of its own (pyro_relax.infer.AutoRelaxed, or a GenGS "
+    "over the same outcomes; combine it with the autoguide of the other sites through "
+    "AutoGuideList, or block it from the autoguide with poutine.block)"
+)
 
 
 def _count_base(family, owner, temperature, **params):

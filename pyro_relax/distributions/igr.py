@@ -9,6 +9,7 @@ import torch
 from pyro.distributions import (
     Categorical,
     Normal,
+    OneHotCategorical,
     TorchDistribution,
     TransformedDistribution,
     constraints,
@@ -32,6 +33,7 @@ from pyro_relax._numerics import (
     validation_enabled,
 )
 from pyro_relax._numerics import scale as scale_constraint
+from pyro_relax.distributions.finite_discrete import FiniteDiscrete
 from pyro_relax.transforms.softmax_plus_plus import (
     SoftmaxPlusPlusTransform,
     on_simplex,
@@ -224,6 +226,13 @@ class _IGRBase(TransformedDistribution):
         if self._validate_args:
             self._validate_sample(value)
         return self._log_density(self._preimage(value))
+
+    def discrete(self) -> OneHotCategorical:
+        r"""The discrete distribution this relaxes, the limit :math:`\tau \to 0`: the one-hot
+        categorical of :meth:`categorical` (exact for :class:`IGR`, a Monte Carlo estimate of
+        10,000 draws for the others, where a category no draw reached gets probability 0)."""
+        logits = self.categorical().logits
+        return OneHotCategorical(logits=logits, validate_args=self._validate_args)
 
     def _sample_categories(self, num_samples):
         raise NotImplementedError
@@ -783,3 +792,9 @@ class IGRCount(TorchDistribution):
     def categorical(self, num_samples=10_000) -> Categorical:
         """The PMF of the count in the limit :math:`\\tau \\to 0`, by Monte Carlo."""
         return self.simplex_dist.categorical(num_samples)
+
+    def discrete(self) -> FiniteDiscrete:
+        r"""The discrete distribution this relaxes, the limit :math:`\tau \to 0`: the counts
+        :math:`0, \dots, K - 1` with the probabilities of :meth:`categorical` (10,000 draws)."""
+        logits = self.categorical().logits
+        return FiniteDiscrete(self.outcomes, logits=logits, validate_args=self._validate_args)

@@ -197,6 +197,11 @@ class _StraightThroughCategorical(OneHotCategorical):
                 (logits + gumbel_like(logits, shape)).argmax(-1), logits.shape[-1], logits
             )
 
+    def discrete(self) -> OneHotCategorical:
+        """The discrete distribution whose samples this estimator draws (in every temperature):
+        ``OneHotCategorical`` with the same logits."""
+        return OneHotCategorical(logits=self.logits, validate_args=self._validate_args)
+
     def _surrogate(self, logits, index, one_hot, gumbels):
         """The surrogate :math:`h` (shape of ``logits``) and, if it has a Concrete density,
         its log-weights (else ``None``), for the sampled ``index`` drawn with ``gumbels``."""
@@ -625,6 +630,11 @@ class _StraightThroughBernoulli(Bernoulli):
         if log_weights is not None:
             carry(value, log_weights=log_weights)
         return value
+
+    def discrete(self) -> Bernoulli:
+        """The discrete distribution whose samples this estimator draws (in every temperature):
+        ``Bernoulli`` with the same logits."""
+        return Bernoulli(logits=self.logits, validate_args=self._validate_args)
 
     def sample(self, sample_shape=torch.Size()):
         if self.hard:

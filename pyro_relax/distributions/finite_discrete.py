@@ -1,0 +1,188 @@
+"""A categorical distribution over given outcomes: the discrete distribution a GenGS relaxes."""
+
+import torch
+from pyro.distributions import Categorical, TorchDistribution, constraints
+from torch.distributions.utils import lazy_property, logits_to_probs
+
+from pyro_relax._numerics import (
+    as_float,
+    check_constraint,
+    check_devices,
+    finite_real,
+    log_weights,
+    parse_parameters,
+    probability_vector,
+    static_size,
+    validation_enabled,
+)
+
+__all__ = ["FiniteDiscrete"]
+
+
+class _Outcomes(constraints.Constraint):
+    """Values equal to one of the given outcomes (scalars, or vectors with ``event_dim=1``)."""
+
+    is_discrete = True
+
+    def __init__(self, outcomes: torch.Tensor):
+        self.outcomes = outcomes
+        self.event_dim = outcomes.dim() - 1
+        super().__init__()
+
+    def check(self, value):
+        distance, _ = nearest_outcome(value, self.outcomes)
+        return distance <= _tolerance(value, self.event_dim)
+
+
+def nearest_outcome(value: torch.Tensor, outcomes: torch.Tensor):
+    """The distance (L1 for vector outcomes) from each value to its nearest outcome, and that
+    outcome's index; ``outcomes`` has shape ``(n,)`` or ``(n, d)``."""
+    if outcomes.dim() == 2:
+        distance = (value.unsqueeze(-2) - outcomes).abs().sum(-1)
+    else:
+        distance = (value.unsqueeze(-1) - outcomes).abs()
+    return distance.min(-1)
+
+
+def _tolerance(value: torch.Tensor, event_dim: int) -> torch.Tensor:
+    # A few units in the last place of the value's magnitude: outcomes stored in the value's
+    # dtype compare equal to themselves however they were computed.
+    magnitude = value.abs().sum(-1) if event_dim else value.abs()
+    return 16 * torch.finfo(value.dtype).eps * (1 + magnitude)
+
+
+def outcome_index(owner: str, value: torch.Tensor, outcomes: torch.Tensor, validate: bool, hint=""):
+    """The index of ``value`` among ``outcomes``; with ``validate``, ``ValueError`` (naming
+    ``owner``, followed by ``hint``) for a value that is none of them."""
+    distance, index = nearest_outcome(value, outcomes)
+    if validate and not bool((distance <= _tolerance(value, outcomes.dim() - 1)).all()):
+        raise ValueError(f"{owner}.log_prob got a value that is not one of the outcomes{hint}")
+    return index
+
+
+class FiniteDiscrete(TorchDistribution):
+    r"""A categorical distribution over given outcomes :math:`c_1, \dots, c_n`:
+
+    .. math::
+        P(X = c_k) = \pi_k, \qquad \pi = \operatorname{softmax}(\text{logits}).
+
+    This is the discrete distribution a :class:`~pyro_relax.distributions.TruncatedGenGS`
+    relaxes (what its ``discrete()`` method returns, and what
+    :class:`~pyro_relax.infer.discretize` puts in its place): its samples are outcomes exactly
+    (the integer counts of a GenGS count class, as floating-point numbers of the parameters'
+    dtype), its :meth:`log_prob` is :math:`\log \pi_k` of the outcome given, and Pyro can
+    enumerate it (``infer={"enumerate": "parallel"}``).
+
+    Outcomes may be scalars, shape ``(n,)``, or vectors, shape ``(n, d)`` (the count vectors of
+    a multinomial); they are shared by the whole batch.
+
+    References:
+        Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
+        Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
+        https://arxiv.org/abs/2003.01847
+
+    Arguments:
+        outcomes (Tensor): the outcomes, shape ``(n,)`` or ``(n, d)``, ``n >= 2``.
+        probs (Tensor): the probabilities :math:`\pi`, shape ``batch_shape + (n,)``.
+        logits (Tensor): unnormalized :math:`\log \pi` (pass ``probs`` or ``logits``).
+
+    Example:
+        >>> d = FiniteDiscrete(torch.tensor([0.0, 1.0, 5.0]), probs=torch.tensor([0.2, 0.3, 0.5]))
+        >>> d.sample((4,)).shape
+        torch.Size([4])
+        >>> d.log_prob(torch.tensor(5.0)).exp()
+        tensor(0.5000)
+    """
+
+    arg_constraints = {"probs": probability_vector, "logits": log_weights}
+    has_enumerate_support = True
+
+    def __init__(self, outcomes, *, probs=None, logits=None, validate_args=None):
+        owner = type(self).__name__
+        validate = validation_enabled(validate_args)
+        if (probs is None) == (logits is None):
+            raise ValueError(f"{owner}: pass exactly one of `probs` and `logits`")
+        name = "probs" if probs is not None else "logits"
+        params, batch_shape = parse_parameters(
+            owner, {name: probs if probs is not None else logits}, self.arg_constraints, validate
+        )
+        param = params[name]
+        num_outcomes = static_size(param.shape[-1])
+        if num_outcomes < 2:
+            raise ValueError(f"{owner}: `{name}` needs a last dimension of at least 2 outcomes")
+        if probs is not None:
+            self.probs = (param / param.sum(-1, keepdim=True)).expand(batch_shape + (-1,))
+            logits = self.probs.clamp(min=torch.finfo(param.dtype).tiny).log()
+            self.logits = torch.where(self.probs > 0, logits, -torch.inf)
+        else:
+            self.logits = (param - param.logsumexp(-1, keepdim=True)).expand(batch_shape + (-1,))
+        if torch.is_tensor(outcomes):
+            check_devices(owner, {name: param, "outcomes": outcomes})
+        outcomes = as_float(owner, "outcomes", outcomes, param.dtype, param.device)
+        if validate:
+            check_constraint(owner, "outcomes", outcomes, finite_real)
+        if outcomes.dim() not in (1, 2) or static_size(outcomes.shape[0]) != num_outcomes:
+            raise ValueError(
+                f"{owner}: `outcomes` must have shape ({num_outcomes},) or ({num_outcomes}, d) "
+                f"to match `{name}`, got {tuple(outcomes.shape)}"
+            )
+        self.outcomes = outcomes
+        super().__init__(batch_shape, outcomes.shape[1:], validate_args=False)
+        self._validate_args = validate
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(FiniteDiscrete, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits = self.logits.expand(batch_shape + self.logits.shape[-1:])
+        if "probs" in self.__dict__:
+            new.probs = self.probs.expand(batch_shape + self.probs.shape[-1:])
+        new.outcomes = self.outcomes
+        super(FiniteDiscrete, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @lazy_property
+    def probs(self):
+        return logits_to_probs(self.logits)
+
+    @property
+    def num_outcomes(self) -> int:
+        """The number :math:`n` of outcomes."""
+        return static_size(self.outcomes.shape[0])
+
+    @lazy_property
+    def support(self):
+        return _Outcomes(self.outcomes)
+
+    @property
+    def mean(self):
+        return self.probs @ self.outcomes
+
+    @property
+    def variance(self):
+        return self.probs @ self.outcomes.square() - self.mean.square()
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            index = Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
+            return self.outcomes[index]
+
+    def log_prob(self, value):
+        if not value.is_floating_point():
+            value = value.to(self.logits.dtype)  # integer counts score as the outcomes they are
+        index = outcome_index(type(self).__name__, value, self.outcomes, self._validate_args)
+        # Excluded outcomes have logit -inf, which is their log-probability.
+        index, logits = torch.broadcast_tensors(index.unsqueeze(-1), self.logits)
+        return logits.gather(-1, index[..., :1]).squeeze(-1)
+
+    def enumerate_support(self, expand=True):
+        outcomes = self.outcomes.reshape(
+            (self.num_outcomes,) + (1,) * len(self.batch_shape) + self.event_shape
+        )
+        if expand:
+            outcomes = outcomes.expand((self.num_outcomes,) + self.batch_shape + self.event_shape)
+        return outcomes
+
+    def entropy(self):
+        log_probs = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)
+        return -(self.probs * log_probs).sum(-1)

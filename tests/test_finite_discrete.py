@@ -1,0 +1,91 @@
+"""FiniteDiscrete: the categorical over given outcomes that a GenGS relaxes."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import scipy.stats
+import torch
+from pyro.infer import TraceEnum_ELBO, config_enumerate
+from torch.distributions import kl_divergence
+
+import pyro_relax as pr
+
+OUTCOMES = torch.tensor([0.0, 2.0, 5.0])
+PROBS = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.0, 0.4]])
+
+
+def test_log_prob_of_each_outcome_and_of_integer_values():
+    d = pr.FiniteDiscrete(OUTCOMES, probs=PROBS)
+    for k, outcome in enumerate(OUTCOMES.tolist()):
+        expected = PROBS[:, k].log()
+        torch.testing.assert_close(d.log_prob(torch.tensor(outcome)), expected)
+    torch.testing.assert_close(d.log_prob(torch.tensor(5)), PROBS[:, 2].log())
+    assert d.log_prob(torch.tensor(2.0))[1] == -torch.inf  # excluded outcome
+
+
+def test_values_that_are_not_outcomes_are_refused():
+    d = pr.FiniteDiscrete(OUTCOMES, probs=PROBS, validate_args=True)
+    with pytest.raises(ValueError, match="not one of the outcomes"):
+        d.log_prob(torch.tensor(1.0))
+    assert not d.support.check(torch.tensor(1.0)) and d.support.check(torch.tensor(2.0))
+
+
+def test_samples_follow_the_pmf():
+    # A chi-square test of 20000 draws of the first row, rejecting at p < 1e-3.
+    torch.manual_seed(0)
+    d = pr.FiniteDiscrete(OUTCOMES, probs=PROBS)
+    value = d.sample((20000,))
+    assert value.shape == (20000, 2)
+    observed = torch.stack([(value[:, 0] == c).sum() for c in OUTCOMES]).double()
+    assert scipy.stats.chisquare(observed, 20000 * PROBS[0].double()).pvalue > 1e-3
+    assert (value[:, 1] != 2.0).all()
+
+
+def test_vector_outcomes_moments_and_enumeration():
+    outcomes = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    d = pr.FiniteDiscrete(outcomes, logits=torch.zeros(4, 3))
+    assert d.batch_shape == (4,) and d.event_shape == (2,)
+    torch.testing.assert_close(d.mean, torch.ones(4, 2))
+    torch.testing.assert_close(d.variance, torch.full((4, 2), 2 / 3))
+    support = d.enumerate_support()
+    assert support.shape == (3, 4, 2)
+    torch.testing.assert_close(
+        d.log_prob(support), torch.full((3, 4), -torch.log(torch.tensor(3.0)))
+    )
+    assert d.enumerate_support(expand=False).shape == (3, 1, 2)
+    expanded = d.expand((5, 4))
+    assert type(expanded) is pr.FiniteDiscrete and expanded.sample().shape == (5, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"probs": PROBS, "logits": PROBS}, "exactly one"),
+        ({"logits": torch.zeros(2)}, "shape \\(2,\\) or \\(2, d\\)"),
+        ({"logits": torch.zeros(1)}, "at least 2"),
+        ({"probs": torch.tensor([0.5, 0.6, -0.1])}, "probs"),
+    ],
+)
+def test_bad_parameters_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pr.FiniteDiscrete(OUTCOMES, validate_args=True, **kwargs)
+
+
+def test_kl_and_the_enumerated_elbo():
+    q = pr.FiniteDiscrete(OUTCOMES, probs=PROBS[0])
+    p = pr.FiniteDiscrete(OUTCOMES, logits=torch.zeros(3))
+    expected = (PROBS[0] * (PROBS[0].log() + torch.log(torch.tensor(3.0)))).sum()
+    torch.testing.assert_close(kl_divergence(q, p), expected)
+
+    def model():
+        z = pyro.sample("z", p)
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(2.0))
+
+    def guide():
+        pyro.sample("z", q)
+
+    # The enumerated loss is exact: the expected log-likelihood minus the KL.
+    log_likelihood = dist.Normal(OUTCOMES, 1.0).log_prob(torch.tensor(2.0))
+    exact = -float((PROBS[0] * log_likelihood).sum() - expected)
+    enumerated = TraceEnum_ELBO(max_plate_nesting=0).loss(model, config_enumerate(guide))
+    assert enumerated == pytest.approx(exact, rel=1e-6)

@@ -1,0 +1,309 @@
+"""discretize, discrete_elbo and discrete_log_likelihood against exact sums."""
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import scipy.stats
+import torch
+from pyro.infer import Predictive, Trace_ELBO, TraceEnum_ELBO, config_enumerate
+from pyro.poutine import trace
+
+import pyro_relax as pr
+from pyro_relax.infer import discrete_elbo, discrete_log_likelihood, discretize
+
+f64 = torch.float64
+TEMPERATURE = 0.3
+RATE = 2.0
+TRUNCATION = 6
+EFFECTS = torch.tensor([0.0, 1.5, 3.0], dtype=f64)  # what each category adds to the rate
+PRIOR_LOGITS = torch.tensor([0.2, -0.3, 0.1], dtype=f64)
+GUIDE_Z = torch.tensor([-1.0, 0.5, 0.8, 0.2, -0.4, -2.0], dtype=f64)
+GUIDE_C = torch.tensor([0.4, 0.0, -0.6], dtype=f64)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def _truncated_poisson_log_pmf():
+    # scipy's PMF on 0..n-2 and its survival function for the last outcome (the tail).
+    counts = range(TRUNCATION - 1)
+    pmf = [scipy.stats.poisson.logpmf(k, RATE) for k in counts]
+    pmf.append(scipy.stats.poisson.logsf(TRUNCATION - 2, RATE))
+    return torch.tensor(pmf, dtype=f64)
+
+
+def model(x):
+    """A count z and a category c per item, and a Poisson observation of z + effect(c)."""
+    with pyro.plate("data", x.shape[-1], dim=-1):
+        z = pyro.sample(
+            "z", pr.GenGSPoisson(torch.tensor(RATE, dtype=f64), TEMPERATURE, 6, tail_tolerance=None)
+        )
+        c = pyro.sample("c", pr.GappedSTCategorical(TEMPERATURE, logits=PRIOR_LOGITS))
+        pyro.sample("x", dist.Poisson(z + c @ EFFECTS + 0.5), obs=x)
+
+
+def guide(x, z_logits=GUIDE_Z, c_logits=GUIDE_C):
+    with pyro.plate("data", x.shape[-1], dim=-1):
+        pyro.sample("z", pr.TruncatedGenGS(TEMPERATURE, logits=z_logits))
+        pyro.sample("c", pr.GappedSTCategorical(TEMPERATURE, logits=c_logits))
+
+
+def _joint_log_probs(x_item):
+    """log p(x, z, c) for every (z, c), shape (6, 3), by brute force."""
+    log_prior_z = _truncated_poisson_log_pmf()
+    log_prior_c = PRIOR_LOGITS.log_softmax(-1)
+    rows = []
+    for k in range(TRUNCATION):
+        rate = k + EFFECTS + 0.5
+        likelihood = torch.tensor(scipy.stats.poisson.logpmf(float(x_item), rate.numpy()))
+        rows.append(log_prior_z[k] + log_prior_c + likelihood)
+    return torch.stack(rows)
+
+
+def _guide_log_probs(z_logits=GUIDE_Z, c_logits=GUIDE_C):
+    return z_logits.log_softmax(-1)[:, None] + c_logits.log_softmax(-1)[None, :]
+
+
+def _exact_elbo(x):
+    log_q = _guide_log_probs()
+    return sum(float((log_q.exp() * (_joint_log_probs(v) - log_q)).sum()) for v in x)
+
+
+def _exact_log_evidence(x):
+    return sum(float(_joint_log_probs(v).logsumexp((0, 1))) for v in x)
+
+
+X = torch.tensor([4.0, 1.0, 7.0], dtype=f64)
+
+
+def test_discretize_replaces_every_relaxed_site_inside_its_wrappers():
+    def wrapped():
+        with pyro.plate("data", 3):
+            rate = torch.full((3, 2), 2.0)
+            gengs = pr.GenGSPoisson(rate, 0.5, 10).to_event(1)
+            pyro.sample("z", gengs.mask(torch.tensor([True, False, True])))
+            pyro.sample("igr", pr.IGR(torch.zeros(2), torch.ones(2), 0.5))
+            pyro.sample("b", pr.GappedSTBernoulli(0.5, logits=torch.tensor(0.3)))
+            pyro.sample("n", dist.Normal(0.0, 1.0))
+
+    nodes = trace(discretize(wrapped)).get_trace().nodes
+    z = nodes["z"]["fn"]
+    assert isinstance(z, dist.MaskedDistribution)
+    assert isinstance(z.base_dist, torch.distributions.Independent)
+    assert isinstance(z.base_dist.base_dist, pr.FiniteDiscrete)
+    assert z.batch_shape == (3,) and z.event_shape == (2,)
+    assert torch.equal(nodes["z"]["value"], nodes["z"]["value"].round())
+    assert isinstance(nodes["igr"]["fn"], dist.OneHotCategorical)
+    assert set(nodes["igr"]["value"].unique().tolist()) <= {0.0, 1.0}
+    assert nodes["igr"]["value"].sum(-1).eq(1).all()
+    assert isinstance(nodes["b"]["fn"], dist.Bernoulli)
+    assert isinstance(nodes["n"]["fn"], dist.Normal)
+    # Outside the handler nothing changed.
+    assert isinstance(trace(wrapped).get_trace().nodes["igr"]["fn"], pr.IGR)
+
+
+def test_discretize_as_a_context_manager():
+    with discretize():
+        value = pyro.sample("z", pr.GenGSGeometric(0.5, 12, probs=torch.tensor(0.5)))
+    assert float(value) == round(float(value))
+
+
+def test_predictive_returns_integer_and_one_hot_draws():
+    predictive = Predictive(discretize(model), guide=discretize(guide), num_samples=200)
+    samples = predictive(X)
+    z, c = samples["z"], samples["c"]
+    assert z.shape == (200, 3) and torch.equal(z, z.round())
+    assert ((z >= 0) & (z < TRUNCATION)).all()
+    assert c.shape == (200, 3, 3) and torch.equal(c.sum(-1), torch.ones(200, 3, dtype=f64))
+    # Without the handler the guide's counts are relaxed (not integers).
+    relaxed = Predictive(model, guide=guide, num_samples=200)(X)["z"]
+    assert not torch.equal(relaxed, relaxed.round())
+
+
+def test_enumerating_the_discretized_guide_gives_the_exact_elbo():
+    # TraceEnum_ELBO sums over every outcome of the discretized guide: the ELBO of the
+    # discrete model exactly, to rounding.
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(
+        discretize(model), config_enumerate(discretize(guide), "parallel"), X
+    )
+    assert -loss == pytest.approx(_exact_elbo(X), rel=1e-9)
+
+
+def test_discrete_elbo_matches_the_exact_sum():
+    # The exact ELBO lies within 4 standard errors of the estimate.
+    estimate = discrete_elbo(model, guide, X, num_samples=4000)
+    exact = _exact_elbo(X)
+    assert abs(estimate.value - exact) < 4 * estimate.standard_error, (estimate, exact)
+    # Its standard error is that of the per-sample log-ratio, which the exact second
+    # moment gives: within 10% at 4000 samples.
+    log_q = _guide_log_probs()
+    log_ratios = [_joint_log_probs(v) - log_q for v in X]
+    q = log_q.exp().flatten()
+    # Items are independent given nothing: the variance of the sum is the sum of variances.
+    variance = sum(
+        float((q * r.flatten().square()).sum() - (q * r.flatten()).sum().square())
+        for r in log_ratios
+    )
+    assert estimate.standard_error == pytest.approx(math.sqrt(variance / 4000), rel=0.1)
+    assert estimate.num_samples == 4000
+
+
+def test_the_elbo_of_trace_elbo_under_discretize_is_the_same_estimate():
+    estimate = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
+    loss = estimate.loss(discretize(model), discretize(guide), X)
+    elbo = discrete_elbo(model, guide, X, num_samples=4000)
+    assert abs(-loss - elbo.value) < 6 * elbo.standard_error
+
+
+def _single_latent_model(x):
+    with pyro.plate("data", x.shape[-1], dim=-1):
+        z = pyro.sample(
+            "z", pr.GenGSPoisson(torch.tensor(RATE, dtype=f64), TEMPERATURE, 6, tail_tolerance=None)
+        )
+        pyro.sample("x", dist.Poisson(z + 0.5), obs=x)
+
+
+def _single_latent_posteriors(x):
+    log_prior = _truncated_poisson_log_pmf()
+    counts = torch.arange(TRUNCATION, dtype=f64)
+    joint = torch.stack(
+        [log_prior + torch.tensor(scipy.stats.poisson.logpmf(float(v), counts + 0.5)) for v in x]
+    )
+    return joint.log_softmax(-1), joint.logsumexp(-1)
+
+
+def _posterior_guide_of(x_all):
+    posterior, _ = _single_latent_posteriors(x_all)
+
+    def posterior_guide(x, subsample=None):
+        with pyro.plate("data", len(x_all), subsample=subsample, dim=-1) as index:
+            pyro.sample("z", pr.TruncatedGenGS(TEMPERATURE, logits=posterior[index]))
+
+    return posterior_guide
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vectorized", "one-at-a-time"])
+def test_log_likelihood_is_exact_with_the_posterior_as_guide(vectorize):
+    # Every importance weight equals p(x): the bound is log p(x) exactly, standard error 0.
+    _, log_evidence = _single_latent_posteriors(X)
+    guide_ = _posterior_guide_of(X)
+    bound = discrete_log_likelihood(
+        _single_latent_model, guide_, X, num_particles=30, data_plate="data",
+        vectorize_particles=vectorize, chunk_size=7,
+    )  # fmt: skip
+    assert bound.value == pytest.approx(float(log_evidence.sum()), abs=1e-9)
+    assert bound.standard_error == pytest.approx(0.0, abs=1e-9)
+    joint = discrete_log_likelihood(_single_latent_model, guide_, X, num_particles=30)
+    assert joint.value == pytest.approx(float(log_evidence.sum()), abs=1e-9)
+
+
+def test_a_subsampled_data_plate_scales_the_per_item_bounds():
+    _, log_evidence = _single_latent_posteriors(X)
+    subsample = torch.tensor([0, 2])
+    guide_ = _posterior_guide_of(X)
+
+    def subsampled_model(x, subsample=None):
+        with pyro.plate("data", len(X), subsample=subsample, dim=-1) as index:
+            z = pyro.sample(
+                "z",
+                pr.GenGSPoisson(torch.tensor(RATE, dtype=f64), TEMPERATURE, 6, tail_tolerance=None),
+            )
+            pyro.sample("x", dist.Poisson(z + 0.5), obs=x[index])
+
+    bound = discrete_log_likelihood(
+        subsampled_model, guide_, X, subsample=subsample, num_particles=10, data_plate="data"
+    )
+    expected = len(X) / len(subsample) * float(log_evidence[subsample].sum())
+    assert bound.value == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError, match="data_plate"):
+        discrete_log_likelihood(subsampled_model, guide_, X, subsample=subsample)
+
+
+def _exact_two_particle_bound():
+    """The expectation and variance of log((w1 + w2) / 2) per item, over every pair of
+    guide draws."""
+    log_q = _guide_log_probs().flatten()
+    moments = []
+    for v in X:
+        log_w = _joint_log_probs(v).flatten() - log_q
+        first = second = 0.0
+        for i, j in itertools.product(range(len(log_q)), repeat=2):
+            weight = float((log_q[i] + log_q[j]).exp())
+            value = float(torch.logaddexp(log_w[i], log_w[j])) - math.log(2)
+            first += weight * value
+            second += weight * value**2
+        moments.append((first, second - first**2))
+    return moments
+
+
+def test_two_particle_bound_matches_its_exact_expectation():
+    # 1000 copies of each item: the sum of their per-item bounds has the exact mean of the
+    # 2-particle bound times 1000 and the exact variance times 1000; the estimate lies within
+    # 4 of those standard deviations.
+    copies = 1000
+    x = X.repeat_interleave(copies)
+    bound = discrete_log_likelihood(model, guide, x, num_particles=2, data_plate="data")
+    moments = _exact_two_particle_bound()
+    mean = copies * sum(m for m, _ in moments)
+    sd = math.sqrt(copies * sum(v for _, v in moments))
+    assert abs(bound.value - mean) < 4 * sd, (bound.value, mean, sd)
+    # Between the ELBO and log p(x).
+    assert copies * _exact_elbo(X) < mean < copies * _exact_log_evidence(X)
+
+
+def test_more_particles_tighten_the_bound_towards_the_evidence():
+    elbo = discrete_elbo(model, guide, X, num_samples=2000)
+    bound = discrete_log_likelihood(model, guide, X, num_particles=2000, data_plate="data")
+    evidence = _exact_log_evidence(X)
+    assert elbo.value < bound.value < evidence + 4 * bound.standard_error
+    assert evidence - bound.value < 0.05
+
+
+def test_a_global_latent_cannot_take_a_per_item_bound():
+    def global_model(x):
+        scale = pyro.sample("s", pr.GenGSPoisson(torch.tensor(2.0, dtype=f64), 0.5, 12))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(scale, 1.0), obs=x)
+
+    def global_guide(x):
+        pyro.sample("s", pr.GenGSPoisson(torch.tensor(3.0, dtype=f64), 0.5, 12))
+
+    with pytest.raises(ValueError, match="site 's' is not inside the plate 'data'"):
+        discrete_log_likelihood(global_model, global_guide, X, data_plate="data")
+    bound = discrete_log_likelihood(global_model, global_guide, X, num_particles=50)
+    assert math.isfinite(bound.value)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_samples": 1}, "num_samples"),
+        ({"num_samples": 2.5}, "num_samples"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"max_plate_nesting": -1}, "max_plate_nesting"),
+    ],
+)
+def test_bad_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        discrete_elbo(model, guide, X, **options)
+
+
+def test_bad_particle_counts_and_plate_names_are_named():
+    with pytest.raises(ValueError, match="num_particles"):
+        discrete_log_likelihood(model, guide, X, num_particles=0)
+    with pytest.raises(TypeError, match="data_plate"):
+        discrete_log_likelihood(model, guide, X, data_plate=1)
+
+
+def test_no_gradient_is_recorded():
+    z_logits = GUIDE_Z.clone().requires_grad_()
+    elbo = discrete_elbo(model, lambda x: guide(x, z_logits), X, num_samples=10)
+    assert isinstance(elbo.value, float) and z_logits.grad is None
