@@ -3,7 +3,7 @@
 from pyro_relax import (
     _carry,
     distributions,
-    infer,
+    infer,  # noqa: F401  (pyro_relax.infer, the inference tools, without a second import)
     kl,  # noqa: F401  (registers the KL divergences)
     schedules,
     transforms,

@@ -90,6 +90,7 @@ def test_discretize_replaces_every_relaxed_site_inside_its_wrappers():
             rate = torch.full((3, 2), 2.0)
             gengs = pr.GenGSPoisson(rate, 0.5, 10).to_event(1)
             pyro.sample("z", gengs.mask(torch.tensor([True, False, True])))
+            pyro.sample("y", pr.GenGSPoisson(rate, 0.5, 10).to_event(1))
             pyro.sample("igr", pr.IGR(torch.zeros(2), torch.ones(2), 0.5))
             pyro.sample("b", pr.GappedSTBernoulli(0.5, logits=torch.tensor(0.3)))
             pyro.sample("n", dist.Normal(0.0, 1.0))
@@ -101,6 +102,9 @@ def test_discretize_replaces_every_relaxed_site_inside_its_wrappers():
     assert isinstance(z.base_dist.base_dist, pr.FiniteDiscrete)
     assert z.batch_shape == (3,) and z.event_shape == (2,)
     assert torch.equal(nodes["z"]["value"], nodes["z"]["value"].round())
+    y = nodes["y"]["fn"]
+    assert isinstance(y, dist.Independent) and isinstance(y.base_dist, pr.FiniteDiscrete)
+    assert nodes["y"]["value"].shape == (3, 2)
     assert isinstance(nodes["igr"]["fn"], dist.OneHotCategorical)
     assert set(nodes["igr"]["value"].unique().tolist()) <= {0.0, 1.0}
     assert nodes["igr"]["value"].sum(-1).eq(1).all()

@@ -62,6 +62,10 @@ def pyro_entries():
         anchor = f"{cls.__module__}.{cls.__qualname__}"
         for alias in {f"pyro.infer.{name}", anchor}:
             yield alias, "py:class", f"inference_algos.html#{anchor}"
+    for name, cls in _classes(pi.autoguide):
+        anchor = f"pyro.infer.autoguide.{name}"
+        for alias in {anchor, f"{cls.__module__}.{cls.__qualname__}"}:
+            yield alias, "py:class", f"infer.autoguide.html#{anchor}"
     for name in ("sample", "param", "plate", "module", "factor", "deterministic"):
         anchor = f"pyro.primitives.{name}"
         role = "py:class" if name == "plate" else "py:function"

@@ -53,8 +53,9 @@ def classes_not_to_inherit_from():
     ``inherited-members``, autodoc then shows inherited members only when a private base defines
     them."""
     names = set()
-    for name in pyro_relax.__all__:
-        obj = getattr(pyro_relax, name)
+    public = [getattr(pyro_relax, name) for name in pyro_relax.__all__]
+    public += [getattr(pyro_relax.infer, name) for name in pyro_relax.infer.__all__]
+    for obj in public:
         if inspect.isclass(obj):
             for ancestor in obj.__mro__:
                 if not (ancestor.__module__.startswith(PACKAGE) and _is_private(ancestor)):

@@ -2,9 +2,9 @@
 log-likelihood, gradient diagnostics, the leave-one-out ELBO and an autoguide for relaxed
 sites."""
 
-from pyro_relax.infer import evaluation, handlers
+from pyro_relax.infer import autoguide, evaluation, gradients, handlers, rloo
 
 # One export list: each module's own ``__all__``.
-_MODULES = (evaluation, handlers)
+_MODULES = (autoguide, evaluation, gradients, handlers, rloo)
 __all__ = sorted(name for module in _MODULES for name in module.__all__)
 globals().update({name: getattr(module, name) for module in _MODULES for name in module.__all__})

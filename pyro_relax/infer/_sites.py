@@ -1,5 +1,6 @@
 """Finding the relaxed distribution of a Pyro site inside the wrappers Pyro puts around it."""
 
+import pyro.distributions as dist
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from torch.distributions import Distribution, Independent
 
@@ -30,7 +31,8 @@ def rewrap(fn, replace):
         return replace(fn)
     inner = rewrap(fn.base_dist, replace)
     if isinstance(fn, Independent):
-        return Independent(inner, fn.reinterpreted_batch_ndims)
+        # Pyro's Independent: a site's distribution must be callable.
+        return dist.Independent(inner, fn.reinterpreted_batch_ndims)
     if isinstance(fn, MaskedDistribution):
         return MaskedDistribution(inner, fn._mask)
     if isinstance(fn, ExpandedDistribution):

@@ -87,7 +87,7 @@ def discrete_elbo(
         https://arxiv.org/abs/1312.6114
 
     Arguments:
-        model, guide (callable): a Pyro model and guide (relaxed or not).
+        model, guide: a Pyro model and guide (relaxed or not).
         *args: passed to ``model`` and ``guide``.
         num_samples (int): guide draws, at least 2.
         max_plate_nesting (int): the number of plate dimensions (guessed by tracing once if
@@ -158,7 +158,7 @@ def discrete_log_likelihood(
         https://arxiv.org/abs/1509.00519
 
     Arguments:
-        model, guide (callable): a Pyro model and guide (relaxed or not).
+        model, guide: a Pyro model and guide (relaxed or not).
         *args: passed to ``model`` and ``guide``.
         num_particles (int): importance samples :math:`K` per item.
         data_plate (str): the name of the plate over independent items, or ``None``.

@@ -61,7 +61,7 @@ def discretize(fn=None):
         https://arxiv.org/abs/1912.09588
 
     Arguments:
-        fn (callable): a model or guide; ``None`` gives the messenger, for a ``with`` block.
+        fn: a model or guide; ``None`` gives the messenger, for a ``with`` block.
 
     Example:
         >>> import pyro
