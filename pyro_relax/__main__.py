@@ -10,7 +10,7 @@ from pyro_relax.demo import DemoConfig, MissingDependencyError, run_demo
 __all__ = ["build_parser", "main"]
 
 # A few steps of each run: enough to exercise every code path, for tests.
-_SMOKE = {"epochs": 2, "steps_per_epoch": 3, "eval_samples": 2}
+_SMOKE = {"epochs": 2, "steps_per_epoch": 3, "eval_samples": 2, "snr_draws": 3}
 # Where experiments write unless told otherwise: not the repository's committed results/, which
 # only a deliberate `--results results` updates.
 _DEFAULT_RESULTS = "pyro-relax-results"
@@ -29,10 +29,11 @@ def _run_demo(args) -> int:
 def _add_demo(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train a Poisson-latent VAE on the digits with GenGS and with REINFORCE",
+        help="train a Poisson-latent VAE on the digits with GenGS, GenGS-IMP and REINFORCE",
         description="Trains a VAE with Poisson count latents on scikit-learn's 8x8 digits "
-        "twice, with GenGS and with REINFORCE (score function with a baseline), prints the "
-        "ELBO of the discrete model for each and plots the training curves.",
+        "three times, with GenGS, with GenGS-IMP (free logits over the outcomes) and with "
+        "REINFORCE (score function with a baseline), prints the ELBO of the discrete model and "
+        "the encoder's gradient signal-to-noise ratio for each and plots both per epoch.",
     )
     parser.add_argument(
         "--epochs", type=positive_int, default=DemoConfig.epochs, help="training epochs"

@@ -1,5 +1,6 @@
-"""The demo command, in smoke mode: table, plot, and a GenGS run that trains."""
+"""The demo command, in smoke mode: table, plot, and runs that train."""
 
+import math
 import sys
 
 import pytest
@@ -30,10 +31,13 @@ def test_demo_smoke(tmp_path, monkeypatch, capsys, recorded_results):
     with open(tmp_path / "curves.png", "rb") as png:
         assert png.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
     table = capsys.readouterr().out
-    assert demo.GENGS in table and demo.REINFORCE in table
-    gengs, reinforce = recorded_results
-    assert gengs.method == demo.GENGS and gengs.params_changed
-    assert len(gengs.curve) == len(reinforce.curve) == 2
+    assert all(method in table for method in demo.METHODS)
+    assert [result.method for result in recorded_results] == list(demo.METHODS)
+    for result in recorded_results:
+        assert result.params_changed and len(result.curve) == 2
+        assert math.isfinite(result.final_elbo) and result.final_elbo_se > 0
+        # Measured once, after the last epoch; a ratio of magnitudes is positive.
+        assert [epoch for epoch, _ in result.snr_curve] == [2] and result.final_snr > 0
 
 
 def test_demo_defaults():

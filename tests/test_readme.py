@@ -1,18 +1,25 @@
-"""The README's quick start runs as written and does what the README says."""
+"""The README's code runs as written and does what the README says."""
 
+import math
 import pathlib
 import re
 
 import pyro
 import pytest
+import scipy.stats
+import torch
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _quick_start() -> str:
+def _first_block(heading: str) -> str:
     text = README.read_text()
-    section = text[text.index("## Quick start") :]
+    section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def _quick_start() -> str:
+    return _first_block("## Quick start")
 
 
 def test_quick_start_learns_the_posterior_rate():
@@ -24,3 +31,27 @@ def test_quick_start_learns_the_posterior_rate():
     # in tests/test_pyro_integration.py).
     assert float(pyro.param("rate").detach()) == pytest.approx(5.83, abs=0.5)
     pyro.clear_param_store()
+
+
+def test_inference_tools_block_measures_the_discrete_model(capsys):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    namespace = {}
+    exec(compile(_quick_start(), str(README), "exec"), namespace)
+    tools = _first_block("## How good is my discrete model")
+    exec(compile(tools, str(README), "exec"), namespace)
+    pyro.clear_param_store()
+    # log p(x = 7) of the discrete model: the Poisson(3) prior truncated at 25 outcomes (the
+    # last one holding the tail) and a unit Gaussian likelihood, summed with scipy.
+    counts = range(24)
+    log_prior = [scipy.stats.poisson.logpmf(k, 3.0) for k in counts]
+    log_prior.append(scipy.stats.poisson.logsf(23, 3.0))
+    log_joint = [p + scipy.stats.norm.logpdf(7.0, k, 1.0) for k, p in enumerate(log_prior)]
+    evidence = float(torch.tensor(log_joint).logsumexp(0))
+    elbo, bound = namespace["elbo"], namespace["bound"]
+    # What the comment says: ELBO < bound <= log p(x), within 4 standard errors.
+    assert elbo.value < bound.value < evidence + 4 * bound.standard_error
+    assert math.isfinite(elbo.standard_error) and elbo.standard_error > 0
+    assert namespace["draws"].shape == (500,)
+    assert namespace["moments"]["rate"].snr.shape == ()
+    assert "True" in capsys.readouterr().out
