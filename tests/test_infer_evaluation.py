@@ -311,3 +311,19 @@ def test_no_gradient_is_recorded():
     z_logits = GUIDE_Z.clone().requires_grad_()
     elbo = discrete_elbo(model, lambda x: guide(x, z_logits), X, num_samples=10)
     assert isinstance(elbo.value, float) and z_logits.grad is None
+
+
+def test_a_model_that_does_not_broadcast_is_told_to_draw_one_particle_at_a_time():
+    def scalar_model(x):
+        z = pyro.sample("z", pr.GenGSPoisson(torch.tensor(2.0, dtype=f64), 0.5, 12))
+        pyro.sample("x", dist.Poisson(float(z) + 0.1), obs=x[0])  # reads one number
+
+    def scalar_guide(x):
+        pyro.sample("z", pr.GenGSPoisson(torch.tensor(3.0, dtype=f64), 0.5, 12))
+
+    with pytest.raises(ValueError, match="vectorize_particles=False"):
+        discrete_elbo(scalar_model, scalar_guide, X, num_samples=5)
+    estimate = discrete_elbo(
+        scalar_model, scalar_guide, X, num_samples=5, vectorize_particles=False
+    )
+    assert math.isfinite(estimate.value)

@@ -237,9 +237,20 @@ def _log_weights(
             if vectorize
             else (model, guide)
         )
-        model_trace, guide_trace = get_importance_trace(
-            "flat", nesting + 1, traced_model, traced_guide, args, kwargs
-        )
+        try:
+            model_trace, guide_trace = get_importance_trace(
+                "flat", nesting + 1, traced_model, traced_guide, args, kwargs
+            )
+        except (ValueError, RuntimeError, TypeError) as error:
+            if not vectorize:
+                raise
+            raise ValueError(
+                f"drawing {size} particles at once (a plate at dim {-(nesting + 1)}, left of "
+                f"the model's {nesting} plate dimension(s)) failed: {error}\nA model or guide "
+                "that does not broadcast over one more dimension on the left needs "
+                "vectorize_particles=False (one particle at a time); a wrong guess of the "
+                "plates needs max_plate_nesting"
+            ) from error
         weights = 0.0
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for site in trace.nodes.values():
