@@ -45,11 +45,11 @@ class TraceRLOO_ELBO(ELBO):
     behind the guide; this one is computed afresh at each step, for each plate element, with no
     parameters and no warm-up. In ``benchmarks/rloo_variance.py``, at fixed parameters on a fixed
     batch a warmed-up decaying average (about 19 past costs of the same datum, for Pyro's
-    ``baseline_beta = 0.9``, against :math:`K - 1` here) gave the lower variance for
-    :math:`K = 2, 4, 8`, by 4.3 to 1.4 times; in minibatch training, where each plate position
-    averages the costs of other data, RLOO's variance given the subsample was about 10 times
-    lower with the guide near the posterior, equal halfway from the prior, and at the prior up
-    to 1.9 times higher (:math:`K = 2`).
+    ``baseline_beta = 0.9``, against :math:`K - 1` here) had 1.4 to 4.3 times lower variance
+    for :math:`K = 8` to 2; in minibatch training, where a plate position averages the costs of
+    other data, RLOO's variance given the subsample was 10 to 50 times lower with the guide near
+    the posterior, and within a factor of 2 either way (higher at :math:`K = 2`) with the guide
+    at the prior or halfway to the posterior.
 
     Note:
         Particles are always vectorized: model and guide must have a static structure and
