@@ -18,13 +18,7 @@ import pyro_relax as pr
 from pyro_relax.infer._sites import relaxed_base
 from pyro_relax.infer.autoguide import AutoRelaxed
 
-
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    torch.manual_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def _total_variation(p, q):

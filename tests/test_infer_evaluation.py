@@ -24,12 +24,7 @@ GUIDE_Z = torch.tensor([-1.0, 0.5, 0.8, 0.2, -0.4, -2.0], dtype=f64)
 GUIDE_C = torch.tensor([0.4, 0.0, -0.6], dtype=f64)
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def _truncated_poisson_log_pmf():

@@ -27,12 +27,7 @@ LEVEL = 1e-3
 ELEMENTS = 2000  # independent copies of each toy, one per plate element
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def _two_sided(distribution, statistic):

@@ -38,12 +38,7 @@ DATA = torch.tensor([1.2, 0.3, 2.0], **F64)
 LOGITS = torch.tensor([0.5, -0.3, 0.2, -1.0], **F64)
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def replicated(params, replicates=REPLICATES):
