@@ -13,7 +13,6 @@ import test_pyro_integration
 import torch
 from example import Example
 from examples_gst import _ONE_HOT, _onehot_uniform
-from test_pyro_integration import fresh_param_store  # noqa: F401 (an autouse fixture)
 from torch.distributions import constraints
 
 from pyro_relax.distributions.straight_through import (
@@ -57,6 +56,8 @@ BERNOULLI = Example(
 )
 NEW = [CATEGORICAL, BERNOULLI]
 each = pytest.mark.parametrize("example", NEW, ids=lambda e: e.id)
+# The Pyro integration tests expect an empty, seeded param store.
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 @each
@@ -69,6 +70,7 @@ def test_generic_distribution_checks(example):
     test_conformance.test_bad_temperature_is_rejected(example)
     test_conformance.test_values_and_gradients_are_finite(example)
     test_conformance.test_noise_and_constants_follow_the_parameters_device(example)
+    test_conformance.test_discrete_is_the_distribution_relaxed(example)
 
 
 def test_discrete_checks_and_pyro_integration():
