@@ -26,6 +26,7 @@ __all__ = [
     "describe",
     "machine",
     "markdown_table",
+    "private_rng",
     "progress",
     "read_records",
     "save_figure",
@@ -61,6 +62,18 @@ def describe(error: BaseException) -> str:
 def seed_everything(seed: int) -> None:
     """Seeds Python's, NumPy's and torch's generators (through Pyro)."""
     pyro.set_rng_seed(seed)
+
+
+@contextlib.contextmanager
+def private_rng(seed: int, device):
+    """Runs the block with torch's generators (the CPU's, and ``device``'s if it is a GPU)
+    seeded with ``seed``, and puts them back as they were: an evaluation draws its own noise
+    and leaves training's alone."""
+    device = torch.device(device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

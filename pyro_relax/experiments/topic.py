@@ -32,8 +32,10 @@ Estimators, with the same networks, initialization, batches, optimizer and epoch
   baseline at every latent site.
 
 Perplexity is :math:`\exp(-\sum_d \mathrm{ELBO}_d / \sum_d N_d)` over held-out documents, with
-the ELBO of the *discrete* model (untruncated Poisson priors) scored by :func:`discrete_elbo`
-whichever estimator trained it: hard samples for the likelihood, exact KL divergences.
+the ELBO of the *discrete* model (untruncated Poisson priors) scored by
+:func:`pyro_relax.infer.discrete_elbo` whichever estimator trained it (the GenGS guide under
+:func:`~pyro_relax.infer.discretize`, its truncated PMF), and the importance-weighted bound by
+:func:`pyro_relax.infer.discrete_log_likelihood`: see :func:`perplexity`.
 
 References:
     Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
@@ -69,6 +71,7 @@ from torch import nn
 from pyro_relax._cli import integer_at_least, positive_float, positive_int
 from pyro_relax.distributions import GenGSPoisson
 from pyro_relax.experiments import common
+from pyro_relax.infer import discrete_elbo, discrete_log_likelihood
 from pyro_relax.schedules import ExponentialDecay
 
 __all__ = [
@@ -85,8 +88,6 @@ __all__ = [
     "SyntheticSpec",
     "TopicConfig",
     "add_arguments",
-    "discrete_elbo",
-    "importance_log_likelihood",
     "load_corpus",
     "perplexity",
     "run",
@@ -146,7 +147,7 @@ class TopicConfig:
     of outcomes of every GenGS latent (the guide's rates reach about 16 in training, where 25
     outcomes left more than 1% of the mass in the tail and 35 leave 1e-4); the temperature is
     annealed from ``initial_temperature`` to ``final_temperature`` over all training steps.
-    ``curve_samples`` hard samples per document score the per-epoch curves,
+    ``curve_samples`` guide draws per document score the per-epoch curves,
     ``eval_samples`` the final perplexities and ``iwae_samples`` the importance-sampled ones.
     """
 
@@ -459,85 +460,24 @@ def _tokenize(path: Path, vocab_size: int):
 # Scoring the discrete model
 
 
-def _guide_layer(rate, truncation):
-    """The discrete guide of one layer: Poisson, or the GenGS guide's truncated PMF (outcomes
-    0..n-1, the last absorbing the tail) as a categorical over the counts."""
+def _discrete_model_and_guide(decoder, encoder, truncation):
+    """The discrete Poisson DEF that perplexity scores (untruncated Poisson priors) and the
+    guide of the estimator: Poisson, or with ``truncation`` the GenGS guide, which
+    :func:`~pyro_relax.infer.discretize` turns into its truncated PMF over ``0..n-1`` (the
+    last outcome absorbing the tail)."""
+    model, guide = _model_and_guide(decoder, encoder, None)
     if truncation is None:
-        return dist.Poisson(rate)
-    # The truncation is deliberate here: no warning about the tail.
-    return dist.Categorical(logits=GenGSPoisson(rate, 1.0, truncation, tail_tolerance=None).logits)
+        return model, guide
 
+    def truncated_guide(x):
+        rates = encoder(x)
+        with pyro.plate("documents", x.shape[0]):
+            for layer in reversed(range(len(rates))):
+                # The truncation is deliberate here: no warning about the tail.
+                latent = GenGSPoisson(rates[layer], 1.0, truncation, tail_tolerance=None)
+                pyro.sample(f"z{layer + 1}", latent.to_event(1))
 
-def _sample_counts(q, num_samples, generator):
-    """``num_samples`` hard counts from a discrete guide layer, ``(S,) + batch_shape``."""
-    if isinstance(q, dist.Poisson):
-        return torch.poisson(q.rate.expand((num_samples,) + q.rate.shape), generator=generator)
-    probs = q.probs.reshape(-1, q.probs.shape[-1])
-    index = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
-    return index.T.reshape((num_samples,) + q.batch_shape).to(probs.dtype)
-
-
-def _kl_to_poisson(q, prior_rate):
-    """The exact KL from a discrete guide layer to Poisson(``prior_rate``), elementwise; a
-    truncated guide is compared with the untruncated Poisson PMF at its outcomes."""
-    if isinstance(q, dist.Poisson):
-        rate = q.rate
-        return rate * (rate.log() - prior_rate.log()) - rate + prior_rate
-    outcomes = torch.arange(q.logits.shape[-1], dtype=q.logits.dtype, device=q.logits.device)
-    log_prior = dist.Poisson(prior_rate.unsqueeze(-1)).log_prob(outcomes)
-    return (q.probs * (q.logits - log_prior)).sum(-1)
-
-
-@torch.no_grad()
-def discrete_elbo(decoder, rates, x, *, truncation=None, num_samples=32, seed=0):
-    r"""The ELBO of the discrete Poisson DEF for each document of ``x`` (nats).
-
-    The guide is mean-field with the given ``rates`` (one tensor per layer, bottom first):
-    Poisson, or with ``truncation`` the truncated Poisson PMF that a GenGS guide relaxes. The
-    prior is the untruncated Poisson DEF of ``decoder``. The expected log-likelihood and the
-    expected KL of each lower layer (whose prior rate depends on the layer above) average
-    ``num_samples`` hard samples per layer, drawn from a generator seeded with ``seed``; each
-    KL given the layer above is exact:
-
-    .. math::
-        \mathrm{ELBO} = E_q[\log p(x \mid z_1)]
-            - \sum_{l < L} E_{q}[\mathrm{KL}(q(z_l) \,\|\, p(z_l \mid z_{l+1}))]
-            - \mathrm{KL}(q(z_L) \,\|\, p(z_L)).
-    """
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    guides = [_guide_layer(rate, truncation) for rate in rates]
-    samples = [_sample_counts(q, num_samples, generator) for q in guides]
-    prior_rates = decoder.prior_rates(samples)
-    kl = sum(_kl_to_poisson(q, r).sum(-1).mean(0) for q, r in zip(guides, prior_rates, strict=True))
-    return decoder.log_likelihood(x, samples[0]).mean(0) - kl
-
-
-@torch.no_grad()
-def importance_log_likelihood(decoder, rates, x, *, truncation=None, num_samples=256, seed=0):
-    r"""An importance-sampling estimate of :math:`\log p(x)` for each document of ``x``, with
-    the guide of :func:`discrete_elbo` as the proposal (the IWAE bound, Burda et al., 2016):
-
-    .. math::
-        \log \frac{1}{S} \sum_{s=1}^S \frac{p(x, z^{(s)})}{q(z^{(s)})},
-        \qquad z^{(s)} \sim q.
-
-    Its expectation is a lower bound on :math:`\log p(x)` that rises with :math:`S` and is at
-    least the ELBO; with a truncated guide it bounds the mass of the outcomes the guide covers.
-    """
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    guides = [_guide_layer(rate, truncation) for rate in rates]
-    samples = [_sample_counts(q, num_samples, generator) for q in guides]
-    log_guide = sum(_log_prob(q, z).sum(-1) for q, z in zip(guides, samples, strict=True))
-    log_prior = sum(
-        dist.Poisson(r).log_prob(z).sum(-1)
-        for z, r in zip(samples, decoder.prior_rates(samples), strict=True)
-    )
-    log_weights = decoder.log_likelihood(x, samples[0]) + log_prior - log_guide
-    return log_weights.logsumexp(0) - math.log(num_samples)
-
-
-def _log_prob(q, counts):
-    return q.log_prob(counts if isinstance(q, dist.Poisson) else counts.long())
+    return model, truncated_guide
 
 
 @torch.no_grad()
@@ -545,24 +485,33 @@ def perplexity(
     decoder, encoder, x, *, truncation=None, num_samples=32, seed=0, bound="elbo"
 ) -> float:
     r""":math:`\exp(-\sum_d B_d / \sum_d N_d)` over the documents of ``x``, where :math:`B_d`
-    is the ELBO of :func:`discrete_elbo` (``bound="elbo"``) or the importance-sampled bound of
-    :func:`importance_log_likelihood` (``bound="iwae"``), with the guide's rates from
-    ``encoder``."""
-    score = {"elbo": discrete_elbo, "iwae": importance_log_likelihood}[bound]
+    bounds :math:`\log p(x_d)` under the discrete Poisson DEF of ``decoder`` (untruncated
+    Poisson priors), with the guide of ``encoder``: Poisson, or with ``truncation`` the
+    truncated PMF of a GenGS guide. ``bound="elbo"``: the ELBO, by
+    :func:`~pyro_relax.infer.discrete_elbo` with ``num_samples`` draws; ``bound="iwae"``: the
+    importance-weighted bound of Burda et al. per document, by
+    :func:`~pyro_relax.infer.discrete_log_likelihood` with ``num_samples`` particles. Draws
+    come from a generator seeded with ``seed`` (the global random state is left alone)."""
+    if bound not in ("elbo", "iwae"):
+        raise ValueError(f'unknown bound {bound!r}; use "elbo" or "iwae"')
+    model, guide = _discrete_model_and_guide(decoder, encoder, truncation)
     # Documents per chunk: the samples-by-vocabulary tensors of a chunk stay near 16 MB.
     size = max(1, min(_EVAL_CHUNK, 2**22 // (num_samples * x.shape[1])))
     total = 0.0
     for start in range(0, len(x), size):
         chunk = x[start : start + size]
-        bounds = score(
-            decoder,
-            encoder(chunk),
-            chunk,
-            truncation=truncation,
-            num_samples=num_samples,
-            seed=seed + start,
-        )
-        total += float(bounds.sum())
+        with common.private_rng(seed + start, x.device):
+            if bound == "elbo":
+                estimate = discrete_elbo(
+                    model, guide, chunk, num_samples=num_samples, max_plate_nesting=1,
+                    chunk_size=num_samples,
+                )  # fmt: skip
+            else:
+                estimate = discrete_log_likelihood(
+                    model, guide, chunk, num_particles=num_samples, data_plate="documents",
+                    max_plate_nesting=1, chunk_size=num_samples,
+                )  # fmt: skip
+        total += estimate.value
     return math.exp(-total / float(x.sum()))
 
 
@@ -570,13 +519,14 @@ def perplexity(
 # Training
 
 
-def _model_and_guide(decoder, encoder, config, temperature=None):
-    """Model and guide with GenGS latents at ``temperature``, or Poisson ones if it is None."""
+def _model_and_guide(decoder, encoder, truncation, temperature=None):
+    """Model and guide with GenGS latents over ``truncation`` outcomes at ``temperature``, or
+    Poisson ones if it is None."""
 
     def latent(rate):
         if temperature is None:
             return dist.Poisson(rate).to_event(1)
-        return GenGSPoisson(rate, temperature, config.truncation).to_event(1)
+        return GenGSPoisson(rate, temperature, truncation).to_event(1)
 
     def model(x):
         pyro.module("decoder", decoder)
@@ -630,12 +580,12 @@ def _svi(estimator, decoder, encoder, config, total_steps, device):
         config.initial_temperature, config.final_temperature, max(total_steps, 1), device=device
     )
     if estimator == GENGS:
-        model, guide = _model_and_guide(decoder, encoder, config, schedule.temperature)
+        model, guide = _model_and_guide(decoder, encoder, config.truncation, schedule.temperature)
         # The analytic categorical KL of each layer given the (relaxed) layer above, plus the
         # relaxed likelihood: the paper's objective, with less variance than the soft log-PMF.
         loss = TraceMeanField_ELBO()
     elif estimator == REINFORCE:
-        model, guide = _model_and_guide(decoder, encoder, config)
+        model, guide = _model_and_guide(decoder, encoder, config.truncation)
         loss = TraceGraph_ELBO()
     else:
         raise ValueError(f"unknown estimator {estimator!r}; use one of {ESTIMATORS}")
@@ -786,8 +736,10 @@ def _table(records) -> str:
     note = (
         "Perplexity exp(-sum_d B_d / sum_d N_d), lower is better. `test_perplexity` and "
         "`train_perplexity`: B_d is the ELBO of the discrete Poisson DEF (untruncated Poisson "
-        "priors; hard samples from the guide, exact KLs), the same scorer for every estimator. "
-        "`test_perplexity_iwae`: B_d is the importance-sampled bound with the guide as proposal. "
+        "priors; the guide's discrete distribution, a GenGS one truncated), estimated by "
+        "pyro_relax.infer.discrete_elbo, the same scorer for every estimator. "
+        "`test_perplexity_iwae`: B_d is the importance-weighted bound with the guide as proposal "
+        "(pyro_relax.infer.discrete_log_likelihood, per document). "
         "GenGS: GenGSPoisson in model and guide, TraceMeanField_ELBO, temperature 1.0 -> 0.1. "
         "REINFORCE: Poisson in model and guide, TraceGraph_ELBO with a decaying-average "
         "baseline. True model (synthetic corpora): the generating decoder, fixed, with a guide "

@@ -54,7 +54,6 @@ The paper reports the training negative ELBO; its numbers are in :data:`PAPER_TR
 """
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import sys
@@ -397,15 +396,6 @@ def discrete_kl(q, p) -> torch.Tensor:
     return torch.distributions.kl_divergence(q, p.expand(q.batch_shape))
 
 
-@contextlib.contextmanager
-def _private_rng(seed: int, device: torch.device):
-    """Draws from a generator seeded with ``seed``, leaving the global one as it was."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 @torch.no_grad()
 def discrete_neg_elbo(
     discrete_guide, decoder, prior, images, *, num_samples=1, seed=0, chunk_size=1000
@@ -431,7 +421,7 @@ def discrete_neg_elbo(
     """
     device = images.device
     total = 0.0
-    with _private_rng(seed, device):
+    with common.private_rng(seed, device):
         for start in range(0, len(images), chunk_size):
             x = images[start : start + chunk_size]
             q = discrete_guide(x)
