@@ -66,14 +66,16 @@ Estimators (``S = 4`` samples per gradient estimate for all):
   (a ``pyro.plate`` over coordinates with a per-coordinate factor would let
   ``TraceGraph_ELBO`` Rao-Blackwellize the separable loss);
 - ``RLOO``: REINFORCE with the leave-one-out baseline (each of the ``S`` samples is baselined
-  by the mean loss of the other ``S - 1``), which Pyro lacks, written directly in torch as the
-  surrogate :math:`\frac1S \sum_s (\ell_s - b_s)\, \log q_\theta(z_s)` with the factor
-  :math:`\ell_s - b_s` detached.
+  by the mean loss of the other ``S - 1``), which Pyro lacks: the library's
+  :class:`~pyro_relax.infer.TraceRLOO_ELBO` on the model above, its surrogate
+  :math:`\frac1S \sum_s (\ell_s - b_s)\, \log q_\theta(z_s)` with the factor
+  :math:`\ell_s - b_s` detached. It runs as the torch estimators do: the repeats are copies in a
+  ``pyro.plate``, each with its own row of the parameter.
 
 The gradient study differentiates with respect to the natural parameter (rate, ``p``, class
-logits) at the initial parameter. For the estimators written in torch, ``repeats`` independent
-estimates come from one backward pass through a parameter with a leading axis of ``repeats``
-copies (each copy's loss depends on its own row only); the Pyro estimators are called
+logits) at the initial parameter. For GenGS and RLOO, ``repeats`` independent estimates come
+from one backward pass through a parameter with a leading axis of ``repeats`` copies (each
+copy's loss depends on its own row only); the ``TraceGraph_ELBO`` estimators are called
 ``pyro_repeats`` times, the baseline first warmed up at the fixed parameter. The variance
 reported is the variance of one ``S``-sample estimate, averaged over the parameter's
 coordinates. The Poisson bias is the mean over coordinates of the estimator's mean minus the
@@ -102,6 +104,7 @@ References:
     Welling, 2019. https://openreview.net/forum?id=r1lgTGL5DE
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -115,6 +118,7 @@ from pyro.infer import TraceGraph_ELBO
 from pyro_relax import GenGSBinomial, GenGSMultinomial, GenGSNegativeBinomial, GenGSPoisson
 from pyro_relax._cli import integer_at_least, positive_float, positive_int
 from pyro_relax.experiments import common
+from pyro_relax.infer import TraceRLOO_ELBO
 
 __all__ = [
     "DESCRIPTION",
@@ -464,12 +468,30 @@ def _objective(problem: Problem, estimator: Estimator, param, samples: int):
         )
         return problem.loss(relaxed.rsample((samples,))).mean(0)
     if estimator.kind == "rloo":
-        discrete = problem.discrete(param)
-        z = discrete.sample((samples,))
-        losses = problem.loss(z)
-        baselines = (losses.sum(0) - losses) / (samples - 1)
-        return ((losses - baselines).detach() * discrete.log_prob(z)).mean(0)
+        return _rloo_loss(problem, param, samples)
     raise ValueError(f"{estimator.name} is not a torch estimator")
+
+
+def _rloo_loss(problem: Problem, param, samples: int):
+    """The differentiable loss of :class:`~pyro_relax.infer.TraceRLOO_ELBO` on the model of
+    :class:`_PyroREINFORCE`, each element of ``param``'s batch an independent copy in a
+    ``pyro.plate``, so that the gradient of each row is that row's RLOO estimate."""
+    batch = problem.discrete(param).batch_shape
+
+    def copies():
+        return pyro.plate("copies", batch[0]) if batch else contextlib.nullcontext()
+
+    def model():
+        with copies():
+            z = pyro.sample("z", problem.discrete(param.detach()))
+            pyro.factor("loss", -problem.loss(z))
+
+    def guide():
+        with copies():
+            pyro.sample("z", problem.discrete(param))
+
+    elbo = TraceRLOO_ELBO(num_particles=samples, max_plate_nesting=len(batch))
+    return elbo.differentiable_loss(model, guide)
 
 
 class _PyroREINFORCE:
