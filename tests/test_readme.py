@@ -48,6 +48,7 @@ def test_inference_tools_block_measures_the_discrete_model(capsys):
     log_prior.append(scipy.stats.poisson.logsf(23, 3.0))
     log_joint = [p + scipy.stats.norm.logpdf(7.0, k, 1.0) for k, p in enumerate(log_prior)]
     evidence = float(torch.tensor(log_joint).logsumexp(0))
+    assert evidence == pytest.approx(-3.535, abs=5e-4)  # the README's figure
     elbo, bound = namespace["elbo"], namespace["bound"]
     # What the comment says: ELBO < bound <= log p(x), within 4 standard errors.
     assert elbo.value < bound.value < evidence + 4 * bound.standard_error
