@@ -1,0 +1,148 @@
+"""Operator counts: how many aten operators one rsample (+ log_prob) + backward dispatches.
+
+At small sizes a GPU step is bound by kernel launches, not arithmetic, so the number of
+operators a call dispatches is what the GPU pays there; counting them needs no GPU. Each case
+builds its distribution, samples, and backpropagates a fixed linear function of the sample, as a
+training step does, once under torch's profiler on the CPU. The count is of *leaf* aten
+operators (those that call no other aten operator) that compute something: views, reshapes and
+allocations (``aten::view``, ``aten::expand``, ``aten::empty`` ...) launch no kernel and are left
+out. Cases:
+
+- GenGS: ``GenGSPoisson(rate, 0.5, n)`` from a rate (its truncated Poisson log-PMF included);
+- torch: ``RelaxedOneHotCategorical(0.5, logits=...)`` from logits, and
+  ``F.gumbel_softmax(logits, 0.5)`` followed by the map onto the counts (``w @ counts``);
+- IGR: ``IGR(loc, scale, 0.5)`` rsample + log_prob, against torch's relaxed categorical's
+  rsample + log_prob.
+
+    python benchmarks/kernel_counts.py [--batch 100 50] [--outcomes 15 50]
+"""
+
+import argparse
+import collections
+
+import torch
+import torch.nn.functional as F
+from bench_gengs import machine
+from torch.distributions import RelaxedOneHotCategorical
+from torch.profiler import ProfilerActivity, profile
+
+from pyro_relax import IGR, GenGSPoisson
+
+TEMPERATURE = 0.5
+# Operators that only describe memory (views, shapes, allocation): no kernel on a GPU. As leaves,
+# `to` and `contiguous` found the tensor as asked (a conversion would call `_to_copy`/`copy_`).
+_NO_KERNEL = {
+    "aten::alias",
+    "aten::as_strided",
+    "aten::as_strided_",
+    "aten::contiguous",
+    "aten::detach",
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::expand",
+    "aten::expand_as",
+    "aten::lift_fresh",
+    "aten::permute",
+    "aten::real",
+    "aten::reshape",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::result_type",
+    "aten::select",
+    "aten::slice",
+    "aten::split",
+    "aten::squeeze",
+    "aten::t",
+    "aten::to",
+    "aten::transpose",
+    "aten::unbind",
+    "aten::unflatten",
+    "aten::unsqueeze",
+    "aten::view",
+    "aten::_reshape_alias",
+    "aten::_unsafe_view",
+}
+
+
+def leaf_operators(work) -> collections.Counter:
+    """The leaf aten operators that ``work()`` dispatches and that compute something."""
+    work()  # warm-up: lazy initialization is not part of a training step
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        work()
+    counts = collections.Counter()
+    for event in prof.events():
+        if not event.name.startswith("aten::") or event.name in _NO_KERNEL:
+            continue
+        if any(child.name.startswith("aten::") for child in event.cpu_children):
+            continue
+        counts[event.name] += 1
+    return counts
+
+
+def cases(batch, outcomes):
+    """The name and the work of each case, for one number of outcomes."""
+    rate = torch.full(batch, 3.0, requires_grad=True)
+    logits = torch.randn(*batch, outcomes, requires_grad=True)
+    counts = torch.arange(outcomes, dtype=torch.float32)
+    loc = torch.randn(*batch, outcomes - 1, requires_grad=True)
+    scale = torch.ones(*batch, outcomes - 1, requires_grad=True)
+    downstream = torch.randn(batch)
+    downstream_simplex = torch.randn(*batch, outcomes)
+    tau = torch.tensor(TEMPERATURE)  # torch's log_prob needs a tensor temperature
+
+    def gengs():
+        z = GenGSPoisson(rate, TEMPERATURE, outcomes, validate_args=False).rsample()
+        (z * downstream).sum().backward()
+
+    def torch_relaxed():
+        w = RelaxedOneHotCategorical(tau, logits=logits, validate_args=False).rsample()
+        ((w @ counts) * downstream).sum().backward()
+
+    def gumbel_softmax():
+        w = F.gumbel_softmax(logits, TEMPERATURE)
+        ((w @ counts) * downstream).sum().backward()
+
+    def igr():
+        d = IGR(loc, scale, TEMPERATURE, validate_args=False)
+        z = d.rsample()
+        ((z * downstream_simplex).sum() + d.log_prob(z).sum()).backward()
+
+    def torch_relaxed_log_prob():
+        d = RelaxedOneHotCategorical(tau, logits=logits, validate_args=False)
+        z = d.rsample()
+        ((z * downstream_simplex).sum() + d.log_prob(z).sum()).backward()
+
+    return {
+        "GenGSPoisson rsample+backward": gengs,
+        "torch RelaxedOneHotCategorical rsample+backward": torch_relaxed,
+        "F.gumbel_softmax + map, backward": gumbel_softmax,
+        "IGR rsample+log_prob+backward": igr,
+        "torch RelaxedOneHotCategorical rsample+log_prob+backward": torch_relaxed_log_prob,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[100, 50])
+    parser.add_argument("--outcomes", type=int, nargs="+", default=[15, 50])
+    parser.add_argument("--top", type=int, default=0, help="also list each case's top operators")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    print(machine(torch.device("cpu")))
+    print(f"batch {tuple(args.batch)}, temperature {TEMPERATURE}; leaf aten operators per call")
+    print(f"| {'case':<56} | " + " | ".join(f"n = {n:>3}" for n in args.outcomes) + " |")
+    print(f"|{'-' * 58}|" + "|".join("--------:" for _ in args.outcomes) + "|")
+    results = {n: {name: leaf_operators(work) for name, work in cases(tuple(args.batch), n).items()}
+               for n in args.outcomes}  # fmt: skip
+    for name in results[args.outcomes[0]]:
+        row = " | ".join(f"{sum(results[n][name].values()):>7}" for n in args.outcomes)
+        print(f"| {name:<56} | {row} |")
+    if args.top:
+        for name, counts in results[args.outcomes[0]].items():
+            common = ", ".join(f"{op[6:]} {k}" for op, k in counts.most_common(args.top))
+            print(f"{name} (n = {args.outcomes[0]}): {common}")
+
+
+if __name__ == "__main__":
+    main()
