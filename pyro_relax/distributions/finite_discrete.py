@@ -51,13 +51,15 @@ def _tolerance(value: torch.Tensor, event_dim: int) -> torch.Tensor:
     return 16 * torch.finfo(value.dtype).eps * (1 + magnitude)
 
 
-def outcome_index(owner: str, value: torch.Tensor, outcomes: torch.Tensor, validate: bool, hint=""):
-    """The index of ``value`` among ``outcomes``; with ``validate``, ``ValueError`` (naming
-    ``owner``, followed by ``hint``) for a value that is none of them."""
+def outcome_log_prob(owner: str, value, outcomes, logits, validate: bool, hint=""):
+    """The log-probability in ``logits`` of the outcome each value is; with ``validate``,
+    ``ValueError`` (naming ``owner``, followed by ``hint``) for a value that is none of the
+    ``outcomes``. Excluded outcomes have logit -inf, which is their log-probability."""
     distance, index = nearest_outcome(value, outcomes)
     if validate and not bool((distance <= _tolerance(value, outcomes.dim() - 1)).all()):
         raise ValueError(f"{owner}.log_prob got a value that is not one of the outcomes{hint}")
-    return index
+    index, logits = torch.broadcast_tensors(index.unsqueeze(-1), logits)
+    return logits.gather(-1, index[..., :1]).squeeze(-1)
 
 
 class FiniteDiscrete(TorchDistribution):
@@ -170,10 +172,8 @@ class FiniteDiscrete(TorchDistribution):
     def log_prob(self, value):
         if not value.is_floating_point():
             value = value.to(self.logits.dtype)  # integer counts score as the outcomes they are
-        index = outcome_index(type(self).__name__, value, self.outcomes, self._validate_args)
-        # Excluded outcomes have logit -inf, which is their log-probability.
-        index, logits = torch.broadcast_tensors(index.unsqueeze(-1), self.logits)
-        return logits.gather(-1, index[..., :1]).squeeze(-1)
+        owner = type(self).__name__
+        return outcome_log_prob(owner, value, self.outcomes, self.logits, self._validate_args)
 
     def enumerate_support(self, expand=True):
         outcomes = self.outcomes.reshape(

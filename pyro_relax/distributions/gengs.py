@@ -30,7 +30,7 @@ from pyro_relax._numerics import (
     straight_through,
     validation_enabled,
 )
-from pyro_relax.distributions.finite_discrete import FiniteDiscrete, outcome_index
+from pyro_relax.distributions.finite_discrete import FiniteDiscrete, outcome_log_prob
 from pyro_relax.distributions.truncation import (
     automatic_truncation,
     check_base,
@@ -318,18 +318,14 @@ class TruncatedGenGS(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         if weights is None:
-            return self._log_prob_of_outcome(value)
+            owner, validate = type(self).__name__, self._validate_args
+            return outcome_log_prob(
+                owner, value, self.outcomes, self.logits, validate, _NOT_AN_OUTCOME
+            )
         # Outcomes excluded here (logit -inf) that the sample gives no weight would make
         # 0 * -inf = NaN; the most negative finite number keeps 0 * log 0 = 0.
         log_probs = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)
         return (weights * log_probs).sum(-1)
-
-    def _log_prob_of_outcome(self, value):
-        index = outcome_index(
-            type(self).__name__, value, self.outcomes, self._validate_args, _NOT_AN_OUTCOME
-        )
-        index, logits = torch.broadcast_tensors(index.unsqueeze(-1), self.logits)
-        return logits.gather(-1, index[..., :1]).squeeze(-1)
 
     def discrete(self) -> FiniteDiscrete:
         r"""The discrete distribution this relaxes, the limit :math:`\tau \to 0`: the PMF

@@ -466,18 +466,10 @@ def _discrete_model_and_guide(decoder, encoder, truncation):
     :func:`~pyro_relax.infer.discretize` turns into its truncated PMF over ``0..n-1`` (the
     last outcome absorbing the tail)."""
     model, guide = _model_and_guide(decoder, encoder, None)
-    if truncation is None:
-        return model, guide
-
-    def truncated_guide(x):
-        rates = encoder(x)
-        with pyro.plate("documents", x.shape[0]):
-            for layer in reversed(range(len(rates))):
-                # The truncation is deliberate here: no warning about the tail.
-                latent = GenGSPoisson(rates[layer], 1.0, truncation, tail_tolerance=None)
-                pyro.sample(f"z{layer + 1}", latent.to_event(1))
-
-    return model, truncated_guide
+    if truncation is not None:
+        # The truncation is deliberate here: no warning about the tail.
+        _, guide = _model_and_guide(decoder, encoder, truncation, 1.0, tail_tolerance=None)
+    return model, guide
 
 
 @torch.no_grad()
@@ -519,14 +511,14 @@ def perplexity(
 # Training
 
 
-def _model_and_guide(decoder, encoder, truncation, temperature=None):
-    """Model and guide with GenGS latents over ``truncation`` outcomes at ``temperature``, or
-    Poisson ones if it is None."""
+def _model_and_guide(decoder, encoder, truncation, temperature=None, **gengs_options):
+    """Model and guide with GenGS latents over ``truncation`` outcomes at ``temperature`` (and
+    ``gengs_options``), or Poisson ones if it is None."""
 
     def latent(rate):
         if temperature is None:
             return dist.Poisson(rate).to_event(1)
-        return GenGSPoisson(rate, temperature, truncation).to_event(1)
+        return GenGSPoisson(rate, temperature, truncation, **gengs_options).to_event(1)
 
     def model(x):
         pyro.module("decoder", decoder)
