@@ -4,6 +4,8 @@ Importing :mod:`pyro_relax` registers them with :func:`torch.distributions.kl.re
 ``TraceMeanField_ELBO`` uses them in place of a Monte-Carlo estimate.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.distributions import (
@@ -57,6 +59,21 @@ def _kl_finitediscrete_finitediscrete(p, q):
     return categorical_kl(p.logits, q.logits)
 
 
+def _kl_finitediscrete_count(p, q):
+    r"""The KL :math:`\sum_k \pi_k (\log \pi_k - \log q(c_k))` from a distribution over scalar
+    outcomes :math:`c_k` to an (untruncated) count distribution: exact, a finite sum. An
+    outcome outside the count distribution's support has probability zero there (the KL is
+    infinite if ``p`` gives it mass)."""
+    if p.outcomes.dim() != 1:
+        raise NotImplementedError("KL to a count distribution needs scalar outcomes")
+    batch_dims = max(len(p.batch_shape), len(q.batch_shape))
+    values = p.outcomes.view((-1,) + (1,) * batch_dims)
+    inside = q.support.check(values)
+    log_q = q.log_prob(torch.where(inside, values, torch.zeros_like(values)))
+    log_q = torch.where(inside, log_q, torch.full_like(log_q, -math.inf)).movedim(0, -1)
+    return categorical_kl(p.logits, log_q)
+
+
 def _kl_truncatedgengs_count(p, q):
     r"""KL from a GenGS over the counts :math:`0..n-1` to a count distribution truncated at the
     same :math:`n`, tail bin included (what the GenGS paper trains with)."""
@@ -69,6 +86,7 @@ def _kl_truncatedgengs_count(p, q):
 
 for _count in (Poisson, Geometric, NegativeBinomial, Binomial):
     register_kl(TruncatedGenGS, _count)(_kl_truncatedgengs_count)
+    register_kl(FiniteDiscrete, _count)(_kl_finitediscrete_count)
 
 
 @register_kl(GenGSMultinomial, Multinomial)

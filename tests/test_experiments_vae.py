@@ -16,14 +16,16 @@ from pyro import poutine
 from torch.distributions import kl_divergence
 
 from pyro_relax.__main__ import build_parser, main
+from pyro_relax.distributions import TruncatedGenGS
 from pyro_relax.experiments import common, vae
 from pyro_relax.experiments.data import IDX_FILES, write_idx
 from pyro_relax.experiments.vae import (
     ESTIMATORS,
     PRIORS,
+    AnalyticKLReinforce,
     build_estimator,
-    discrete_kl,
     discrete_neg_elbo,
+    scoring_model,
 )
 
 REQUIRED = (
@@ -38,6 +40,12 @@ REQUIRED = (
     "machine",
     "command",
     "history",
+    "train_neg_elbo_se",
+    "test_neg_elbo_se",
+    "final_relaxed_objective",
+    "best_relaxed_objective",
+    "kl_to_prior",
+    "kl_to_truncated_prior",
 )
 
 
@@ -57,11 +65,19 @@ def test_smoke_run_writes_the_records_table_and_plot(tmp_path, capsys):
         assert record["command"] == shlex.join(["pyro-relax", *argv])
         assert math.isfinite(record["train_neg_elbo"]) and record["train_neg_elbo"] > 0
         assert len(record["history"]) == record["epochs"] == 1
+        losses = [h["loss"] for h in record["history"]]
+        assert record["final_relaxed_objective"] == losses[-1]
+        assert record["best_relaxed_objective"] == min(losses)
+        assert 0 < record["test_neg_elbo_se"] < 1
+        # Only the GenGS estimators train against a truncated prior.
+        gengs = record["estimator"].startswith("GenGS")
+        assert (record["kl_to_truncated_prior"] is not None) == gengs
+        assert record["kl_to_prior"] > 0
     table = (tmp_path / "gengs_vae.md").read_text()
     assert table.count("| digits | Pois(2) |") == len(ESTIMATORS)
     # Each row shows the last epoch's training objective next to the discrete score.
     header = next(line for line in table.splitlines() if line.startswith("| dataset"))
-    assert "| last_epoch_loss |" in header
+    assert "| final_relaxed_objective |" in header and "| kl_to_truncated_prior |" in header
     for record in records:
         loss = f"{record['history'][-1]['loss']:.2f}"
         assert f"| {record['estimator']} |" in table and f"| {loss} |" in table
@@ -304,7 +320,8 @@ def test_gengs_np_truncates_each_latent_on_its_own():
     assert logits.shape == (5, 3, 24)  # the cap: twice the paper's truncation
     kept = (~logits.isneginf()).sum(-1)
     assert kept.min() >= 2 and kept.max() <= 24
-    assert torch.isfinite(discrete_kl(e.discrete_guide(torch.ones(5, 6)), e.prior)).all()
+    kl = kl_divergence(e.discrete_guide(torch.ones(5, 6)), PRIORS["Pois(2)"].distribution())
+    assert kl.shape == (5, 3) and torch.isfinite(kl).all()
 
 
 def test_reinforce_trains_with_a_decaying_average_baseline():
@@ -333,9 +350,9 @@ def _brute_force(q_probs, prior, decoder, x):
     return kl, neg_elbo
 
 
-def test_scorer_matches_brute_force_on_a_tiny_model():
+def _tiny_scoring_problem():
     torch.manual_seed(0)
-    latents, n, pixels = 2, 4, 5
+    latents, pixels = 2, 5
     # The guide gives the last outcome (the tail bin) much mass: scoring with a prior truncated
     # at n instead of the untruncated one would change the value by more than the tolerance.
     q_probs = [[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.1, 0.4]]
@@ -345,85 +362,149 @@ def test_scorer_matches_brute_force_on_a_tiny_model():
     def decoder(z):
         return z @ weight.T - 1.0
 
+    def guide(images):  # a relaxed guide: the scorer must score its discrete distribution
+        with pyro.plate("data", len(images)):
+            relaxed = TruncatedGenGS(torch.tensor(0.5), logits=q_logits)
+            pyro.sample("z", relaxed.expand([len(images), latents]).to_event(1))
+
     prior = dist.Poisson(torch.tensor(1.5, dtype=torch.float64))
     x = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    return q_logits, decoder, guide, prior, x
+
+
+def test_scorer_matches_brute_force_on_a_tiny_model():
+    q_logits, decoder, guide, prior, x = _tiny_scoring_problem()
+    latents, n = q_logits.shape
     exact_kl, exact = _brute_force(q_logits.exp(), prior, decoder, x[0])
-
-    def guide(images):
-        return dist.Categorical(logits=q_logits.expand(len(images), latents, n))
-
-    kl = float(discrete_kl(guide(x), prior).sum())
-    assert kl == pytest.approx(exact_kl, abs=1e-9)
     truncated = vae.PRIORS["Pois(2)"].relaxed(  # the prior truncated at n: a different KL
         1.0, n, tail_tolerance=None, rate=torch.tensor(1.5, dtype=torch.float64)
     )
     truncated_kl = float((q_logits.exp() * (q_logits - truncated.logits)).sum())
     assert abs(truncated_kl - exact_kl) > 0.05
 
-    images = x.expand(20_000, pixels)  # one image, many hard samples
-    estimate = discrete_neg_elbo(guide, decoder, prior, images, num_samples=1, seed=1)
-    # The Monte-Carlo standard error of the likelihood term over 20000 draws.
-    samples = guide(images).sample()
-    log_likelihood = dist.Bernoulli(logits=decoder(samples.double())).log_prob(images).sum(-1)
-    standard_error = float(log_likelihood.std()) / math.sqrt(len(images))
-    assert abs(estimate - exact) < 4 * standard_error
-    assert 4 * standard_error < 0.05  # finer than the truncated prior's error
+    images = x.expand(40_000, -1)  # one image, many draws
+    model = scoring_model(prior, decoder, latents)
+    value, error = discrete_neg_elbo(
+        model, guide, images, num_samples=4, seed=1, chunk_size=len(images)
+    )
+    assert abs(value - exact) < 4 * error  # a 4-sigma band: fails 6e-5 of the time by chance
+    assert 4 * error < 0.05  # finer than the truncated prior's error
+    # Scored in chunks the draws are independent: the standard error is that of all draws.
+    chunked, chunked_error = discrete_neg_elbo(
+        model, guide, images, num_samples=4, seed=1, chunk_size=5000
+    )
+    assert abs(chunked - exact) < 4 * chunked_error
+    assert chunked_error == pytest.approx(error, rel=0.1)
 
 
 def test_scorer_leaves_the_global_generator_alone():
     def guide(images):
-        return dist.Poisson(torch.full((len(images), 3), 2.0))
+        with pyro.plate("data", len(images)):
+            pyro.sample("z", dist.Poisson(torch.full((len(images), 3), 2.0)).to_event(1))
 
+    model = scoring_model(PRIORS["Pois(2)"].distribution(), lambda z: z[..., :2], 3)
     state = torch.get_rng_state()
-    first = discrete_neg_elbo(
-        guide, lambda z: z[..., :2], PRIORS["Pois(2)"].distribution(), torch.ones(7, 2), seed=5
-    )
+    first = discrete_neg_elbo(model, guide, torch.ones(7, 2), seed=5)
     assert torch.equal(torch.get_rng_state(), state)
-    again = discrete_neg_elbo(
-        guide, lambda z: z[..., :2], PRIORS["Pois(2)"].distribution(), torch.ones(7, 2), seed=5
-    )
-    assert first == again
+    assert discrete_neg_elbo(model, guide, torch.ones(7, 2), seed=5) == first
+    assert discrete_neg_elbo(model, guide, torch.ones(7, 2), seed=6) != first
 
 
-def _sum_kl(q, p, size):
-    counts = torch.arange(size, dtype=torch.float64).view(size, *([1] * len(q.batch_shape)))
-    log_q, log_p = q.log_prob(counts), p.log_prob(counts)
-    return (log_q.exp() * (log_q - log_p)).sum(0)
+def test_exact_kl_of_the_guides_discrete_distribution():
+    # GenGS guides: the finite sum against the untruncated prior, and the KL against the
+    # truncated prior of training, each against a sum written out here.
+    pyro.clear_param_store()
+    e = _tiny_estimator("GenGS", PRIORS["Geom(.5)"])
+    x = torch.bernoulli(torch.full((4, 6), 0.5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q = e.discrete_guide(x)
+    base = PRIORS["Geom(.5)"].distribution()
+    counts = torch.arange(15.0)
+    expected = (q.probs * (q.logits - base.log_prob(counts))).sum(-1).sum(-1).mean()
+    assert vae.mean_kl(e.discrete_guide, base, x) == pytest.approx(float(expected), rel=1e-5)
+    truncated = e.prior.discrete()
+    expected = (q.probs * (q.logits - truncated.logits)).sum(-1).sum(-1).mean()
+    assert vae.mean_kl(e.discrete_guide, truncated, x) == pytest.approx(float(expected), rel=1e-5)
+    # No closed form (Negative Binomial guide and prior): None, not a Monte-Carlo number.
+    nb = _tiny_estimator("REINFORCE", PRIORS["NB(3,.5)"])
+    assert vae.mean_kl(nb.discrete_guide, PRIORS["NB(3,.5)"].distribution(), x) is None
 
 
-@pytest.mark.parametrize(
-    "q, p",
-    [
-        (dist.Poisson(torch.tensor([0.5, 4.0, 9.0])), PRIORS["Pois(2)"]),
-        (dist.Geometric(logits=torch.tensor([-2.0, 0.0, 3.0])), PRIORS["Geom(.5)"]),
-        (
-            dist.NegativeBinomial(
-                torch.tensor([0.7, 3.0, 20.0]), logits=torch.tensor([1.5, 0.0, -1.0])
-            ),
-            PRIORS["NB(3,.5)"],
-        ),
-    ],
-    ids=["poisson", "geometric", "negative-binomial"],
-)
-def test_kl_of_count_guides_matches_a_long_sum(q, p):
-    prior = p.distribution()
-    q64 = vae._as_float64(q)
-    expected = _sum_kl(q64, vae._as_float64(prior), 4000)
-    assert torch.allclose(discrete_kl(q, prior).double(), expected, rtol=1e-5, atol=1e-6)
+# --- REINFORCE with the KL in closed form ----------------------------------------------------
 
 
-def test_kl_of_a_negative_binomial_guide_with_a_long_head_is_estimated():
-    # Mean 2 e^6 (about 800): the head beyond 256 counts falls back to Monte Carlo.
-    q = dist.NegativeBinomial(torch.tensor([2.0, 3.0]), logits=torch.tensor([6.0, 0.0]))
-    prior = PRIORS["NB(3,.5)"].distribution()
-    q64, p64 = vae._as_float64(q), vae._as_float64(prior)
-    expected = _sum_kl(q64, p64, 40_000)
-    torch.manual_seed(0)
-    kl = discrete_kl(q, prior).double()
-    assert float(kl[1]) == pytest.approx(float(expected[1]), abs=1e-6)  # summed exactly
-    samples = q64.sample((10_000,))
-    spread = float((q64.log_prob(samples) - p64.log_prob(samples))[:, 0].std())
-    assert abs(float(kl[0] - expected[0])) < 4 * spread / math.sqrt(vae._KL_SAMPLES)
+def _reinforce_kl_problem(batch):
+    """One Poisson latent per image, guide rate ``exp(theta)``, decoder logit ``w z - 1``."""
+    theta = torch.tensor(0.3, requires_grad=True)
+    prior = dist.Poisson(torch.tensor(2.0))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", prior.expand([x.shape[0], 1]).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=0.4 * z - 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Poisson(theta.exp().expand(x.shape[0], 1)).to_event(1))
+
+    return theta, prior, model, guide, torch.ones(batch, 1)
+
+
+def test_reinforce_kl_gradient_is_unbiased():
+    theta, prior, model, guide, x = _reinforce_kl_problem(5000)
+    # The exact ELBO of one image, summed over the counts 0..79 (the rest is below 1e-60).
+    counts = torch.arange(80.0)
+    q = dist.Poisson(theta.exp())
+    log_likelihood = dist.Bernoulli(logits=0.4 * counts - 1.0).log_prob(torch.tensor(1.0))
+    elbo = (q.log_prob(counts).exp() * log_likelihood).sum() - kl_divergence(q, prior)
+    (exact,) = torch.autograd.grad(-elbo, theta)
+    loss = AnalyticKLReinforce()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    estimates = []
+    for _ in range(20):
+        (gradient,) = torch.autograd.grad(loss(model, guide, x), theta)
+        estimates.append(float(gradient) / len(x))  # the mean over 5000 images
+    estimates = torch.tensor(estimates)
+    error = float(estimates.std()) / math.sqrt(len(estimates))
+    assert abs(float(estimates.mean()) - float(exact)) < 4 * error
+    assert error < 0.1 * abs(float(exact))  # fine enough to see a wrong term
+
+
+def test_reinforce_kl_returns_the_negative_elbo_and_keeps_its_baseline():
+    theta, prior, model, guide, x = _reinforce_kl_problem(3)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    loss = AnalyticKLReinforce(beta=0.5)
+    value = loss(model, guide, x)
+    pyro.set_rng_seed(1)  # the same draw again
+    trace = poutine.trace(guide).get_trace(x)
+    z = trace.nodes["z"]["value"]
+    log_likelihood = dist.Bernoulli(logits=0.4 * z - 1.0).log_prob(x).sum(-1)
+    kl = kl_divergence(dist.Poisson(theta.exp()), prior)
+    expected = -(log_likelihood - kl).sum()
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    # The first baseline is the batch's mean; the stored one moves half way to the next.
+    first = float(pyro.param(AnalyticKLReinforce.baseline_name).detach())
+    assert first == pytest.approx(float(log_likelihood.mean()), rel=1e-6)
+    pyro.set_rng_seed(2)
+    loss(model, guide, x)
+    pyro.set_rng_seed(2)
+    z = poutine.trace(guide).get_trace(x).nodes["z"]["value"]
+    mean = float(dist.Bernoulli(logits=0.4 * z - 1.0).log_prob(x).sum(-1).mean())
+    second = float(pyro.param(AnalyticKLReinforce.baseline_name).detach())
+    assert second == pytest.approx(0.5 * first + 0.5 * mean, rel=1e-6)
+
+
+def test_reinforce_kl_needs_a_closed_form_kl(tmp_path, capsys):
+    argv = ["experiment", "vae", "--smoke", "--results", str(tmp_path)]
+    assert main([*argv, "--prior", "NB(3,.5)", "--estimator", "REINFORCE-KL"]) == 1
+    assert "torch has no closed-form KL" in capsys.readouterr().err
+    assert not (tmp_path / "gengs_vae.json").exists()
+    args = build_parser(argv).parse_args([*argv, "--prior", "all", "--estimator", "all"])
+    pairs = vae._pairs(args)
+    assert ("NB(3,.5)", "REINFORCE-KL") not in pairs and ("Pois(2)", "REINFORCE-KL") in pairs
+    assert len(pairs) == len(PRIORS) * len(ESTIMATORS) - 2  # the two Negative Binomials
 
 
 def test_command_line_options(capsys):

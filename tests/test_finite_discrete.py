@@ -1,5 +1,8 @@
 """FiniteDiscrete: the categorical over given outcomes that a GenGS relaxes."""
 
+import itertools
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -89,3 +92,42 @@ def test_kl_and_the_enumerated_elbo():
     exact = -float((PROBS[0] * log_likelihood).sum() - expected)
     enumerated = TraceEnum_ELBO(max_plate_nesting=0).loss(model, config_enumerate(guide))
     assert enumerated == pytest.approx(exact, rel=1e-6)
+
+
+# --- KL to an untruncated count distribution -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "count",
+    [
+        dist.Poisson(torch.tensor([0.5, 3.0])),
+        dist.Geometric(probs=torch.tensor([0.2, 0.7])),
+        dist.NegativeBinomial(torch.tensor([2.0, 5.0]), probs=torch.tensor([0.3, 0.6])),
+        dist.Binomial(torch.tensor([9.0, 12.0]), probs=torch.tensor([0.3, 0.6])),
+    ],
+    ids=["poisson", "geometric", "negative-binomial", "binomial"],
+)
+def test_kl_to_a_count_distribution_is_the_finite_sum(count):
+    logits = torch.randn(3, 1, 10, generator=torch.Generator().manual_seed(0))
+    logits[0, 0, 4] = -math.inf  # an outcome without mass contributes nothing
+    q = pr.FiniteDiscrete(torch.arange(10.0), logits=logits)
+    kl = kl_divergence(q, count)
+    assert kl.shape == (3, 2)
+    for i, j in itertools.product(range(3), range(2)):
+        expected = 0.0
+        for k in range(10):
+            q_k = float(q.probs[i, 0, k])
+            if q_k > 0:
+                p_k = float(count.log_prob(torch.tensor(float(k)))[j])
+                expected += q_k * (math.log(q_k) - p_k)
+        assert float(kl[i, j]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_to_a_count_distribution_is_infinite_outside_its_support():
+    q = pr.FiniteDiscrete(torch.arange(4.0), probs=torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert kl_divergence(q, dist.Binomial(2, torch.tensor(0.5))) == math.inf  # 3 > 2 trials
+    inside = pr.FiniteDiscrete(torch.arange(4.0), probs=torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    assert math.isfinite(kl_divergence(inside, dist.Binomial(2, torch.tensor(0.5))))
+    vectors = pr.FiniteDiscrete(torch.eye(3), probs=torch.ones(3) / 3)
+    with pytest.raises(NotImplementedError, match="scalar outcomes"):
+        kl_divergence(vectors, dist.Poisson(torch.tensor(1.0)))

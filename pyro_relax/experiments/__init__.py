@@ -25,6 +25,14 @@ EXPERIMENTS = {
         "pyro_relax.experiments.topic",
         "a neural Poisson deep exponential family topic model (GenGS paper 6.3)",
     ),
+    "gst-vae": (
+        "pyro_relax.experiments.gst_vae",
+        "a VAE with 30 categorical latents on MNIST: GST, STGS, ST, GR-MCK (GST paper, Tables 2-3)",
+    ),
+    "igr-vae": (
+        "pyro_relax.experiments.igr_vae",
+        "the linear discrete VAE on MNIST: IGR-I, IGR-SB, IGR-Planar and GS (IGR paper, Table 1)",
+    ),
     "neyman": (
         "pyro_relax.experiments.neyman",
         "a Neyman Type A regression of doctor visits (RAND HIE): GenGS pairs and their bias",
