@@ -17,7 +17,7 @@ from torch.distributions import kl_divergence
 
 from pyro_relax.__main__ import build_parser, main
 from pyro_relax.distributions import TruncatedGenGS
-from pyro_relax.experiments import common, vae
+from pyro_relax.experiments import common, image_vae, vae
 from pyro_relax.experiments.data import IDX_FILES, write_idx
 from pyro_relax.experiments.vae import (
     ESTIMATORS,
@@ -515,8 +515,8 @@ def test_command_line_options(capsys):
         return build_parser(argv).parse_args(argv)
 
     args = parse("--prior", "all", "--hidden", "8,4")
-    assert vae._expand(args.prior, PRIORS) == list(PRIORS) and args.hidden == (8, 4)
-    assert vae._expand(args.estimator, ESTIMATORS) == list(ESTIMATORS)
+    assert image_vae.expand(args.prior, PRIORS) == list(PRIORS) and args.hidden == (8, 4)
+    assert image_vae.expand(args.estimator, ESTIMATORS) == list(ESTIMATORS)
     settings = vae._settings(args, _fake_mnist(), "Pois(2)", "GenGS")
     assert (settings.dataset, settings.epochs, settings.latents) == ("MNIST", 100, 32)
     assert (settings.steps_per_epoch, settings.device) == (600, "cpu")  # every batch

@@ -75,15 +75,9 @@ from pyro_relax.distributions import (
     STCategorical,
     STGSCategorical,
 )
-from pyro_relax.experiments import common
-from pyro_relax.experiments.data import DATASETS, batches, load_dataset
-from pyro_relax.experiments.vae import (
-    _evaluation_images,
-    _expand,
-    _hidden,
-    _mlp,
-    discrete_neg_elbo,
-)
+from pyro_relax.experiments import common, image_vae
+from pyro_relax.experiments.data import batches, load_dataset
+from pyro_relax.experiments.vae import discrete_neg_elbo
 from pyro_relax.infer import gradient_moments
 
 __all__ = [
@@ -337,7 +331,7 @@ class _Settings:
 def _record_settings(record) -> dict:
     """The settings of the run that made ``record``, as ``dataclasses.asdict`` of its
     :class:`_Settings`."""
-    return {field.name: record.get(field.name) for field in dataclasses.fields(_Settings)}
+    return image_vae.record_settings(_Settings, record)
 
 
 def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
@@ -345,8 +339,7 @@ def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
         f"gst-vae-{settings.dataset}-{settings.estimator}-t{settings.temperature}-"
         f"{settings.loop}-seed{settings.seed}"
     )
-    values = dataclasses.asdict(settings)
-    return common.Checkpoint(common.checkpoint_path(results, label, values), values)
+    return image_vae.settings_checkpoint(results, label, settings)
 
 
 def _after_epoch(epoch: int) -> None:
@@ -355,8 +348,8 @@ def _after_epoch(epoch: int) -> None:
 
 def _networks(settings: _Settings, num_pixels: int, device):
     width = settings.latents * settings.categories
-    encoder = _mlp([num_pixels, *settings.hidden, width]).to(device)
-    decoder = _mlp([width, *settings.hidden[::-1], num_pixels]).to(device)
+    encoder = image_vae.mlp([num_pixels, *settings.hidden, width]).to(device)
+    decoder = image_vae.mlp([width, *settings.hidden[::-1], num_pixels]).to(device)
     return encoder, decoder
 
 
@@ -381,7 +374,7 @@ class _Run:
             settings, self.encoder, self.decoder, temperature, self.model, self.guide
         )
         self.generator = torch.Generator().manual_seed(settings.seed)
-        self.eval_train, self.eval_test = _evaluation_images(data, "dynamic", self.device)
+        self.eval_train, self.eval_test = image_vae.evaluation_images(data, "dynamic", self.device)
 
     def state_dict(self) -> dict:
         return {
@@ -696,6 +689,7 @@ def _gradient_draws(text: str) -> int:
 
 def add_arguments(parser) -> None:
     """Adds this experiment's options to its subcommand's ``parser``."""
+    image_vae.add_training_arguments(parser, default_epochs=DEFAULT_EPOCHS, default_batch_size=100)
     parser.add_argument(
         "--estimator",
         nargs="+",
@@ -718,18 +712,6 @@ def add_arguments(parser) -> None:
         help="training loop(s): pyro (SVI, TraceMeanField_ELBO) or torch (default: pyro)",
     )
     parser.add_argument(
-        "--epochs", type=positive_int, help=f"training epochs (default {DEFAULT_EPOCHS}; smoke: 1)"
-    )
-    parser.add_argument(
-        "--steps-per-epoch",
-        type=positive_int,
-        help="cap on the batches per epoch (default: all; smoke: 3)",
-    )
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="default: mnist")
-    parser.add_argument(
-        "--data-dir", help="directory of the IDX files (default: see pyro_relax.experiments.data)"
-    )
-    parser.add_argument(
         "--latents", type=positive_int, help=f"categorical latents (default {DEFAULT_LATENTS})"
     )
     parser.add_argument(
@@ -739,11 +721,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--hidden",
-        type=_hidden,
+        type=image_vae.layer_sizes,
         help="encoder hidden sizes, mirrored in the decoder (default 512,256)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=100, help="default: 100")
-    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate")
     parser.add_argument(
         "--eval-samples",
         type=integer_at_least(2),
@@ -755,25 +735,11 @@ def add_arguments(parser) -> None:
         help="draws of the encoder's gradient measured after each epoch, 0 for none "
         "(default 50; smoke: 3)",
     )
-    parser.add_argument(
-        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
-    )
-    parser.add_argument(
-        "--no-validation",
-        action="store_true",
-        help="turn Pyro's argument and support checks off (faster)",
-    )
 
 
 def _settings(args, data, estimator: str, temperature: float, loop: str) -> _Settings:
     """The settings of one run of the command line ``args`` on the data set ``data``."""
-    smoke = _SMOKE if args.smoke else {}
-
-    def pick(value, name, default):
-        return value if value is not None else smoke.get(name, default)
-
-    full_steps = len(data.train_images) // args.batch_size
-    cap = pick(args.steps_per_epoch, "steps_per_epoch", None)
+    pick = image_vae.smoke_picker(args, _SMOKE)
     return _Settings(
         dataset=data.name,
         estimator=estimator,
@@ -781,7 +747,7 @@ def _settings(args, data, estimator: str, temperature: float, loop: str) -> _Set
         loop=loop,
         seed=args.seed,
         epochs=pick(args.epochs, "epochs", DEFAULT_EPOCHS),
-        steps_per_epoch=min(full_steps, cap or full_steps),
+        steps_per_epoch=image_vae.steps_per_epoch(args, data, pick),
         batch_size=args.batch_size,
         lr=args.lr,
         latents=pick(args.latents, "latents", DEFAULT_LATENTS),
@@ -803,7 +769,7 @@ def run(args) -> int:
     runs = itertools.product(
         dict.fromkeys(args.temperature),
         dict.fromkeys(args.loop),
-        _expand(args.estimator, ESTIMATORS),
+        image_vae.expand(args.estimator, ESTIMATORS),
     )
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
         for temperature, loop, estimator in runs:

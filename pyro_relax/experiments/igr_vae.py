@@ -73,7 +73,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from pyro_relax._cli import integer_at_least, positive_float, positive_int
+from pyro_relax._cli import integer_at_least, positive_int
 from pyro_relax.distributions import (
     IGR,
     IGRPlanar,
@@ -82,9 +82,8 @@ from pyro_relax.distributions import (
     fit_igr_prior,
     uniform_igr_prior,
 )
-from pyro_relax.experiments import common
-from pyro_relax.experiments.data import BINARIZATIONS, DATASETS, batches, load_dataset
-from pyro_relax.experiments.vae import _evaluation_images, _restore_params
+from pyro_relax.experiments import common, image_vae
+from pyro_relax.experiments.data import BINARIZATIONS, batches, load_dataset
 from pyro_relax.infer import Estimate, discrete_elbo, discrete_log_likelihood
 
 __all__ = [
@@ -376,7 +375,7 @@ class _Settings:
 def _record_settings(record) -> dict:
     """The settings of the run that made ``record``, as ``dataclasses.asdict`` of its
     :class:`_Settings`."""
-    return {field.name: record.get(field.name) for field in dataclasses.fields(_Settings)}
+    return image_vae.record_settings(_Settings, record)
 
 
 def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
@@ -384,8 +383,7 @@ def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
         f"igr-vae-{settings.dataset}-{settings.estimator}-{settings.temperature_pair}"
         f"-seed{settings.seed}"
     )
-    values = dataclasses.asdict(settings)
-    return common.Checkpoint(common.checkpoint_path(results, label, values), values)
+    return image_vae.settings_checkpoint(results, label, settings)
 
 
 def _after_epoch(epoch: int) -> None:
@@ -427,14 +425,14 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     optimizer = pyro.optim.Adam({"lr": settings.lr})
     svi = SVI(estimator.model, estimator.guide, optimizer, estimator.loss)
     generator = torch.Generator().manual_seed(settings.seed)
-    _, test_images = _evaluation_images(data, settings.binarization, device)
+    _, test_images = image_vae.evaluation_images(data, settings.binarization, device)
 
     state = checkpoint.load() if checkpoint is not None else None
     start, history, seconds = 0, [], 0.0
     if state is not None and "record" in state:
         return state["record"]
     if state is not None:
-        _restore_params(state["params"], estimator.modules)
+        image_vae.restore_params(state["params"], estimator.modules)
         optimizer.set_state(state["optimizer"])
         generator.set_state(state["generator"])
         start, history, seconds = state["epoch"], state["history"], state["seconds"]
@@ -696,6 +694,7 @@ def write_reports(results: Path, records) -> None:
 
 def add_arguments(parser) -> None:
     """Adds this experiment's options to its subcommand's ``parser``."""
+    image_vae.add_training_arguments(parser, default_epochs=DEFAULT_EPOCHS, default_batch_size=64)
     parser.add_argument(
         "--estimator",
         nargs="+",
@@ -709,18 +708,6 @@ def add_arguments(parser) -> None:
         default=["0.5"],
         choices=[*TEMPERATURE_PAIRS, "all"],
         help="0.5: IGR at 0.5, GS at 0.67; 0.1: IGR at 0.1, GS at 0.25 (default 0.5)",
-    )
-    parser.add_argument(
-        "--epochs", type=positive_int, help=f"training epochs (default {DEFAULT_EPOCHS}; smoke: 1)"
-    )
-    parser.add_argument(
-        "--steps-per-epoch",
-        type=positive_int,
-        help="cap on the batches per epoch (default: all; smoke: 3)",
-    )
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="default: mnist")
-    parser.add_argument(
-        "--data-dir", help="directory of the IDX files (default: see pyro_relax.experiments.data)"
     )
     parser.add_argument(
         "--binarization",
@@ -739,8 +726,6 @@ def add_arguments(parser) -> None:
         default=DEFAULT_PLANAR_LAYERS,
         help=f"planar layers of IGR-Planar (default {DEFAULT_PLANAR_LAYERS})",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="default: 64")
-    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate")
     parser.add_argument(
         "--num-particles",
         type=positive_int,
@@ -756,29 +741,11 @@ def add_arguments(parser) -> None:
         type=positive_int,
         help="test images scored, the first ones (default: all; smoke: 50)",
     )
-    parser.add_argument(
-        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
-    )
-    parser.add_argument(
-        "--no-validation",
-        action="store_true",
-        help="turn Pyro's argument and support checks off (faster)",
-    )
-
-
-def _expand(values, everything) -> list:
-    return list(everything) if "all" in values else list(dict.fromkeys(values))
 
 
 def _settings(args, data, estimator: str, pair: str) -> _Settings:
     """The settings of one run of the command line ``args`` on the data set ``data``."""
-    smoke = _SMOKE if args.smoke else {}
-
-    def pick(value, name, default):
-        return value if value is not None else smoke.get(name, default)
-
-    full_steps = len(data.train_images) // args.batch_size
-    cap = pick(args.steps_per_epoch, "steps_per_epoch", None)
+    pick = image_vae.smoke_picker(args, _SMOKE)
     num_test = len(data.test_images)
     return _Settings(
         dataset=data.name,
@@ -787,7 +754,7 @@ def _settings(args, data, estimator: str, pair: str) -> _Settings:
         temperature=temperature_of(estimator, pair),
         seed=args.seed,
         epochs=pick(args.epochs, "epochs", DEFAULT_EPOCHS),
-        steps_per_epoch=min(full_steps, cap or full_steps),
+        steps_per_epoch=image_vae.steps_per_epoch(args, data, pick),
         batch_size=args.batch_size,
         lr=args.lr,
         latents=pick(args.latents, "latents", DEFAULT_LATENTS),
@@ -809,8 +776,8 @@ def run(args) -> int:
     common.read_records(path)  # a damaged results file stops the run before it trains
     data = load_dataset("digits" if args.smoke else args.dataset, args.data_dir)
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
-        for pair in _expand(args.temperature_pair, TEMPERATURE_PAIRS):
-            for estimator in _expand(args.estimator, ESTIMATORS):
+        for pair in image_vae.expand(args.temperature_pair, TEMPERATURE_PAIRS):
+            for estimator in image_vae.expand(args.estimator, ESTIMATORS):
                 settings = _settings(args, data, estimator, pair)
                 checkpoint = _checkpoint(results, settings)
                 record = train(settings, data, checkpoint)

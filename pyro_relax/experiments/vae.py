@@ -62,7 +62,6 @@ agree within the standard error (``tests/test_experiments_vae.py``).
 The paper reports the training negative ELBO; its numbers are in :data:`PAPER_TRAIN_NEG_ELBO`.
 """
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -76,8 +75,6 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.params.param_store import param_with_module_name
-from torch import nn
 
 from pyro_relax._cli import integer_at_least, positive_int
 from pyro_relax.distributions import (
@@ -86,12 +83,10 @@ from pyro_relax.distributions import (
     GenGSPoisson,
     TruncatedGenGS,
 )
-from pyro_relax.experiments import common
+from pyro_relax.experiments import common, image_vae
 from pyro_relax.experiments.data import (
     BINARIZATIONS,
-    DATASETS,
     batches,
-    binarize,
     load_dataset,
 )
 from pyro_relax.infer import discrete_elbo
@@ -141,7 +136,6 @@ _SMOKE = {"epochs": 1, "steps_per_epoch": 3, "latents": 8, "hidden": (64, 32), "
 NP_MASS = 0.999  # the mass GenGS-NP's automatic truncation captures
 _RATE_FLOOR = 1e-4  # keeps softplus outputs (Poisson rates, NB total counts) positive in float32
 _CURVE_TRAIN_IMAGES = 10_000  # training images scored after each epoch
-_EVAL_BINARIZATION_SEED = 0  # one fixed binarization of the evaluation images, for every run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,15 +218,6 @@ PRIORS = {
 
 
 # --- Model, guide and estimators --------------------------------------------------------------
-
-
-def _mlp(sizes) -> nn.Sequential:
-    layers = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 @dataclasses.dataclass
@@ -477,42 +462,16 @@ _STORED_BEFORE = {"device": "cpu"}
 def _record_settings(record) -> dict:
     """The settings of the run that made ``record``, as ``dataclasses.asdict`` of its
     :class:`_Settings` (a setting that an older record lacks is the one it ran with)."""
-    return {
-        field.name: record.get(field.name, _STORED_BEFORE.get(field.name))
-        for field in dataclasses.fields(_Settings)
-    }
+    return image_vae.record_settings(_Settings, record, _STORED_BEFORE)
 
 
 def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
     label = f"vae-{settings.dataset}-{settings.prior}-{settings.estimator}-seed{settings.seed}"
-    values = dataclasses.asdict(settings)
-    return common.Checkpoint(common.checkpoint_path(results, label, values), values)
+    return image_vae.settings_checkpoint(results, label, settings)
 
 
 def _after_epoch(epoch: int) -> None:
     """Called after each epoch's checkpoint is written (the tests interrupt runs here)."""
-
-
-def _restore_params(state: dict, modules: dict) -> None:
-    """Loads the networks' weights and the other Pyro params (REINFORCE's baseline) from a
-    param store state saved by ``pyro.get_param_store().get_state()``."""
-    params, constraints = dict(state["params"]), dict(state["constraints"])
-    for name, module in modules.items():
-        prefix = param_with_module_name(name, "")
-        weights = {k[len(prefix) :]: params.pop(k) for k in list(params) if k.startswith(prefix)}
-        module.load_state_dict(weights)
-        for key in [k for k in constraints if k.startswith(prefix)]:
-            del constraints[key]
-    store = pyro.get_param_store()
-    store.clear()
-    store.set_state({"params": params, "constraints": constraints})
-
-
-def _evaluation_images(data, binarization: str, device):
-    generator = torch.Generator().manual_seed(_EVAL_BINARIZATION_SEED)
-    train = binarize(data.train_images, binarization, generator).to(device)
-    test = binarize(data.test_images, binarization, generator).to(device)
-    return train, test
 
 
 def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
@@ -527,8 +486,8 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     common.seed_everything(settings.seed)
     pyro.clear_param_store()
     k = prior.truncation if settings.estimator == "GenGS-IMP" else prior.num_guide_parameters
-    encoder = _mlp([data.num_pixels, *settings.hidden, settings.latents * k]).to(device)
-    decoder = _mlp([settings.latents, *settings.hidden[::-1], data.num_pixels]).to(device)
+    encoder = image_vae.mlp([data.num_pixels, *settings.hidden, settings.latents * k]).to(device)
+    decoder = image_vae.mlp([settings.latents, *settings.hidden[::-1], data.num_pixels]).to(device)
     steps = settings.steps_per_epoch
     schedule = ExponentialDecay(1.0, 0.1, steps=max(settings.epochs * steps, 1), device=device)
     estimator = build_estimator(
@@ -537,7 +496,7 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     optimizer = pyro.optim.Adam({"lr": settings.lr})
     svi = SVI(estimator.model, estimator.guide, optimizer, estimator.loss)
     generator = torch.Generator().manual_seed(settings.seed)
-    eval_train, eval_test = _evaluation_images(data, settings.binarization, device)
+    eval_train, eval_test = image_vae.evaluation_images(data, settings.binarization, device)
     prior_dist = prior.distribution(device)
     model = scoring_model(prior_dist, decoder, settings.latents)
 
@@ -549,7 +508,7 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     if state is not None and "record" in state:
         return state["record"]
     if state is not None:
-        _restore_params(state["params"], {"encoder": encoder, "decoder": decoder})
+        image_vae.restore_params(state["params"], {"encoder": encoder, "decoder": decoder})
         optimizer.set_state(state["optimizer"])
         schedule.step_count = state["schedule_step"]
         schedule.temperature.fill_(schedule.value_at(schedule.step_count))
@@ -771,18 +730,9 @@ def write_reports(results: Path, records) -> None:
 # --- Command line -----------------------------------------------------------------------------
 
 
-def _hidden(text: str) -> tuple:
-    try:
-        sizes = tuple(int(size) for size in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"takes comma-separated positive sizes, got {text!r}")
-    return sizes
-
-
 def add_arguments(parser) -> None:
     """Adds this experiment's options to its subcommand's ``parser``."""
+    image_vae.add_training_arguments(parser, default_epochs=DEFAULT_EPOCHS, default_batch_size=100)
     parser.add_argument(
         "--prior",
         nargs="+",
@@ -797,64 +747,32 @@ def add_arguments(parser) -> None:
         choices=[*ESTIMATORS, "all"],
         help="estimator(s), or all (default: all)",
     )
-    parser.add_argument(
-        "--epochs", type=positive_int, help=f"training epochs (default {DEFAULT_EPOCHS}; smoke: 1)"
-    )
-    parser.add_argument(
-        "--steps-per-epoch",
-        type=positive_int,
-        help="cap on the batches per epoch (default: all; smoke: 3)",
-    )
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="default: mnist")
-    parser.add_argument(
-        "--data-dir", help="directory of the IDX files (default: see pyro_relax.experiments.data)"
-    )
     parser.add_argument("--binarization", choices=BINARIZATIONS, default="dynamic")
     parser.add_argument(
         "--latents", type=positive_int, help=f"number of count latents (default {DEFAULT_LATENTS})"
     )
     parser.add_argument(
         "--hidden",
-        type=_hidden,
+        type=image_vae.layer_sizes,
         help="encoder hidden sizes, mirrored in the decoder (default 512,256)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=100, help="default: 100")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument(
         "--eval-samples",
         type=integer_at_least(2),
         help="hard samples per image of the final score (default 5; smoke: 2)",
     )
-    parser.add_argument(
-        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
-    )
-    parser.add_argument(
-        "--no-validation",
-        action="store_true",
-        help="turn Pyro's argument and support checks off (faster)",
-    )
-
-
-def _expand(values, everything) -> list:
-    return list(everything) if "all" in values else list(dict.fromkeys(values))
 
 
 def _settings(args, data, prior: str, estimator: str) -> _Settings:
     """The settings of one run of the command line ``args`` on the data set ``data``."""
-    smoke = _SMOKE if args.smoke else {}
-
-    def pick(value, name, default):
-        return value if value is not None else smoke.get(name, default)
-
-    full_steps = len(data.train_images) // args.batch_size
-    cap = pick(args.steps_per_epoch, "steps_per_epoch", None)
+    pick = image_vae.smoke_picker(args, _SMOKE)
     return _Settings(
         dataset=data.name,
         prior=prior,
         estimator=estimator,
         seed=args.seed,
         epochs=pick(args.epochs, "epochs", DEFAULT_EPOCHS),
-        steps_per_epoch=min(full_steps, cap or full_steps),
+        steps_per_epoch=image_vae.steps_per_epoch(args, data, pick),
         batch_size=args.batch_size,
         lr=args.lr,
         latents=pick(args.latents, "latents", DEFAULT_LATENTS),
@@ -869,8 +787,8 @@ def _pairs(args) -> list:
     """The (prior, estimator) runs the command asks for. A pair that cannot run stops the
     command before anything trains when both were named, and is left out under ``all``."""
     pairs = []
-    for prior in _expand(args.prior, PRIORS):
-        for estimator in _expand(args.estimator, ESTIMATORS):
+    for prior in image_vae.expand(args.prior, PRIORS):
+        for estimator in image_vae.expand(args.estimator, ESTIMATORS):
             if estimator == "REINFORCE-KL" and PRIORS[prior].family == "negative_binomial":
                 if "all" not in args.estimator:
                     raise common.ExperimentError(

@@ -1,0 +1,163 @@
+"""What the three image VAE experiments share (``vae``, ``gst-vae`` and ``igr-vae``): their
+networks, the evaluation images, restoring a checkpoint's parameters, the settings that
+identify a record, and the command-line options of training on an image data set."""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.params.param_store import param_with_module_name
+from torch import nn
+
+from pyro_relax._cli import positive_float, positive_int
+from pyro_relax.experiments import common
+from pyro_relax.experiments.data import DATASETS, binarize
+
+__all__ = [
+    "EVAL_BINARIZATION_SEED",
+    "add_training_arguments",
+    "evaluation_images",
+    "expand",
+    "layer_sizes",
+    "mlp",
+    "record_settings",
+    "restore_params",
+    "settings_checkpoint",
+    "smoke_picker",
+    "steps_per_epoch",
+]
+
+EVAL_BINARIZATION_SEED = 0  # one fixed binarization of the evaluation images, for every run
+
+
+def mlp(sizes) -> nn.Sequential:
+    """Linear layers of the given sizes with a ReLU between each two (none after the last).
+
+    Example:
+        >>> mlp([4, 3, 2])
+        Sequential(
+          (0): Linear(in_features=4, out_features=3, bias=True)
+          (1): ReLU()
+          (2): Linear(in_features=3, out_features=2, bias=True)
+        )
+    """
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def evaluation_images(data, binarization: str, device):
+    """The training and test images binarized once, with :data:`EVAL_BINARIZATION_SEED` (the
+    same images for every run), on ``device``."""
+    generator = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)
+    train = binarize(data.train_images, binarization, generator).to(device)
+    test = binarize(data.test_images, binarization, generator).to(device)
+    return train, test
+
+
+def restore_params(state: dict, modules: dict) -> None:
+    """Loads the networks' weights into ``modules`` (name -> ``nn.Module`` registered with
+    ``pyro.module(name, ...)``) and puts every other Pyro param (a baseline, a flow's
+    parameters) back in the param store, from a state saved by
+    ``pyro.get_param_store().get_state()``."""
+    params, constraints = dict(state["params"]), dict(state["constraints"])
+    for name, module in modules.items():
+        prefix = param_with_module_name(name, "")
+        weights = {k[len(prefix) :]: params.pop(k) for k in list(params) if k.startswith(prefix)}
+        module.load_state_dict(weights)
+        for key in [k for k in constraints if k.startswith(prefix)]:
+            del constraints[key]
+    store = pyro.get_param_store()
+    store.clear()
+    store.set_state({"params": params, "constraints": constraints})
+
+
+def record_settings(settings_class, record, stored_before=None) -> dict:
+    """The settings of the run that made ``record``, as ``dataclasses.asdict`` of its
+    ``settings_class`` instance; a setting that an older record lacks is the one it ran with,
+    from ``stored_before`` (else ``None``)."""
+    stored_before = stored_before or {}
+    return {
+        field.name: record.get(field.name, stored_before.get(field.name))
+        for field in dataclasses.fields(settings_class)
+    }
+
+
+def settings_checkpoint(results: Path, label: str, settings) -> common.Checkpoint:
+    """The checkpoint of the run with these ``settings`` (a settings dataclass), named by
+    ``label`` and a digest of every setting."""
+    values = dataclasses.asdict(settings)
+    return common.Checkpoint(common.checkpoint_path(results, label, values), values)
+
+
+def expand(values, everything) -> list:
+    """The choices named on the command line, in order and once each; ``all`` is every one."""
+    return list(everything) if "all" in values else list(dict.fromkeys(values))
+
+
+def layer_sizes(text: str) -> tuple:
+    """An argparse type: comma-separated positive layer sizes, such as ``512,256``."""
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"takes comma-separated positive sizes, got {text!r}")
+    return sizes
+
+
+def add_training_arguments(parser, *, default_epochs: int, default_batch_size: int) -> None:
+    """Adds the options of training on an image data set: ``--epochs``,
+    ``--steps-per-epoch``, ``--dataset``, ``--data-dir``, ``--batch-size``, ``--lr``,
+    ``--threads`` and ``--no-validation``."""
+    parser.add_argument(
+        "--epochs", type=positive_int, help=f"training epochs (default {default_epochs}; smoke: 1)"
+    )
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=positive_int,
+        help="cap on the batches per epoch (default: all; smoke: 3)",
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="default: mnist")
+    parser.add_argument(
+        "--data-dir", help="directory of the IDX files (default: see pyro_relax.experiments.data)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=default_batch_size,
+        help=f"default: {default_batch_size}",
+    )
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate")
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="turn Pyro's argument and support checks off (faster)",
+    )
+
+
+def smoke_picker(args, smoke: dict):
+    """``pick(value, name, default)``: the option's ``value`` if given, else under ``--smoke``
+    the smoke setting ``name``, else ``default``."""
+    chosen = smoke if args.smoke else {}
+
+    def pick(value, name, default):
+        return value if value is not None else chosen.get(name, default)
+
+    return pick
+
+
+def steps_per_epoch(args, data, pick) -> int:
+    """The batches each epoch trains on: every full batch of the training set, or fewer with
+    ``--steps-per-epoch`` (a cap above that changes nothing, so names the same run)."""
+    full_steps = len(data.train_images) // args.batch_size
+    cap = pick(args.steps_per_epoch, "steps_per_epoch", None)
+    return min(full_steps, cap or full_steps)
