@@ -689,13 +689,8 @@ def _gradient_draws(text: str) -> int:
 
 def add_arguments(parser) -> None:
     """Adds this experiment's options to its subcommand's ``parser``."""
-    image_vae.add_training_arguments(parser, default_epochs=DEFAULT_EPOCHS, default_batch_size=100)
-    parser.add_argument(
-        "--estimator",
-        nargs="+",
-        default=["all"],
-        choices=[*ESTIMATORS, "all"],
-        help="estimator(s), or all (default: all)",
+    image_vae.add_training_arguments(
+        parser, estimators=ESTIMATORS, default_epochs=DEFAULT_EPOCHS, default_batch_size=100
     )
     parser.add_argument(
         "--temperature",

@@ -694,13 +694,8 @@ def write_reports(results: Path, records) -> None:
 
 def add_arguments(parser) -> None:
     """Adds this experiment's options to its subcommand's ``parser``."""
-    image_vae.add_training_arguments(parser, default_epochs=DEFAULT_EPOCHS, default_batch_size=64)
-    parser.add_argument(
-        "--estimator",
-        nargs="+",
-        default=["all"],
-        choices=[*ESTIMATORS, "all"],
-        help="estimator(s), or all (default: all)",
+    image_vae.add_training_arguments(
+        parser, estimators=ESTIMATORS, default_epochs=DEFAULT_EPOCHS, default_batch_size=64
     )
     parser.add_argument(
         "--temperature-pair",

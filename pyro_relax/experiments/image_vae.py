@@ -111,10 +111,19 @@ def layer_sizes(text: str) -> tuple:
     return sizes
 
 
-def add_training_arguments(parser, *, default_epochs: int, default_batch_size: int) -> None:
-    """Adds the options of training on an image data set: ``--epochs``,
-    ``--steps-per-epoch``, ``--dataset``, ``--data-dir``, ``--batch-size``, ``--lr``,
-    ``--threads`` and ``--no-validation``."""
+def add_training_arguments(
+    parser, *, estimators, default_epochs: int, default_batch_size: int
+) -> None:
+    """Adds the options of training on an image data set: ``--estimator`` (some of
+    ``estimators``, or ``all``), ``--epochs``, ``--steps-per-epoch``, ``--dataset``,
+    ``--data-dir``, ``--batch-size``, ``--lr``, ``--threads`` and ``--no-validation``."""
+    parser.add_argument(
+        "--estimator",
+        nargs="+",
+        default=["all"],
+        choices=[*estimators, "all"],
+        help="estimator(s), or all (default: all)",
+    )
     parser.add_argument(
         "--epochs", type=positive_int, help=f"training epochs (default {default_epochs}; smoke: 1)"
     )

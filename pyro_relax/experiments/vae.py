@@ -349,10 +349,11 @@ class AnalyticKLReinforce:
         log_likelihood = model_trace.nodes["x"]["fn"].log_prob(x)
         kl = torch.distributions.kl_divergence(q, model_trace.nodes["z"]["fn"])
         signal = log_likelihood.detach()
-        baseline = pyro.param(self.baseline_name, lambda: signal.mean()).detach()
+        stored = pyro.param(self.baseline_name, lambda: signal.mean())
+        baseline = stored.detach()
         surrogate = -(log_likelihood + (signal - baseline) * q.log_prob(z) - kl).sum()
-        updated = self.beta * baseline + (1 - self.beta) * signal.mean()
-        pyro.get_param_store()[self.baseline_name] = updated
+        with torch.no_grad():  # in place: one tensor for the whole run, as the optimizer sees it
+            stored.mul_(self.beta).add_((1 - self.beta) * signal.mean())
         neg_elbo = -(signal - kl.detach()).sum()
         return surrogate + (neg_elbo - surrogate).detach()
 
@@ -732,20 +733,15 @@ def write_reports(results: Path, records) -> None:
 
 def add_arguments(parser) -> None:
     """Adds this experiment's options to its subcommand's ``parser``."""
-    image_vae.add_training_arguments(parser, default_epochs=DEFAULT_EPOCHS, default_batch_size=100)
+    image_vae.add_training_arguments(
+        parser, estimators=ESTIMATORS, default_epochs=DEFAULT_EPOCHS, default_batch_size=100
+    )
     parser.add_argument(
         "--prior",
         nargs="+",
         default=["Pois(2)"],
         choices=[*PRIORS, "all"],
         help="prior(s), or all (default: Pois(2))",
-    )
-    parser.add_argument(
-        "--estimator",
-        nargs="+",
-        default=["all"],
-        choices=[*ESTIMATORS, "all"],
-        help="estimator(s), or all (default: all)",
     )
     parser.add_argument("--binarization", choices=BINARIZATIONS, default="dynamic")
     parser.add_argument(
