@@ -45,24 +45,55 @@ def _counts(size: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _poisson_log_pmf(base: Poisson, k: torch.Tensor) -> torch.Tensor:
+    rate = base.rate.unsqueeze(-1)
+    return _log_pmf_of_rate(rate, torch.log(rate), k)
+
+
+def _log_pmf_of_rate(rate, log_rate, k):
     # The rate is positive: k * log(rate) needs no xlogy, and the log is taken per rate, not
     # per (rate, k) pair (this is the hot path of GenGSPoisson).
-    rate = base.rate.unsqueeze(-1)
-    return torch.addcmul(-rate - torch.lgamma(k + 1), k, torch.log(rate))
+    return torch.addcmul(-rate - torch.lgamma(k + 1), k, log_rate)
+
+
+class _PoissonLogTail(torch.autograd.Function):
+    r""":math:`\log P(X \geq m)` of :math:`X \sim \operatorname{Poisson}(\lambda)`, for
+    :math:`m \geq 0`, with its derivative in closed form.
+
+    :math:`P(X \geq m)` is the regularized lower incomplete gamma function
+    :math:`P(m, \lambda)`, whose derivative in :math:`\lambda` is the PMF at :math:`m - 1`; so
+    :math:`\partial_\lambda \log P(X \geq m) = \exp(\log p(m - 1) - \log P(X \geq m))`, exact
+    also where the value comes from the series below. One backward of a few operators replaces
+    autograd's trip through ``igamma``, the series and three selections (the tail is in every
+    GenGS Poisson's rsample, and at small sizes each operator is a kernel launch on a GPU).
+    """
+
+    @staticmethod
+    def forward(ctx, rate, k):
+        # gammainc underflows far in the tail; there rate << m and the geometric series
+        # pmf(m) / (1 - rate / (m + 1)) bounds the tail to relative error O(rate / m^2).
+        m = k.clamp(min=1)
+        log_rate = torch.log(rate)
+        tail = torch.special.gammainc(m, rate)
+        finfo = torch.finfo(tail.dtype)
+        accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
+        series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(-(rate / (m + 1)).clamp(max=0.5))
+        log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
+        log_tail = log_tail.masked_fill(k == 0, 0.0)
+        # The output is saved as such and the log recomputed, so that the backward stays
+        # differentiable (a guide's gradient may itself be differentiated).
+        ctx.save_for_backward(rate, m, k, log_tail)
+        return log_tail
+
+    @staticmethod
+    def backward(ctx, grad):
+        rate, m, k, log_tail = ctx.saved_tensors
+        log_density = _log_pmf_of_rate(rate, torch.log(rate), m - 1)
+        grad_rate = (grad * torch.exp(log_density - log_tail)).masked_fill(k == 0, 0.0)
+        return grad_rate.sum_to_size(rate.shape), None
 
 
 def _poisson_log_sf(base: Poisson, k: torch.Tensor, size: int) -> torch.Tensor:
-    # P(X >= m) is the regularized lower incomplete gamma function P(m, rate), differentiable in
-    # the rate. It underflows far in the tail; there rate << m and the geometric series
-    # pmf(m) / (1 - rate / (m + 1)) bounds the tail to relative error O(rate / m^2).
-    rate = base.rate.unsqueeze(-1)
-    m = k.clamp(min=1)
-    tail = torch.special.gammainc(m, rate)
-    finfo = torch.finfo(tail.dtype)
-    accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
-    series = _poisson_log_pmf(base, m) - torch.log1p(-(rate / (m + 1)).clamp(max=0.5))
-    log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
-    return torch.where(k == 0, torch.zeros_like(log_tail), log_tail)
+    return _PoissonLogTail.apply(base.rate.unsqueeze(-1), k)
 
 
 def _geometric_log_pmf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
