@@ -72,9 +72,10 @@ class _RelaxedOneHotMap(torch.autograd.Function):
     The scores are floored, relative to their row maximum, where ``exp`` would return a
     subnormal number: x86 CPUs compute those about 100 times slower (a truncated Poisson PMF at
     low temperature is full of them), and a weight below ``n * tiny`` is zero to the dtype
-    anyway. ``floor`` is ``-inf`` for outcomes excluded by a ``-inf`` logit, which keep weight
-    exactly 0. The softmax is taken as ``exp(s - logsumexp(s))``, as in torch's relaxed
-    categorical: torch's softmax kernel is several times slower on rows as short as 15 on CPU.
+    anyway. ``floor`` is that lowest score relative to the maximum, a number; outcomes excluded
+    by a ``-inf`` score keep weight exactly 0. The softmax is taken as
+    ``exp(s - logsumexp(s))``, as in torch's relaxed categorical: torch's softmax kernel is
+    several times slower on rows as short as 15 on CPU.
 
     The backward is the softmax Jacobian applied to the combined upstream gradient,
     :math:`\partial L / \partial s = w \odot (G - \langle w, G \rangle)` with
@@ -84,8 +85,11 @@ class _RelaxedOneHotMap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, floor, outcomes):
-        scores = scores.clamp(min=scores.amax(-1, keepdim=True) + floor)
-        weights = (scores - scores.logsumexp(-1, keepdim=True)).exp()
+        # One new tensor of the scores' size, updated in place (no graph is recorded here).
+        excluded = scores.isneginf()
+        weights = scores.clamp(min=scores.amax(-1, keepdim=True) + floor)
+        weights.masked_fill_(excluded, -math.inf)
+        weights.sub_(weights.logsumexp(-1, keepdim=True)).exp_()
         ctx.save_for_backward(weights, outcomes)
         ctx.set_materialize_grads(False)
         if _autocast_enabled(scores.device.type):
@@ -108,7 +112,10 @@ class _RelaxedOneHotMap(torch.autograd.Function):
             upstream = mapped if upstream is None else upstream + mapped
         if upstream is None:
             return None, None, None
-        return weights * (upstream - (weights * upstream).sum(-1, keepdim=True)), None, None
+        # w * (G - <w, G>), with one new tensor of the weights' size.
+        grad_scores = weights * upstream
+        grad_scores.addcmul_(weights, grad_scores.sum(-1, keepdim=True), value=-1)
+        return grad_scores, None, None
 
 
 class TruncatedGenGS(TorchDistribution):
@@ -284,7 +291,9 @@ class TruncatedGenGS(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()):
         shape = torch.Size(sample_shape) + self.logits.shape
-        perturbed = (self.logits + gumbel_like(self.logits, shape)) / self.temperature.unsqueeze(-1)
+        # The noise tensor becomes the scores in place: one tensor of the sample's size fewer.
+        noise = gumbel_like(self.logits, shape)
+        perturbed = noise.add_(self.logits).div_(self.temperature.unsqueeze(-1))
         weights, value = _RelaxedOneHotMap.apply(perturbed, self._score_floor, self.outcomes)
         value = clamp_with_identity_gradient(value, *self._outcome_range)
         if self.hard:
@@ -296,12 +305,10 @@ class TruncatedGenGS(TorchDistribution):
         with torch.no_grad():
             return self.rsample(sample_shape)
 
-    @lazy_property
-    def _score_floor(self):
-        # Per outcome: -inf where the logit is -inf (the outcome stays excluded), else the
-        # lowest score, relative to the row maximum, whose weight is still a normal number.
-        floor = math.log(torch.finfo(self.logits.dtype).tiny) + math.log(self.num_outcomes) + 1
-        return torch.where(self.logits.isneginf(), -math.inf, floor)
+    @property
+    def _score_floor(self) -> float:
+        # The lowest score, relative to the row maximum, whose weight is still a normal number.
+        return math.log(torch.finfo(self.logits.dtype).tiny) + math.log(self.num_outcomes) + 1
 
     def log_prob(self, value):
         weights = carried(value, "weights")
