@@ -213,12 +213,14 @@ def model_and_guide(estimator, encoder, decoder, temperature, latents: int, cate
 def torch_loss(estimator, encoder, decoder, temperature, x, latents: int, categories: int):
     """The negative ELBO that ``TraceMeanField_ELBO`` computes for :func:`model_and_guide`,
     summed over the batch ``x``, written without Pyro: the straight-through sample's Bernoulli
-    log-likelihood minus torch's categorical KL to the uniform prior."""
+    log-likelihood minus the KL to the uniform one-hot prior (the KL the library registers and
+    ``TraceMeanField_ELBO`` takes; torch's categorical KL would read the host on a GPU)."""
     logits = encoder(x).view(x.shape[0], latents, categories)
-    z = guide_distribution(estimator, temperature, logits).rsample()
+    guide = guide_distribution(estimator, temperature, logits)
+    z = guide.rsample()
     log_likelihood = torch.distributions.Bernoulli(logits=decoder(z.flatten(-2))).log_prob(x)
-    uniform = torch.distributions.Categorical(logits=torch.zeros_like(logits))
-    kl = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logits), uniform)
+    uniform = torch.distributions.OneHotCategorical(logits=torch.zeros_like(logits))
+    kl = torch.distributions.kl_divergence(guide, uniform)
     return (kl.sum(-1) - log_likelihood.sum(-1)).sum()
 
 
