@@ -1,8 +1,8 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-LINTED := pyro_relax tests benchmarks docs tutorials
+LINTED := pyro_relax tests benchmarks docs tutorials examples
 
-.PHONY: torch demo test lint docs tutorials bench
+.PHONY: torch demo test lint docs tutorials bench gpu-check
 
 # Install torch before the package: with no torch present, pip resolves `torch>=2.1` to the
 # newest CUDA build (several GB). 2.13.0 is the CPU wheel this project's machines carry.
@@ -38,3 +38,9 @@ tutorials: torch
 bench: torch
 	$(PIP) install -q -e ".[test]"
 	$(PYTHON) benchmarks/bench_gengs.py
+
+# On a machine with CUDA: the CUDA test set and every benchmark on the GPU, one report in
+# gpu-check/report.md (benchmarks/gpu_check.py says what it runs).
+gpu-check: torch
+	$(PIP) install -q -e ".[test]"
+	$(PYTHON) benchmarks/gpu_check.py --out gpu-check

@@ -20,6 +20,7 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import Poisson, RelaxedOneHotCategorical
 
 import pyro_relax
@@ -152,6 +153,94 @@ def table(device, repeats, number, validate_args) -> str:
     return "\n".join(lines)
 
 
+def _map_step(sampler, logits, values):
+    """A relaxed one-hot from ``sampler`` mapped to a relaxed count, then backpropagated."""
+    (sampler(logits) * values).sum().backward()
+
+
+def scale_compare(latents, outcomes, device, repeats):
+    """Milliseconds per call and peak step memory (MiB) of each side at one size.
+
+    Sides: GenGS (its PMF, relaxation and map to a count); torch's relaxed categorical and
+    ``F.gumbel_softmax``, each followed by the same linear map to a count (given standard
+    normal logits, their best case); and one device copy of the ``latents x outcomes`` relaxed
+    one-hot, the least an unfused pipeline moves.
+    """
+    generator = torch.Generator().manual_seed(0)
+    rate = (0.5 + 4.5 * torch.rand(latents, generator=generator)).to(device).requires_grad_()
+    logits = torch.randn(latents, outcomes, generator=generator).to(device).requires_grad_()
+    values = torch.arange(outcomes, dtype=logits.dtype, device=device)
+    temperature = torch.tensor(TEMPERATURE, device=device)
+    one_hot = logits.detach().softmax(-1)
+
+    def relaxed(x):
+        return RelaxedOneHotCategorical(temperature, logits=x, validate_args=False).rsample()
+
+    def run_gengs():
+        gengs_step(rate, temperature, outcomes, False)
+        rate.grad = None
+
+    def run_relaxed():
+        _map_step(relaxed, logits, values)
+        logits.grad = None
+
+    def run_gumbel():
+        _map_step(lambda x: F.gumbel_softmax(x, tau=TEMPERATURE), logits, values)
+        logits.grad = None
+
+    def run_copy():
+        one_hot.clone()
+
+    steps = (run_gengs, run_relaxed, run_gumbel, run_copy)
+    memory = [peak_step_memory(step, device) / 2**20 for step in steps]
+    for step in steps:
+        time_per_call(step, device, 2)  # warm-up
+    times = tuple([] for _ in steps)
+    for repeat in range(repeats):
+        for offset in range(len(steps)):
+            side = (repeat + offset) % len(steps)
+            times[side].append(time_per_call(steps[side], device, 1))
+    return [statistics.median(t) for t in times], memory
+
+
+def peak_step_memory(step, device) -> float:
+    """Bytes held by tensors at the peak of one ``step()``, above those live before it (on CPU,
+    from the profiler's allocation events, as ``bench_gst.cpu_step_peak`` explains)."""
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from bench_gst import cpu_step_peak
+
+    return cpu_step_peak(step)
+
+
+def scale_table(device, sizes, repeats) -> str:
+    """The large-size comparison: ratios of GenGS's time to each side's, and memory ratio."""
+    header = ("latents x n", "GenGS", "relaxed", "gumbel", "copy", "/relaxed", "/gumbel")
+    header += ("/copy", "MiB GenGS", "MiB gumbel", "mem ratio")
+    lines = [
+        "{:>14} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>7} {:>10} {:>10} {:>9}".format(*header)
+    ]
+    for latents, outcomes in sizes:
+        (gengs, relaxed, gumbel, copy), memory = scale_compare(latents, outcomes, device, repeats)
+        lines.append(
+            f"{f'{latents:.0e} x {outcomes}':>14} {gengs:>7.2f} ms {relaxed:>7.2f} ms "
+            f"{gumbel:>7.2f} ms {copy:>7.3f} ms {gengs / relaxed:>8.2f} {gengs / gumbel:>8.2f} "
+            f"{gengs / copy:>7.1f} {memory[0]:>10.1f} {memory[2]:>10.1f} "
+            f"{memory[0] / memory[2]:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _size(text: str) -> tuple[int, int]:
+    latents, outcomes = text.lower().split("x")
+    return int(float(latents)), int(outcomes)
+
+
 def profile(truncation, device, number: int) -> str:
     """Profiler tables of both sides (ops sorted by self time) for one truncation."""
     from torch.profiler import ProfilerActivity
@@ -182,7 +271,19 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also profile GenGS")
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        type=_size,
+        help="LATENTSxOUTCOMES of the large-size table, e.g. 1e4x32 (default: 1e4x32 1e5x32, "
+        "and 1e6x32 1e6x128 on CUDA; none: skip it)",
+    )
+    parser.add_argument("--scale-repeats", type=int, default=10, help="repetitions per size")
     args = parser.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [(10**4, 32), (10**5, 32)]
+        if args.device.startswith("cuda"):
+            args.sizes += [(10**6, 32), (10**6, 128)]
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -193,6 +294,14 @@ def main(argv=None) -> None:
     for validate_args in (False, True):
         print(f"\nvalidate_args={validate_args}")
         print(table(device, args.repeats, args.number, validate_args))
+    if args.sizes:
+        print(
+            "\nlarge sizes, validate_args=False: GenGS against torch's relaxed categorical and "
+            "F.gumbel_softmax (each with the linear map to a count) and one copy of the "
+            "one-hot;\nmedian ms over "
+            f"{args.scale_repeats} alternating calls; peak step memory of GenGS and gumbel"
+        )
+        print(scale_table(device, args.sizes, args.scale_repeats))
     if args.profile:
         for n in TRUNCATIONS:
             print(f"\nprofiles, validate_args=False\n{profile(n, device, args.number)}")

@@ -38,14 +38,16 @@ def _plates(batch_shape):
 def _model_and_guide(example):
     batch_shape = example.build().batch_shape
 
-    def model():
+    def model(temperature=None):
         with _plates(batch_shape):
             return pyro.sample("z", example.prior())
 
-    def guide():
+    def guide(temperature=None):
         params = example.parameters()
         for name, constraint in example.learnable.items():
             params[name] = pyro.param(name, params[name], constraint=constraint)
+        if temperature is not None:  # an argument: an input of a JIT trace, not a constant
+            params["temperature"] = temperature
         with _plates(batch_shape):
             return pyro.sample("z", example.build(params))
 
@@ -110,6 +112,36 @@ def test_jit_trace_elbo_without_tracer_warnings_from_the_library(example):
         if issubclass(w.category, torch.jit.TracerWarning) and "pyro_relax" in w.filename
     ]
     assert not ours or not example.static_shapes, ours
+
+
+def _gradients(elbo, model, guide, temperature):
+    for value in pyro.get_param_store().values():
+        value.unconstrained().grad = None
+    pyro.set_rng_seed(1)
+    elbo.loss_and_grads(model, guide, temperature)
+    return {name: value.unconstrained().grad for name, value in pyro.get_param_store().items()}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(
+    "example",
+    [e for e in EXAMPLES if e.id in ("GenGSPoisson", "IGR", "STGSCategorical")],
+    ids=lambda e: e.id,
+)
+def test_jit_trace_elbo_follows_a_temperature_passed_as_an_argument(example):
+    # An annealed temperature that model and guide take as an argument is an input of the
+    # trace: after tracing at the first value, JitTrace_ELBO's gradients at the next ones equal
+    # Trace_ELBO's (docs/performance.md). A temperature read from outside them would be a
+    # constant of the trace instead.
+    model, guide, _ = _model_and_guide(example)
+    temperature = example.parameters()["temperature"]
+    jit = JitTrace_ELBO(ignore_jit_warnings=True)
+    jit.loss_and_grads(model, guide, temperature)
+    for annealed in (0.5 * temperature, 0.2 * temperature):
+        traced = _gradients(jit, model, guide, annealed)
+        expected = _gradients(Trace_ELBO(), model, guide, annealed)
+        for name, gradient in expected.items():
+            assert torch.allclose(traced[name], gradient, rtol=1e-6, atol=1e-10), name
 
 
 @with_prior

@@ -1,0 +1,152 @@
+"""The training-step benchmark runs, prints every row, and its hand-written PyTorch loop computes
+the loss that Pyro's ELBO computes for the same model and guide; the GPU check runs its steps and
+reports each one's outcome."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
+
+
+@pytest.fixture
+def bench_training(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other by name
+    import bench_training
+
+    return bench_training
+
+
+def test_smoke_run_prints_every_row(bench_training):
+    command = [sys.executable, str(BENCHMARKS / "bench_training.py"), "--smoke", "--threads", "1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")]
+    printed = {tuple(cell.strip("| ") for cell in row[:3]) for row in rows[1:]}
+    expected = set()
+    for model_name, estimator in bench_training.CASES:
+        pyro_sides = (
+            bench_training.SCORE_FUNCTION_SIDES
+            if estimator == "REINFORCE"
+            else bench_training.REPARAMETERIZED_SIDES
+        )
+        # Each Pyro side (name, ELBO, the torch loop it is compared with), and those loops.
+        for name, _, torch_loop in pyro_sides:
+            expected |= {(model_name, estimator, name), (model_name, estimator, torch_loop)}
+    assert printed == expected
+    assert "pyro_relax: none" in result.stdout  # no warning raised by the library's files
+
+
+def _case(bench_training, model_name, estimator):
+    builder = bench_training.count_case if model_name == "count VAE" else bench_training.gst_case
+    return builder(estimator, bench_training.SMOKE, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "model_name, estimator", [("count VAE", "GenGS-IMP"), ("GST VAE", "GST-1.0")]
+)
+def test_torch_losses_equal_pyros(bench_training, model_name, estimator):
+    case = _case(bench_training, model_name, estimator)
+    x = torch.bernoulli(torch.full((bench_training.SMOKE["batch"], 784), 0.3))
+    pairs = [(bench_training.monte_carlo_loss, Trace_ELBO)]
+    pairs += [(bench_training.analytic_kl_loss, TraceMeanField_ELBO)]
+    with pyro.validation_enabled(False):
+        for loss, elbo in pairs:
+            pyro.set_rng_seed(1)
+            expected = elbo(max_plate_nesting=1).loss(case.model, case.guide, x)
+            pyro.set_rng_seed(1)
+            assert loss(case)(x).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _gradients(case, compute):
+    for parameter in case.parameters:
+        parameter.grad = None
+    pyro.set_rng_seed(1)
+    compute()
+    return [parameter.grad.clone() for parameter in case.parameters]
+
+
+def test_score_function_loss_has_tracegraph_elbos_gradient(bench_training):
+    # Three steps: the decaying-average baseline starts at zero, then follows the costs.
+    case = _case(bench_training, "count VAE", "REINFORCE")
+    x = torch.bernoulli(torch.full((bench_training.SMOKE["batch"], 784), 0.3))
+    loss, elbo = bench_training.score_function_loss(case), TraceGraph_ELBO(max_plate_nesting=1)
+    with pyro.validation_enabled(False):
+        for _ in range(3):
+            ours = _gradients(case, lambda: loss(x).backward())
+            pyros = _gradients(case, lambda: elbo.loss_and_grads(case.model, case.guide, x))
+            for a, b in zip(ours, pyros, strict=True):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# torch 2.13 deprecates torch.jit.trace, which Pyro's JIT ELBOs call (not our code).
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_repaired_jit_mean_field_elbo_traces_once(bench_training, monkeypatch):
+    traces = []
+    trace = torch.jit.trace
+
+    def counting_trace(*args, **kwargs):
+        traces.append(args[0])
+        return trace(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", counting_trace)
+    case = _case(bench_training, "GST VAE", "STGS")
+    x = torch.bernoulli(torch.full((bench_training.SMOKE["batch"], 784), 0.3))
+    elbo = bench_training.CachedJitTraceMeanField_ELBO(
+        max_plate_nesting=1, ignore_jit_warnings=True
+    )
+    with pyro.validation_enabled(False):
+        for _ in range(3):
+            elbo.loss_and_grads(case.model, case.guide, x)
+    assert len(traces) == 1
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_gpu_check_refuses_without_cuda(gpu_check, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpu_check.main(["--out", "unused"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
+
+
+def test_gpu_check_reports_every_step_and_fails_on_any(gpu_check, monkeypatch, tmp_path):
+    # Fake steps (one passes, one fails, one outlives its time limit): the report names each
+    # outcome, is written before the next step starts, and the run's status is a failure.
+    python = [sys.executable, "-c"]
+    fake = {
+        "tests": python + ["print('passed')"],
+        "bench_gengs": python + ["import sys; print('broken'); sys.exit(3)"],
+        "bench_igr": python + ["import time; print('slow', flush=True); time.sleep(30)"],
+    }
+    monkeypatch.setattr(gpu_check, "commands", lambda device, quick, data: fake)
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--timeout", "3", "--steps", *fake]
+    assert gpu_check.main(argv) == 1
+    report = (tmp_path / "report.md").read_text()
+    assert "**failed: bench_gengs, bench_igr** (3 steps run)" in report
+    assert "exit status 0" in report and "exit status 3" in report and "timed out" in report
+    assert "passed" in report and "broken" in report
+    assert "device cpu" in report
+
+
+def test_gpu_check_runs_a_real_step_on_the_cpu(gpu_check, tmp_path):
+    # The real command line of one step, with the paths and environment the script sets up.
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--steps", "kernel_counts"]
+    assert gpu_check.main(argv) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "**all steps passed** (1 steps run)" in report
+    assert "GenGSPoisson rsample+backward" in report
