@@ -85,7 +85,6 @@ from pyro.infer import (
 )
 from torch.distributions import kl_divergence
 
-from pyro_relax import TruncatedGenGS
 from pyro_relax._cli import integer_at_least
 from pyro_relax.experiments import gst_vae, image_vae, vae
 
@@ -153,28 +152,24 @@ def bernoulli_likelihood(decoder, flatten):
 
 
 def count_case(estimator, sizes, device):
-    """The count VAE of ``vae.build_estimator``; ``guide_dist`` is the guide it builds."""
+    """The count VAE of ``vae.build_estimator``, with the guide distribution it builds."""
     prior, latents, hidden = vae.PRIORS[COUNT_PRIOR], sizes["count_latents"], sizes["hidden"]
     width = prior.truncation if estimator == "GenGS-IMP" else prior.num_guide_parameters
     encoder = image_vae.mlp([PIXELS, *hidden, latents * width]).to(device)
     decoder = image_vae.mlp([latents, *hidden[::-1], PIXELS]).to(device)
     temperature = torch.tensor(COUNT_TEMPERATURE, device=device)
     built = vae.build_estimator(estimator, prior, encoder, decoder, temperature, latents)
-
-    def guide_dist(x):
-        raw = encoder(x).view(x.shape[0], latents, -1)
-        if estimator == "GenGS-IMP":
-            return TruncatedGenGS(temperature, logits=raw)
-        kwargs = prior.guide_kwargs(raw)
-        if estimator == "GenGS":
-            return prior.relaxed(temperature, prior.truncation, tail_tolerance=None, **kwargs)
-        return prior.distribution(**kwargs)
-
     parameters = [*encoder.parameters(), *decoder.parameters()]
     likelihood = bernoulli_likelihood(decoder, flatten=False)
     reparameterized = estimator != "REINFORCE"
     return Case(
-        built.model, built.guide, guide_dist, built.prior, likelihood, parameters, reparameterized
+        built.model,
+        built.guide,
+        built.guide_dist,
+        built.prior,
+        likelihood,
+        parameters,
+        reparameterized,
     )
 
 

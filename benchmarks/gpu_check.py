@@ -25,13 +25,13 @@ tiny settings on the CPU (the test suite does, so that this script cannot rot).
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_gengs import machine as describe_machine  # the benchmarks' one description
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -76,22 +76,13 @@ def commands(device: str, quick: bool, data: str | None) -> dict:
 
 
 def machine(device: str) -> str:
-    lines = [
-        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-        f"- platform: {platform.platform()}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} logical CPUs",
-        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), device {device}",
-    ]
-    if device.startswith("cuda"):
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(torch.device(device))
-            lines.append(f"- GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB")
-        smi = _run_quietly(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv"])
-        if smi:
-            lines.append(f"- nvidia-smi: {smi.replace(chr(10), '; ')}")
-    revision = _run_quietly(["git", "describe", "--always", "--dirty"])
-    lines.append(f"- pyro-relax commit: {revision or 'unknown (not a git checkout)'}")
-    return "\n".join(lines)
+    """The benchmarks' description of the machine, with the date and the GPU's driver."""
+    lines = [f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, device {device}"]
+    lines += describe_machine(torch.device(device)).splitlines()
+    smi = _run_quietly(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv"])
+    if smi:
+        lines.append(f"nvidia-smi: {smi.replace(chr(10), '; ')}")
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def _run_quietly(command) -> str:

@@ -78,17 +78,18 @@ class _PoissonLogTail(torch.autograd.Function):
         accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
         series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(-(rate / (m + 1)).clamp(max=0.5))
         log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
-        log_tail = log_tail.masked_fill(k == 0, 0.0)
+        at_zero = k == 0  # P(X >= 0) = 1, whatever the rate
+        log_tail = log_tail.masked_fill(at_zero, 0.0)
         # The output is saved as such and the log recomputed, so that the backward stays
         # differentiable (a guide's gradient may itself be differentiated).
-        ctx.save_for_backward(rate, m, k, log_tail)
+        ctx.save_for_backward(rate, m, at_zero, log_tail)
         return log_tail
 
     @staticmethod
     def backward(ctx, grad):
-        rate, m, k, log_tail = ctx.saved_tensors
+        rate, m, at_zero, log_tail = ctx.saved_tensors
         log_density = _log_pmf_of_rate(rate, torch.log(rate), m - 1)
-        grad_rate = (grad * torch.exp(log_density - log_tail)).masked_fill(k == 0, 0.0)
+        grad_rate = (grad * torch.exp(log_density - log_tail)).masked_fill(at_zero, 0.0)
         return grad_rate.sum_to_size(rate.shape), None
 
 

@@ -228,6 +228,7 @@ class _Estimator:
     model: object
     guide: object
     loss: object
+    guide_dist: object  # images -> the guide's distribution, batch (B, latents)
     discrete_guide: object  # images -> the guide's discrete distribution, batch (B, latents)
     truncation: int | None
     prior: object  # the model's prior over one latent (GenGS relaxation or count distribution)
@@ -317,7 +318,7 @@ def build_estimator(
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", guide_dist(x).to_event(1), infer=infer)
 
-    return _Estimator(estimator, model, guide, loss, discrete, truncation, prior_dist)
+    return _Estimator(estimator, model, guide, loss, guide_dist, discrete, truncation, prior_dist)
 
 
 class AnalyticKLReinforce:
