@@ -91,7 +91,8 @@ def test_smoke_run_writes_a_complete_record_for_every_estimator(tmp_path, capsys
     difference = igr["test_log_likelihood"] - gs["test_log_likelihood"]
     assert gaps.count("| digits | 0.5 |") == 1 and f"| {difference:.2f} |" in gaps
     assert (tmp_path / "igr_vae.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+    # Each run keeps its trained model (one checkpoint per estimator).
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == len(ESTIMATORS)
     assert "test log-likelihood" in capsys.readouterr().out
 
 
@@ -127,7 +128,54 @@ def test_an_interrupted_run_resumes_to_the_same_record(tmp_path, monkeypatch, es
         assert {k: v for k, v in a.items() if k != "seconds"} == {
             k: v for k, v in b.items() if k != "seconds"
         }
-    assert not list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))
+    assert len(list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))) == 1
+
+
+def test_a_trained_model_is_scored_again_without_training(tmp_path, monkeypatch, capsys):
+    options = ["--estimator", "IGR-I", "--epochs", "2"]
+    _smoke(tmp_path, *options)
+    [first] = json.loads((tmp_path / "igr_vae.json").read_text())
+
+    def no_training(epoch):
+        raise AssertionError(f"trained epoch {epoch} again")
+
+    monkeypatch.setattr(igr_vae, "_after_epoch", no_training)
+    capsys.readouterr()
+    _smoke(tmp_path, *options)  # the same settings: the same record, not even scored again
+    assert json.loads((tmp_path / "igr_vae.json").read_text()) == [first]
+
+    # Other evaluation settings score the kept model: a second record, the same training.
+    _smoke(tmp_path, *options, "--num-particles", "40", "--eval-images", "30")
+    assert "scoring the model trained in" in capsys.readouterr().err
+    records = json.loads((tmp_path / "igr_vae.json").read_text())
+    [again] = [r for r in records if r["num_particles"] == 40]
+    assert len(records) == 2 and again["eval_images"] == 30
+    assert again["history"] == first["history"] and again["seconds"] == first["seconds"]
+    assert again["test_log_likelihood"] != first["test_log_likelihood"]
+
+    # The rescored model is the trained one: scoring it with the first settings directly, from
+    # the parameters in the checkpoint, gives the first record's numbers.
+    [path] = (tmp_path / "checkpoints").glob("*.pt")
+    state = torch.load(path, weights_only=False)
+    assert state["epoch"] == 2 and state["record"]["num_particles"] == 40
+    argv = ["experiment", "igr-vae", "--smoke", "--threads", "1", *options]
+    args = build_parser(argv).parse_args(argv)
+    data = igr_vae.load_dataset("digits", None)
+    settings = igr_vae._settings(args, data, "IGR-I", "0.5")
+    torch.manual_seed(0)
+    encoder, decoder, _ = igr_vae._networks(settings, data.num_pixels, "cpu")
+    temperature = torch.tensor(settings.temperature)
+    estimator = build_estimator("IGR-I", encoder, decoder, temperature, settings.latents)
+    igr_vae.image_vae.restore_params(state["params"], estimator.modules)
+    _, test_images = igr_vae.image_vae.evaluation_images(data, settings.binarization, "cpu")
+    ll, _ = evaluate(
+        estimator,
+        test_images[: first["eval_images"]],
+        num_particles=first["num_particles"],
+        eval_samples=first["eval_samples"],
+        seed=first["seed"],
+    )
+    assert ll.value == pytest.approx(first["test_log_likelihood"], rel=1e-6)
 
 
 # --- The importance-sampled log-likelihood against the exact sum -------------------------------

@@ -251,7 +251,8 @@ def markdown_table(records, columns, formats=None) -> str:
 
 class Checkpoint:
     """The state of a run, saved atomically after each unit of work so that an interrupted run
-    resumes, and removed by the run only once its records are merged into the results.
+    resumes, and removed by the run only once its records are merged into the results (or kept
+    as the trained model, by a run that scores it again on request: ``igr-vae``).
 
     A finished run saves its record(s) here before merging them, so that a merge that fails
     (a damaged results file) loses nothing: the next run merges the saved record instead of

@@ -55,6 +55,11 @@ the epoch) and the same relaxed objective on the test set (``test_loss``, cheap:
 scores cost about a second per 25 images for IGR-I's quadrature and three for the Monte-Carlo
 categoricals, too much for every epoch).
 
+A run keeps its checkpoint in ``results/checkpoints`` (named by the training settings alone):
+once trained, it holds the trained model and the record of its score, so the same command run
+again with other ``--num-particles``, ``--eval-samples`` or ``--eval-images`` scores the same
+model without training (and adds a record with those settings); delete the file to train again.
+
 The paper's figures are in :data:`PAPER_TEST_LOG_LIKELIHOOD`; its Fashion-MNIST decoder is
 Gaussian on gray levels, ours Bernoulli on binarized images, so those are not comparable.
 """
@@ -378,12 +383,24 @@ def _record_settings(record) -> dict:
     return image_vae.record_settings(_Settings, record)
 
 
+# The settings of the scores, not of the training: a trained model is scored again with others.
+_EVALUATION_SETTINGS = ("num_particles", "eval_samples", "eval_images")
+
+
 def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
+    """The run's checkpoint, named by its *training* settings: it holds the training state
+    after each epoch and, once trained, the trained model and the record of its last score, and
+    the run keeps it (see :func:`train`)."""
     label = (
         f"igr-vae-{settings.dataset}-{settings.estimator}-{settings.temperature_pair}"
         f"-seed{settings.seed}"
     )
-    return image_vae.settings_checkpoint(results, label, settings)
+    values = {
+        key: value
+        for key, value in dataclasses.asdict(settings).items()
+        if key not in _EVALUATION_SETTINGS
+    }
+    return common.Checkpoint(common.checkpoint_path(results, label, values), values)
 
 
 def _after_epoch(epoch: int) -> None:
@@ -407,12 +424,25 @@ def _prior_probs(prior, seed: int, device) -> list:
         return [round(float(p), 4) for p in prior.discrete().probs]
 
 
-def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
-    """Trains one VAE (one estimator, one temperature, one seed) and returns its record.
+def _copy_params(state: dict) -> dict:
+    """A copy of a param store ``state`` whose tensors are new (scoring marks the stored
+    tensors with attributes that cannot be pickled)."""
+    params = {
+        name: value.detach().clone().requires_grad_(value.requires_grad)
+        for name, value in state["params"].items()
+    }
+    return {"params": params, "constraints": dict(state["constraints"])}
 
-    With a :class:`~pyro_relax.experiments.common.Checkpoint`, the state is saved after every
-    epoch and the finished record at the end, and a saved state is resumed (a saved record is
-    returned as it is); the caller removes the checkpoint once the record is merged.
+
+def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
+    """Trains one VAE (one estimator, one temperature, one seed), scores it and returns its
+    record.
+
+    With a :class:`~pyro_relax.experiments.common.Checkpoint` (see :func:`_checkpoint`), the
+    state is saved after every epoch and a saved state is resumed. The finished state stays in
+    the checkpoint with the record of its score: a rerun with the same settings returns that
+    record, and a rerun with other evaluation settings (``num_particles``, ``eval_samples``,
+    ``eval_images``) scores the trained model again without training.
     """
     device = torch.device(settings.device)
     common.seed_everything(settings.seed)
@@ -429,14 +459,18 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
 
     state = checkpoint.load() if checkpoint is not None else None
     start, history, seconds = 0, [], 0.0
-    if state is not None and "record" in state:
-        return state["record"]
     if state is not None:
+        record = state.pop("record", None)
+        if record is not None and _record_settings(record) == dataclasses.asdict(settings):
+            return record
         image_vae.restore_params(state["params"], estimator.modules)
         optimizer.set_state(state["optimizer"])
         generator.set_state(state["generator"])
         start, history, seconds = state["epoch"], state["history"], state["seconds"]
-        print(f"resuming {checkpoint.path} after epoch {start}", file=sys.stderr)
+        if start < settings.epochs:
+            print(f"resuming {checkpoint.path} after epoch {start}", file=sys.stderr)
+        else:
+            print(f"scoring the model trained in {checkpoint.path}", file=sys.stderr)
 
     steps = settings.steps_per_epoch
     desc = f"{settings.estimator} tau={settings.temperature}"
@@ -468,17 +502,16 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
                 }
             )
             bar.set_postfix(test=f"{history[-1]['test_loss']:.2f}", refresh=False)
+            state = {
+                "epoch": epoch + 1,
+                "params": pyro.get_param_store().get_state(),
+                "optimizer": optimizer.get_state(),
+                "generator": generator.get_state(),
+                "history": history,
+                "seconds": seconds,
+            }
             if checkpoint is not None:
-                checkpoint.save(
-                    {
-                        "epoch": epoch + 1,
-                        "params": pyro.get_param_store().get_state(),
-                        "optimizer": optimizer.get_state(),
-                        "generator": generator.get_state(),
-                        "history": history,
-                        "seconds": seconds,
-                    }
-                )
+                checkpoint.save(state)
             _after_epoch(epoch + 1)
 
     began = time.perf_counter()
@@ -510,7 +543,7 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
         "history": history,
     }
     if checkpoint is not None:
-        checkpoint.save({"record": record})
+        checkpoint.save({**state, "params": _copy_params(state["params"]), "record": record})
     return record
 
 
@@ -778,8 +811,8 @@ def run(args) -> int:
                 record = train(settings, data, checkpoint)
                 record["command"] = args.command_line
                 record["smoke"] = bool(args.smoke)
+                # The checkpoint stays: it holds the trained model, for scoring it again.
                 merged = common.update_records(path, [record], _record_settings)
-                checkpoint.remove()  # only now: until the merge, it holds the finished record
                 write_reports(results, merged)
                 print(
                     f"{record['dataset']} {estimator} tau={record['temperature']} seed "
