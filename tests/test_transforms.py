@@ -121,3 +121,35 @@ def test_softmax_plus_plus_inverts_underflowed_outputs_through_the_log_twin():
     expected = other.inv(t(x.double())).float()
     torch.testing.assert_close(other.inv(z), expected)
     assert torch.isfinite(t.inv(_plain(z))).all()  # without the twin: clamped, finite
+
+
+SOFTMAX_PLUS_PLUS = [t for t in TRANSFORMS if isinstance(t[1], SoftmaxPlusPlusTransform)]
+
+
+@pytest.mark.parametrize(
+    "transform, shape", [t[1:] for t in SOFTMAX_PLUS_PLUS], ids=[t[0] for t in SOFTMAX_PLUS_PLUS]
+)
+@pytest.mark.parametrize("outputs", ["z", "log z", "both"])
+def test_softmax_plus_plus_gradients_match_finite_differences(transform, shape, outputs):
+    # The fused backward of z and log z, first and second order, against finite differences,
+    # for each output alone (the other's gradient is None) and both together.
+    picked = {"z": [0], "log z": [1], "both": [0, 1]}[outputs]
+
+    def forward(x):
+        pair = transform.simplex_and_log(x)
+        return tuple(pair[i] for i in picked)
+
+    x = _inputs(shape).requires_grad_()
+    assert torch.autograd.gradcheck(forward, (x,))
+    assert torch.autograd.gradgradcheck(forward, (x,))
+
+
+def test_softmax_plus_plus_gradient_of_a_coordinate_near_one_is_accurate():
+    # At a low temperature the top coordinate rounds to 1 in float32; its gradient must still
+    # be the float64 one (to float32's resolution), not the difference of two rounded numbers.
+    x = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    transform = SoftmaxPlusPlusTransform(0.05)
+    jac32 = jacobian(lambda v: transform(v)[..., :-1], x[0])
+    jac64 = jacobian(lambda v: transform(v)[..., :-1], x[0].double())
+    assert transform(x)[0, 0] == 1.0
+    torch.testing.assert_close(jac32.double(), jac64, rtol=1e-4, atol=1e-30)

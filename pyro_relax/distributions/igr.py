@@ -34,10 +34,7 @@ from pyro_relax._numerics import (
 )
 from pyro_relax._numerics import scale as scale_constraint
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete
-from pyro_relax.transforms.softmax_plus_plus import (
-    SoftmaxPlusPlusTransform,
-    on_simplex,
-)
+from pyro_relax.transforms.softmax_plus_plus import SoftmaxPlusPlusTransform
 from pyro_relax.transforms.stick_breaking import SigmoidSticksTransform
 
 __all__ = ["IGR", "IGRCount", "IGRPlanar", "IGRStickBreaking", "igr_log_probs"]
@@ -467,18 +464,19 @@ class IGRStickBreaking(_IGRBase):
         kept = before.clamp(max=log_sticks.shape[-1] - 1) + 1
         return torch.arange(log_sticks.shape[-1], device=log_sticks.device) < kept
 
-    def _log_simplex(self, y):
-        """:math:`\\log z` and the mask of kept sticks, from the Gaussian pre-image."""
+    def _simplex(self, y):
+        """:math:`z`, :math:`\\log z` and the mask of kept sticks, from the Gaussian
+        pre-image."""
         log_sticks = self.transforms[0].log_sticks(y)
         kept = self._kept(log_sticks)
         # Dropped sticks get logit -inf: exact zeros, and the kept coordinates still sum to one.
         sticks = torch.where(kept, log_sticks.exp(), torch.full_like(log_sticks, -float("inf")))
-        return self.softmax_plus_plus.log_call(sticks), kept
+        return (*self.softmax_plus_plus.simplex_and_log(sticks), kept)
 
     def rsample(self, sample_shape=torch.Size()):
         y = self.base_dist.rsample(sample_shape)
-        log_z, kept = self._log_simplex(y)
-        z = carry(on_simplex(log_z), log_weights=log_z, kept_sticks=kept.sum(-1))
+        z, log_z, kept = self._simplex(y)
+        z = carry(z, log_weights=log_z, kept_sticks=kept.sum(-1))
         return self._tag(z, y)
 
     def _invert(self, value):
@@ -534,7 +532,7 @@ class IGRStickBreaking(_IGRBase):
         return torch.where(same_cut, log_density, torch.full_like(log_density, -math.inf))
 
     def _log_density(self, y):
-        log_z, kept = self._log_simplex(y)
+        _, log_z, kept = self._simplex(y)
         zero = torch.zeros_like(y)
         sticks = self.transforms[0]
         log_det_sticks = sticks.log_jacobian_diagonal(y)
