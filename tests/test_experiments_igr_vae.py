@@ -53,6 +53,7 @@ REQUIRED = (
     "latents",
     "categories",
     "planar_layers",
+    "architecture",
     "binarization",
     "eval_samples",
     "eval_images",
@@ -85,11 +86,11 @@ def test_smoke_run_writes_a_complete_record_for_every_estimator(tmp_path, capsys
         assert ll >= -neg_elbo - noise
         assert record["num_particles"] == 20 and record["eval_images"] == 50
     table, gaps = (tmp_path / "igr_vae.md").read_text().split("## IGR-I minus GS")
-    assert table.count("| digits | 0.5 |") == len(ESTIMATORS)
+    assert table.count("| digits | linear | 0.5 |") == len(ESTIMATORS)
     [igr] = [r for r in records if r["estimator"] == "IGR-I"]
     [gs] = [r for r in records if r["estimator"] == "GS"]
     difference = igr["test_log_likelihood"] - gs["test_log_likelihood"]
-    assert gaps.count("| digits | 0.5 |") == 1 and f"| {difference:.2f} |" in gaps
+    assert gaps.count("| digits | linear | 0.5 |") == 1 and f"| {difference:.2f} |" in gaps
     assert (tmp_path / "igr_vae.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Each run keeps its trained model (one checkpoint per estimator).
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == len(ESTIMATORS)
@@ -265,6 +266,7 @@ def test_the_command_line_gives_each_estimator_its_temperature(pair, estimator, 
     assert (settings.batch_size, settings.epochs, settings.steps_per_epoch) == (64, 100, 937)
     assert (settings.latents, settings.categories, settings.num_particles) == (20, 10, 1000)
     assert settings.binarization == "fixed" and settings.eval_images == 10_000
+    assert settings.architecture == "linear"
     assert settings.planar_layers == (2 if estimator == "IGR-Planar" else None)
 
 
@@ -346,6 +348,7 @@ def _record(estimator, seed, ll, neg_elbo, **overrides):
         "latents": 20,
         "categories": 10,
         "planar_layers": None,
+        "architecture": "linear",
         "binarization": "fixed",
         "num_particles": 1000,
         "eval_samples": 100,
@@ -372,13 +375,19 @@ def test_the_table_reports_means_and_sample_sds_over_seeds(tmp_path):
         _record("IGR-SB", 0, -99.5, 103.0),
         # Another number of epochs is another configuration: never pooled with the others.
         _record("IGR-I", 0, -120.0, 125.0, epochs=10),
+        # So is another architecture.
+        _record("IGR-I", 0, -90.0, 95.0, architecture="nonlinear"),
     ]
     igr_vae.write_reports(tmp_path, records)
     table = (tmp_path / "igr_vae.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| MNIST |")]
 
-    def row_of(estimator, epochs):
-        [row] = [r for r in rows if f"| {estimator} |" in r and f"| {epochs} |" in r]
+    def row_of(estimator, epochs, architecture="linear"):
+        [row] = [
+            r
+            for r in rows
+            if f"| {estimator} |" in r and f"| {epochs} |" in r and f"| {architecture} |" in r
+        ]
         return r_cells(row)
 
     def r_cells(row):
@@ -395,9 +404,34 @@ def test_the_table_reports_means_and_sample_sds_over_seeds(tmp_path):
     sb_row = row_of("IGR-SB", 100)
     assert "-99.50" in sb_row and not any("±" in cell for cell in sb_row)
     assert "-120.00" in row_of("IGR-I", 10)
+    assert "-90.00" in row_of("IGR-I", 100, "nonlinear")
     # The difference IGR-I minus GS, next to the paper's (-94.65 - -106.17 = 11.52).
     gaps = table.split("## IGR-I minus GS")[1]
-    [gap] = [line for line in gaps.splitlines() if line.startswith("| MNIST | 0.5 | 100 |")]
+    [gap] = [
+        line for line in gaps.splitlines() if line.startswith("| MNIST | linear | 0.5 | 100 |")
+    ]
     assert f"| {np.mean(igr) - np.mean(gs):.2f} | 11.52 |" in gap
     assert "Gaussian" in table  # the note on the paper's Fashion-MNIST decoder
     assert (tmp_path / "igr_vae.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "architecture, encoder_sizes, decoder_sizes",
+    [
+        ("linear", [(784, 360)], [(200, 784)]),
+        ("nonlinear", [(784, 512), (512, 256), (256, 360)], [(200, 256), (256, 512), (512, 784)]),
+    ],
+)
+def test_the_architecture_option_builds_the_networks(architecture, encoder_sizes, decoder_sizes):
+    argv = ["experiment", "igr-vae", "--estimator", "IGR-I", "--architecture", architecture]
+    args = build_parser(argv).parse_args(argv)
+    settings = igr_vae._settings(args, _fake_data(), "IGR-I", "0.5")
+    assert settings.architecture == architecture
+    encoder, decoder, _ = igr_vae._networks(settings, 784, "cpu")
+
+    def linear_sizes(net):
+        return [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
+
+    assert linear_sizes(encoder) == encoder_sizes and linear_sizes(decoder) == decoder_sizes
+    relus = sum(isinstance(m, nn.ReLU) for m in [*encoder.modules(), *decoder.modules()])
+    assert relus == 2 * (len(encoder_sizes) - 1)

@@ -9,7 +9,10 @@ Model (Maddison et al.'s "linear" discrete VAE, as the paper): the image is Bern
 logits ``decoder(z)``, ``decoder`` one ``nn.Linear`` from the 20 one-hot (relaxed) latents,
 flattened to 200 numbers, to the 784 pixel logits; the encoder is one ``nn.Linear`` from the
 784 pixels to the guide's parameters. PyTorch's default initialization. Adam (``--lr`` 1e-3),
-batch 64, single-sample objectives, 100 epochs. The images have one fixed binarization for
+batch 64, single-sample objectives, 100 epochs. ``--architecture nonlinear`` puts two ReLU
+layers on each side instead (encoder 784-512-256, decoder 256-512-784), as the reference code's
+``dense_nonlinear`` model, the architecture the later version of the paper describes (a dense
+784-512-256 encoder). The images have one fixed binarization for
 training and test (``--binarization fixed``: a pixel is 1 where its gray level exceeds 0.5, as
 the reference code rounds MNIST).
 
@@ -92,6 +95,7 @@ from pyro_relax.experiments.data import BINARIZATIONS, batches, load_dataset
 from pyro_relax.infer import Estimate, discrete_elbo, discrete_log_likelihood
 
 __all__ = [
+    "ARCHITECTURES",
     "DESCRIPTION",
     "ESTIMATORS",
     "PAPER_TEST_LOG_LIKELIHOOD",
@@ -132,6 +136,8 @@ DEFAULT_EPOCHS = 100
 DEFAULT_LATENTS = 20
 CATEGORIES = 10
 DEFAULT_PLANAR_LAYERS = 2
+# Hidden layer sizes of the encoder (the decoder's, reversed), ReLU between layers.
+ARCHITECTURES = {"linear": (), "nonlinear": (512, 256)}
 # Smoke runs (CI): the digits, one epoch of three batches, few latents, particles and images.
 _SMOKE = {
     "epochs": 1,
@@ -370,6 +376,7 @@ class _Settings:
     latents: int
     categories: int
     planar_layers: int | None
+    architecture: str
     binarization: str
     num_particles: int
     eval_samples: int
@@ -407,11 +414,17 @@ def _after_epoch(epoch: int) -> None:
     """Called after each epoch's checkpoint is written (the tests interrupt runs here)."""
 
 
+def _network(sizes) -> nn.Module:
+    # One nn.Linear without hidden layers: the parameter names of the first runs' checkpoints.
+    return nn.Linear(*sizes) if len(sizes) == 2 else image_vae.mlp(sizes)
+
+
 def _networks(settings: _Settings, num_pixels: int, device):
     k = settings.categories
     width = settings.latents * (k if settings.estimator == "GS" else 2 * (k - 1))
-    encoder = nn.Linear(num_pixels, width).to(device)
-    decoder = nn.Linear(settings.latents * k, num_pixels).to(device)
+    hidden = ARCHITECTURES[settings.architecture]
+    encoder = _network([num_pixels, *hidden, width]).to(device)
+    decoder = _network([settings.latents * k, *reversed(hidden), num_pixels]).to(device)
     flows = None
     if settings.estimator == "IGR-Planar":
         flows = PlanarFlows(settings.planar_layers, settings.latents, k - 1).to(device)
@@ -631,6 +644,7 @@ def differences(rows) -> list:
         result.append(
             {
                 "dataset": row["dataset"],
+                "architecture": row.get("architecture"),
                 "temperature_pair": row["temperature_pair"],
                 "epochs": row["epochs"],
                 "smoke": row["smoke"],
@@ -657,15 +671,15 @@ def _markdown(records) -> str:
         row["neg_elbo"] = _with_sd(row["test_neg_elbo"], row["test_neg_elbo_sd"])
     table = common.markdown_table(
         rows,
-        ["dataset", "temperature_pair", "estimator", "temperature", "epochs", "smoke", "seeds",
-         "log_likelihood", "paper_test_log_likelihood", "neg_elbo", "num_particles",
-         "eval_images", "seconds_per_epoch"],
+        ["dataset", "architecture", "temperature_pair", "estimator", "temperature", "epochs",
+         "smoke", "seeds", "log_likelihood", "paper_test_log_likelihood", "neg_elbo",
+         "num_particles", "eval_images", "seconds_per_epoch"],
         {"paper_test_log_likelihood": ".2f", "seconds_per_epoch": ".1f"},
     )  # fmt: skip
     gaps = common.markdown_table(
         differences(rows),
-        ["dataset", "temperature_pair", "epochs", "smoke", "seeds", "difference",
-         "paper_difference"],
+        ["dataset", "architecture", "temperature_pair", "epochs", "smoke", "seeds",
+         "difference", "paper_difference"],
         {"difference": ".2f", "paper_difference": ".2f"},
     )  # fmt: skip
     header = (
@@ -694,10 +708,11 @@ def _plot(records, path: Path) -> None:
     groups = {}
     for record in sorted(records, key=_order):
         if record.get("history"):
-            groups.setdefault((record["dataset"], record["temperature_pair"]), []).append(record)
+            key = (record["dataset"], record.get("architecture"), record["temperature_pair"])
+            groups.setdefault(key, []).append(record)
     count = max(len(groups), 1)
     figure, axes = plt.subplots(1, count, figsize=(5 * count, 4), squeeze=False)
-    for ax, ((dataset, pair), group) in zip(axes[0], groups.items(), strict=False):
+    for ax, ((dataset, architecture, pair), group) in zip(axes[0], groups.items(), strict=False):
         for index, record in enumerate(group):
             epochs = [h["epoch"] for h in record["history"]]
             estimator = record["estimator"]
@@ -707,7 +722,7 @@ def _plot(records, path: Path) -> None:
             test_curve = [h["test_loss"] for h in record["history"]]
             ax.plot(epochs, train_curve, color=f"C{slot}", marker=".", label=label)
             ax.plot(epochs, test_curve, color=f"C{slot}", marker=".", linestyle="--")
-        ax.set_title(f"{dataset}, temperature pair {pair}")
+        ax.set_title(f"{dataset}, {architecture}, temperature pair {pair}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("relaxed negative ELBO (nats per image)")
         ax.legend(fontsize="small", title="solid: train, dashed: test", title_fontsize="small")
@@ -749,6 +764,13 @@ def add_arguments(parser) -> None:
         help=f"number of categorical latents (default {DEFAULT_LATENTS}; smoke: 4)",
     )
     parser.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default="linear",
+        help="linear: one linear map each way (default); nonlinear: encoder 784-512-256, "
+        "decoder 256-512-784, ReLU",
+    )
+    parser.add_argument(
         "--planar-layers",
         type=positive_int,
         default=DEFAULT_PLANAR_LAYERS,
@@ -788,6 +810,7 @@ def _settings(args, data, estimator: str, pair: str) -> _Settings:
         latents=pick(args.latents, "latents", DEFAULT_LATENTS),
         categories=CATEGORIES,
         planar_layers=args.planar_layers if estimator == "IGR-Planar" else None,
+        architecture=args.architecture,
         binarization=args.binarization,
         num_particles=pick(args.num_particles, "num_particles", 1000),
         eval_samples=pick(args.eval_samples, "eval_samples", 100),
