@@ -20,7 +20,7 @@ from torch.distributions import (
 )
 from torch.distributions.kl import kl_divergence, register_kl
 
-from pyro_relax._numerics import categorical_kl, same_values
+from pyro_relax._numerics import broadcast_shapes, categorical_kl, same_values
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
@@ -109,7 +109,7 @@ def _igr_gaussian_kl(p, q):
             "temperature and delta (TraceMeanField_ELBO then falls back to Monte Carlo)"
         )
     kl = kl_divergence(p.base_dist, q.base_dist)
-    return kl.expand(torch.broadcast_shapes(kl.shape, p.batch_shape))
+    return kl.expand(broadcast_shapes(kl.shape, p.batch_shape))
 
 
 @register_kl(IGR, IGR)
@@ -126,7 +126,7 @@ def _kl_igr_igr(p, q):
     b = q.temperature.unsqueeze(-1) * (q.delta.log() - p.delta.log()).unsqueeze(-1)
     mapped = Normal(a * p.loc + b, a * p.scale, validate_args=False)
     kl = kl_divergence(mapped, Normal(q.loc, q.scale, validate_args=False)).sum(-1)
-    return kl.expand(torch.broadcast_shapes(kl.shape, p.batch_shape))
+    return kl.expand(broadcast_shapes(kl.shape, p.batch_shape))
 
 
 @register_kl(IGRStickBreaking, IGRStickBreaking)

@@ -4,6 +4,8 @@ The generated-input test (``test_fuzz.py``) covers the classes over every regist
 these tests pin the measured cases and the helpers outside the registry.
 """
 
+import itertools
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -225,3 +227,35 @@ def test_autoguides_on_a_relaxed_site_get_an_error_naming_autoguides(autoguide):
     svi = SVI(model, autoguide(model), Adam({"lr": 0.01}), Trace_ELBO())
     with pytest.raises(ValueError, match="AutoGuideList"):
         svi.step()
+
+
+def test_broadcast_shapes_agrees_with_torch():
+    # The library's plain-Python broadcast_shapes (torch's reads its configuration at each call)
+    # against torch's on every pair and triple of a set of shapes: the same result or, where
+    # torch refuses, a RuntimeError too.
+    from pyro_relax._numerics import broadcast_shapes
+
+    shapes = [(), (1,), (3,), (2, 1), (1, 3), (2, 3), (4, 1, 1), (4, 2, 3), (5,), (0,), (2, 0)]
+    for group in [*itertools.product(shapes, repeat=2), *itertools.product(shapes[:7], repeat=3)]:
+        try:
+            expected = torch.broadcast_shapes(*group)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                broadcast_shapes(*group)
+            continue
+        result = broadcast_shapes(*group)
+        assert result == expected and isinstance(result, torch.Size), group
+    assert broadcast_shapes() == torch.Size()
+
+
+def test_the_library_calls_no_slow_torch_broadcast_shapes():
+    # The class of slow path, not one call site: no module of the package calls torch's.
+    import pathlib
+
+    root = pathlib.Path(pr.__file__).parent
+    callers = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "torch.broadcast_shapes(" in path.read_text()
+    ]
+    assert not callers, callers
