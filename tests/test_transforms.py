@@ -2,6 +2,7 @@
 
 import pickle
 
+import pyro
 import pytest
 import torch
 from torch.autograd.functional import jacobian
@@ -153,3 +154,14 @@ def test_softmax_plus_plus_gradient_of_a_coordinate_near_one_is_accurate():
     jac64 = jacobian(lambda v: transform(v)[..., :-1], x[0].double())
     assert transform(x)[0, 0] == 1.0
     torch.testing.assert_close(jac32.double(), jac64, rtol=1e-4, atol=1e-30)
+
+
+def test_softmax_plus_plus_validation_follows_its_argument_then_the_global_setting():
+    with pyro.validation_enabled(True):
+        with pytest.raises(ValueError, match="temperature"):
+            SoftmaxPlusPlusTransform(-1.0)
+        SoftmaxPlusPlusTransform(-1.0, validate_args=False)  # the caller checked (or chose not to)
+    with pyro.validation_enabled(False):
+        SoftmaxPlusPlusTransform(-1.0)
+        with pytest.raises(ValueError, match="delta"):
+            SoftmaxPlusPlusTransform(0.5, delta=float("nan"), validate_args=True)

@@ -301,7 +301,9 @@ class IGR(_IGRBase):
         validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.hard = bool(hard)
         base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
-        transform = SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=1)
+        transform = SoftmaxPlusPlusTransform(
+            self.temperature, self.delta, cache_size=1, validate_args=False
+        )
         super().__init__(base, [transform], validate_args=False)
         self._validate_args = validate
 
@@ -442,7 +444,9 @@ class IGRStickBreaking(_IGRBase):
         base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
         transforms = [
             SigmoidSticksTransform(cache_size=1),
-            SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=1),
+            SoftmaxPlusPlusTransform(
+                self.temperature, self.delta, cache_size=1, validate_args=False
+            ),
         ]
         super().__init__(base, transforms, validate_args=False)
         self._validate_args = validate
@@ -614,7 +618,9 @@ class IGRPlanar(_IGRBase):
         self.flows = list(flows)
         self._check_flows(validate)
         base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
-        transform = SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=1)
+        transform = SoftmaxPlusPlusTransform(
+            self.temperature, self.delta, cache_size=1, validate_args=False
+        )
         super().__init__(base, [*self.flows, transform], validate_args=False)
         self._validate_args = validate
 

@@ -112,6 +112,9 @@ class SoftmaxPlusPlusTransform(Transform):
             with the batch shape of :math:`x` (without its last dimension).
         delta (float or Tensor): the weight :math:`\delta > 0` of the last category.
         cache_size (int): torch's cache of the last ``(x, z)`` pair, 0 or 1.
+        validate_args (bool): check that the parameters are finite and positive; ``None`` (the
+            default) follows the global setting (``pyro.enable_validation``). The IGR
+            distributions, which check their own parameters, pass ``False``.
 
     Example:
         >>> t = SoftmaxPlusPlusTransform(0.5)
@@ -124,15 +127,14 @@ class SoftmaxPlusPlusTransform(Transform):
     codomain = constraints.simplex
     bijective = True
 
-    def __init__(self, temperature, delta=1.0, cache_size=0):
+    def __init__(self, temperature, delta=1.0, cache_size=0, *, validate_args=None):
         super().__init__(cache_size=cache_size)
         params, _ = parse_parameters(
             type(self).__name__,
             {"temperature": temperature, "delta": delta},
             # Finite and positive only: the dtype the map computes in is that of its input.
             {"temperature": finite_positive, "delta": finite_positive},
-            # A transform has no validate_args of its own: it follows the global setting.
-            validate=validation_enabled(None),
+            validate=validation_enabled(validate_args),
         )
         self.temperature, self.delta = params["temperature"], params["delta"]
 
@@ -149,7 +151,9 @@ class SoftmaxPlusPlusTransform(Transform):
     def with_cache(self, cache_size=1):
         if self._cache_size == cache_size:
             return self
-        return SoftmaxPlusPlusTransform(self.temperature, self.delta, cache_size=cache_size)
+        return SoftmaxPlusPlusTransform(
+            self.temperature, self.delta, cache_size=cache_size, validate_args=False
+        )
 
     def _parameter_shape(self):
         return broadcast_shapes(self.temperature.shape, self.delta.shape)
