@@ -7,6 +7,13 @@ latents: each step builds the distribution, draws a reparameterized sample, scor
 ``(100, 20, K)``). The two measurements alternate within each repetition and the median is
 reported, with the ratio IGR / torch (target: at most 1.2).
 
+Where the package ``relaxit`` is installed (``pip install --no-deps relaxit``; it is not a
+dependency of this project), a second table compares IGR with its ``InvertibleGaussian`` on the
+same ``loc`` and ``scale``, for ``rsample`` + backward and ``rsample`` + ``log_prob`` +
+backward. That class computes softmax++ as ``exp(y / tau)`` over its sum plus ``delta`` (which
+overflows for ``y / tau`` above about 88 in float32) and its density without the last
+coordinate's term; IGR computes in log space and carries ``log z`` for its density.
+
     python benchmarks/bench_igr.py [--repeats 30] [--number 20] [--device cpu|cuda]
 """
 
@@ -14,6 +21,7 @@ import argparse
 import statistics
 import warnings
 
+import pyro
 import torch
 from bench_gengs import machine, time_per_call
 from torch.distributions import RelaxedOneHotCategorical
@@ -47,6 +55,37 @@ def torch_step(logits, temperature, validate_args):
     (value.sum() + d.log_prob(value).sum()).backward()
 
 
+def relaxit_step(cls, loc, scale, temperature, with_log_prob):
+    d = cls(loc, scale, temperature)
+    value = d.rsample()
+    loss = value.sum()
+    if with_log_prob:
+        loss = loss + d.log_prob(value).sum()
+    loss.backward()
+
+
+def igr_sample_step(loc, scale, temperature, with_log_prob):
+    d = IGR(loc, scale, temperature, validate_args=False)
+    value = d.rsample()
+    loss = value.sum()
+    if with_log_prob:
+        loss = loss + d.log_prob(value).sum()
+    loss.backward()
+
+
+def alternate(steps, device, repeats, number):
+    """Median ms per call of each of the two ``steps``, measured alternately."""
+    for step in steps:  # warm-up: allocator, kernels, lazy imports
+        time_per_call(step, device, number)
+    times = ([], [])
+    for repeat in range(repeats):
+        # Alternate which goes first, so that drifts in the machine's load hit both sides.
+        order = (0, 1) if repeat % 2 == 0 else (1, 0)
+        for side in order:
+            times[side].append(time_per_call(steps[side], device, number))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def compare(num_categories, device, repeats, number, validate_args):
     """Median ms per call of (torch, IGR), measured alternately."""
     loc, scale, logits, temperature = _inputs(num_categories, device)
@@ -59,16 +98,34 @@ def compare(num_categories, device, repeats, number, validate_args):
         igr_step(loc, scale, temperature, validate_args)
         loc.grad = scale.grad = None
 
-    steps = (run_torch, run_igr)
-    for step in steps:  # warm-up: allocator, kernels, lazy imports
-        time_per_call(step, device, number)
-    times = ([], [])
-    for repeat in range(repeats):
-        # Alternate which goes first, so that drifts in the machine's load hit both sides.
-        order = (0, 1) if repeat % 2 == 0 else (1, 0)
-        for side in order:
-            times[side].append(time_per_call(steps[side], device, number))
-    return statistics.median(times[0]), statistics.median(times[1])
+    return alternate((run_torch, run_igr), device, repeats, number)
+
+
+def compare_relaxit(cls, num_categories, device, repeats, number, with_log_prob):
+    """Median ms per call of (relaxit's InvertibleGaussian, IGR), validation off."""
+    loc, scale, _, temperature = _inputs(num_categories, device)
+
+    def run_relaxit():
+        relaxit_step(cls, loc, scale, temperature, with_log_prob)
+        loc.grad = scale.grad = None
+
+    def run_igr():
+        igr_sample_step(loc, scale, temperature, with_log_prob)
+        loc.grad = scale.grad = None
+
+    return alternate((run_relaxit, run_igr), device, repeats, number)
+
+
+def relaxit_table(cls, device, repeats, number) -> str:
+    lines = [f"{'K':>4}  {'step':<28}  {'relaxit ms':>10}  {'IGR ms':>9}  {'IGR/relaxit':>11}"]
+    for with_log_prob in (False, True):
+        step = "rsample + log_prob + backward" if with_log_prob else "rsample + backward"
+        for k in CATEGORIES:
+            theirs, ours = compare_relaxit(cls, k, device, repeats, number, with_log_prob)
+            lines.append(
+                f"{k:>4}  {step:<28}  {theirs:>10.3f}  {ours:>9.3f}  {ours / theirs:>11.2f}"
+            )
+    return "\n".join(lines)
 
 
 def table(device, repeats, number, validate_args) -> str:
@@ -103,6 +160,15 @@ def main(argv=None) -> None:
     for validate_args in (False, True):
         print(f"\nvalidate_args={validate_args}")
         print(table(device, args.repeats, args.number, validate_args))
+    try:
+        import relaxit
+        from relaxit.distributions import InvertibleGaussian
+    except ImportError:
+        print("\nrelaxit is not installed (pip install --no-deps relaxit): no comparison with it")
+        return
+    print(f"\nagainst relaxit {relaxit.__version__} InvertibleGaussian, validate_args=False")
+    with pyro.validation_enabled(False):
+        print(relaxit_table(InvertibleGaussian, device, args.repeats, args.number))
 
 
 if __name__ == "__main__":
