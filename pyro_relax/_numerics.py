@@ -109,7 +109,8 @@ def broadcast_shapes(*shapes) -> torch.Size:
     Raises:
         RuntimeError: for shapes that do not broadcast, as torch's.
     """
-    ndim = max((len(shape) for shape in shapes), default=0)
+    # No max(..., default=0): torch.compile cannot trace that keyword (a graph break).
+    ndim = max([0, *(len(shape) for shape in shapes)])
     result = [1] * ndim
     for shape in shapes:
         offset = ndim - len(shape)

@@ -725,6 +725,10 @@ def _count_vectors_on_cpu(total_count: int, num_classes: int) -> torch.Tensor:
     for bars in itertools.combinations(range(slots), num_classes - 1):
         edges = (-1,) + bars + (slots,)
         rows.append([edges[i + 1] - edges[i] - 1 for i in range(num_classes)])
+    if torch.compiler.is_compiling():
+        # torch.compile traces through the cache to a constant; a warnings filter would break
+        # its graph.
+        return torch.tensor(rows, dtype=torch.float64)
     with warnings.catch_warnings():
         # A table of constants, and a constant in a jit trace too.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
