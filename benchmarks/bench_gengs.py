@@ -8,7 +8,12 @@ user relaxing a Poisson would pass it; its long thin tail makes exp return subno
 which x86 CPUs compute about 100 times slower). The measurements alternate within each
 repetition; the table gives medians over the repetitions and the ratios of GenGS to each.
 
-    python benchmarks/bench_gengs.py [--repeats 30] [--device cpu|cuda] [--profile]
+``--compile`` adds a table of the GenGS step compiled by ``torch.compile`` (TorchInductor, with
+``fallback_random`` so that it draws the same noise as eager) against the same step in eager
+mode: the first call's seconds (the compilation), the median times, and the largest differences
+of the value and the gradient from eager's.
+
+    python benchmarks/bench_gengs.py [--repeats 30] [--device cpu|cuda] [--profile] [--compile]
 """
 
 import argparse
@@ -264,6 +269,62 @@ def profile(truncation, device, number: int) -> str:
     return "\n".join(tables)
 
 
+def compile_table(device, repeats, number) -> str:
+    """The GenGS step (validation off) compiled by torch.compile against eager, per n."""
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True  # eager's random numbers: comparable values
+    lines = [
+        f"{'n':>4}  {'compile s':>9}  {'eager ms':>9}  {'compiled ms':>11}  {'compiled/eager':>14}"
+        f"  {'max |dz|':>9}  {'max |dgrad|':>11}"
+    ]
+    for truncation in TRUNCATIONS:
+        rate, _, _, temperature = _inputs(truncation, device)
+        weights = torch.linspace(-1.0, 1.0, rate.numel(), device=device).reshape(rate.shape)
+
+        def loss(rate, truncation=truncation, temperature=temperature, weights=weights):
+            value = GenGSPoisson(rate, temperature, truncation, validate_args=False).rsample()
+            return (value * weights).sum()
+
+        compiled = torch.compile(loss, fullgraph=True)
+        results = []
+        for fn in (loss, compiled):
+            torch.manual_seed(0)
+            began = time.perf_counter()
+            value = fn(rate)
+            (grad,) = torch.autograd.grad(value, rate)
+            synchronize(device)
+            results.append((value.detach(), grad, time.perf_counter() - began))
+        (value_e, grad_e, _), (value_c, grad_c, seconds) = results
+
+        def step(fn, rate=rate):
+            def run():
+                fn(rate).backward()
+                rate.grad = None
+
+            return run
+
+        eager_ms, compiled_ms = _alternate((step(loss), step(compiled)), device, repeats, number)
+        lines.append(
+            f"{truncation:>4}  {seconds:>9.1f}  {eager_ms:>9.3f}  {compiled_ms:>11.3f}  "
+            f"{compiled_ms / eager_ms:>14.2f}  {(value_c - value_e).abs().item():>9.1e}  "
+            f"{(grad_c - grad_e).abs().max().item():>11.1e}"
+        )
+    return "\n".join(lines)
+
+
+def _alternate(steps, device, repeats, number):
+    """Median ms per call of each of ``steps``, measured in turns."""
+    for step in steps:
+        time_per_call(step, device, number)
+    times = [[] for _ in steps]
+    for repeat in range(repeats):
+        order = range(len(steps)) if repeat % 2 == 0 else reversed(range(len(steps)))
+        for side in order:
+            times[side].append(time_per_call(steps[side], device, number))
+    return [statistics.median(t) for t in times]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="alternating repetitions")
@@ -271,6 +332,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also profile GenGS")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the step compiled by torch.compile"
+    )
     parser.add_argument(
         "--sizes",
         nargs="*",
@@ -302,6 +366,17 @@ def main(argv=None) -> None:
             f"{args.scale_repeats} alternating calls; peak step memory of GenGS and gumbel"
         )
         print(scale_table(device, args.sizes, args.scale_repeats))
+    if args.compile:
+        print(
+            "\ntorch.compile (inductor, fallback_random) of the GenGS step against eager, "
+            f"validate_args=False;\nmedian over {args.repeats} alternating repetitions of "
+            f"{args.number} calls; differences from eager's value and gradient"
+        )
+        with warnings.catch_warnings():
+            # torch's own deprecations inside torch.compile (torch 2.13: TorchDynamo instantiates
+            # autograd Functions, TorchInductor imports torch.jit.script_method).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            print(compile_table(device, args.repeats, args.number))
     if args.profile:
         for n in TRUNCATIONS:
             print(f"\nprofiles, validate_args=False\n{profile(n, device, args.number)}")

@@ -14,7 +14,9 @@ Steps, each a subprocess with its own time limit (``--timeout``), run in this or
 - ``bench_gengs``, ``bench_igr``, ``bench_gst``, ``bench_training``: the benchmarks with
   ``--device``; ``bench_gengs`` adds its large sizes (up to 10^6 x 128) on CUDA;
 - ``kernel_counts``: the operators dispatched per call, counted on the CPU (the proxy of the
-  GPU's kernel launches at small sizes).
+  GPU's kernel launches at small sizes);
+- ``compile``: ``bench_gengs --compile`` without its large sizes, the GenGS step compiled by
+  ``torch.compile`` against eager (fused kernels: what a launch-bound step may gain).
 
 The report, ``OUT/report.md``, starts with the machine (GPU name, driver, torch and CUDA
 versions, the commit) and gives each step's command, seconds, exit status and output. It is
@@ -35,7 +37,15 @@ from bench_gengs import machine as describe_machine  # the benchmarks' one descr
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-STEPS = ("tests", "bench_gengs", "bench_igr", "bench_gst", "bench_training", "kernel_counts")
+STEPS = (
+    "tests",
+    "bench_gengs",
+    "bench_igr",
+    "bench_gst",
+    "bench_training",
+    "kernel_counts",
+    "compile",
+)
 
 # Tiny settings per step for --quick (seconds on a CPU; the figures mean nothing).
 QUICK = {
@@ -45,6 +55,7 @@ QUICK = {
     "bench_gst": ["--steps", "2", "--warmup", "1", "--num-draws", "10"],
     "bench_training": ["--smoke"],
     "kernel_counts": ["--batch", "10", "5", "--outcomes", "8"],
+    "compile": ["--repeats", "2", "--number", "2"],
 }
 
 
@@ -69,6 +80,7 @@ def commands(device: str, quick: bool, data: str | None) -> dict:
     if data is not None:
         result["bench_gst"] += ["--data", data]
     result["kernel_counts"] = [python, str(BENCHMARKS / "kernel_counts.py")]
+    result["compile"] = result["bench_gengs"] + ["--sizes", "--compile"]
     if quick:
         for name, options in QUICK.items():
             result[name] = result[name] + options

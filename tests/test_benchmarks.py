@@ -150,3 +150,18 @@ def test_gpu_check_runs_a_real_step_on_the_cpu(gpu_check, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "**all steps passed** (1 steps run)" in report
     assert "GenGSPoisson rsample+backward" in report
+
+
+def test_gpu_check_compile_step_runs_on_the_cpu(gpu_check, tmp_path):
+    # torch.compile (TorchInductor, a C++ compiler on the CPU) of the GenGS step: it compiles
+    # in one graph and its value and gradient match eager's (bench_gengs prints the largest
+    # differences; the report must hold a finite one per n).
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--steps", "compile"]
+    assert gpu_check.main(argv) == 0
+    report = (tmp_path / "report.md").read_text()
+    rows = [line.split() for line in report.splitlines()]
+    rows = [row for row in rows if len(row) == 7 and row[0] in ("15", "50")]
+    assert [row[0] for row in rows] == ["15", "50"], report
+    for row in rows:
+        value_diff, grad_diff = float(row[5]), float(row[6])
+        assert value_diff < 1e-2 and grad_diff < 1e-3, row
