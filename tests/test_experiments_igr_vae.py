@@ -415,6 +415,16 @@ def test_the_table_reports_means_and_sample_sds_over_seeds(tmp_path):
     assert (tmp_path / "igr_vae.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_smoke_run_of_the_nonlinear_architecture(tmp_path):
+    _smoke(tmp_path, "--architecture", "nonlinear", "--estimator", "IGR-I", "IGR-Planar", "GS")
+    records = json.loads((tmp_path / "igr_vae.json").read_text())
+    assert sorted(r["estimator"] for r in records) == ["GS", "IGR-I", "IGR-Planar"]
+    for record in records:
+        assert record["architecture"] == "nonlinear"
+        assert math.isfinite(record["test_log_likelihood"])
+    assert "| digits | nonlinear | 0.5 |" in (tmp_path / "igr_vae.md").read_text()
+
+
 @pytest.mark.parametrize(
     "architecture, encoder_sizes, decoder_sizes",
     [

@@ -223,8 +223,9 @@ def _relaxed_prior(estimator: str, temperature, categories: int, device):
 def build_estimator(
     estimator: str, encoder, decoder, temperature, latents: int, flows=None
 ) -> _Estimator:
-    """Model, guide and ELBO of ``estimator`` for the linear VAE with ``latents`` categorical
-    latents; the number of categories is the decoder's input size over ``latents``.
+    """Model, guide and ELBO of ``estimator`` for the VAE with ``latents`` categorical latents;
+    the number of categories is the input size of the decoder's first linear layer over
+    ``latents``.
 
     ``encoder`` maps images to ``latents * (K - 1) * 2`` numbers (``loc`` and ``log_scale``;
     ``latents * K`` logits for ``GS``); ``temperature`` is one tensor, shared by guide and
@@ -237,7 +238,8 @@ def build_estimator(
         (torch.Size([2, 3]), 'IGR')
     """
     device = next(decoder.parameters()).device
-    categories = decoder.in_features // latents
+    first_layer = next(m for m in decoder.modules() if isinstance(m, nn.Linear))
+    categories = first_layer.in_features // latents
     prior = _relaxed_prior(estimator, temperature, categories, device)
     modules = {"encoder": encoder, "decoder": decoder}
     if estimator == "GS":
