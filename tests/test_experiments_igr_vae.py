@@ -169,7 +169,7 @@ def test_a_trained_model_is_scored_again_without_training(tmp_path, monkeypatch,
     estimator = build_estimator("IGR-I", encoder, decoder, temperature, settings.latents)
     igr_vae.image_vae.restore_params(state["params"], estimator.modules)
     _, test_images = igr_vae.image_vae.evaluation_images(data, settings.binarization, "cpu")
-    ll, _ = evaluate(
+    ll, _, reference = evaluate(
         estimator,
         test_images[: first["eval_images"]],
         num_particles=first["num_particles"],
@@ -177,6 +177,15 @@ def test_a_trained_model_is_scored_again_without_training(tmp_path, monkeypatch,
         seed=first["seed"],
     )
     assert ll.value == pytest.approx(first["test_log_likelihood"], rel=1e-6)
+    assert reference == pytest.approx(first["test_reference_score"], rel=1e-6)
+
+    # A kept record without a score that this version computes is scored again, not trained.
+    del state["record"]["test_reference_score"]
+    torch.save(state, path)
+    capsys.readouterr()
+    _smoke(tmp_path, *options, "--num-particles", "40", "--eval-images", "30")
+    assert "scoring the model trained in" in capsys.readouterr().err
+    assert "test_reference_score" in torch.load(path, weights_only=False)["record"]
 
 
 # --- The importance-sampled log-likelihood against the exact sum -------------------------------
@@ -214,8 +223,8 @@ def _exact_log_evidence(decoder, images):
 def test_the_log_likelihood_converges_to_the_exact_sum(estimator):
     tiny, decoder, images = _tiny(estimator)
     exact = float(_exact_log_evidence(decoder, images).mean())
-    fewer, neg_elbo = evaluate(tiny, images, num_particles=1000, eval_samples=4000, seed=0)
-    more, _ = evaluate(tiny, images, num_particles=16_000, eval_samples=2, seed=1)
+    fewer, neg_elbo, _ = evaluate(tiny, images, num_particles=1000, eval_samples=4000, seed=0)
+    more, _, _ = evaluate(tiny, images, num_particles=16_000, eval_samples=2, seed=1)
     # The guide is far from the posterior: the ELBO is well below log p(x) ...
     assert exact + neg_elbo.value > 0.5
     # ... the bound is above the ELBO and reaches log p(x) within its standard error, which
@@ -231,9 +240,61 @@ def test_a_stick_breaking_guide_gives_a_bound_below_the_exact_sum():
     # when the posterior gives that category mass; it stays a bound, above the ELBO.
     tiny, decoder, images = _tiny("IGR-SB")
     exact = float(_exact_log_evidence(decoder, images).mean())
-    bound, neg_elbo = evaluate(tiny, images, num_particles=4000, eval_samples=1000, seed=0)
+    bound, neg_elbo, _ = evaluate(tiny, images, num_particles=4000, eval_samples=1000, seed=0)
     assert bound.value < exact - 0.3 and bound.standard_error < 0.05
     assert bound.value > -neg_elbo.value
+
+
+@pytest.mark.parametrize("estimator", ["IGR-I", "GS"])
+def test_the_reference_score_is_its_formula_and_no_bound(estimator):
+    # The paper's code's score, log mean_i p(x | z_i) - KL(q || uniform), against its limit by
+    # enumeration of the 9 configurations: log E_q p(x | z) - KL. With m = 1 its mean is the
+    # discrete ELBO; for large m it tends to that limit, which is not log p(x) (the next test).
+    tiny, decoder, images = _tiny(estimator)
+    with torch.no_grad():
+        _, q = igr_vae._discrete_guide(tiny, images)
+        eye = torch.eye(CATEGORIES)
+        mean_likelihood, elbo_likelihood = 0.0, 0.0
+        for config in itertools.product(range(CATEGORIES), repeat=LATENTS):
+            z = torch.stack([eye[k] for k in config])  # latents x categories
+            log_q = (q.logits * z).sum((-2, -1))  # per image
+            log_lik = dist.Bernoulli(logits=decoder(z.reshape(-1))).log_prob(images).sum(-1)
+            mean_likelihood = mean_likelihood + (log_q + log_lik).exp()
+            elbo_likelihood = elbo_likelihood + log_q.exp() * log_lik
+        kl = (q.probs * q.logits).sum((-2, -1)) + LATENTS * math.log(CATEGORIES)
+        limit = (mean_likelihood.log() - kl).double()
+        elbo = (elbo_likelihood - kl).double()
+        torch.manual_seed(0)
+        large = igr_vae._reference_score(decoder, q, images, 40_000).double()
+        singles = torch.stack(
+            [igr_vae._reference_score(decoder, q, images, 1) for _ in range(20_000)]
+        ).double()
+    # 40,000 draws: within 0.02 nats of the limit (the likelihoods here vary by a factor of at
+    # most e^6 across configurations; the log-mean's standard error is below 0.01).
+    torch.testing.assert_close(large, limit, atol=0.02, rtol=0)
+    # One draw: unbiased for the discrete ELBO (4 standard errors of the mean of 20,000).
+    se = singles.std(0) / math.sqrt(len(singles))
+    assert ((singles.mean(0) - elbo).abs() <= 4 * se).all()
+
+
+def test_the_reference_score_can_exceed_the_log_evidence():
+    # One latent of 3 categories, one pixel, a likelihood proportional to the guide:
+    # p(x | k) = q_k. Then log p(x) = log(sum_k q_k / 3) = -log 3, while the score tends to
+    # log sum_k q_k^2 + H(q) - log 3, above it whenever q is not uniform (Renyi-2 entropy
+    # -log sum q^2 is at most Shannon's H): 0.186 nats for q = (0.7, 0.2, 0.1).
+    probs = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    q = dist.OneHotCategorical(probs=probs.expand(1, 1, 3))  # 1 image x 1 latent
+    decoder = nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        decoder.weight.copy_(torch.logit(probs)[None])  # sigmoid(logit q_k) = q_k
+    torch.manual_seed(0)
+    with torch.no_grad():
+        score = igr_vae._reference_score(decoder, q, torch.ones(1, 1, dtype=torch.float64), 40_000)
+    entropy = -(probs * probs.log()).sum()
+    limit = (probs**2).sum().log() + entropy - math.log(3)
+    assert float(limit + math.log(3)) == pytest.approx(0.1856, abs=1e-4)
+    assert float(score) == pytest.approx(float(limit), abs=0.01)
+    assert float(score) > -math.log(3) + 0.15
 
 
 # --- Estimators and temperatures --------------------------------------------------------------
