@@ -55,17 +55,9 @@ def torch_step(logits, temperature, validate_args):
     (value.sum() + d.log_prob(value).sum()).backward()
 
 
-def relaxit_step(cls, loc, scale, temperature, with_log_prob):
-    d = cls(loc, scale, temperature)
-    value = d.rsample()
-    loss = value.sum()
-    if with_log_prob:
-        loss = loss + d.log_prob(value).sum()
-    loss.backward()
-
-
-def igr_sample_step(loc, scale, temperature, with_log_prob):
-    d = IGR(loc, scale, temperature, validate_args=False)
+def sample_step(build, with_log_prob):
+    """Builds a distribution with ``build()``, samples, optionally scores, backpropagates."""
+    d = build()
     value = d.rsample()
     loss = value.sum()
     if with_log_prob:
@@ -106,11 +98,11 @@ def compare_relaxit(cls, num_categories, device, repeats, number, with_log_prob)
     loc, scale, _, temperature = _inputs(num_categories, device)
 
     def run_relaxit():
-        relaxit_step(cls, loc, scale, temperature, with_log_prob)
+        sample_step(lambda: cls(loc, scale, temperature), with_log_prob)
         loc.grad = scale.grad = None
 
     def run_igr():
-        igr_sample_step(loc, scale, temperature, with_log_prob)
+        sample_step(lambda: IGR(loc, scale, temperature, validate_args=False), with_log_prob)
         loc.grad = scale.grad = None
 
     return alternate((run_relaxit, run_igr), device, repeats, number)
