@@ -109,6 +109,10 @@ def broadcast_shapes(*shapes) -> torch.Size:
     Raises:
         RuntimeError: for shapes that do not broadcast, as torch's.
     """
+    if torch.jit.is_tracing():
+        # Sizes are traced values here: comparing them in Python would warn (TracerWarning)
+        # and freeze the comparison into the trace; torch's records it.
+        return torch.broadcast_shapes(*shapes)
     # No max(..., default=0): torch.compile cannot trace that keyword (a graph break).
     ndim = max([0, *(len(shape) for shape in shapes)])
     result = [1] * ndim

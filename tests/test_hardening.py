@@ -256,6 +256,7 @@ def test_the_library_calls_no_slow_torch_broadcast_shapes():
     callers = [
         str(path.relative_to(root))
         for path in root.rglob("*.py")
-        if "torch.broadcast_shapes(" in path.read_text()
+        # _numerics.broadcast_shapes itself hands traced sizes to torch's under torch.jit.trace.
+        if "torch.broadcast_shapes(" in path.read_text() and path.name != "_numerics.py"
     ]
     assert not callers, callers
