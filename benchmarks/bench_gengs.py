@@ -132,10 +132,15 @@ def compare(truncation, device, repeats, number, validate_args):
         gengs_step(rate, temperature, truncation, validate_args)
         rate.grad = None
 
-    steps = (run_torch, run_torch_poisson, run_gengs)
+    return alternate((run_torch, run_torch_poisson, run_gengs), device, repeats, number)
+
+
+def alternate(steps, device, repeats: int, number: int) -> list:
+    """Ms per call of each of ``steps`` (a list per step, one entry per repetition), measured in
+    turns after a warm-up call of each."""
     for step in steps:  # warm-up: allocator, kernels, lazy imports
         time_per_call(step, device, number)
-    times = ([], [], [])
+    times = [[] for _ in steps]
     for repeat in range(repeats):
         # Rotate which goes first, so that drifts in the machine's load hit every side.
         for offset in range(len(steps)):
@@ -304,25 +309,14 @@ def compile_table(device, repeats, number) -> str:
 
             return run
 
-        eager_ms, compiled_ms = _alternate((step(loss), step(compiled)), device, repeats, number)
+        times = alternate((step(loss), step(compiled)), device, repeats, number)
+        eager_ms, compiled_ms = (statistics.median(t) for t in times)
         lines.append(
             f"{truncation:>4}  {seconds:>9.1f}  {eager_ms:>9.3f}  {compiled_ms:>11.3f}  "
             f"{compiled_ms / eager_ms:>14.2f}  {(value_c - value_e).abs().item():>9.1e}  "
             f"{(grad_c - grad_e).abs().max().item():>11.1e}"
         )
     return "\n".join(lines)
-
-
-def _alternate(steps, device, repeats, number):
-    """Median ms per call of each of ``steps``, measured in turns."""
-    for step in steps:
-        time_per_call(step, device, number)
-    times = [[] for _ in steps]
-    for repeat in range(repeats):
-        order = range(len(steps)) if repeat % 2 == 0 else reversed(range(len(steps)))
-        for side in order:
-            times[side].append(time_per_call(steps[side], device, number))
-    return [statistics.median(t) for t in times]
 
 
 def main(argv=None) -> None:

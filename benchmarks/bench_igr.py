@@ -23,7 +23,8 @@ import warnings
 
 import pyro
 import torch
-from bench_gengs import machine, time_per_call
+from bench_gengs import alternate as alternate_times
+from bench_gengs import machine
 from torch.distributions import RelaxedOneHotCategorical
 
 from pyro_relax import IGR
@@ -66,16 +67,8 @@ def sample_step(build, with_log_prob):
 
 
 def alternate(steps, device, repeats, number):
-    """Median ms per call of each of the two ``steps``, measured alternately."""
-    for step in steps:  # warm-up: allocator, kernels, lazy imports
-        time_per_call(step, device, number)
-    times = ([], [])
-    for repeat in range(repeats):
-        # Alternate which goes first, so that drifts in the machine's load hit both sides.
-        order = (0, 1) if repeat % 2 == 0 else (1, 0)
-        for side in order:
-            times[side].append(time_per_call(steps[side], device, number))
-    return statistics.median(times[0]), statistics.median(times[1])
+    """Median ms per call of each of the ``steps``, measured in turns."""
+    return [statistics.median(times) for times in alternate_times(steps, device, repeats, number)]
 
 
 def compare(num_categories, device, repeats, number, validate_args):

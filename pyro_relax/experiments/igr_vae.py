@@ -86,6 +86,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_relax._cli import integer_at_least, positive_int
+from pyro_relax._numerics import categorical_kl
 from pyro_relax.distributions import (
     IGR,
     IGRPlanar,
@@ -332,10 +333,8 @@ def _reference_score(decoder, q, x, num_particles: int) -> torch.Tensor:
         logits = decoder(z.reshape(z.shape[:-2] + (-1,)))
         log_likelihoods.append(dist.Bernoulli(logits=logits).log_prob(x).sum(-1))
     log_mean = torch.logsumexp(torch.cat(log_likelihoods), 0) - math.log(num_particles)
-    # KL(q || uniform) = sum over latents of sum_k q_k log q_k + log K.
-    latents, categories = q.batch_shape[-1], q.event_shape[-1]
-    kl = torch.special.xlogy(q.probs, q.probs).sum((-2, -1)) + latents * math.log(categories)
-    return log_mean - kl
+    uniform = torch.full_like(q.logits, -math.log(q.event_shape[-1]))
+    return log_mean - categorical_kl(q.logits, uniform).sum(-1)  # summed over the latents
 
 
 def evaluate(estimator: _Estimator, images, *, num_particles: int, eval_samples: int, seed=0):
