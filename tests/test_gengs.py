@@ -762,30 +762,43 @@ def test_truncation_warning_is_shown_once_per_location():
     assert len([w for w in caught if issubclass(w.category, TruncationWarning)]) == 1
 
 
+@pytest.mark.parametrize("upstream", ["weights and value", "value", "weights"])
 @pytest.mark.parametrize(
     "outcomes", [torch.arange(6.0), torch.randn(6, 3)], ids=["scalar", "vector"]
 )
-def test_fused_relaxed_one_hot_backward_equals_autograd(outcomes):
+def test_fused_relaxed_one_hot_backward_equals_autograd(outcomes, upstream):
     # The fused backward of GenGS's relaxed one-hot and linear map against autograd of the
-    # plain formula, in float64, with upstream gradients on both the weights and the value.
+    # plain formula, in float64, with upstream gradients on the weights, the value or both
+    # (the value alone takes the backward's shortcut), and one outcome excluded by -inf.
     from pyro_relax.distributions.gengs import _RelaxedOneHotMap
 
     torch.manual_seed(5)
     outcomes = outcomes.double()
-    scores = (3 * torch.randn(4, 6, dtype=torch.float64)).requires_grad_()
-    floor = torch.full((6,), -700.0, dtype=torch.float64)  # inactive for these scores
+    scores = 3 * torch.randn(4, 6, dtype=torch.float64)
+    scores[1, 2] = -math.inf
+    scores.requires_grad_()
+    floor = -700.0  # inactive for these scores
     weights, value = _RelaxedOneHotMap.apply(scores, floor, outcomes)
-    a = torch.randn_like(weights)
-    b = torch.randn_like(value)
-    (grad,) = torch.autograd.grad((a * weights).sum() + (b * value).sum(), scores)
+    a = torch.randn_like(weights) * ("weights" in upstream)
+    b = torch.randn_like(value) * ("value" in upstream)
 
+    def loss(weights, value):
+        terms = []
+        if "weights" in upstream:
+            terms.append((a * weights).sum())
+        if "value" in upstream:
+            terms.append((b * value).sum())
+        return sum(terms)
+
+    (grad,) = torch.autograd.grad(loss(weights, value), scores)
     reference_weights = torch.softmax(scores, -1)
     reference_value = reference_weights @ outcomes
     torch.testing.assert_close(weights, reference_weights)
+    assert weights[1, 2] == 0
     torch.testing.assert_close(value, reference_value)
-    loss = (a * reference_weights).sum() + (b * reference_value).sum()
-    (reference,) = torch.autograd.grad(loss, scores)
+    (reference,) = torch.autograd.grad(loss(reference_weights, reference_value), scores)
     torch.testing.assert_close(grad, reference)
+    assert grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("logit", [-100.0, -20.0, 20.0, 100.0])

@@ -74,34 +74,45 @@ class _RelaxedOneHotMap(torch.autograd.Function):
     low temperature is full of them), and a weight below ``n * tiny`` is zero to the dtype
     anyway. ``floor`` is that lowest score relative to the maximum, a number; outcomes excluded
     by a ``-inf`` score keep weight exactly 0. The softmax is taken as
-    ``exp(s - logsumexp(s))``, as in torch's relaxed categorical: torch's softmax kernel is
-    several times slower on rows as short as 15 on CPU.
+    ``exp(s - max s) / sum exp(s - max s)`` with elementwise operators, reusing the row maximum
+    the floor needs: torch's softmax kernel is several times slower on rows as short as 15 on
+    CPU, and ``logsumexp`` would take the maximum again and guard against infinities the floor
+    has already removed.
 
     The backward is the softmax Jacobian applied to the combined upstream gradient,
     :math:`\partial L / \partial s = w \odot (G - \langle w, G \rangle)` with
     :math:`G = \partial L / \partial w + (\partial L / \partial z) c^\top`; it ignores the
-    floor, whose entries have weights below ``n * tiny`` and so gradients that small.
+    floor, whose entries have weights below ``n * tiny`` and so gradients that small. When only
+    :math:`z` is differentiated (no ``log_prob`` of the sample in the loss),
+    :math:`\langle w, G \rangle = (\partial L / \partial z) z` and the gradient is
+    :math:`(\partial L / \partial z)\, w \odot (c - z)`, which skips a reduction.
     """
 
     @staticmethod
     def forward(ctx, scores, floor, outcomes):
         # One new tensor of the scores' size, updated in place (no graph is recorded here).
         excluded = scores.isneginf()
-        weights = scores.clamp(min=scores.amax(-1, keepdim=True) + floor)
-        weights.masked_fill_(excluded, -math.inf)
-        weights.sub_(weights.logsumexp(-1, keepdim=True)).exp_()
-        ctx.save_for_backward(weights, outcomes)
-        ctx.set_materialize_grads(False)
+        weights = scores - scores.amax(-1, keepdim=True)
+        weights.clamp_(min=floor).masked_fill_(excluded, -math.inf).exp_()
+        weights.div_(weights.sum(-1, keepdim=True))
         if _autocast_enabled(scores.device.type):
             # Under torch.autocast the product would run in half precision: the relaxed value
             # keeps the dtype of the weights, as without autocast.
             with torch.autocast(scores.device.type, enabled=False):
-                return weights, weights @ outcomes
-        return weights, weights @ outcomes
+                value = weights @ outcomes
+        else:
+            value = weights @ outcomes
+        ctx.save_for_backward(weights, outcomes, value)
+        ctx.set_materialize_grads(False)
+        return weights, value
 
     @staticmethod
     def backward(ctx, grad_weights, grad_value):
-        weights, outcomes = ctx.saved_tensors
+        weights, outcomes, value = ctx.saved_tensors
+        if grad_weights is None and grad_value is not None and outcomes.dim() == 1:
+            # g w (c - z): three passes over the weights instead of four.
+            grad_scores = weights * (outcomes - value.unsqueeze(-1))
+            return grad_scores.mul_(grad_value.unsqueeze(-1)), None, None
         upstream = grad_weights
         if grad_value is not None:
             mapped = (
