@@ -35,14 +35,13 @@ Targets (issue 4): GST/STGS time ratio and memory ratio at most 1.05; GR-MC100 c
 
 import argparse
 import gzip
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
+import bench_gengs
 import numpy as np
 import torch
+from bench_gengs import add_clock_option, machine, synchronize, use_clock
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -108,11 +107,6 @@ def default_data():
     return None
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_step(model, optimizer, batch, make_posterior):
     optimizer.zero_grad(set_to_none=True)
     loss = model.loss(batch, make_posterior)
@@ -161,22 +155,6 @@ def measure_memory(model, optimizer, batch, make_posterior, device):
     return before + step_peak, step_peak
 
 
-def machine(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            names = [line.split(":", 1)[1].strip() for line in file if "model name" in line]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (
-        f"CPU {cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads"
-    )
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -187,11 +165,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--data", default=default_data(), help="directory of MNIST IDX files")
     parser.add_argument("--seed", type=int, default=0)
+    add_clock_option(parser)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    clock_line = use_clock(args.clock, device)
     batches, source = load_batches(args.data, 20, device, args.seed)
     runs = {}
     for name, make_posterior in variants(args.temperature, args.num_draws).items():
@@ -211,17 +191,18 @@ def main(argv=None):
         for name in names[shift:] + names[:shift]:
             model, optimizer, make_posterior, times = runs[name]
             synchronize(device)
-            start = time.perf_counter()
+            start = bench_gengs.clock()
             train_step(model, optimizer, batch, make_posterior)
             synchronize(device)
-            times.append(1e3 * (time.perf_counter() - start))
+            times.append(1e3 * (bench_gengs.clock() - start))
 
     memory = {
         name: measure_memory(model, optimizer, batches[0], make_posterior, device)
         for name, (model, optimizer, make_posterior, _) in runs.items()
     }
 
-    print(f"Machine: {machine(device)}")
+    print(machine(device))
+    print(clock_line)
     print(
         f"MNIST VAE 784-512-256 -> {NUM_LATENTS}x{NUM_CLASSES} categorical latents, batch "
         f"{BATCH}, Adam; tau = {args.temperature}; data: {source}"

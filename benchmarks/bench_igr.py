@@ -23,8 +23,8 @@ import warnings
 
 import pyro
 import torch
+from bench_gengs import add_clock_option, machine, use_clock
 from bench_gengs import alternate as alternate_times
-from bench_gengs import machine
 from torch.distributions import RelaxedOneHotCategorical
 
 from pyro_relax import IGR
@@ -151,12 +151,14 @@ def main(argv=None) -> None:
     parser.add_argument("--number", type=int, default=20, help="calls per timed repetition")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    add_clock_option(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("error")  # a warning inside a timed loop would distort it
     print(machine(device))
+    print(use_clock(args.clock, device))
     print(f"batch {BATCH[0]} x {BATCH[1]} latents, temperature {TEMPERATURE}, ", end="")
     print("rsample + log_prob + backward,")
     print(f"median over {args.repeats} alternating repetitions of {args.number} calls each")

@@ -165,3 +165,30 @@ def test_gpu_check_compile_step_runs_on_the_cpu(gpu_check, tmp_path):
     for row in rows:
         value_diff, grad_diff = float(row[5]), float(row[6])
         assert value_diff < 1e-2 and grad_diff < 1e-3, row
+
+
+@pytest.fixture
+def bench_gengs(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_gengs
+
+    monkeypatch.setattr(bench_gengs, "clock", bench_gengs.clock)  # restored after the test
+    return bench_gengs
+
+
+def test_the_cpu_clock_does_not_count_waiting(bench_gengs):
+    # A step that only waits: the wall clock sees 50 ms, the process's CPU time almost nothing
+    # (what another job holding the core would look like to the benchmark).
+    import time
+
+    cpu = torch.device("cpu")
+    assert "wall" in bench_gengs.use_clock("wall", cpu)
+    wall_ms = bench_gengs.time_per_call(lambda: time.sleep(0.05), cpu, 2)
+    assert "CPU time" in bench_gengs.use_clock("cpu", cpu)
+    cpu_ms = bench_gengs.time_per_call(lambda: time.sleep(0.05), cpu, 2)
+    assert wall_ms >= 50 and cpu_ms < 10
+
+
+def test_the_cpu_clock_is_refused_for_a_gpu(bench_gengs):
+    with pytest.raises(SystemExit, match="wall clock"):
+        bench_gengs.use_clock("cpu", torch.device("cuda"))
