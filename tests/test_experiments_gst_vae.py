@@ -167,10 +167,11 @@ def _settings(estimator, loop, steps=4):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("estimator", ["STGS", "GST-pi", "GR-MC10", "NZ-GST-1.0"])
+@pytest.mark.parametrize("estimator", gst_vae.ESTIMATORS)
 def test_the_pyro_and_torch_loops_take_the_same_steps(estimator):
     # Same seed, same batches, same noise: SVI with TraceMeanField_ELBO (analytic KL) and the
-    # plain PyTorch loop compute the same loss, and Adam moves the networks the same way.
+    # plain PyTorch loop compute the same loss, and Adam moves the networks the same way, for
+    # every estimator (the MNIST runs of both loops agree to the last digit for two of them).
     data = load_digits_dataset()
     losses, weights = {}, {}
     for loop in gst_vae.LOOPS:
