@@ -68,13 +68,17 @@ _NO_KERNEL = {
 def leaf_operators(work) -> collections.Counter:
     """The leaf aten operators that ``work()`` dispatches and that compute something."""
     work()  # warm-up: lazy initialization is not part of a training step
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         work()
     counts = collections.Counter()
     for event in prof.events():
         if not event.name.startswith("aten::") or event.name in _NO_KERNEL:
             continue
         if any(child.name.startswith("aten::") for child in event.cpu_children):
+            continue
+        if event.name == "aten::copy_" and not any(event.input_shapes[:2]):
+            # A Python number's conversion to the operand's dtype (``x > 1``, ``x + 0.5``):
+            # 0-dimensional host scalars, which a GPU kernel takes as an argument.
             continue
         counts[event.name] += 1
     return counts
