@@ -34,14 +34,14 @@ Targets (issue 4): GST/STGS time ratio and memory ratio at most 1.05; GR-MC100 c
 """
 
 import argparse
+import functools
 import gzip
 import statistics
 from pathlib import Path
 
-import bench_gengs
 import numpy as np
 import torch
-from bench_gengs import add_clock_option, machine, synchronize, use_clock
+from bench_gengs import add_clock_option, machine, synchronize, time_per_call, use_clock
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -190,11 +190,8 @@ def main(argv=None):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             model, optimizer, make_posterior, times = runs[name]
-            synchronize(device)
-            start = bench_gengs.clock()
-            train_step(model, optimizer, batch, make_posterior)
-            synchronize(device)
-            times.append(1e3 * (bench_gengs.clock() - start))
+            step = functools.partial(train_step, model, optimizer, batch, make_posterior)
+            times.append(time_per_call(step, device, 1))
 
     memory = {
         name: measure_memory(model, optimizer, batches[0], make_posterior, device)

@@ -69,11 +69,10 @@ import statistics
 import warnings
 from pathlib import Path
 
-import bench_gengs
 import pyro
 import pyro.distributions as dist
 import torch
-from bench_gengs import add_clock_option, machine, synchronize, use_clock
+from bench_gengs import add_clock_option, machine, time_per_call, use_clock
 from pyro.infer import (
     SVI,
     JitTrace_ELBO,
@@ -300,11 +299,7 @@ def origin(warning):
 
 
 def timed_step(side, batch, device):
-    synchronize(device)
-    start = bench_gengs.clock()
-    side.step(batch)
-    synchronize(device)
-    return 1e3 * (bench_gengs.clock() - start)
+    return time_per_call(lambda: side.step(batch), device, 1)
 
 
 def warm_up(side, batches, count, device):
