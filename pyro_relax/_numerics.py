@@ -113,6 +113,13 @@ def broadcast_shapes(*shapes) -> torch.Size:
         # Sizes are traced values here: comparing them in Python would warn (TracerWarning)
         # and freeze the comparison into the trace; torch's records it.
         return torch.broadcast_shapes(*shapes)
+    if len(shapes) == 2:
+        # The common case (a parameter against the batch shape so far): nothing to broadcast.
+        first, second = shapes
+        if len(second) == 0 or tuple(first) == tuple(second):
+            return torch.Size(first)
+        if len(first) == 0:
+            return torch.Size(second)
     # No max(..., default=0): torch.compile cannot trace that keyword (a graph break).
     ndim = max([0, *(len(shape) for shape in shapes)])
     result = [1] * ndim
@@ -286,6 +293,17 @@ def static_size(size) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return int(size)
+
+
+def known_same_shape(a: torch.Tensor, b) -> bool:
+    """Whether tensor ``a`` has the shape ``b`` (a tensor or a shape), known without tracing.
+
+    For shortcuts only: ``False`` while ``torch.jit.trace`` records, where sizes are traced
+    values and comparing them would freeze the comparison into the trace (and warn).
+    """
+    if torch.jit.is_tracing():
+        return False
+    return a.shape == (b.shape if torch.is_tensor(b) else b)
 
 
 def validation_enabled(validate_args) -> bool:

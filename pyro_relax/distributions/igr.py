@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from pyro.distributions import (
     Categorical,
+    Independent,
     Normal,
     OneHotCategorical,
     TorchDistribution,
@@ -25,6 +26,7 @@ from pyro_relax._numerics import (
     clamp_with_identity_gradient,
     finite_positive,
     finite_real,
+    known_same_shape,
     location,
     one_hot,
     parse_parameters,
@@ -152,6 +154,12 @@ def _limit_category(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.zeros_like(x[..., :1])], -1).argmax(-1)
 
 
+def _expanded(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``tensor.expand(shape)``, or ``tensor`` itself where it has that shape (no view, and no
+    node in the autograd graph)."""
+    return tensor if known_same_shape(tensor, shape) else tensor.expand(shape)
+
+
 class _IGRBase(TransformedDistribution):
     """Gaussian noise pushed onto the simplex: shared parameters, shapes and scoring."""
 
@@ -167,21 +175,52 @@ class _IGRBase(TransformedDistribution):
     def _set_parameters(self, loc, scale, temperature, delta, validate_args):
         owner = type(self).__name__
         validate = validation_enabled(validate_args)
-        # loc and scale broadcast in every dimension, the last one included.
-        params, _ = parse_parameters(owner, {"loc": loc, "scale": scale}, {}, validate=False)
-        if params["loc"].dim() < 1:
+        # loc and scale broadcast in every dimension, the last one included (a first parse
+        # only where they are not already tensors of one shape: it costs tens of microseconds
+        # at every construction).
+        if not (torch.is_tensor(loc) and torch.is_tensor(scale) and known_same_shape(loc, scale)):
+            params, _ = parse_parameters(owner, {"loc": loc, "scale": scale}, {}, validate=False)
+            loc, scale = torch.broadcast_tensors(params["loc"], params["scale"])
+        if loc.dim() < 1:
             raise ValueError(f"{owner}: `loc` needs a last dimension of K - 1 >= 1 coordinates")
-        loc, scale = torch.broadcast_tensors(params["loc"], params["scale"])
         params = {"loc": loc, "scale": scale, "temperature": temperature, "delta": delta}
         params, batch_shape = parse_parameters(owner, params, self.arg_constraints, validate)
-        self.loc = params["loc"].expand(batch_shape + loc.shape[-1:])
-        self.scale = params["scale"].expand(batch_shape + loc.shape[-1:])
-        self.temperature = params["temperature"].expand(batch_shape)
-        self.delta = params["delta"].expand(batch_shape)
+        self.loc = _expanded(params["loc"], batch_shape + loc.shape[-1:])
+        self.scale = _expanded(params["scale"], batch_shape + loc.shape[-1:])
+        self.temperature = _expanded(params["temperature"], batch_shape)
+        self.delta = _expanded(params["delta"], batch_shape)
         # As passed: the same tensor object or equal Python numbers identify the same map
         # without reading a device (the expanded views above are new objects every time).
         self._map_arguments = (temperature, delta)
+        # The map keeps them as parsed: they broadcast with the batch shape, and a scalar
+        # temperature divides a sample without broadcasting an expanded view.
+        self._softmax_parameters = (params["temperature"], params["delta"])
         return validate
+
+    def _set_distribution(self, transforms, validate):
+        """Sets the maps to the simplex (``transforms``, then softmax++) and the shapes, as
+        ``TransformedDistribution.__init__`` does, with the shapes known: its general shape
+        inference through the transforms costs more than the rest of a construction. The
+        Gaussian base is built when first used (:attr:`base_dist`)."""
+        softmax = SoftmaxPlusPlusTransform.of_parsed(*self._softmax_parameters)
+        self.transforms = [*transforms, softmax]
+        batch_shape = self.loc.shape[:-1]
+        event_shape = torch.Size([self.loc.shape[-1] + 1])
+        TorchDistribution.__init__(self, batch_shape, event_shape, validate_args=False)
+        self._validate_args = validate
+
+    @lazy_property
+    def base_dist(self) -> Independent:
+        r"""The Gaussian base :math:`\mathcal{N}(\mu, \operatorname{diag} \sigma^2)` of the
+        pre-image, an ``Independent`` ``Normal`` over the last dimension."""
+        return Normal(self.loc, self.scale, validate_args=False).to_event(1)
+
+    def _gaussian(self, sample_shape=torch.Size()):
+        r"""A reparameterized draw :math:`y = \mu + \sigma \epsilon` of the base (one fused
+        operator where ``Normal.rsample`` takes two)."""
+        shape = torch.Size(sample_shape) + self.loc.shape
+        eps = torch.empty(shape, dtype=self.loc.dtype, device=self.loc.device).normal_()
+        return torch.addcmul(self.loc, eps, self.scale)
 
     def _expand_parameters(self, new, batch_shape):
         batch_shape = torch.Size(batch_shape)
@@ -203,8 +242,9 @@ class _IGRBase(TransformedDistribution):
     def _map_parameters(self) -> tuple:
         return self._map_arguments
 
-    def _tag(self, value, base):
-        return carry(value, preimage=base, source=(type(self), self._map_parameters()))
+    def _tag(self, value, base, **fields):
+        """Attaches the pre-image ``base`` and the map that made ``value`` (and ``fields``)."""
+        return carry(value, preimage=base, source=(type(self), self._map_parameters()), **fields)
 
     def _preimage(self, value):
         """The Gaussian pre-image of ``value``: the one it carries when it was pushed forward by
@@ -308,12 +348,7 @@ class IGR(_IGRBase):
     def __init__(self, loc, scale, temperature, *, delta=1.0, hard=False, validate_args=None):
         validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.hard = bool(hard)
-        base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
-        transform = SoftmaxPlusPlusTransform(
-            self.temperature, self.delta, cache_size=1, validate_args=False
-        )
-        super().__init__(base, [transform], validate_args=False)
-        self._validate_args = validate
+        self._set_distribution([], validate)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGR, _instance)
@@ -322,12 +357,12 @@ class IGR(_IGRBase):
         return super().expand(batch_shape, _instance=new)
 
     def rsample(self, sample_shape=torch.Size()):
-        y = self.base_dist.rsample(sample_shape)
-        z = self.softmax_plus_plus(y)
+        y = self._gaussian(sample_shape)
+        z, log_z = self.softmax_plus_plus.simplex_and_log(y)
         if self.hard:
             hard = one_hot(_limit_category(y), self.num_categories, z)
-            z = carry(straight_through(hard, z), log_weights=carried(z, "log_weights"))
-        return self._tag(z, y)
+            z = straight_through(hard, z)
+        return self._tag(z, y, log_weights=log_z)
 
     def _map_parameters(self):
         # IGR-I compares no maps (see _preimage): the parameters themselves, as tensors.
@@ -451,15 +486,7 @@ class IGRStickBreaking(_IGRBase):
             raise ValueError(f"IGRStickBreaking: `precision` must lie in (0, 1), got {precision!r}")
         validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.precision = precision
-        base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
-        transforms = [
-            SigmoidSticksTransform(cache_size=1),
-            SoftmaxPlusPlusTransform(
-                self.temperature, self.delta, cache_size=1, validate_args=False
-            ),
-        ]
-        super().__init__(base, transforms, validate_args=False)
-        self._validate_args = validate
+        self._set_distribution([SigmoidSticksTransform(cache_size=1)], validate)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGRStickBreaking, _instance)
@@ -488,10 +515,9 @@ class IGRStickBreaking(_IGRBase):
         return (*self.softmax_plus_plus.simplex_and_log(sticks), kept)
 
     def rsample(self, sample_shape=torch.Size()):
-        y = self.base_dist.rsample(sample_shape)
+        y = self._gaussian(sample_shape)
         z, log_z, kept = self._simplex(y)
-        z = carry(z, log_weights=log_z, kept_sticks=kept.sum(-1))
-        return self._tag(z, y)
+        return self._tag(z, y, log_weights=log_z, kept_sticks=kept.sum(-1))
 
     def _invert(self, value):
         kept = self._kept_of(value)
@@ -627,12 +653,7 @@ class IGRPlanar(_IGRBase):
             )
         self.flows = list(flows)
         self._check_flows(validate)
-        base = Normal(self.loc, self.scale, validate_args=False).to_event(1)
-        transform = SoftmaxPlusPlusTransform(
-            self.temperature, self.delta, cache_size=1, validate_args=False
-        )
-        super().__init__(base, [*self.flows, transform], validate_args=False)
-        self._validate_args = validate
+        self._set_distribution(self.flows, validate)
 
     def _check_flows(self, validate):
         """The flows' parameters must be floating tensors of the computation's dtype, on the
@@ -676,9 +697,10 @@ class IGRPlanar(_IGRBase):
         return x, log_det
 
     def rsample(self, sample_shape=torch.Size()):
-        y = self.base_dist.rsample(sample_shape)
+        y = self._gaussian(sample_shape)
         x, _ = self._flow(y)
-        return self._tag(self.softmax_plus_plus(x), y)
+        z, log_z = self.softmax_plus_plus.simplex_and_log(x)
+        return self._tag(z, y, log_weights=log_z)
 
     def _invert(self, value):
         try:

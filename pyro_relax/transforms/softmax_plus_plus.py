@@ -140,6 +140,16 @@ class SoftmaxPlusPlusTransform(Transform):
         )
         self.temperature, self.delta = params["temperature"], params["delta"]
 
+    @classmethod
+    def of_parsed(cls, temperature: torch.Tensor, delta: torch.Tensor, cache_size: int = 1):
+        """The transform of parameters already parsed (floating tensors of one dtype and
+        device, checked by the caller), without parsing them again: for the IGR
+        distributions, which build one at every construction."""
+        transform = cls.__new__(cls)
+        Transform.__init__(transform, cache_size=cache_size)
+        transform.temperature, transform.delta = temperature, delta
+        return transform
+
     def __eq__(self, other):
         return (
             isinstance(other, SoftmaxPlusPlusTransform)
@@ -153,9 +163,7 @@ class SoftmaxPlusPlusTransform(Transform):
     def with_cache(self, cache_size=1):
         if self._cache_size == cache_size:
             return self
-        return SoftmaxPlusPlusTransform(
-            self.temperature, self.delta, cache_size=cache_size, validate_args=False
-        )
+        return SoftmaxPlusPlusTransform.of_parsed(self.temperature, self.delta, cache_size)
 
     def _parameter_shape(self):
         return broadcast_shapes(self.temperature.shape, self.delta.shape)
