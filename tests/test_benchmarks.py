@@ -192,3 +192,35 @@ def test_the_cpu_clock_does_not_count_waiting(bench_gengs):
 def test_the_cpu_clock_is_refused_for_a_gpu(bench_gengs):
     with pytest.raises(SystemExit, match="wall clock"):
         bench_gengs.use_clock("cpu", torch.device("cuda"))
+
+
+class _PlainInvertibleGaussian:
+    """A stand-in for relaxit's class (not installed here): softmax++ without a shift."""
+
+    def __init__(self, loc, scale, temperature):
+        self.loc, self.scale, self.temperature = loc, scale, temperature
+
+    def rsample(self):
+        weights = ((self.loc + self.scale * torch.randn_like(self.loc)) / self.temperature).exp()
+        z = weights / (weights.sum(-1, keepdim=True) + 1)
+        return torch.cat([z, 1 - z.sum(-1, keepdim=True)], -1)
+
+    def log_prob(self, value):
+        return value.log().sum(-1)
+
+
+def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_igr
+
+    table = bench_igr.relaxit_table(_PlainInvertibleGaussian, torch.device("cpu"), 1, 1)
+    rows = table.splitlines()[1:]
+    steps = ["construction only", "rsample + backward", "rsample + log_prob + backward"]
+    steps.append("row maximum alone (IGR side)")
+    expected = [(k, step) for step in steps for k in bench_igr.CATEGORIES]
+    assert [(int(row[:4]), row[6:35].strip()) for row in rows] == expected
+    for row in rows:
+        theirs, ours, ratio = (float(cell) for cell in row[35:].split())
+        assert ours > 0 and ratio > 0
+        if theirs >= 0.1:  # milliseconds printed to three decimals: the ratio, to 1%
+            assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.01)
