@@ -44,14 +44,26 @@ def _counts(size: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(size, dtype=like.dtype, device=like.device)
 
 
+def _count_tensor(k, like: torch.Tensor) -> torch.Tensor:
+    """Counts ``k`` as a tensor; a Python int (one count) becomes shape ``(1,)``, made on
+    ``like``'s device without a host-to-device copy."""
+    if torch.is_tensor(k):
+        return k
+    return torch.full((1,), k, dtype=like.dtype, device=like.device)
+
+
 def _poisson_log_pmf(base: Poisson, k: torch.Tensor) -> torch.Tensor:
     rate = base.rate.unsqueeze(-1)
     return _log_pmf_of_rate(rate, torch.log(rate), k)
 
 
 def _log_pmf_of_rate(rate, log_rate, k):
+    r""":math:`k \log \lambda - \lambda - \log k!` for counts ``k``, a tensor or a Python int
+    (whose constants then stay Python numbers: two operators instead of four)."""
     # The rate is positive: k * log(rate) needs no xlogy, and the log is taken per rate, not
     # per (rate, k) pair (this is the hot path of GenGSPoisson).
+    if not torch.is_tensor(k):
+        return torch.add(torch.rsub(rate, -math.lgamma(k + 1)), log_rate, alpha=k)
     return torch.addcmul(-rate - torch.lgamma(k + 1), k, log_rate)
 
 
@@ -65,36 +77,62 @@ class _PoissonLogTail(torch.autograd.Function):
     also where the value comes from the series below. One backward of a few operators replaces
     autograd's trip through ``igamma``, the series and three selections (the tail is in every
     GenGS Poisson's rsample, and at small sizes each operator is a kernel launch on a GPU).
+
+    ``k`` is a tensor of counts, or one count as a Python int (a GenGS row's last outcome):
+    its constants, :math:`\log m!` and the selection at :math:`m = 0`, then stay on the host,
+    which saves about ten operators per rsample and backward. ``log_rate`` is
+    :math:`\log \lambda`, taken by the caller; the derivative returned for ``rate`` is the
+    whole one, and none flows through ``log_rate``.
     """
 
     @staticmethod
-    def forward(ctx, rate, k):
+    def forward(ctx, rate, log_rate, k):
         # gammainc underflows far in the tail; there rate << m and the geometric series
         # pmf(m) / (1 - rate / (m + 1)) bounds the tail to relative error O(rate / m^2).
-        m = k.clamp(min=1)
-        log_rate = torch.log(rate)
-        tail = torch.special.gammainc(m, rate)
+        if torch.is_tensor(k):
+            m, at_zero = k.clamp(min=1), k == 0  # P(X >= 0) = 1, whatever the rate
+            m_tensor, ratio = m, -(rate / (m + 1))
+        else:
+            m, at_zero = max(k, 1), k == 0
+            m_tensor = torch.full((1,), m, dtype=rate.dtype, device=rate.device)
+            ratio = rate * (-1.0 / (m + 1))
+        tail = torch.special.gammainc(m_tensor, rate)
         finfo = torch.finfo(tail.dtype)
         accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
-        series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(-(rate / (m + 1)).clamp(max=0.5))
+        series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(ratio.clamp(min=-0.5))
         log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
-        at_zero = k == 0  # P(X >= 0) = 1, whatever the rate
-        log_tail = log_tail.masked_fill(at_zero, 0.0)
-        # The output is saved as such and the log recomputed, so that the backward stays
-        # differentiable (a guide's gradient may itself be differentiated).
-        ctx.save_for_backward(rate, m, at_zero, log_tail)
+        if torch.is_tensor(at_zero):
+            log_tail = log_tail.masked_fill(at_zero, 0.0)
+            ctx.count = None
+            ctx.save_for_backward(rate, log_rate, log_tail, m, at_zero)
+        else:
+            if at_zero:
+                log_tail = torch.zeros_like(log_tail)
+            ctx.count = (m, at_zero)
+            # The output is saved as such, so that the backward stays differentiable (a guide's
+            # gradient may itself be differentiated).
+            ctx.save_for_backward(rate, log_rate, log_tail)
         return log_tail
 
     @staticmethod
     def backward(ctx, grad):
-        rate, m, at_zero, log_tail = ctx.saved_tensors
-        log_density = _log_pmf_of_rate(rate, torch.log(rate), m - 1)
-        grad_rate = (grad * torch.exp(log_density - log_tail)).masked_fill(at_zero, 0.0)
-        return grad_rate.sum_to_size(rate.shape), None
+        if ctx.count is None:
+            rate, log_rate, log_tail, m, at_zero = ctx.saved_tensors
+            log_density = _log_pmf_of_rate(rate, log_rate, m - 1)
+            grad_rate = (grad * torch.exp(log_density - log_tail)).masked_fill(at_zero, 0.0)
+        else:
+            rate, log_rate, log_tail = ctx.saved_tensors
+            m, at_zero = ctx.count
+            log_density = _log_pmf_of_rate(rate, log_rate, m - 1)
+            grad_rate = grad * torch.exp(log_density - log_tail)
+            if at_zero:
+                grad_rate = torch.zeros_like(grad_rate)
+        return grad_rate.sum_to_size(rate.shape), None, None
 
 
-def _poisson_log_sf(base: Poisson, k: torch.Tensor, size: int) -> torch.Tensor:
-    return _PoissonLogTail.apply(base.rate.unsqueeze(-1), k)
+def _poisson_log_sf(base: Poisson, k, size: int) -> torch.Tensor:
+    rate = base.rate.unsqueeze(-1)
+    return _PoissonLogTail.apply(rate, torch.log(rate), k)
 
 
 def _geometric_log_pmf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
@@ -104,7 +142,7 @@ def _geometric_log_pmf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
     return k * F.logsigmoid(-logits) + F.logsigmoid(logits)
 
 
-def _geometric_log_sf(base: Geometric, k: torch.Tensor, size: int) -> torch.Tensor:
+def _geometric_log_sf(base: Geometric, k, size: int) -> torch.Tensor:
     # Support 0, 1, ...: P(X >= m) = (1 - p)^m in closed form.
     return k * F.logsigmoid(-base.logits.unsqueeze(-1))
 
@@ -119,12 +157,13 @@ def _nb_log_pmf(r, logits, k):
     return log_binom + r * F.logsigmoid(-logits) + k * F.logsigmoid(logits)
 
 
-def _negative_binomial_log_sf(base: NegativeBinomial, k: torch.Tensor, size: int) -> torch.Tensor:
+def _negative_binomial_log_sf(base: NegativeBinomial, k, size: int) -> torch.Tensor:
     # No incomplete beta function in torch. The tail is the complement of the head, computed in
     # float64 whatever the input dtype so that it keeps 8 digits down to a tail of 1e-8. Below
     # that, sum the next terms explicitly and bound the rest by a geometric series in the ratio
     # pmf(j + 1) / pmf(j) = p (j + r) / (j + 1), which tends to p; the bound's error is then
     # far below the float32 resolution of the row.
+    k = _count_tensor(k, _like(base))
     r = base.total_count.unsqueeze(-1).double()
     logits = base.logits.unsqueeze(-1).double()
     counts = _counts(size, k).double()
@@ -164,9 +203,10 @@ def _binomial_log_pmf(base: Binomial, k: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, log_pmf, torch.full_like(log_pmf, -float("inf")))
 
 
-def _binomial_log_sf(base: Binomial, k: torch.Tensor, size: int) -> torch.Tensor:
+def _binomial_log_sf(base: Binomial, k, size: int) -> torch.Tensor:
     # Finite support: the tail is an exact finite sum, no complement needed. The host reads
     # the largest total count once, to know how far the sum runs.
+    k = _count_tensor(k, _like(base))
     size = max(size, int(base.total_count.max()) + 1)
     log_pmf = _binomial_log_pmf(base, _counts(size, k))
     return _at(torch.logcumsumexp(log_pmf.flip(-1), -1).flip(-1), k)
@@ -181,6 +221,9 @@ def _at(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 class _Family(NamedTuple):
     cls: type
     log_pmf: Callable
+    # log_sf(base, k, size): the log survival function at counts k, a tensor broadcasting with
+    # batch_shape + (m,), or one count as a Python int (the result then has a last dimension
+    # of 1).
     log_sf: Callable
     # The parameters a distribution of the family may hold (by torch's attribute names), with
     # the values the truncated PMF can be computed from: finite, and away from the degenerate
@@ -308,11 +351,13 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
     family = _family(base)
     log_pmf, log_sf = family.log_pmf, family.log_sf
     k = _counts(size, _like(base))
-    # The survival function is needed at the last outcome only (it is the costly part).
+    # The survival function is needed at the last outcome only (it is the costly part). An int
+    # truncation passes its last outcome as a Python int: a family's tail keeps what constants
+    # it can on the host (one kernel each fewer on a GPU), and the others make it a tensor.
     if torch.is_tensor(truncation):
         last = (truncation - 1).unsqueeze(-1).to(k.dtype)
     else:
-        last = torch.full((1,), truncation - 1, dtype=k.dtype, device=k.device)
+        last = truncation - 1
     tail = log_sf(base, last, size)
     if not torch.is_tensor(truncation) and truncation == size:
         # No outcome is masked: a concatenation is cheaper than two selects and their backward.
