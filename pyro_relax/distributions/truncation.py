@@ -101,6 +101,8 @@ class _PoissonLogTail(torch.autograd.Function):
         accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
         series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(ratio.clamp(min=-0.5))
         log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
+        # Inputs and the output are saved as such, and the rest recomputed, so that the backward
+        # stays differentiable (a guide's gradient may itself be differentiated).
         if torch.is_tensor(at_zero):
             log_tail = log_tail.masked_fill(at_zero, 0.0)
             ctx.count = None
@@ -109,8 +111,6 @@ class _PoissonLogTail(torch.autograd.Function):
             if at_zero:
                 log_tail = torch.zeros_like(log_tail)
             ctx.count = (m, at_zero)
-            # The output is saved as such, so that the backward stays differentiable (a guide's
-            # gradient may itself be differentiated).
             ctx.save_for_backward(rate, log_rate, log_tail)
         return log_tail
 
