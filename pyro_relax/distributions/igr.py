@@ -194,16 +194,15 @@ class _IGRBase(TransformedDistribution):
         self._map_arguments = (temperature, delta)
         # The map keeps them as parsed: they broadcast with the batch shape, and a scalar
         # temperature divides a sample without broadcasting an expanded view.
-        self._softmax_parameters = (params["temperature"], params["delta"])
-        return validate
+        softmax = SoftmaxPlusPlusTransform.of_parsed(params["temperature"], params["delta"])
+        return validate, softmax
 
     def _set_distribution(self, transforms, validate):
-        """Sets the maps to the simplex (``transforms``, then softmax++) and the shapes, as
+        """Sets the maps to the simplex (``transforms``, softmax++ last) and the shapes, as
         ``TransformedDistribution.__init__`` does, with the shapes known: its general shape
         inference through the transforms costs more than the rest of a construction. The
         Gaussian base is built when first used (:attr:`base_dist`)."""
-        softmax = SoftmaxPlusPlusTransform.of_parsed(*self._softmax_parameters)
-        self.transforms = [*transforms, softmax]
+        self.transforms = transforms
         batch_shape = self.loc.shape[:-1]
         event_shape = torch.Size([self.loc.shape[-1] + 1])
         TorchDistribution.__init__(self, batch_shape, event_shape, validate_args=False)
@@ -346,9 +345,9 @@ class IGR(_IGRBase):
     """
 
     def __init__(self, loc, scale, temperature, *, delta=1.0, hard=False, validate_args=None):
-        validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
+        validate, softmax = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.hard = bool(hard)
-        self._set_distribution([], validate)
+        self._set_distribution([softmax], validate)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGR, _instance)
@@ -390,7 +389,7 @@ class IGR(_IGRBase):
     def sample_hard(self, sample_shape=torch.Size()):
         """One-hot draws of the discrete variable :math:`H` (Proposition 1), no gradient."""
         with torch.no_grad():
-            y = self.base_dist.sample(sample_shape)
+            y = self._gaussian(sample_shape)
             return one_hot(_limit_category(y), self.num_categories, y)
 
     def log_prob(self, value):
@@ -484,9 +483,9 @@ class IGRStickBreaking(_IGRBase):
             isinstance(precision, Real) and not isinstance(precision, bool) and 0 < precision < 1
         ):
             raise ValueError(f"IGRStickBreaking: `precision` must lie in (0, 1), got {precision!r}")
-        validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
+        validate, softmax = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.precision = precision
-        self._set_distribution([SigmoidSticksTransform(cache_size=1)], validate)
+        self._set_distribution([SigmoidSticksTransform(cache_size=1), softmax], validate)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGRStickBreaking, _instance)
@@ -583,7 +582,7 @@ class IGRStickBreaking(_IGRBase):
         return torch.where(kept, log_normal - log_det_sticks, zero).sum(-1) - log_det_softmax
 
     def _sample_categories(self, num_samples):
-        y = self.base_dist.sample((num_samples,))
+        y = self._gaussian((num_samples,))
         log_sticks = self.transforms[0].log_sticks(y)
         kept = self._kept(log_sticks)
         return torch.where(kept, log_sticks, -float("inf")).argmax(-1)
@@ -640,7 +639,7 @@ class IGRPlanar(_IGRBase):
     """
 
     def __init__(self, loc, scale, temperature, *, delta=1.0, flows=1, validate_args=None):
-        validate = self._set_parameters(loc, scale, temperature, delta, validate_args)
+        validate, softmax = self._set_parameters(loc, scale, temperature, delta, validate_args)
         if isinstance(flows, int) and not isinstance(flows, bool):
             check_count("IGRPlanar", "flows", flows, minimum=0)
             flows = [Planar(self.loc.shape[-1]).to(self.loc) for _ in range(flows)]
@@ -653,7 +652,7 @@ class IGRPlanar(_IGRBase):
             )
         self.flows = list(flows)
         self._check_flows(validate)
-        self._set_distribution(self.flows, validate)
+        self._set_distribution([*self.flows, softmax], validate)
 
     def _check_flows(self, validate):
         """The flows' parameters must be floating tensors of the computation's dtype, on the
@@ -717,7 +716,7 @@ class IGRPlanar(_IGRBase):
         return _normal_log_density(y, self.loc, self.scale).sum(-1) - log_det
 
     def _sample_categories(self, num_samples):
-        x, _ = self._flow(self.base_dist.sample((num_samples,)))
+        x, _ = self._flow(self._gaussian((num_samples,)))
         return _limit_category(x)
 
     def categorical(self, num_samples=10_000) -> Categorical:

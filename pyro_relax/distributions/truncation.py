@@ -101,33 +101,31 @@ class _PoissonLogTail(torch.autograd.Function):
         accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
         series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(ratio.clamp(min=-0.5))
         log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
+        log_tail = _zero_at(log_tail, at_zero)
         # Inputs and the output are saved as such, and the rest recomputed, so that the backward
         # stays differentiable (a guide's gradient may itself be differentiated).
-        if torch.is_tensor(at_zero):
-            log_tail = log_tail.masked_fill(at_zero, 0.0)
+        if torch.is_tensor(k):
             ctx.count = None
             ctx.save_for_backward(rate, log_rate, log_tail, m, at_zero)
         else:
-            if at_zero:
-                log_tail = torch.zeros_like(log_tail)
             ctx.count = (m, at_zero)
             ctx.save_for_backward(rate, log_rate, log_tail)
         return log_tail
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.count is None:
-            rate, log_rate, log_tail, m, at_zero = ctx.saved_tensors
-            log_density = _log_pmf_of_rate(rate, log_rate, m - 1)
-            grad_rate = (grad * torch.exp(log_density - log_tail)).masked_fill(at_zero, 0.0)
-        else:
-            rate, log_rate, log_tail = ctx.saved_tensors
-            m, at_zero = ctx.count
-            log_density = _log_pmf_of_rate(rate, log_rate, m - 1)
-            grad_rate = grad * torch.exp(log_density - log_tail)
-            if at_zero:
-                grad_rate = torch.zeros_like(grad_rate)
+        rate, log_rate, log_tail, *count = ctx.saved_tensors
+        m, at_zero = count or ctx.count
+        log_density = _log_pmf_of_rate(rate, log_rate, m - 1)
+        grad_rate = _zero_at(grad * torch.exp(log_density - log_tail), at_zero)
         return grad_rate.sum_to_size(rate.shape), None, None
+
+
+def _zero_at(values: torch.Tensor, at_zero) -> torch.Tensor:
+    """``values`` with zeros where ``at_zero`` (a mask, or one Python bool for all)."""
+    if torch.is_tensor(at_zero):
+        return values.masked_fill(at_zero, 0.0)
+    return torch.zeros_like(values) if at_zero else values
 
 
 def _poisson_log_sf(base: Poisson, k, size: int) -> torch.Tensor:
