@@ -40,6 +40,9 @@ class Example:
             builds with another library (a torch base distribution, Pyro's flows), each with
             the argument of the distribution that receives the object. The generated-input
             test leaves their types (lists, devices, dtypes) to that library.
+        surrogate_gradient: the gradient of an ``rsample`` value is a surrogate's by design
+            (straight-through estimators, GST), not the derivative of the value; the
+            finite-difference test then differentiates ``log_prob`` of a fixed value instead.
     """
 
     id: str
@@ -54,6 +57,7 @@ class Example:
     static_shapes: bool = True
     exact_density: bool = False
     through: dict[str, str] = field(default_factory=dict)
+    surrogate_gradient: bool = False
 
     def parameters(self, *, requires_grad=False, device=None):
         """Fresh copies of ``params``; the learnable ones require grad if asked."""

@@ -117,6 +117,7 @@ GENGS_EXAMPLES = [
         # Hard integer samples: a plain Poisson prior scores them.
         prior=lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),
         kl_partners=(lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),),
+        surrogate_gradient=True,
         **_GENGS,
     ),
     Example(

@@ -19,16 +19,21 @@ def _one_hot(d, index):
 
 
 # One-hot values: the category is the position of the 1 (for soft GST and GR-MCK values, the
-# largest coordinate, which is the sampled category by consistency).
+# largest coordinate, which is the sampled category by consistency). Every example built with
+# these two is a straight-through estimator (soft GST included: its perturbations are
+# detached), so its gradient is a surrogate's; the soft STGS examples (pathwise Gumbel-Softmax)
+# do without them.
 _ONE_HOT = dict(
     categories=lambda d, value: value.argmax(-1),
     category_probs=lambda d: d.probs,
     values_of=_one_hot,
+    surrogate_gradient=True,
 )
 _BINARY = dict(
     categories=lambda d, value: value.long(),
     category_probs=lambda d: torch.stack([1 - d.probs, d.probs], -1),
     values_of=lambda d, index: index.to(d.probs.dtype),
+    surrogate_gradient=True,
 )
 _LOGITS = {"logits": constraints.real}
 _SIMPLEX = {"probs": constraints.simplex}

@@ -106,6 +106,7 @@ IGR_EXAMPLES = [
         learnable=_GAUSSIAN,
         prior=lambda: pr.IGR(*_standard(3), 0.3, hard=True),
         exact_density=True,
+        surrogate_gradient=True,
         **_IGR_CATEGORICAL,
     ),
     Example(

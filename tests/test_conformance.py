@@ -87,6 +87,35 @@ def test_values_and_gradients_are_finite(example):
         assert grad is not None and torch.isfinite(grad).all(), name
 
 
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.learnable], ids=lambda e: e.id)
+def test_gradients_match_finite_differences_to_the_second_order(example):
+    # Every hand-written backward and every composition of them, against central differences
+    # in float64, first and second order (a guide's gradient may itself be differentiated:
+    # gradient penalties, Hessian-vector products). The function of the learnable parameters:
+    # an rsample value (the noise fixed by the seed), its log_prob and every registered KL;
+    # for a straight-through estimator, whose gradient is a surrogate's by design, log_prob of
+    # a fixed value and the KLs. gradcheck's tolerances: atol 1e-5, rtol 1e-3.
+    base = {name: value.detach().double() for name, value in example.params.items()}
+    names = list(example.learnable)
+    torch.manual_seed(7)
+    fixed = example.build(base, validate_args=False).sample((2,))
+
+    def outputs(*learnable):
+        d = example.build({**base, **dict(zip(names, learnable, strict=True))}, validate_args=False)
+        torch.manual_seed(8)
+        if example.surrogate_gradient:
+            values = [d.log_prob(fixed)]
+        else:
+            z = d.rsample((2,))
+            values = [z, d.log_prob(z)]
+        return (*values, *(kl_divergence(d, partner()) for partner in example.kl_partners))
+
+    inputs = tuple(base[name].clone().requires_grad_() for name in names)
+    assert torch.autograd.gradcheck(outputs, inputs)
+    torch.manual_seed(9)  # gradgradcheck draws its upstream gradients at random
+    assert torch.autograd.gradgradcheck(outputs, inputs)
+
+
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.static_shapes], ids=lambda e: e.id)
 def test_noise_and_constants_follow_the_parameters_device(example):
     # On the meta device any tensor made on the CPU by mistake fails to combine, and any read
