@@ -1,5 +1,6 @@
 """Shared numerics: parameter parsing, noise, log-space helpers and gradient-preserving clamps."""
 
+import math
 import warnings
 from numbers import Real
 
@@ -29,6 +30,7 @@ __all__ = [
     "scale",
     "static_size",
     "straight_through",
+    "tempered",
     "validation_enabled",
 ]
 
@@ -80,6 +82,21 @@ def clamp_with_identity_gradient(x: torch.Tensor, low, high) -> torch.Tensor:
     zero the gradient there. The added difference is exact (Sterbenz), so the value is clamped.
     """
     return x + (x.clamp(low, high) - x).detach()
+
+
+def tempered(scores: torch.Tensor, temperature: torch.Tensor, *, inplace=False) -> torch.Tensor:
+    """``scores / temperature``, with a finite gradient by a temperature that requires one.
+
+    A score of ``-inf`` (an excluded outcome, a dropped stick) has weight zero and a zero
+    gradient, but torch's division gives the temperature ``-grad * score / temperature**2 =
+    0 * inf = NaN`` there. When the temperature requires a gradient, those scores are divided
+    as zeros and set back to ``-inf``; otherwise (the usual case) this is one division, in place
+    with ``inplace=True`` (for scores the caller owns: a tensor of their size fewer).
+    """
+    if not (temperature.requires_grad and torch.is_grad_enabled()):
+        return scores.div_(temperature) if inplace else scores / temperature
+    excluded = scores.isneginf()
+    return (scores.masked_fill(excluded, 0.0) / temperature).masked_fill(excluded, -math.inf)
 
 
 class _StraightThrough(torch.autograd.Function):

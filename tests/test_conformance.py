@@ -87,28 +87,43 @@ def test_values_and_gradients_are_finite(example):
         assert grad is not None and torch.isfinite(grad).all(), name
 
 
-@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.learnable], ids=lambda e: e.id)
-def test_gradients_match_finite_differences_to_the_second_order(example):
+# By the temperature only where the value's gradient is the derivative: a straight-through
+# value's gradient is a surrogate's, and log_prob of a fixed one-hot does not involve it.
+_differentiated = [(e, "learnable") for e in EXAMPLES if e.learnable] + [
+    (e, "temperature") for e in EXAMPLES if "temperature" in e.params and not e.surrogate_gradient
+]
+
+
+@pytest.mark.parametrize(
+    "example, wrt", _differentiated, ids=[f"{wrt}-{e.id}" for e, wrt in _differentiated]
+)
+def test_gradients_match_finite_differences_to_the_second_order(example, wrt):
     # Every hand-written backward and every composition of them, against central differences
     # in float64, first and second order (a guide's gradient may itself be differentiated:
-    # gradient penalties, Hessian-vector products). The function of the learnable parameters:
-    # an rsample value (the noise fixed by the seed), its log_prob and every registered KL;
-    # for a straight-through estimator, whose gradient is a surrogate's by design, log_prob of
-    # a fixed value and the KLs. gradcheck's tolerances: atol 1e-5, rtol 1e-3.
+    # gradient penalties, Hessian-vector products), by the learnable parameters and by the
+    # temperature (which a user may learn). The function: an rsample value (the noise fixed by
+    # the seed) and its log_prob, and by the learnable parameters every registered KL (some
+    # have a closed form only between equal temperatures); for a straight-through estimator,
+    # whose gradient is a surrogate's by design, log_prob of a fixed value instead of the
+    # sample. gradcheck's tolerances: atol 1e-5, rtol 1e-3. The temperature's gradient past
+    # excluded outcomes (a score of -inf) failed as NaN before `tempered`.
     base = {name: value.detach().double() for name, value in example.params.items()}
-    names = list(example.learnable)
+    names = list(example.learnable) if wrt == "learnable" else ["temperature"]
     torch.manual_seed(7)
     fixed = example.build(base, validate_args=False).sample((2,))
 
-    def outputs(*learnable):
-        d = example.build({**base, **dict(zip(names, learnable, strict=True))}, validate_args=False)
+    def outputs(*differentiated):
+        params = {**base, **dict(zip(names, differentiated, strict=True))}
+        d = example.build(params, validate_args=False)
         torch.manual_seed(8)
         if example.surrogate_gradient:
             values = [d.log_prob(fixed)]
         else:
             z = d.rsample((2,))
             values = [z, d.log_prob(z)]
-        return (*values, *(kl_divergence(d, partner()) for partner in example.kl_partners))
+        if wrt == "learnable":
+            values += [kl_divergence(d, partner()) for partner in example.kl_partners]
+        return tuple(values)
 
     inputs = tuple(base[name].clone().requires_grad_() for name in names)
     assert torch.autograd.gradcheck(outputs, inputs)

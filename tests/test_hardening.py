@@ -5,6 +5,7 @@ these tests pin the measured cases and the helpers outside the registry.
 """
 
 import itertools
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -140,6 +141,42 @@ def test_negative_binomial_gradient_is_finite_at_extreme_logits(dtype):
     d = pr.GenGSNegativeBinomial(3.0, 0.5, 40, logits=logits)
     (d.rsample((10,)).sum() + d.log_prob(d.rsample()).sum()).backward()
     assert torch.isfinite(logits.grad) and logits.grad.abs() < 1e-6
+
+
+# A category or outcome of probability zero (logit -inf) beside a learned temperature.
+EXCLUDING = {
+    "TruncatedGenGS": lambda t, lo: pr.TruncatedGenGS(t, logits=lo),
+    "TruncatedGenGS-hard": lambda t, lo: pr.TruncatedGenGS(t, logits=lo, hard=True),
+    "STCategorical": lambda t, lo: pr.STCategorical(t, logits=lo),
+    "STGSCategorical": lambda t, lo: pr.STGSCategorical(t, logits=lo),
+    "STGSCategorical-soft": lambda t, lo: pr.STGSCategorical(t, logits=lo, hard=False),
+    "GRMCKCategorical": lambda t, lo: pr.GRMCKCategorical(t, logits=lo, num_draws=3),
+    "GappedSTCategorical": lambda t, lo: pr.GappedSTCategorical(t, logits=lo),
+    "GappedSTCategorical-expected": lambda t, lo: pr.GappedSTCategorical(
+        t, logits=lo, gap="expected", hard=False
+    ),
+    # Sticks beyond the precision are dropped as scores of -inf.
+    "IGRStickBreaking": lambda t, lo: pr.IGRStickBreaking(
+        lo.clamp(min=-3.0).expand(8, 4), torch.ones(8, 4, dtype=_f64), t, precision=0.5
+    ),
+}
+
+
+@pytest.mark.parametrize("make", EXCLUDING.values(), ids=EXCLUDING.keys())
+def test_a_learned_temperature_gets_a_finite_gradient_past_excluded_outcomes(make):
+    # Dividing a score of -inf by a temperature that requires a gradient made the temperature's
+    # gradient 0 * inf = NaN, silently, for every family (GenGS with capped or automatic
+    # truncation, the straight-through estimators over zero probabilities, IGR-SB with a
+    # precision); `tempered` divides those scores as zeros.
+    torch.manual_seed(0)
+    temperature = torch.tensor(0.5, dtype=_f64, requires_grad=True)
+    logits = torch.tensor([0.3, -0.2, -math.inf, 0.1], dtype=_f64, requires_grad=True)
+    d = make(temperature, logits)
+    value = d.rsample((16,))
+    loss = (value * torch.linspace(-1.0, 1.0, value.shape[-1], dtype=_f64)).sum()
+    (grad_temperature, grad_logits) = torch.autograd.grad(loss, (temperature, logits))
+    assert torch.isfinite(grad_temperature) and grad_temperature != 0
+    assert torch.isfinite(grad_logits).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -28,6 +28,7 @@ from pyro_relax._numerics import (
     scale,
     static_size,
     straight_through,
+    tempered,
     validation_enabled,
 )
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete, outcome_log_prob
@@ -304,7 +305,7 @@ class TruncatedGenGS(TorchDistribution):
         shape = torch.Size(sample_shape) + self.logits.shape
         # The noise tensor becomes the scores in place: one tensor of the sample's size fewer.
         noise = gumbel_like(self.logits, shape)
-        perturbed = noise.add_(self.logits).div_(self.temperature.unsqueeze(-1))
+        perturbed = tempered(noise.add_(self.logits), self.temperature.unsqueeze(-1), inplace=True)
         weights, value = _RelaxedOneHotMap.apply(perturbed, self._score_floor, self.outcomes)
         value = clamp_with_identity_gradient(value, *self._outcome_range)
         if self.hard:

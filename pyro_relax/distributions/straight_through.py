@@ -20,6 +20,7 @@ from pyro_relax._numerics import (
     scale,
     static_size,
     straight_through,
+    tempered,
     validation_enabled,
 )
 
@@ -262,7 +263,7 @@ class STCategorical(_StraightThroughCategorical):
     """
 
     def _surrogate(self, logits, index, one_hot, gumbels):
-        return torch.softmax(logits / self.temperature.unsqueeze(-1), -1), None
+        return torch.softmax(tempered(logits, self.temperature.unsqueeze(-1)), -1), None
 
 
 class STGSCategorical(_StraightThroughCategorical):
@@ -319,7 +320,8 @@ class STGSCategorical(_StraightThroughCategorical):
     """
 
     def _surrogate(self, logits, index, one_hot, gumbels):
-        log_weights = torch.log_softmax((logits + gumbels) / self.temperature.unsqueeze(-1), -1)
+        scores = tempered(logits + gumbels, self.temperature.unsqueeze(-1))
+        log_weights = torch.log_softmax(scores, -1)
         return log_weights.exp(), log_weights
 
     def _log_prob(self, value):
@@ -401,8 +403,8 @@ class GRMCKCategorical(_StraightThroughCategorical):
         noise = _conditional_perturbed_logits(fixed, index, log_exponentials) - fixed
         # An excluded category (logit -inf) gets noise -inf - -inf = NaN; it stays excluded.
         noise = torch.where(torch.isneginf(fixed), torch.zeros_like(noise), noise)
-        tempered = (logits + noise) / self.temperature.unsqueeze(-1)
-        return torch.softmax(tempered, -1).mean(0), None
+        scores = tempered(logits + noise, self.temperature.unsqueeze(-1))
+        return torch.softmax(scores, -1).mean(0), None
 
 
 class GappedSTCategorical(_StraightThroughCategorical):
@@ -494,8 +496,8 @@ class GappedSTCategorical(_StraightThroughCategorical):
         gap = _expected_gap(sampled) if self.gap == "expected" else self.gap
         m1 = (top - sampled) * one_hot
         m2 = torch.relu(fixed + gap - top) * (1 - one_hot)
-        tempered = (logits + m1 - m2) / self.temperature.unsqueeze(-1)
-        return torch.softmax(tempered, -1), None
+        scores = tempered(logits + m1 - m2, self.temperature.unsqueeze(-1))
+        return torch.softmax(scores, -1), None
 
 
 class GappedST(GappedSTCategorical):

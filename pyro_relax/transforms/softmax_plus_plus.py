@@ -11,6 +11,7 @@ from pyro_relax._numerics import (
     parse_parameters,
     same_values,
     static_size,
+    tempered,
     validation_enabled,
 )
 
@@ -189,7 +190,7 @@ class SoftmaxPlusPlusTransform(Transform):
         """The forward map :math:`z` and its logarithm :math:`\\log z` (finite wherever
         :math:`x` is), without the carried twin (:meth:`__call__` attaches it)."""
         tau, log_delta = self._parameters_like(x)
-        scaled = x / tau
+        scaled = tempered(x, tau)
         log_delta = log_delta.to(scaled.dtype)
         shape = broadcast_shapes(scaled.shape[:-1], log_delta.shape[:-1])
         logits = torch.cat(
