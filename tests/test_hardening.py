@@ -14,6 +14,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.optim import Adam
+from torch.distributions import kl_divergence
 
 import pyro_relax as pr
 
@@ -177,6 +178,76 @@ def test_a_learned_temperature_gets_a_finite_gradient_past_excluded_outcomes(mak
     (grad_temperature, grad_logits) = torch.autograd.grad(loss, (temperature, logits))
     assert torch.isfinite(grad_temperature) and grad_temperature != 0
     assert torch.isfinite(grad_logits).all()
+
+
+def _t(*values):
+    return torch.tensor(values, dtype=_f64)
+
+
+# KL(q || p) as a function of the prior's parameter (a learned prior): the registry test
+# differentiates the guide's side only.
+PRIOR_SIDE_KLS = {
+    "GenGSPoisson-Poisson": (
+        lambda r: kl_divergence(pr.GenGSPoisson(_t(0.3, 2.0, 6.0), 0.3, 20), dist.Poisson(r)),
+        _t(2.0),
+    ),
+    "GenGSPoisson-capped-Poisson": (
+        lambda r: kl_divergence(
+            pr.GenGSPoisson(_t(0.3, 2.0, 6.0), 0.3, max_truncation=20), dist.Poisson(r)
+        ),
+        _t(2.0),
+    ),
+    "GenGSPoisson-GenGSPoisson": (
+        lambda r: kl_divergence(
+            pr.GenGSPoisson(_t(0.3, 2.0, 6.0), 0.3, 20), pr.GenGSPoisson(r, 0.3, 20)
+        ),
+        _t(2.0),
+    ),
+    "GenGSNegativeBinomial-NegativeBinomial": (
+        lambda p: kl_divergence(
+            pr.GenGSNegativeBinomial(3.0, 0.3, 30, probs=_t(0.2, 0.6)),
+            dist.NegativeBinomial(3.0, probs=p),
+        ),
+        _t(0.4),
+    ),
+    "TruncatedGenGS-excluding": (
+        lambda lo: kl_divergence(
+            pr.TruncatedGenGS(0.5, logits=_t(0.1, 0.5, -math.inf)),
+            pr.TruncatedGenGS(0.5, logits=lo),
+        ),
+        _t(0.0, 0.3, 1.0),
+    ),
+    "STGSCategorical-OneHotCategorical": (
+        lambda lo: kl_divergence(
+            pr.STGSCategorical(0.5, logits=_t(0.1, 0.5, -1.0)), dist.OneHotCategorical(logits=lo)
+        ),
+        _t(0.0, 0.3, 1.0),
+    ),
+    "IGR-IGR": (
+        lambda loc, scale, tau, delta: kl_divergence(
+            pr.IGR(_t(0.1, 0.5), _t(1.0, 0.5), 0.7, delta=1.0),
+            pr.IGR(loc, scale, tau, delta=delta),
+        ),
+        (_t(0.0, 0.3), _t(1.0, 2.0), _t(0.4), _t(0.3)),
+    ),
+    "IGRStickBreaking-IGRStickBreaking": (
+        lambda loc: kl_divergence(
+            pr.IGRStickBreaking(_t(0.1, 0.5, -1.0), _t(1.0, 0.5, 2.0), 0.5),
+            pr.IGRStickBreaking(loc, torch.ones(3, dtype=_f64), 0.5),
+        ),
+        _t(0.0, 0.3, 1.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("kl, params", PRIOR_SIDE_KLS.values(), ids=PRIOR_SIDE_KLS.keys())
+def test_kl_gradients_by_the_prior_match_finite_differences(kl, params):
+    # float64 central differences, first and second order; gradcheck's tolerances.
+    params = params if isinstance(params, tuple) else (params,)
+    inputs = tuple(p.clone().requires_grad_() for p in params)
+    assert torch.autograd.gradcheck(kl, inputs)
+    torch.manual_seed(0)
+    assert torch.autograd.gradgradcheck(kl, inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
