@@ -14,13 +14,19 @@ out. Cases:
 - IGR: ``IGR(loc, scale, 0.5)`` rsample + log_prob, against torch's relaxed categorical's
   rsample + log_prob.
 
-    python benchmarks/kernel_counts.py [--batch 100 50] [--outcomes 15 50]
+With ``--compiled`` each step is also compiled by ``torch.compile`` and its kernels counted:
+those TorchInductor generates (on the CPU, C++ loops; on a GPU, Triton kernels, fused alike)
+plus the operators the compiled step still dispatches. That is what a GPU launches per step
+once the hot path is compiled.
+
+    python benchmarks/kernel_counts.py [--batch 100 50] [--outcomes 15 50] [--compiled]
 """
 
 import argparse
 import collections
 
 import torch
+import torch._inductor.metrics as metrics
 import torch.nn.functional as F
 from bench_gengs import machine
 from torch.distributions import RelaxedOneHotCategorical
@@ -85,7 +91,8 @@ def leaf_operators(work) -> collections.Counter:
 
 
 def cases(batch, outcomes):
-    """The name and the work of each case, for one number of outcomes."""
+    """The name and the loss of each case, for one number of outcomes: a training step is
+    ``loss().backward()``."""
     rate = torch.full(batch, 3.0, requires_grad=True)
     logits = torch.randn(*batch, outcomes, requires_grad=True)
     counts = torch.arange(outcomes, dtype=torch.float32)
@@ -97,25 +104,25 @@ def cases(batch, outcomes):
 
     def gengs():
         z = GenGSPoisson(rate, TEMPERATURE, outcomes, validate_args=False).rsample()
-        (z * downstream).sum().backward()
+        return (z * downstream).sum()
 
     def torch_relaxed():
         w = RelaxedOneHotCategorical(tau, logits=logits, validate_args=False).rsample()
-        ((w @ counts) * downstream).sum().backward()
+        return ((w @ counts) * downstream).sum()
 
     def gumbel_softmax():
         w = F.gumbel_softmax(logits, TEMPERATURE)
-        ((w @ counts) * downstream).sum().backward()
+        return ((w @ counts) * downstream).sum()
 
     def igr():
         d = IGR(loc, scale, TEMPERATURE, validate_args=False)
         z = d.rsample()
-        ((z * downstream_simplex).sum() + d.log_prob(z).sum()).backward()
+        return (z * downstream_simplex).sum() + d.log_prob(z).sum()
 
     def torch_relaxed_log_prob():
         d = RelaxedOneHotCategorical(tau, logits=logits, validate_args=False)
         z = d.rsample()
-        ((z * downstream_simplex).sum() + d.log_prob(z).sum()).backward()
+        return (z * downstream_simplex).sum() + d.log_prob(z).sum()
 
     return {
         "GenGSPoisson rsample+backward": gengs,
@@ -126,24 +133,56 @@ def cases(batch, outcomes):
     }
 
 
+def step_count(loss) -> int:
+    """Operators one eager step ``loss().backward()`` dispatches."""
+    return sum(leaf_operators(lambda: loss().backward()).values())
+
+
+def compiled_step_count(loss) -> int:
+    """Kernels one step runs with ``loss`` compiled by ``torch.compile`` (TorchInductor; the
+    backward is compiled with it): the kernels Inductor generates for the forward and backward
+    graphs, each run once a step, plus the aten operators the compiled step still dispatches
+    (the seeds of its random numbers, the gradient's seed and accumulation). ``fullgraph``: a
+    graph break would leave operators uncounted, so it fails instead."""
+    torch._dynamo.reset()
+    metrics.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    compiled().backward()
+    return metrics.generated_kernel_count + step_count(compiled)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[100, 50])
     parser.add_argument("--outcomes", type=int, nargs="+", default=[15, 50])
     parser.add_argument("--top", type=int, default=0, help="also list each case's top operators")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also count kernels under torch.compile"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(machine(torch.device("cpu")))
     print(f"batch {tuple(args.batch)}, temperature {TEMPERATURE}; leaf aten operators per call")
-    print(f"| {'case':<56} | " + " | ".join(f"n = {n:>3}" for n in args.outcomes) + " |")
-    print(f"|{'-' * 58}|" + "|".join("--------:" for _ in args.outcomes) + "|")
-    results = {n: {name: leaf_operators(work) for name, work in cases(tuple(args.batch), n).items()}
-               for n in args.outcomes}  # fmt: skip
-    for name in results[args.outcomes[0]]:
-        row = " | ".join(f"{sum(results[n][name].values()):>7}" for n in args.outcomes)
-        print(f"| {name:<56} | {row} |")
+    columns = [f"n = {n:>3}" for n in args.outcomes]
+    if args.compiled:
+        columns += [f"compiled, n = {n:>3}" for n in args.outcomes]
+    print(f"| {'case':<56} | " + " | ".join(columns) + " |")
+    print(f"|{'-' * 58}|" + "|".join("-" * (len(c) + 1) + ":" for c in columns) + "|")
+    by_n = {n: cases(tuple(args.batch), n) for n in args.outcomes}
+    names = list(by_n[args.outcomes[0]])
+    # Every eager count before the first compilation, which leaves torch's state changed (the
+    # eager counts of torch's relaxed categorical drop by four after it).
+    counters = [step_count] + ([compiled_step_count] if args.compiled else [])
+    counts = {name: [] for name in names}
+    for count in counters:
+        for name in names:
+            counts[name] += [count(by_n[n][name]) for n in args.outcomes]
+    for name in names:
+        cells = " | ".join(f"{k:>{len(c)}}" for k, c in zip(counts[name], columns, strict=True))
+        print(f"| {name:<56} | {cells} |")
     if args.top:
-        for name, counts in results[args.outcomes[0]].items():
+        for name, loss in by_n[args.outcomes[0]].items():
+            counts = leaf_operators(lambda loss=loss: loss().backward())
             common = ", ".join(f"{op[6:]} {k}" for op, k in counts.most_common(args.top))
             print(f"{name} (n = {args.outcomes[0]}): {common}")
 

@@ -224,3 +224,25 @@ def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
         assert ours > 0 and ratio > 0
         if theirs >= 0.1:  # milliseconds printed to three decimals: the ratio, to 1%
             assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.01)
+
+
+# TorchInductor's own deprecation warning while it compiles (torch 2.13).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_kernel_counts_add_generated_kernels_to_dispatched_operators(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import kernel_counts
+
+    x = torch.randn(8, 5, requires_grad=True)
+    weights = torch.randn(5)
+    eager = kernel_counts.step_count(lambda: ((x * 2).exp() @ weights).sum())
+    compiled = kernel_counts.compiled_step_count(lambda: ((x * 2).exp() @ weights).sum())
+    # Eager: mul, exp, the product, the sum and their backward, each its own operator; compiled,
+    # Inductor fuses them into a few kernels, but at least one forward and one backward.
+    assert 2 <= compiled < eager
+
+    def graph_break():
+        torch._dynamo.graph_break()
+        return x.sum()
+
+    with pytest.raises(Exception, match="graph_break|Graph break|graph break"):
+        kernel_counts.compiled_step_count(graph_break)
