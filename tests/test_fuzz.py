@@ -88,7 +88,24 @@ def _cases(example):
             params[name] = params[name].detach().to("meta")
             return params
 
+        def strided(params, name=name):
+            # The same values in a non-contiguous layout (every other element of a buffer).
+            value = params[name]
+            params[name] = torch.stack([value, torch.zeros_like(value)], -1)[..., 0]
+            return params
+
+        def expanded(params, name=name):
+            # Two batch elements sharing one memory location each (stride 0), as a plate's
+            # expand makes them: in-place writes into it would raise.
+            params[name] = params[name].expand((2, *params[name].shape))
+            return params
+
         cases.append(_Case(f"{name} as int64", as_int, name))
+        if name not in example.through:
+            cases += [
+                _Case(f"{name} as a strided view", strided, name, expect="run"),
+                _Case(f"{name} expanded with stride 0", expanded, name),
+            ]
         if name not in example.through:  # lists and devices are the other library's to parse
             cases += [
                 _Case(f"{name} as a list", as_list, name),
