@@ -1,6 +1,7 @@
 """Shared numerics: parameter parsing, noise, log-space helpers and gradient-preserving clamps."""
 
 import math
+import sys
 import warnings
 from numbers import Real
 
@@ -10,6 +11,7 @@ from torch.distributions import Distribution, constraints
 __all__ = [
     "as_float",
     "broadcast_shapes",
+    "caller_stacklevel",
     "categorical_kl",
     "categorical_parameters",
     "check_constraint",
@@ -32,6 +34,7 @@ __all__ = [
     "straight_through",
     "tempered",
     "validation_enabled",
+    "warn_if_learned_temperature",
 ]
 
 
@@ -97,6 +100,37 @@ def tempered(scores: torch.Tensor, temperature: torch.Tensor, *, inplace=False) 
         return scores.div_(temperature) if inplace else scores / temperature
     excluded = scores.isneginf()
     return (scores.masked_fill(excluded, 0.0) / temperature).masked_fill(excluded, -math.inf)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning, issued by the function calling this one, at
+    the first frame outside this library, Pyro and torch (a construction passes through
+    subclasses and Pyro's metaclass)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        ("pyro_relax.", "pyro.", "torch.")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_learned_temperature(owner: str, temperature: torch.Tensor) -> None:
+    """Warns (``UserWarning``) when ``temperature`` requires a gradient, for a distribution whose
+    ``log_prob`` is not a density in it (a soft log-PMF, or the discrete PMF of a
+    straight-through sample): no objective built from it bounds what the temperature can be
+    fitted to."""
+    if temperature.requires_grad and torch.is_grad_enabled():
+        warnings.warn(
+            f"{owner}: the temperature requires a gradient, but {owner}.log_prob is not a "
+            "density in the temperature (a soft log-PMF, or the discrete PMF of a "
+            "straight-through sample), so Trace_ELBO and the other objectives are no bound "
+            "that it can be fitted to: a guide that learns it drives it up without limit. "
+            "Anneal it (pyro_relax.ExponentialDecay) or fix it; the IGR family and STGS with "
+            "hard=False have densities and may learn theirs. The gradient itself is exact; "
+            "to silence this warning: warnings.filterwarnings('ignore', "
+            "message='.*temperature requires a gradient')",
+            stacklevel=caller_stacklevel(),
+        )
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -97,6 +97,7 @@ _differentiated = [(e, "learnable") for e in EXAMPLES if e.learnable] + [
 @pytest.mark.parametrize(
     "example, wrt", _differentiated, ids=[f"{wrt}-{e.id}" for e, wrt in _differentiated]
 )
+@pytest.mark.filterwarnings("ignore:.*temperature requires a gradient")
 def test_gradients_match_finite_differences_to_the_second_order(example, wrt):
     # Every hand-written backward and every composition of them, against central differences
     # in float64, first and second order (a guide's gradient may itself be differentiated:

@@ -164,6 +164,7 @@ EXCLUDING = {
 
 
 @pytest.mark.parametrize("make", EXCLUDING.values(), ids=EXCLUDING.keys())
+@pytest.mark.filterwarnings("ignore:.*temperature requires a gradient")
 def test_a_learned_temperature_gets_a_finite_gradient_past_excluded_outcomes(make):
     # Dividing a score of -inf by a temperature that requires a gradient made the temperature's
     # gradient 0 * inf = NaN, silently, for every family (GenGS with capped or automatic

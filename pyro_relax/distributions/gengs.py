@@ -3,7 +3,6 @@
 import functools
 import itertools
 import math
-import sys
 import warnings
 from numbers import Real
 
@@ -15,6 +14,7 @@ from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_l
 from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
     as_float,
+    caller_stacklevel,
     categorical_parameters,
     check_constraint,
     check_devices,
@@ -30,6 +30,7 @@ from pyro_relax._numerics import (
     straight_through,
     tempered,
     validation_enabled,
+    warn_if_learned_temperature,
 )
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete, outcome_log_prob
 from pyro_relax.distributions.truncation import (
@@ -235,6 +236,7 @@ class TruncatedGenGS(TorchDistribution):
         self._outcomes_are_counts = outcomes is None
         self.outcomes = self._parse_outcomes(owner, name, outcomes, validate)
         self.hard = bool(hard)
+        warn_if_learned_temperature(owner, temperature)
         super().__init__(batch_shape, self.outcomes.shape[1:], validate_args=False)
         self._validate_args = validate
 
@@ -383,17 +385,6 @@ def _count_base(family, owner, temperature, **params):
         raise ValueError(f"{owner}: {error}") from None
 
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside this library, Pyro
-    and torch (construction passes through subclasses and Pyro's metaclass)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(
-        ("pyro_relax.", "pyro.", "torch.")
-    ):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 class GenGS(TruncatedGenGS):
     r"""GenGS relaxation of a count distribution truncated to :math:`n` outcomes.
 
@@ -491,7 +482,7 @@ class GenGS(TruncatedGenGS):
                     "mass lies beyond the last outcome (see .tail_mass); raise the truncation, "
                     "keeping the same outcomes in model and guide",
                     TruncationWarning,
-                    stacklevel=_caller_stacklevel(),
+                    stacklevel=caller_stacklevel(),
                 )
 
     def expand(self, batch_shape, _instance=None):

@@ -1,6 +1,7 @@
 """Straight-through estimators for categorical and binary latents: GST, ST, STGS and GR-MCK."""
 
 import math
+import warnings
 from numbers import Real
 
 import torch
@@ -22,6 +23,7 @@ from pyro_relax._numerics import (
     straight_through,
     tempered,
     validation_enabled,
+    warn_if_learned_temperature,
 )
 
 __all__ = [
@@ -136,6 +138,9 @@ class _StraightThroughCategorical(OneHotCategorical):
     has_rsample = True
     # Estimator options, copied by `expand` (and used by the Bernoulli versions).
     _option_names = ()
+    # Whether log_prob of a soft sample is a density (in the temperature too): then the
+    # temperature may be learned (see warn_if_learned_temperature).
+    _soft_density = False
 
     def __init__(self, temperature, *, probs=None, logits=None, hard=True, validate_args=None):
         validate = validation_enabled(validate_args)
@@ -145,6 +150,8 @@ class _StraightThroughCategorical(OneHotCategorical):
         param = param.expand(batch_shape + param.shape[-1:])
         self.temperature = temperature
         self.hard = bool(hard)
+        if self.hard or not self._soft_density:
+            warn_if_learned_temperature(type(self).__name__, temperature)
         # torch's OneHotCategorical would build its Categorical with default validation, which
         # reads the parameters on the host at every construction, even with validate_args=False.
         self._categorical = Categorical(
@@ -318,6 +325,8 @@ class STGSCategorical(_StraightThroughCategorical):
         >>> bool(torch.isfinite(d.log_prob(w)))
         True
     """
+
+    _soft_density = True  # the Concrete density
 
     def _surrogate(self, logits, index, one_hot, gumbels):
         scores = tempered(logits + gumbels, self.temperature.unsqueeze(-1))
@@ -595,7 +604,15 @@ class _StraightThroughBernoulli(Bernoulli):
             raise TypeError(
                 f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
             )
-        self._relaxed = self._build_relaxed(options)
+        if not temperature.requires_grad:
+            self._relaxed = self._build_relaxed(options)
+        else:
+            if self.hard or not self._categorical_class._soft_density:
+                warn_if_learned_temperature(type(self).__name__, temperature)
+            with warnings.catch_warnings():
+                # The relaxed categorical would repeat that warning under its own name.
+                warnings.filterwarnings("ignore", message=".*temperature requires a gradient")
+                self._relaxed = self._build_relaxed(options)
         for name in names:
             setattr(self, name, getattr(self._relaxed, name))
 
