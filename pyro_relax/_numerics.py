@@ -46,7 +46,7 @@ def gumbel_like(logits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """
     u = torch.rand(shape, dtype=logits.dtype, device=logits.device)
     # In place: the noise is a fresh tensor that needs no gradient.
-    return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()
+    return u.clamp_min_(torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -87,17 +87,16 @@ def clamp_with_identity_gradient(x: torch.Tensor, low, high) -> torch.Tensor:
     return x + (x.clamp(low, high) - x).detach()
 
 
-def tempered(scores: torch.Tensor, temperature: torch.Tensor, *, inplace=False) -> torch.Tensor:
+def tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``scores / temperature``, with a finite gradient by a temperature that requires one.
 
     A score of ``-inf`` (an excluded outcome, a dropped stick) has weight zero and a zero
     gradient, but torch's division gives the temperature ``-grad * score / temperature**2 =
     0 * inf = NaN`` there. When the temperature requires a gradient, those scores are divided
-    as zeros and set back to ``-inf``; otherwise (the usual case) this is one division, in place
-    with ``inplace=True`` (for scores the caller owns: a tensor of their size fewer).
+    as zeros and set back to ``-inf``; otherwise (the usual case) this is one division.
     """
     if not (temperature.requires_grad and torch.is_grad_enabled()):
-        return scores.div_(temperature) if inplace else scores / temperature
+        return scores / temperature
     excluded = scores.isneginf()
     return (scores.masked_fill(excluded, 0.0) / temperature).masked_fill(excluded, -math.inf)
 
@@ -134,9 +133,17 @@ def warn_if_learned_temperature(owner: str, temperature: torch.Tensor) -> None:
 
 
 class _StraightThrough(torch.autograd.Function):
+    # The library's autograd Functions keep forward and setup_context apart, and let functorch
+    # vmap them: so torch.func (grad, vmap, jacrev) runs through them.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, hard, soft):
+    def forward(hard, soft):
         return hard.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):

@@ -132,6 +132,39 @@ def test_gradients_match_finite_differences_to_the_second_order(example, wrt):
     assert torch.autograd.gradgradcheck(outputs, inputs)
 
 
+@pytest.mark.parametrize(
+    "example", [e for e in EXAMPLES if e.learnable and e.static_shapes], ids=lambda e: e.id
+)
+# functorch runs the relaxed one-hot's in-place addcmul_ (its backward) through a slower loop.
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet")
+def test_torch_func_grad_and_vmap_agree_with_autograd(example):
+    # torch.func runs through the library's autograd Functions (setup_context, a vmap rule):
+    # its gradient of an rsample value, its log_prob and the KLs, by the first learnable
+    # parameter, equals autograd's; vmap over three copies of that parameter (the noise shared,
+    # randomness="same") equals autograd on each copy with the same noise. Examples that read
+    # the host to build (automatic truncation) cannot be vmapped, by design.
+    base = {name: value.detach().double() for name, value in example.params.items()}
+    name = next(iter(example.learnable))
+
+    def loss(x):
+        d = example.build({**base, name: x}, validate_args=False)
+        torch.manual_seed(3)
+        z = d.rsample((2,))
+        total = z.sum() + d.log_prob(z).sum()
+        return total + sum(kl_divergence(d, partner()).sum() for partner in example.kl_partners)
+
+    def autograd_grad(x):
+        x = x.clone().requires_grad_()
+        return torch.autograd.grad(loss(x), x)[0]
+
+    x = base[name]
+    torch.testing.assert_close(torch.func.grad(loss)(x), autograd_grad(x), rtol=1e-10, atol=1e-12)
+    batch = torch.stack([x, x * 0.9, x * 1.1])
+    vmapped = torch.func.vmap(torch.func.grad(loss), randomness="same")(batch)
+    looped = torch.stack([autograd_grad(row) for row in batch])
+    torch.testing.assert_close(vmapped, looped, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.static_shapes], ids=lambda e: e.id)
 def test_noise_and_constants_follow_the_parameters_device(example):
     # On the meta device any tensor made on the CPU by mistake fails to combine, and any read

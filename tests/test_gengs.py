@@ -809,7 +809,10 @@ def test_fused_relaxed_one_hot_backward_equals_autograd(outcomes, upstream):
     scores[1, 2] = -math.inf
     scores.requires_grad_()
     floor = -700.0  # inactive for these scores
-    weights, value = _RelaxedOneHotMap.apply(scores, floor, outcomes)
+    # The outcomes' range: the clamp of the value is inactive here (its derivative is not
+    # part of the backward).
+    low, high = outcomes.min(0).values, outcomes.max(0).values
+    weights, value = _RelaxedOneHotMap.apply(scores, floor, outcomes, low, high)
     a = torch.randn_like(weights) * ("weights" in upstream)
     b = torch.randn_like(value) * ("value" in upstream)
 

@@ -18,7 +18,6 @@ from pyro_relax._numerics import (
     categorical_parameters,
     check_constraint,
     check_devices,
-    clamp_with_identity_gradient,
     finite_positive,
     finite_real,
     gumbel_like,
@@ -71,6 +70,10 @@ class _RelaxedOneHotMap(torch.autograd.Function):
     r"""The relaxed one-hot :math:`w = \operatorname{softmax}(s)` and its image
     :math:`z = \sum_k w_k c_k`, with one fused backward.
 
+    :math:`z` is clamped to the outcomes' range ``[low, high]``: its rounding can put it an ulp
+    outside, which fails Pyro's support check. The clamp is no part of the backward, whose
+    derivative for :math:`z` is that of the sum (the identity's, through the clamp).
+
     The scores are floored, relative to their row maximum, where ``exp`` would return a
     subnormal number: x86 CPUs compute those about 100 times slower (a truncated Poisson PMF at
     low temperature is full of them), and a weight below ``n * tiny`` is zero to the dtype
@@ -90,12 +93,14 @@ class _RelaxedOneHotMap(torch.autograd.Function):
     :math:`(\partial L / \partial z)\, w \odot (c - z)`, which skips a reduction.
     """
 
+    generate_vmap_rule = True  # torch.func may vmap it (see _numerics._StraightThrough)
+
     @staticmethod
-    def forward(ctx, scores, floor, outcomes):
+    def forward(scores, floor, outcomes, low, high):
         # One new tensor of the scores' size, updated in place (no graph is recorded here).
         excluded = scores.isneginf()
         weights = scores - scores.amax(-1, keepdim=True)
-        weights.clamp_(min=floor).masked_fill_(excluded, -math.inf).exp_()
+        weights.clamp_min_(floor).masked_fill_(excluded, -math.inf).exp_()
         weights.div_(weights.sum(-1, keepdim=True))
         if _autocast_enabled(scores.device.type):
             # Under torch.autocast the product would run in half precision: the relaxed value
@@ -104,9 +109,13 @@ class _RelaxedOneHotMap(torch.autograd.Function):
                 value = weights @ outcomes
         else:
             value = weights @ outcomes
-        ctx.save_for_backward(weights, outcomes, value)
+        return weights, value.clamp(low, high)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weights, value = output
+        ctx.save_for_backward(weights, inputs[2], value)
         ctx.set_materialize_grads(False)
-        return weights, value
 
     @staticmethod
     def backward(ctx, grad_weights, grad_value):
@@ -114,7 +123,7 @@ class _RelaxedOneHotMap(torch.autograd.Function):
         if grad_weights is None and grad_value is not None and outcomes.dim() == 1:
             # g w (c - z): three passes over the weights instead of four.
             grad_scores = weights * (outcomes - value.unsqueeze(-1))
-            return grad_scores.mul_(grad_value.unsqueeze(-1)), None, None
+            return grad_scores.mul_(grad_value.unsqueeze(-1)), None, None, None, None
         upstream = grad_weights
         if grad_value is not None:
             mapped = (
@@ -124,11 +133,11 @@ class _RelaxedOneHotMap(torch.autograd.Function):
             )
             upstream = mapped if upstream is None else upstream + mapped
         if upstream is None:
-            return None, None, None
+            return None, None, None, None, None
         # w * (G - <w, G>), with one new tensor of the weights' size.
         grad_scores = weights * upstream
         grad_scores.addcmul_(weights, grad_scores.sum(-1, keepdim=True), value=-1)
-        return grad_scores, None, None
+        return grad_scores, None, None, None, None
 
 
 class TruncatedGenGS(TorchDistribution):
@@ -288,6 +297,9 @@ class TruncatedGenGS(TorchDistribution):
 
     @lazy_property
     def _outcome_range(self):
+        if self._outcomes_are_counts:
+            # 0, 1, ..., n - 1: numbers, no reduction (two kernels a construction on a GPU).
+            return 0.0, float(self.num_outcomes - 1)
         return self.outcomes.min(0).values, self.outcomes.max(0).values
 
     @property
@@ -305,11 +317,15 @@ class TruncatedGenGS(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()):
         shape = torch.Size(sample_shape) + self.logits.shape
-        # The noise tensor becomes the scores in place: one tensor of the sample's size fewer.
-        noise = gumbel_like(self.logits, shape)
-        perturbed = tempered(noise.add_(self.logits), self.temperature.unsqueeze(-1), inplace=True)
-        weights, value = _RelaxedOneHotMap.apply(perturbed, self._score_floor, self.outcomes)
-        value = clamp_with_identity_gradient(value, *self._outcome_range)
+        # One expression, so that the noise and the sum are freed once used: the step then holds
+        # no more tensors of the sample's size than with the sum taken in place, which
+        # torch.func.vmap refuses (its noise can be one tensor for a whole batch of logits).
+        perturbed = tempered(
+            gumbel_like(self.logits, shape) + self.logits, self.temperature.unsqueeze(-1)
+        )
+        weights, value = _RelaxedOneHotMap.apply(
+            perturbed, self._score_floor, self.outcomes, *self._outcome_range
+        )
         if self.hard:
             value = straight_through(self.outcomes[perturbed.argmax(-1)], value)
         carry(value, weights=weights)

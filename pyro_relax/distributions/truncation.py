@@ -85,8 +85,10 @@ class _PoissonLogTail(torch.autograd.Function):
     whole one, and none flows through ``log_rate``.
     """
 
+    generate_vmap_rule = True  # torch.func may vmap it (see _numerics._StraightThrough)
+
     @staticmethod
-    def forward(ctx, rate, log_rate, k):
+    def forward(rate, log_rate, k):
         # gammainc underflows far in the tail; there rate << m and the geometric series
         # pmf(m) / (1 - rate / (m + 1)) bounds the tail to relative error O(rate / m^2).
         if torch.is_tensor(k):
@@ -101,21 +103,25 @@ class _PoissonLogTail(torch.autograd.Function):
         accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
         series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(ratio.clamp(min=-0.5))
         log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
-        log_tail = _zero_at(log_tail, at_zero)
+        return _zero_at(log_tail, at_zero)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
         # Inputs and the output are saved as such, and the rest recomputed, so that the backward
         # stays differentiable (a guide's gradient may itself be differentiated).
+        rate, log_rate, k = inputs
         if torch.is_tensor(k):
             ctx.count = None
-            ctx.save_for_backward(rate, log_rate, log_tail, m, at_zero)
+            ctx.save_for_backward(rate, log_rate, output, k)
         else:
-            ctx.count = (m, at_zero)
-            ctx.save_for_backward(rate, log_rate, log_tail)
-        return log_tail
+            ctx.count = k
+            ctx.save_for_backward(rate, log_rate, output)
 
     @staticmethod
     def backward(ctx, grad):
         rate, log_rate, log_tail, *count = ctx.saved_tensors
-        m, at_zero = count or ctx.count
+        k = count[0] if count else ctx.count
+        m, at_zero = (k.clamp(min=1), k == 0) if count else (max(k, 1), k == 0)
         log_density = _log_pmf_of_rate(rate, log_rate, m - 1)
         grad_rate = _zero_at(grad * torch.exp(log_density - log_tail), at_zero)
         return grad_rate.sum_to_size(rate.shape), None, None

@@ -41,8 +41,10 @@ class _SimplexAndLog(torch.autograd.Function):
     gradient :math:`h` of its :math:`\log z`.
     """
 
+    generate_vmap_rule = True  # torch.func may vmap it (see _numerics._StraightThrough)
+
     @staticmethod
-    def forward(ctx, logits):
+    def forward(logits):
         # The maximum and its position in one reduction: on CPU, reductions over short rows
         # cost more than the elementwise work (amax then argmax took twice as long as max).
         maximum, top = logits.max(-1, keepdim=True)
@@ -53,12 +55,17 @@ class _SimplexAndLog(torch.autograd.Function):
         z = weights.div_(total)
         # z_top + (1 - sum(z)) = 1 - sum of the others.
         z.scatter_add_(-1, top, 1 - z.sum(-1, keepdim=True))
-        ctx.save_for_backward(z, top)
-        ctx.set_materialize_grads(False)
-        return z, log_z
+        return z, log_z, top
 
     @staticmethod
-    def backward(ctx, grad_z, grad_log_z):
+    def setup_context(ctx, inputs, output):
+        z, _, top = output
+        ctx.mark_non_differentiable(top)
+        ctx.save_for_backward(z, top)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_z, _):
         z, top = ctx.saved_tensors
         if grad_z is None and grad_log_z is None:
             return None
@@ -196,7 +203,8 @@ class SoftmaxPlusPlusTransform(Transform):
         logits = torch.cat(
             [scaled.expand(shape + x.shape[-1:]), log_delta.expand(shape + (1,))], -1
         )
-        return _SimplexAndLog.apply(logits)
+        z, log_z, _ = _SimplexAndLog.apply(logits)
+        return z, log_z
 
     def log_call(self, x: torch.Tensor) -> torch.Tensor:
         """The forward map in log space, :math:`\\log z`; finite wherever :math:`x` is."""
