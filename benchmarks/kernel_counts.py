@@ -3,10 +3,11 @@
 At small sizes a GPU step is bound by kernel launches, not arithmetic, so the number of
 operators a call dispatches is what the GPU pays there; counting them needs no GPU. Each case
 builds its distribution, samples, and backpropagates a fixed linear function of the sample, as a
-training step does, once under torch's profiler on the CPU. The count is of *leaf* aten
-operators (those that call no other aten operator) that compute something: views, reshapes and
-allocations (``aten::view``, ``aten::expand``, ``aten::empty`` ...) launch no kernel and are left
-out. Cases:
+training step does, once under torch's profiler on the CPU. The count is of the innermost aten
+operators of each call tree that compute something: views, reshapes, allocations and
+conversions (``aten::view``, ``aten::expand``, ``aten::empty``, ``aten::to`` ...) launch no
+kernel and are left out, and an operator counts where none of those it calls computes
+(``clamp_`` with a Python bound calls only ``to``). Cases:
 
 - GenGS: ``GenGSPoisson(rate, 0.5, n)`` from a rate (its truncated Poisson log-PMF included);
 - torch: ``RelaxedOneHotCategorical(0.5, logits=...)`` from logits, and
@@ -35,58 +36,95 @@ from torch.profiler import ProfilerActivity, profile
 from pyro_relax import IGR, GenGSPoisson
 
 TEMPERATURE = 0.5
-# Operators that only describe memory (views, shapes, allocation): no kernel on a GPU. As leaves,
-# `to` and `contiguous` found the tensor as asked (a conversion would call `_to_copy`/`copy_`).
+# Operators that only describe memory (views, shapes, allocation) or whose work is that of the
+# operators they call (`to`, `_to_copy` and `contiguous` convert through `copy_`, counted where
+# it copies a tensor): no kernel of their own on a GPU.
 _NO_KERNEL = {
     "aten::alias",
     "aten::as_strided",
     "aten::as_strided_",
+    "aten::broadcast_tensors",
+    "aten::chunk",
     "aten::contiguous",
     "aten::detach",
+    "aten::diagonal",
     "aten::empty",
     "aten::empty_like",
+    "aten::empty_permuted",
     "aten::empty_strided",
     "aten::expand",
     "aten::expand_as",
+    "aten::flatten",
     "aten::lift_fresh",
+    "aten::mT",
+    "aten::movedim",
+    "aten::narrow",
+    "aten::new_empty",
+    "aten::new_empty_strided",
     "aten::permute",
     "aten::real",
     "aten::reshape",
+    "aten::resize_",
     "aten::resolve_conj",
     "aten::resolve_neg",
     "aten::result_type",
+    "aten::scalar_tensor",
     "aten::select",
+    "aten::set_",
     "aten::slice",
     "aten::split",
+    "aten::split_with_sizes",
     "aten::squeeze",
+    "aten::squeeze_",
+    "aten::sum_to_size",
     "aten::t",
     "aten::to",
     "aten::transpose",
     "aten::unbind",
     "aten::unflatten",
+    "aten::unfold",
     "aten::unsqueeze",
+    "aten::unsqueeze_",
     "aten::view",
+    "aten::view_as",
     "aten::_reshape_alias",
+    "aten::_to_copy",
     "aten::_unsafe_view",
 }
 
 
+def _computes(event) -> bool:
+    """Whether ``event`` is an aten operator that launches a kernel of its own when none of the
+    operators it calls does."""
+    if not event.name.startswith("aten::") or event.name in _NO_KERNEL:
+        return False
+    # A Python number's conversion to the operand's dtype (``x > 1``, ``x + 0.5``): 0-dimensional
+    # host scalars, which a GPU kernel takes as an argument.
+    return not (event.name == "aten::copy_" and not any(event.input_shapes[:2]))
+
+
+def _kernels(event, counts: collections.Counter) -> int:
+    """Counts in ``counts`` the kernels of ``event``'s call tree: those of the operators it
+    calls, or, where none of them computes (a conversion of a Python scalar, a view), the
+    operator itself. Returns how many it counted."""
+    inner = sum(_kernels(child, counts) for child in event.cpu_children)
+    if inner or not _computes(event):
+        return inner
+    counts[event.name] += 1
+    return 1
+
+
 def leaf_operators(work) -> collections.Counter:
-    """The leaf aten operators that ``work()`` dispatches and that compute something."""
+    """The aten operators that ``work()`` dispatches and that launch a kernel: the innermost
+    computing operator of each call (``clamp_`` counts although it calls ``to`` on its
+    Python bound; ``clone`` counts as its ``copy_``)."""
     work()  # warm-up: lazy initialization is not part of a training step
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         work()
     counts = collections.Counter()
     for event in prof.events():
-        if not event.name.startswith("aten::") or event.name in _NO_KERNEL:
-            continue
-        if any(child.name.startswith("aten::") for child in event.cpu_children):
-            continue
-        if event.name == "aten::copy_" and not any(event.input_shapes[:2]):
-            # A Python number's conversion to the operand's dtype (``x > 1``, ``x + 0.5``):
-            # 0-dimensional host scalars, which a GPU kernel takes as an argument.
-            continue
-        counts[event.name] += 1
+        if event.cpu_parent is None:
+            _kernels(event, counts)
     return counts
 
 
