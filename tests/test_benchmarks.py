@@ -246,3 +246,25 @@ def test_compiled_kernel_counts_add_generated_kernels_to_dispatched_operators(mo
 
     with pytest.raises(Exception, match="graph_break|Graph break|graph break"):
         kernel_counts.compiled_step_count(graph_break)
+
+
+@pytest.mark.parametrize(
+    "work, expected",
+    [
+        # An operator whose only callee computes nothing still launches its own kernel.
+        (lambda x: x.clone().clamp_(min=-1.0), {"aten::copy_": 1, "aten::clamp_": 1}),
+        (lambda x: torch.where(x > 0, x, 0.0), {"aten::gt": 1, "aten::where": 1}),
+        (lambda x: torch.arange(5.0) + x[:5], {"aten::arange": 1, "aten::add": 1}),
+        # Views and a conversion to the dtype a tensor already has: no kernel.
+        (lambda x: x.view(2, 5).t().unsqueeze(0).to(x.dtype), {}),
+        # A real conversion is its copy.
+        (lambda x: x.to(torch.float64), {"aten::copy_": 1}),
+    ],
+    ids=["clamp_", "where", "arange", "views", "conversion"],
+)
+def test_kernel_counts_count_each_computing_call_once(monkeypatch, work, expected):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import kernel_counts
+
+    x = torch.randn(10)
+    assert dict(kernel_counts.leaf_operators(lambda: work(x))) == expected
