@@ -18,6 +18,7 @@ from pyro_relax._numerics import (
     categorical_parameters,
     check_constraint,
     check_devices,
+    fast_apply,
     finite_positive,
     finite_real,
     gumbel_like,
@@ -138,6 +139,9 @@ class _RelaxedOneHotMap(torch.autograd.Function):
         grad_scores = weights * upstream
         grad_scores.addcmul_(weights, grad_scores.sum(-1, keepdim=True), value=-1)
         return grad_scores, None, None, None, None
+
+
+_relaxed_one_hot_map = fast_apply(_RelaxedOneHotMap)
 
 
 class TruncatedGenGS(TorchDistribution):
@@ -323,7 +327,7 @@ class TruncatedGenGS(TorchDistribution):
         perturbed = tempered(
             gumbel_like(self.logits, shape) + self.logits, self.temperature.unsqueeze(-1)
         )
-        weights, value = _RelaxedOneHotMap.apply(
+        weights, value = _relaxed_one_hot_map(
             perturbed, self._score_floor, self.outcomes, *self._outcome_range
         )
         if self.hard:

@@ -17,6 +17,7 @@ from torch.distributions import (
 
 from pyro_relax._numerics import (
     check_constraint,
+    fast_apply,
     finite_positive,
     finite_real,
     log1mexp,
@@ -127,6 +128,9 @@ class _PoissonLogTail(torch.autograd.Function):
         return grad_rate.sum_to_size(rate.shape), None, None
 
 
+_poisson_log_tail = fast_apply(_PoissonLogTail)
+
+
 def _zero_at(values: torch.Tensor, at_zero) -> torch.Tensor:
     """``values`` with zeros where ``at_zero`` (a mask, or one Python bool for all)."""
     if torch.is_tensor(at_zero):
@@ -136,7 +140,7 @@ def _zero_at(values: torch.Tensor, at_zero) -> torch.Tensor:
 
 def _poisson_log_sf(base: Poisson, k, size: int) -> torch.Tensor:
     rate = base.rate.unsqueeze(-1)
-    return _PoissonLogTail.apply(rate, torch.log(rate), k)
+    return _poisson_log_tail(rate, torch.log(rate), k)
 
 
 def _geometric_log_pmf(base: Geometric, k: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch.distributions.transforms import Transform
 from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
     broadcast_shapes,
+    fast_apply,
     finite_positive,
     parse_parameters,
     same_values,
@@ -76,6 +77,9 @@ class _SimplexAndLog(torch.autograd.Function):
         if grad_log_z is None:
             return z * (grad_z - inner)
         return torch.addcmul(grad_log_z, z, grad_z - (inner + grad_log_z.sum(-1, keepdim=True)))
+
+
+_simplex_and_log = fast_apply(_SimplexAndLog)
 
 
 class SoftmaxPlusPlusTransform(Transform):
@@ -203,7 +207,7 @@ class SoftmaxPlusPlusTransform(Transform):
         logits = torch.cat(
             [scaled.expand(shape + x.shape[-1:]), log_delta.expand(shape + (1,))], -1
         )
-        z, log_z, _ = _SimplexAndLog.apply(logits)
+        z, log_z, _ = _simplex_and_log(logits)
         return z, log_z
 
     def log_call(self, x: torch.Tensor) -> torch.Tensor:
