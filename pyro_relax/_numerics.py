@@ -9,6 +9,7 @@ import torch
 from torch.distributions import Distribution, constraints
 
 __all__ = [
+    "LOG_ZERO",
     "as_float",
     "broadcast_shapes",
     "caller_stacklevel",
@@ -37,6 +38,13 @@ __all__ = [
     "validation_enabled",
     "warn_if_learned_temperature",
 ]
+
+
+# A finite stand-in for log 0 where a value of weight 0 meets an excluded outcome (0 * -inf is
+# NaN): far below any log-probability that matters, yet small enough that the derivatives that
+# multiply it (a gradient of a gradient: by weights, temperatures, upstream gradients) stay
+# finite, where the most negative float overflows to -inf as soon as it is doubled.
+LOG_ZERO = -1e30
 
 
 def gumbel_like(logits: torch.Tensor, shape: torch.Size) -> torch.Tensor:

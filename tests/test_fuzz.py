@@ -100,6 +100,16 @@ def _cases(example):
             params[name] = params[name].expand((2, *params[name].shape))
             return params
 
+        def one_excluded(params, name=name):
+            # One outcome excluded (logit -inf), the others kept: a legitimate input, which
+            # must give finite samples, scores, KLs and gradients.
+            value = params[name].detach().clone()
+            value[..., 0] = -math.inf
+            params[name] = value.requires_grad_()
+            return params
+
+        if name in _MAY_BE_MINUS_INF and example.params[name].dim() >= 1:
+            cases.append(_Case(f"one {name} -inf", one_excluded, name))
         cases.append(_Case(f"{name} as int64", as_int, name))
         if name not in example.through:
             cases += [

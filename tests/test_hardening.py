@@ -181,6 +181,41 @@ def test_a_learned_temperature_gets_a_finite_gradient_past_excluded_outcomes(mak
     assert torch.isfinite(grad_logits).all()
 
 
+@pytest.mark.parametrize("make", EXCLUDING.values(), ids=EXCLUDING.keys())
+def test_second_derivatives_are_finite_past_excluded_outcomes(make):
+    # A Hessian-vector product of a training loss (the sample, its log_prob) through an
+    # excluded outcome: the soft STGS Concrete density gave NaN already in the first
+    # derivative, and the straight-through log-PMF's stand-in for log 0 (the most negative
+    # float) overflowed to infinity against a zero weight in the second.
+    torch.manual_seed(0)
+    logits = torch.tensor([0.3, -0.2, -math.inf, 0.1], dtype=_f64, requires_grad=True)
+    d = make(torch.tensor(0.5, dtype=_f64), logits)
+    value = d.rsample((16,))
+    weights = torch.linspace(-1.0, 1.0, value.numel(), dtype=_f64).reshape(value.shape)
+    loss = (value * weights).sum() + d.log_prob(value).sum()
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    direction = torch.tensor([0.7, -1.3, 0.4, 2.0], dtype=_f64)
+    (hvp,) = torch.autograd.grad((grad * direction).sum(), logits, allow_unused=True)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert hvp is None or torch.isfinite(hvp).all()
+
+
+def test_soft_stgs_density_past_an_excluded_category_is_that_of_the_others():
+    # A category of probability 0 has weight exactly 0 in every sample, which lies on the face
+    # of the simplex of the other categories: the density is their Concrete density there,
+    # checked against torch's RelaxedOneHotCategorical over those three categories (float64).
+    torch.manual_seed(0)
+    logits = torch.tensor([0.3, -0.2, -math.inf, 0.1], dtype=_f64)
+    d = pr.STGSCategorical(0.7, logits=logits, hard=False)
+    z = d.rsample((6,))
+    assert (z[..., 2] == 0).all()
+    kept = [0, 1, 3]
+    reference = torch.distributions.RelaxedOneHotCategorical(
+        torch.tensor(0.7, dtype=_f64), logits=logits[kept]
+    ).log_prob(z[..., kept])
+    torch.testing.assert_close(d.log_prob(z), reference, rtol=1e-10, atol=1e-10)
+
+
 def _t(*values):
     return torch.tensor(values, dtype=_f64)
 

@@ -11,6 +11,7 @@ from torch.distributions import Categorical, Distribution
 
 from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
+    LOG_ZERO,
     categorical_parameters,
     finite_real,
     gumbel_like,
@@ -85,13 +86,18 @@ def _concrete_log_density(logits, temperature, log_weights):
     Unlike ``torch.distributions.ExpRelaxedCategorical``, a batched temperature broadcasts with
     the batch, not with the categories (pytorch#37162).
     """
-    num_classes = static_size(logits.shape[-1])
-    scores = logits - temperature.unsqueeze(-1) * log_weights
+    # Excluded categories (logit -inf, weight exactly 0) leave the density of the K' others,
+    # on their face of the simplex: their terms are zeros (-inf + inf would be NaN, and so
+    # would the gradients of any masked-out branch computed from them).
+    excluded = logits.isneginf()
+    log_weights = log_weights.masked_fill(excluded, 0.0)
+    scores = logits.masked_fill(excluded, 0.0) - temperature.unsqueeze(-1) * log_weights
+    kept = static_size(logits.shape[-1]) - excluded.sum(-1)
     return (
-        math.lgamma(num_classes)
-        + (num_classes - 1) * temperature.log()
+        torch.lgamma(kept.to(scores.dtype))
+        + (kept - 1) * temperature.log()
         + scores.sum(-1)
-        - num_classes * scores.logsumexp(-1)
+        - kept * scores.masked_fill(excluded, -math.inf).logsumexp(-1)
         - log_weights.sum(-1)
     )
 
@@ -223,9 +229,9 @@ class _StraightThroughCategorical(OneHotCategorical):
     def _log_prob(self, value):
         # Linear in the value: log pi_D for a one-hot, and the gradient reaches the surrogate
         # (so Trace_ELBO gets the straight-through estimate of the KL's gradient). An excluded
-        # category (logit -inf) would make 0 * -inf = NaN: the most negative finite number
-        # keeps 0 * log 0 = 0.
-        log_probs = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)
+        # category (logit -inf) would make 0 * -inf = NaN: LOG_ZERO stands for log 0 (a
+        # finite number that a second derivative can multiply again without overflowing).
+        log_probs = self.logits.clamp(min=LOG_ZERO)
         return (value * log_probs).sum(-1)
 
 
