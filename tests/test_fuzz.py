@@ -1,10 +1,11 @@
 """Generated bad, extreme and foreign inputs for every registry example.
 
 Each case changes the parameters of one example (a value to NaN or infinity, zero, a negative
-or a huge number; integer tensors, nested lists, Python numbers; non-contiguous and stride-0
-views; a parameter on another device; half precision; ``torch.autocast``), builds the
-distribution with validation on, and then draws ``rsample`` values, scores them, adds the
-registered KLs and differentiates. A case passes when either
+or a huge number; one outcome excluded by a logit of -inf; integer tensors, nested lists,
+Python numbers; non-contiguous and stride-0 views; a parameter on another device; half
+precision; ``torch.autocast``), builds the distribution with validation on, and then draws
+``rsample`` values, scores them, adds the registered KLs and differentiates. A case passes
+when either
 
 - it is refused at once with a ``ValueError`` or ``TypeError`` whose message names the argument
   (and, for mixed devices, both devices), or
