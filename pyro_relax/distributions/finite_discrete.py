@@ -5,6 +5,7 @@ from pyro.distributions import Categorical, TorchDistribution, constraints
 from torch.distributions.utils import lazy_property, logits_to_probs
 
 from pyro_relax._numerics import (
+    LOG_ZERO,
     as_float,
     check_constraint,
     check_devices,
@@ -184,5 +185,5 @@ class FiniteDiscrete(TorchDistribution):
         return outcomes
 
     def entropy(self):
-        log_probs = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)
+        log_probs = self.logits.clamp(min=LOG_ZERO)  # 0 * log 0 = 0, not 0 * -inf
         return -(self.probs * log_probs).sum(-1)

@@ -13,6 +13,7 @@ from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_l
 
 from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
+    LOG_ZERO,
     as_float,
     caller_stacklevel,
     categorical_parameters,
@@ -364,12 +365,11 @@ class TruncatedGenGS(TorchDistribution):
                 owner, value, self.outcomes, self.logits, validate, _NOT_AN_OUTCOME
             )
         # Outcomes excluded here (logit -inf) that the sample gives no weight would make
-        # 0 * -inf = NaN: the most negative finite number stands for -inf, and terms of zero
-        # weight are zero with a zero derivative. Otherwise that number would be the derivative
-        # by the weight, and a second derivative (a gradient of the gradient) multiplies it
-        # again, overflowing to an infinity that meets a zero weight: NaN.
-        log_probs = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)
-        return torch.where(weights > 0, weights * log_probs, 0.0).sum(-1)
+        # 0 * -inf = NaN: LOG_ZERO stands for log 0. (The most negative float did until a
+        # second derivative, which multiplies it again, overflowed to -inf against a zero
+        # weight.)
+        log_probs = self.logits.clamp(min=LOG_ZERO)
+        return (weights * log_probs).sum(-1)
 
     def discrete(self) -> FiniteDiscrete:
         r"""The discrete distribution this relaxes, the limit :math:`\tau \to 0`: the PMF
