@@ -56,6 +56,8 @@ class _SimplexAndLog(torch.autograd.Function):
         z = weights.div_(total)
         # z_top + (1 - sum(z)) = 1 - sum of the others.
         z.scatter_add_(-1, top, 1 - z.sum(-1, keepdim=True))
+        # The position of the maximum is an output (not differentiable) so that setup_context
+        # can save it for the backward.
         return z, log_z, top
 
     @staticmethod
