@@ -145,10 +145,11 @@ def fast_apply(function: type[torch.autograd.Function]):
     """``function.apply`` for an autograd Function written with ``setup_context`` (which
     torch.func needs), without the cost of torch's ``apply`` for such Functions: it binds the
     arguments with ``inspect.signature`` at every call, about 20 microseconds on a CPU, several
-    per sample. Outside torch.func transforms and torch.compile the Function runs as a twin in
-    the older style, whose ``forward`` calls the same ``forward`` and ``setup_context``; inside
-    them, as itself (TorchDynamo traces it once, and cannot bind the twin's variadic
-    arguments). The library's Functions take positional arguments only."""
+    per sample. Inside torch.func transforms the Function runs as itself; under torch.compile
+    without its ``jvp`` (TorchDynamo traces no custom jvp, and cannot bind variadic arguments);
+    elsewhere as a twin in the older style, whose ``forward`` calls the same ``forward`` and
+    ``setup_context`` (forward mode through ``torch.autograd.forward_ad`` included). The
+    library's Functions take positional arguments only."""
 
     class Twin(torch.autograd.Function):
         @staticmethod
@@ -158,23 +159,33 @@ def fast_apply(function: type[torch.autograd.Function]):
             return output
 
         backward = staticmethod(function.backward)
+        jvp = staticmethod(function.jvp)
 
+    traceable = type(
+        function.__name__,
+        (torch.autograd.Function,),
+        {
+            name: staticmethod(getattr(function, name))
+            for name in ("forward", "setup_context", "backward")
+        },
+    )
     Twin.__name__ = Twin.__qualname__ = function.__name__
     transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
     if transforms_active is None:  # a torch without the check: the Function itself
         return function.apply
 
     def apply(*args):
-        itself = transforms_active() or torch.compiler.is_compiling()
-        return (function if itself else Twin).apply(*args)
+        if transforms_active():
+            return function.apply(*args)
+        return (traceable if torch.compiler.is_compiling() else Twin).apply(*args)
 
     return apply
 
 
 class _StraightThrough(torch.autograd.Function):
-    # The library's autograd Functions keep forward and setup_context apart, and let functorch
-    # vmap them: so torch.func (grad, vmap, jacrev) runs through them. They are called through
-    # fast_apply.
+    # The library's autograd Functions keep forward and setup_context apart, let functorch vmap
+    # them and have a jvp: so torch.func (grad, vmap, jacrev, jvp, jacfwd, hessian) and forward
+    # mode run through them. They are called through fast_apply.
     generate_vmap_rule = True
 
     @staticmethod
@@ -188,6 +199,10 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return None, grad
+
+    @staticmethod
+    def jvp(ctx, hard_tangent, soft_tangent):
+        return soft_tangent
 
 
 _straight_through = fast_apply(_StraightThrough)

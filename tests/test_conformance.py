@@ -135,12 +135,15 @@ def test_gradients_match_finite_differences_to_the_second_order(example, wrt):
 @pytest.mark.parametrize(
     "example", [e for e in EXAMPLES if e.learnable and e.static_shapes], ids=lambda e: e.id
 )
-# functorch runs the relaxed one-hot's in-place addcmul_ (its backward) through a slower loop.
+# functorch runs the relaxed one-hot's in-place addcmul_ (its backward) through a slower loop;
+# torch's forward mode scripts its decompositions at first use (torch 2.13).
 @pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torch_func_grad_and_vmap_agree_with_autograd(example):
-    # torch.func runs through the library's autograd Functions (setup_context, a vmap rule):
-    # its gradient of an rsample value, its log_prob and the KLs, by the first learnable
-    # parameter, equals autograd's; vmap over three copies of that parameter (the noise shared,
+    # torch.func runs through the library's autograd Functions (setup_context, a vmap rule, a
+    # jvp): its gradient of an rsample value, its log_prob and the KLs, by the first learnable
+    # parameter, equals autograd's, and so does its forward-mode derivative along a direction;
+    # vmap over three copies of that parameter (the noise shared,
     # randomness="same") equals autograd on each copy with the same noise. Examples that read
     # the host to build (automatic truncation) cannot be vmapped, by design.
     base = {name: value.detach().double() for name, value in example.params.items()}
@@ -158,7 +161,12 @@ def test_torch_func_grad_and_vmap_agree_with_autograd(example):
         return torch.autograd.grad(loss(x), x)[0]
 
     x = base[name]
-    torch.testing.assert_close(torch.func.grad(loss)(x), autograd_grad(x), rtol=1e-10, atol=1e-12)
+    gradient = autograd_grad(x)
+    torch.testing.assert_close(torch.func.grad(loss)(x), gradient, rtol=1e-10, atol=1e-12)
+    # Forward mode: the derivative along a direction is the gradient's inner product with it.
+    direction = torch.linspace(-1.0, 1.0, x.numel(), dtype=x.dtype).reshape(x.shape)
+    _, derivative = torch.func.jvp(loss, (x,), (direction,))
+    torch.testing.assert_close(derivative, (gradient * direction).sum(), rtol=1e-9, atol=1e-11)
     batch = torch.stack([x, x * 0.9, x * 1.1])
     vmapped = torch.func.vmap(torch.func.grad(loss), randomness="same")(batch)
     looped = torch.stack([autograd_grad(row) for row in batch])

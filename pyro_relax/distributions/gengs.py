@@ -117,6 +117,7 @@ class _RelaxedOneHotMap(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         weights, value = output
         ctx.save_for_backward(weights, inputs[2], value)
+        ctx.save_for_forward(weights, inputs[2])
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -140,6 +141,14 @@ class _RelaxedOneHotMap(torch.autograd.Function):
         grad_scores = weights * upstream
         grad_scores.addcmul_(weights, grad_scores.sum(-1, keepdim=True), value=-1)
         return grad_scores, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, scores_tangent, *_):
+        # Forward mode: dw = w (t - <w, t>) and dz = dw c (the clamp's derivative is the
+        # identity's, as in the backward).
+        weights, outcomes = ctx.saved_tensors
+        weights_tangent = weights * (scores_tangent - (weights * scores_tangent).sum(-1, True))
+        return weights_tangent, weights_tangent @ outcomes
 
 
 _relaxed_one_hot_map = fast_apply(_RelaxedOneHotMap)

@@ -111,21 +111,31 @@ class _PoissonLogTail(torch.autograd.Function):
         # Inputs and the output are saved as such, and the rest recomputed, so that the backward
         # stays differentiable (a guide's gradient may itself be differentiated).
         rate, log_rate, k = inputs
-        if torch.is_tensor(k):
-            ctx.count = None
-            ctx.save_for_backward(rate, log_rate, output, k)
-        else:
-            ctx.count = k
-            ctx.save_for_backward(rate, log_rate, output)
+        saved = (rate, log_rate, output, k) if torch.is_tensor(k) else (rate, log_rate, output)
+        ctx.count = None if torch.is_tensor(k) else k
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
 
     @staticmethod
-    def backward(ctx, grad):
+    def _derivative(ctx):
+        r""":math:`\partial_\lambda \log P(X \geq m)`, zero where :math:`m = 0`, and the rate."""
         rate, log_rate, log_tail, *count = ctx.saved_tensors
         k = count[0] if count else ctx.count
         m, at_zero = (k.clamp(min=1), k == 0) if count else (max(k, 1), k == 0)
         log_density = _log_pmf_of_rate(rate, log_rate, m - 1)
-        grad_rate = _zero_at(grad * torch.exp(log_density - log_tail), at_zero)
-        return grad_rate.sum_to_size(rate.shape), None, None
+        return _zero_at(torch.exp(log_density - log_tail), at_zero), rate
+
+    @staticmethod
+    def backward(ctx, grad):
+        derivative, rate = _PoissonLogTail._derivative(ctx)
+        return (grad * derivative).sum_to_size(rate.shape), None, None
+
+    @staticmethod
+    def jvp(ctx, rate_tangent, log_rate_tangent, count_tangent):
+        # The rate's tangent carries the whole derivative; none flows through log_rate (as in
+        # the backward).
+        derivative, _ = _PoissonLogTail._derivative(ctx)
+        return derivative * rate_tangent
 
 
 _poisson_log_tail = fast_apply(_PoissonLogTail)

@@ -65,6 +65,7 @@ class _SimplexAndLog(torch.autograd.Function):
         z, _, top = output
         ctx.mark_non_differentiable(top)
         ctx.save_for_backward(z, top)
+        ctx.save_for_forward(z)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -79,6 +80,13 @@ class _SimplexAndLog(torch.autograd.Function):
         if grad_log_z is None:
             return z * (grad_z - inner)
         return torch.addcmul(grad_log_z, z, grad_z - (inner + grad_log_z.sum(-1, keepdim=True)))
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        # Forward mode: d log z = t - <z, t>, dz = z d log z (no tangent for the position).
+        (z,) = ctx.saved_tensors
+        log_z_tangent = tangent - (z * tangent).sum(-1, keepdim=True)
+        return z * log_z_tangent, log_z_tangent, None
 
 
 _simplex_and_log = fast_apply(_SimplexAndLog)
