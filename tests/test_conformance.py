@@ -167,6 +167,10 @@ def test_torch_func_grad_and_vmap_agree_with_autograd(example):
     direction = torch.linspace(-1.0, 1.0, x.numel(), dtype=x.dtype).reshape(x.shape)
     _, derivative = torch.func.jvp(loss, (x,), (direction,))
     torch.testing.assert_close(derivative, (gradient * direction).sum(), rtol=1e-9, atol=1e-11)
+    with torch.autograd.forward_ad.dual_level():  # forward mode without torch.func
+        dual = loss(torch.autograd.forward_ad.make_dual(x, direction))
+        derivative = torch.autograd.forward_ad.unpack_dual(dual).tangent
+    torch.testing.assert_close(derivative, (gradient * direction).sum(), rtol=1e-9, atol=1e-11)
     batch = torch.stack([x, x * 0.9, x * 1.1])
     vmapped = torch.func.vmap(torch.func.grad(loss), randomness="same")(batch)
     looped = torch.stack([autograd_grad(row) for row in batch])
