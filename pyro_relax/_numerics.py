@@ -144,8 +144,8 @@ def warn_if_learned_temperature(owner: str, temperature: torch.Tensor) -> None:
 def fast_apply(function: type[torch.autograd.Function]):
     """``function.apply`` for an autograd Function written with ``setup_context`` (which
     torch.func needs), without the cost of torch's ``apply`` for such Functions: it binds the
-    arguments with ``inspect.signature`` at every call, about 20 microseconds on a CPU, several
-    per sample. Inside torch.func transforms the Function runs as itself; under torch.compile
+    arguments with ``inspect.signature`` at every call, which costs more than the operators of
+    a small sample. Inside torch.func transforms the Function runs as itself; under torch.compile
     without its ``jvp`` (TorchDynamo traces no custom jvp, and cannot bind variadic arguments);
     elsewhere as a twin in the older style, whose ``forward`` calls the same ``forward`` and
     ``setup_context`` (forward mode through ``torch.autograd.forward_ad`` included). The
