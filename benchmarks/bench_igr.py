@@ -91,13 +91,20 @@ def compare(num_categories, device, repeats, number, validate_args):
     return alternate((run_torch, run_igr), device, repeats, number)
 
 
-def compare_relaxit(cls, num_categories, device, repeats, number, with_log_prob):
-    """Median ms per call of (relaxit's InvertibleGaussian, IGR), validation off."""
-    loc, scale, _, temperature = _inputs(num_categories, device)
+def _relaxit_step(cls, loc, scale, temperature, with_log_prob=False):
+    """One step of relaxit's class on ``loc`` and ``scale``, gradients cleared after it."""
 
     def run_relaxit():
         sample_step(lambda: cls(loc, scale, temperature), with_log_prob)
         loc.grad = scale.grad = None
+
+    return run_relaxit
+
+
+def compare_relaxit(cls, num_categories, device, repeats, number, with_log_prob):
+    """Median ms per call of (relaxit's InvertibleGaussian, IGR), validation off."""
+    loc, scale, _, temperature = _inputs(num_categories, device)
+    run_relaxit = _relaxit_step(cls, loc, scale, temperature, with_log_prob)
 
     def run_igr():
         sample_step(lambda: IGR(loc, scale, temperature, validate_args=False), with_log_prob)
@@ -126,11 +133,7 @@ def compare_row_maximum(cls, num_categories, device, repeats, number):
     position of the largest coordinate for the simplex correction and the gradient)."""
     loc, scale, logits, temperature = _inputs(num_categories, device)
     logits = logits.detach()
-
-    def run_relaxit():
-        sample_step(lambda: cls(loc, scale, temperature), False)
-        loc.grad = scale.grad = None
-
+    run_relaxit = _relaxit_step(cls, loc, scale, temperature)
     return alternate((run_relaxit, lambda: logits.max(-1, keepdim=True)), device, repeats, number)
 
 
@@ -142,10 +145,7 @@ def compare_bare_operators(cls, num_categories, device, repeats, number):
     correction)."""
     loc, scale, _, temperature = _inputs(num_categories, device)
     softmax = SoftmaxPlusPlusTransform(temperature, validate_args=False)
-
-    def run_relaxit():
-        sample_step(lambda: cls(loc, scale, temperature), False)
-        loc.grad = scale.grad = None
+    run_relaxit = _relaxit_step(cls, loc, scale, temperature)
 
     def run_operators():
         eps = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device).normal_()

@@ -114,7 +114,7 @@ def _kernels(event, counts: collections.Counter) -> int:
     return 1
 
 
-def leaf_operators(work) -> collections.Counter:
+def kernel_operators(work) -> collections.Counter:
     """The aten operators that ``work()`` dispatches and that launch a kernel: the innermost
     computing operator of each call (``clamp_`` counts although it calls ``to`` on its
     Python bound; ``clone`` counts as its ``copy_``)."""
@@ -173,7 +173,7 @@ def cases(batch, outcomes):
 
 def step_count(loss) -> int:
     """Operators one eager step ``loss().backward()`` dispatches."""
-    return sum(leaf_operators(lambda: loss().backward()).values())
+    return sum(kernel_operators(lambda: loss().backward()).values())
 
 
 def compiled_step_count(loss) -> int:
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
         print(f"| {name:<56} | {cells} |")
     if args.top:
         for name, loss in by_n[args.outcomes[0]].items():
-            counts = leaf_operators(lambda loss=loss: loss().backward())
+            counts = kernel_operators(lambda loss=loss: loss().backward())
             common = ", ".join(f"{op[6:]} {k}" for op, k in counts.most_common(args.top))
             print(f"{name} (n = {args.outcomes[0]}): {common}")
 

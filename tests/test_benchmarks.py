@@ -267,4 +267,4 @@ def test_kernel_counts_count_each_computing_call_once(monkeypatch, work, expecte
     import kernel_counts
 
     x = torch.randn(10)
-    assert dict(kernel_counts.leaf_operators(lambda: work(x))) == expected
+    assert dict(kernel_counts.kernel_operators(lambda: work(x))) == expected

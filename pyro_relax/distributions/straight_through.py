@@ -148,6 +148,10 @@ class _StraightThroughCategorical(OneHotCategorical):
     # temperature may be learned (see warn_if_learned_temperature).
     _soft_density = False
 
+    @classmethod
+    def _temperature_may_be_learned(cls, hard: bool) -> bool:
+        return not hard and cls._soft_density
+
     def __init__(self, temperature, *, probs=None, logits=None, hard=True, validate_args=None):
         validate = validation_enabled(validate_args)
         _, param, temperature, batch_shape = categorical_parameters(
@@ -156,7 +160,7 @@ class _StraightThroughCategorical(OneHotCategorical):
         param = param.expand(batch_shape + param.shape[-1:])
         self.temperature = temperature
         self.hard = bool(hard)
-        if self.hard or not self._soft_density:
+        if not self._temperature_may_be_learned(self.hard):
             warn_if_learned_temperature(type(self).__name__, temperature)
         # torch's OneHotCategorical would build its Categorical with default validation, which
         # reads the parameters on the host at every construction, even with validate_args=False.
@@ -613,7 +617,7 @@ class _StraightThroughBernoulli(Bernoulli):
         if not temperature.requires_grad:
             self._relaxed = self._build_relaxed(options)
         else:
-            if self.hard or not self._categorical_class._soft_density:
+            if not self._categorical_class._temperature_may_be_learned(self.hard):
                 warn_if_learned_temperature(type(self).__name__, temperature)
             with warnings.catch_warnings():
                 # The relaxed categorical would repeat that warning under its own name.

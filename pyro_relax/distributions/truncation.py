@@ -92,11 +92,10 @@ class _PoissonLogTail(torch.autograd.Function):
     def forward(rate, log_rate, k):
         # gammainc underflows far in the tail; there rate << m and the geometric series
         # pmf(m) / (1 - rate / (m + 1)) bounds the tail to relative error O(rate / m^2).
+        m, at_zero = _tail_count(k)
         if torch.is_tensor(k):
-            m, at_zero = k.clamp(min=1), k == 0  # P(X >= 0) = 1, whatever the rate
             m_tensor, ratio = m, -(rate / (m + 1))
         else:
-            m, at_zero = max(k, 1), k == 0
             m_tensor = torch.full((1,), m, dtype=rate.dtype, device=rate.device)
             ratio = rate * (-1.0 / (m + 1))
         tail = torch.special.gammainc(m_tensor, rate)
@@ -118,27 +117,34 @@ class _PoissonLogTail(torch.autograd.Function):
 
     @staticmethod
     def _derivative(ctx):
-        r""":math:`\partial_\lambda \log P(X \geq m)`, zero where :math:`m = 0`, and the rate."""
+        r""":math:`\partial_\lambda \log P(X \geq m)`, zero where :math:`m = 0`."""
         rate, log_rate, log_tail, *count = ctx.saved_tensors
-        k = count[0] if count else ctx.count
-        m, at_zero = (k.clamp(min=1), k == 0) if count else (max(k, 1), k == 0)
+        m, at_zero = _tail_count(count[0] if count else ctx.count)
         log_density = _log_pmf_of_rate(rate, log_rate, m - 1)
-        return _zero_at(torch.exp(log_density - log_tail), at_zero), rate
+        return _zero_at(torch.exp(log_density - log_tail), at_zero)
 
     @staticmethod
     def backward(ctx, grad):
-        derivative, rate = _PoissonLogTail._derivative(ctx)
-        return (grad * derivative).sum_to_size(rate.shape), None, None
+        rate = ctx.saved_tensors[0]
+        return (grad * _PoissonLogTail._derivative(ctx)).sum_to_size(rate.shape), None, None
 
     @staticmethod
     def jvp(ctx, rate_tangent, log_rate_tangent, count_tangent):
         # The rate's tangent carries the whole derivative; none flows through log_rate (as in
         # the backward).
-        derivative, _ = _PoissonLogTail._derivative(ctx)
-        return derivative * rate_tangent
+        return _PoissonLogTail._derivative(ctx) * rate_tangent
 
 
 _poisson_log_tail = fast_apply(_PoissonLogTail)
+
+
+def _tail_count(k):
+    r"""The count :math:`m = \max(k, 1)` the tail is computed at, and where :math:`k = 0`
+    (:math:`P(X \geq 0) = 1`, whatever the rate): tensors for a tensor ``k``, Python values for
+    an int."""
+    if torch.is_tensor(k):
+        return k.clamp(min=1), k == 0
+    return max(k, 1), k == 0
 
 
 def _zero_at(values: torch.Tensor, at_zero) -> torch.Tensor:
