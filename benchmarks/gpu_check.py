@@ -18,6 +18,11 @@ Steps, each a subprocess with its own time limit (``--timeout``), run in this or
 - ``compile``: ``bench_gengs --compile`` without its large sizes, the GenGS step compiled by
   ``torch.compile`` against eager (fused kernels: what a launch-bound step may gain).
 
+With ``--budget`` the whole run keeps to that many seconds: each step's limit is cut to what is
+left, and a step that would start with less than ``MIN_STEP_SECONDS`` left is not run (the
+report says so). A lent GPU machine holds one command for a few minutes only: the budget makes
+the run end inside that limit with every finished step reported.
+
 The report, ``OUT/report.md``, starts with the machine (GPU name, driver, torch and CUDA
 versions, the commit) and gives each step's command, seconds, exit status and output. It is
 rewritten after every step, so an interrupted run keeps the steps that finished. The exit
@@ -46,6 +51,10 @@ STEPS = (
     "kernel_counts",
     "compile",
 )
+
+# A step is not started with less time than this left of --budget.
+MIN_STEP_SECONDS = 20
+NOT_RUN = "not run"  # the status of a step that the budget left out
 
 # Tiny settings per step for --quick (seconds on a CPU; the figures mean nothing).
 QUICK = {
@@ -124,14 +133,27 @@ def run_step(command, timeout: float, env) -> tuple[int | None, float, str]:
     return status, time.perf_counter() - start, "\n".join(lines)
 
 
+def _shown(status) -> str:
+    if status == NOT_RUN:
+        return "not run: the budget was spent"
+    return "timed out" if status is None else f"exit status {status}"
+
+
 def report(header: str, sections: list) -> str:
-    failed = [name for name, _, status, _, _ in sections if status != 0]
-    summary = "all steps passed" if not failed else "failed: " + ", ".join(failed)
-    parts = [f"# GPU check\n\n{header}\n\n**{summary}** ({len(sections)} steps run)\n"]
+    run = [section for section in sections if section[2] != NOT_RUN]
+    failed = [name for name, _, status, _, _ in run if status != 0]
+    left_out = [name for name, _, status, _, _ in sections if status == NOT_RUN]
+    parts = ["failed: " + ", ".join(failed)] if failed else []
+    if left_out:
+        parts.append("not run (budget spent): " + ", ".join(left_out))
+    summary = "; ".join(parts) or "all steps passed"
+    parts = [f"# GPU check\n\n{header}\n\n**{summary}** ({len(run)} steps run)\n"]
     for name, command, status, seconds, output in sections:
-        shown = "timed out" if status is None else f"exit status {status}"
+        if status == NOT_RUN:
+            parts.append(f"## {name}\n\n`{' '.join(command)}`: {_shown(status)}\n")
+            continue
         parts.append(
-            f"## {name}\n\n`{' '.join(command)}`: {shown}, {seconds:.0f} s\n\n"
+            f"## {name}\n\n`{' '.join(command)}`: {_shown(status)}, {seconds:.0f} s\n\n"
             f"```\n{output.rstrip()}\n```\n"
         )
     return "\n".join(parts)
@@ -144,8 +166,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="MNIST IDX folder for bench_gst (default: its own)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--timeout", type=float, default=300, help="seconds per step")
+    parser.add_argument(
+        "--budget", type=float, help="seconds for the whole run (default: no limit)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings (checks the script)")
     args = parser.parse_args(argv)
+    start = time.perf_counter()  # the budget counts from here
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(
             f"gpu_check: torch {torch.__version__} sees no CUDA device; run on a machine with "
@@ -165,11 +191,17 @@ def main(argv=None) -> int:
     lines = commands(args.device, args.quick, args.data)
     sections = []
     for name in args.steps:
-        print(f"\n== {name}: {' '.join(lines[name])}", flush=True)
-        status, seconds, output = run_step(lines[name], args.timeout, env)
-        print(output, flush=True)
-        shown = "timed out" if status is None else f"exit status {status}"
-        print(f"== {name}: {shown} after {seconds:.0f} s", flush=True)
+        timeout = args.timeout
+        if args.budget is not None:
+            timeout = min(timeout, args.budget - (time.perf_counter() - start))
+        if timeout < min(MIN_STEP_SECONDS, args.timeout):
+            print(f"\n== {name}: not run, {max(timeout, 0):.0f} s of the budget left", flush=True)
+            status, seconds, output = NOT_RUN, 0.0, ""
+        else:
+            print(f"\n== {name}: {' '.join(lines[name])}", flush=True)
+            status, seconds, output = run_step(lines[name], timeout, env)
+            print(output, flush=True)
+            print(f"== {name}: {_shown(status)} after {seconds:.0f} s", flush=True)
         sections.append((name, lines[name], status, seconds, output))
         (out / "report.md").write_text(report(header, sections))
     print(f"\nreport: {out / 'report.md'}")

@@ -4,6 +4,7 @@ reports each one's outcome."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyro
@@ -141,6 +142,27 @@ def test_gpu_check_reports_every_step_and_fails_on_any(gpu_check, monkeypatch, t
     assert "exit status 0" in report and "exit status 3" in report and "timed out" in report
     assert "passed" in report and "broken" in report
     assert "device cpu" in report
+
+
+def test_gpu_check_keeps_to_its_budget(gpu_check, monkeypatch, tmp_path):
+    # A budget of 3 s with a minimum step of 1 s: the first step sleeps past what is left and
+    # is stopped at the budget, not at --timeout; the next would start with nothing left and
+    # is reported as not run. The whole run ends well inside --timeout.
+    monkeypatch.setattr(gpu_check, "MIN_STEP_SECONDS", 1)
+    python = [sys.executable, "-c"]
+    fake = {
+        "tests": python + ["import time; print('slow', flush=True); time.sleep(60)"],
+        "bench_gengs": python + ["print('never')"],
+    }
+    monkeypatch.setattr(gpu_check, "commands", lambda device, quick, data: fake)
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--timeout", "60", "--budget", "3"]
+    start = time.perf_counter()
+    assert gpu_check.main([*argv, "--steps", *fake]) == 1
+    assert time.perf_counter() - start < 30
+    report = (tmp_path / "report.md").read_text()
+    assert "**failed: tests; not run (budget spent): bench_gengs** (1 steps run)" in report
+    assert "timed out" in report and "not run: the budget was spent" in report
+    assert report.count("never") == 1  # in its command line only: it did not run
 
 
 def test_gpu_check_runs_a_real_step_on_the_cpu(gpu_check, tmp_path):
