@@ -14,9 +14,10 @@ backward. That class computes softmax++ as ``exp(y / tau)`` over its sum plus ``
 overflows for ``y / tau`` above about 88 in float32) and its density without the last
 coordinate's term; IGR computes in log space and carries ``log z`` for its density. A last
 row times the one reduction IGR's map makes that relaxit's leaves out, the row maximum of the
-``(100, 20, K)`` logits, against relaxit's rsample + backward; the row before it IGR's
-operators alone (the Gaussian draw and softmax++, no distribution object), which separates
-IGR's Python from its arithmetic.
+``(100, 20, K)`` logits, against relaxit's rsample + backward. The two rows before it take
+IGR's Python away: IGR's operators alone (the Gaussian draw and softmax++, no distribution
+object), then the same arithmetic as one autograd node (no Python between the operators, one
+node in the graph), which bounds what fusing them could gain.
 
     python benchmarks/bench_igr.py [--repeats 30] [--number 20] [--device cpu|cuda]
 """
@@ -33,6 +34,7 @@ from torch.distributions import RelaxedOneHotCategorical
 
 from pyro_relax import IGR
 from pyro_relax.transforms import SoftmaxPlusPlusTransform
+from pyro_relax.transforms.softmax_plus_plus import _SimplexAndLog
 
 BATCH = (100, 20)
 CATEGORIES = (10, 50)
@@ -156,6 +158,52 @@ def compare_bare_operators(cls, num_categories, device, repeats, number):
     return alternate((run_relaxit, run_operators), device, repeats, number)
 
 
+class _OneNode(torch.autograd.Function):
+    """IGR-I's draw as a single autograd node: the pre-image ``loc + scale * eps``, the
+    division by the temperature, the ``log delta`` column and softmax++'s own forward and
+    backward (``_SimplexAndLog``'s), with no distribution object, no Python between operators
+    and one node in the graph instead of four. A measuring device for the bound on what fusing
+    could gain, not a code path of the library (a scalar temperature, gradients for ``loc`` and
+    ``scale`` only)."""
+
+    @staticmethod
+    def forward(ctx, loc, scale, eps, temperature, log_delta):
+        scaled = torch.addcmul(loc, eps, scale).div_(temperature)
+        logits = torch.cat([scaled, log_delta.expand(scaled.shape[:-1] + (1,))], -1)
+        z, log_z, top = _SimplexAndLog.forward(logits)
+        ctx.save_for_backward(z, top, eps, temperature)
+        return z, log_z
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_z):
+        z, top, eps, temperature = ctx.saved_tensors
+        grad_logits = _SimplexAndLog.backward(_Saved(z, top), grad_z, grad_log_z, None)
+        grad_y = grad_logits[..., :-1] / temperature
+        return grad_y, grad_y * eps, None, None, None
+
+
+class _Saved:
+    """What ``_SimplexAndLog.backward`` reads of its context."""
+
+    def __init__(self, *saved_tensors):
+        self.saved_tensors = saved_tensors
+
+
+def compare_one_node(cls, num_categories, device, repeats, number):
+    """Median ms of (relaxit's rsample + backward, IGR's arithmetic as one autograd node)."""
+    loc, scale, _, temperature = _inputs(num_categories, device)
+    log_delta = torch.zeros(1, device=device)
+    run_relaxit = _relaxit_step(cls, loc, scale, temperature)
+
+    def run_one_node():
+        eps = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device).normal_()
+        z, _ = _OneNode.apply(loc, scale, eps, temperature, log_delta)
+        z.sum().backward()
+        loc.grad = scale.grad = None
+
+    return alternate((run_relaxit, run_one_node), device, repeats, number)
+
+
 def relaxit_table(cls, device, repeats, number) -> str:
     lines = [f"{'K':>4}  {'step':<29}  {'relaxit ms':>10}  {'IGR ms':>9}  {'IGR/relaxit':>11}"]
     for k in CATEGORIES:
@@ -171,6 +219,7 @@ def relaxit_table(cls, device, repeats, number) -> str:
             )
     for step, compare_side in (
         ("IGR's operators alone", compare_bare_operators),
+        ("IGR's arithmetic, one node", compare_one_node),
         ("row maximum alone (IGR side)", compare_row_maximum),
     ):
         for k in CATEGORIES:

@@ -12,6 +12,8 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 
+from pyro_relax.transforms import SoftmaxPlusPlusTransform
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -238,7 +240,7 @@ def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
     table = bench_igr.relaxit_table(_PlainInvertibleGaussian, torch.device("cpu"), 1, 1)
     rows = table.splitlines()[1:]
     steps = ["construction only", "rsample + backward", "rsample + log_prob + backward"]
-    steps += ["IGR's operators alone", "row maximum alone (IGR side)"]
+    steps += ["IGR's operators alone", "IGR's arithmetic, one node", "row maximum alone (IGR side)"]
     expected = [(k, step) for step in steps for k in bench_igr.CATEGORIES]
     assert [(int(row[:4]), row[6:35].strip()) for row in rows] == expected
     for row in rows:
@@ -246,6 +248,34 @@ def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
         assert ours > 0 and ratio > 0
         if theirs >= 0.1:  # milliseconds printed to three decimals: the ratio, to 1%
             assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.01)
+
+
+def test_the_one_node_igr_computes_what_igr_computes(monkeypatch):
+    # bench_igr's single-node draw is a bound on what fusing IGR could gain only if it computes
+    # the same sample and gradients as the library's softmax++ of the same pre-image.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_igr
+
+    generator = torch.Generator().manual_seed(0)
+    loc = torch.randn(4, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    scale = (0.5 + torch.rand(4, 6, dtype=torch.float64, generator=generator)).requires_grad_()
+    eps = torch.randn(4, 6, dtype=torch.float64, generator=generator)
+    weights = torch.randn(4, 7, dtype=torch.float64, generator=generator)
+    temperature = torch.tensor(0.5, dtype=torch.float64)
+    log_delta = torch.zeros(1, dtype=torch.float64)
+    softmax = SoftmaxPlusPlusTransform(temperature)
+
+    def sample_and_gradients(draw):
+        z, log_z = draw()
+        loss = (z * weights).sum() + log_z.sum()
+        return (z, log_z, *torch.autograd.grad(loss, (loc, scale)))
+
+    fused = sample_and_gradients(
+        lambda: bench_igr._OneNode.apply(loc, scale, eps, temperature, log_delta)
+    )
+    library = sample_and_gradients(lambda: softmax.simplex_and_log(torch.addcmul(loc, eps, scale)))
+    for a, b in zip(fused, library, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 # TorchInductor's own deprecation warning while it compiles (torch 2.13).
