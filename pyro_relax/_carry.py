@@ -33,7 +33,10 @@ class Relaxation:
     PMF, inverts the map, or raises ``ValueError`` under validation). To move a sample and keep
     its record, attach it again with :func:`with_relaxation`.
 
-    Every field is ``None`` unless the family that drew the sample sets it.
+    Every field is ``None`` unless the family that drew the sample sets it. A straight-through
+    draw carries a record with no field set (soft STGS: its log-weights): the record itself
+    tells Pyro's estimators that the value was drawn by ``rsample``, also where no gradient
+    was recorded (``SVI.evaluate_loss``), as opposed to a value Pyro enumerated.
 
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.

@@ -86,6 +86,18 @@ def test_trace_mean_field_elbo_uses_the_registered_kl(example):
     guide_dist = example.build(_params_from_store(example)).expand(shape)
     expected = kl_divergence(guide_dist, example.prior().expand(shape)).sum()
     assert loss == pytest.approx(float(expected), rel=1e-6, abs=1e-9)
+    # Without gradients (SVI.evaluate_loss) and with a guide whose parameters need none, a
+    # draw is still a reparameterized sample: the same KL, not Pyro's "must be fully
+    # reparameterized" error.
+    with torch.no_grad():
+        assert elbo.loss(model, guide) == pytest.approx(loss, rel=1e-6, abs=1e-9)
+    frozen_params = _params_from_store(example)
+
+    def frozen_guide():
+        with _plates(example.build().batch_shape):
+            pyro.sample("z", example.build(frozen_params))
+
+    assert elbo.loss(model, frozen_guide) == pytest.approx(loss, rel=1e-6, abs=1e-9)
     _train(model, guide, TraceMeanField_ELBO())
 
 

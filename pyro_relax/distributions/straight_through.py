@@ -9,7 +9,7 @@ from pyro.distributions import Bernoulli, OneHotCategorical, constraints
 from pyro.distributions.score_parts import ScoreParts
 from torch.distributions import Categorical, Distribution
 
-from pyro_relax._carry import carried, carry
+from pyro_relax._carry import carried, carry, relaxation_of
 from pyro_relax._numerics import (
     LOG_ZERO,
     categorical_parameters,
@@ -120,14 +120,17 @@ def _carried_log_weights(value, validate: bool, name: str) -> torch.Tensor:
 
 
 def _score_parts(self, value):
-    """Pyro's estimator ingredients: a value with a pathwise gradient (a draw of ``rsample``)
-    is reparameterized; one without (a value Pyro enumerated, or a draw taken without
-    gradients) gets its score function, as a non-reparameterized ``OneHotCategorical`` or
-    ``Bernoulli`` would, so that ``TraceEnum_ELBO`` weights enumerated guide values by their
-    probabilities and differentiates through them. The entropy term is kept in both cases:
+    """Pyro's estimator ingredients: a draw of ``rsample`` (it carries its record, also when
+    drawn without gradients or from parameters that need none, as under
+    ``SVI.evaluate_loss``) or any value with a pathwise gradient is reparameterized; any other
+    value (one Pyro enumerated, or passed in) gets its score function, as a
+    non-reparameterized ``OneHotCategorical`` or ``Bernoulli`` would, so that
+    ``TraceEnum_ELBO`` weights enumerated guide values by their probabilities and
+    differentiates through them. The entropy term is kept in both cases:
     ``TraceMeanField_ELBO`` reads the loss from it where no KL is registered."""
     log_prob = self.log_prob(value)
-    score_function = 0 if value.requires_grad else log_prob
+    drawn = value.requires_grad or relaxation_of(value) is not None
+    score_function = 0 if drawn else log_prob
     return ScoreParts(log_prob=log_prob, score_function=score_function, entropy_term=log_prob)
 
 
@@ -199,11 +202,11 @@ class _StraightThroughCategorical(OneHotCategorical):
         index = (logits.detach() + gumbels).argmax(-1)
         hard = one_hot(index, logits.shape[-1], logits)
         surrogate, log_weights = self._surrogate(logits, index, hard, gumbels)
+        # Every draw carries a record (with the log-weights of a Concrete sample): it marks
+        # the value as a draw for score_parts.
         if self.hard:
-            return straight_through(hard, surrogate)
-        if log_weights is not None:
-            carry(surrogate, log_weights=log_weights)
-        return surrogate
+            return carry(straight_through(hard, surrogate))
+        return carry(surrogate, log_weights=log_weights)
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():
@@ -654,11 +657,7 @@ class _StraightThroughBernoulli(Bernoulli):
 
     def rsample(self, sample_shape=torch.Size()):
         pair = self._relaxed.rsample(sample_shape)
-        value = pair[..., 1]
-        log_weights = carried(pair, "log_weights")
-        if log_weights is not None:
-            carry(value, log_weights=log_weights)
-        return value
+        return carry(pair[..., 1], log_weights=carried(pair, "log_weights"))
 
     def discrete(self) -> Bernoulli:
         """The discrete distribution whose samples this estimator draws (in every temperature):
