@@ -6,7 +6,7 @@ import warnings
 from numbers import Real
 
 import torch
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution, biject_to, constraints, transform_to
 
 __all__ = [
     "LOG_ZERO",
@@ -377,6 +377,19 @@ location = _Location()
 log_weights = _LogWeights()
 positive_probability = _PositiveProbability()
 probability_vector = _Simplex()
+
+
+# Unconstrained parameterizations of the library's simplex are torch's (pyro.param with it as
+# constraint, an autoguide over a relaxed simplex site).
+@biject_to.register(_Simplex)
+def _biject_to_simplex(constraint):
+    return biject_to(constraints.simplex)
+
+
+@transform_to.register(_Simplex)
+def _transform_to_simplex(constraint):
+    return transform_to(constraints.simplex)
+
 
 # How an error names what a constraint asks for; the finite ones above carry `description`.
 _DESCRIPTIONS = {

@@ -404,3 +404,64 @@ def test_the_library_calls_no_slow_torch_broadcast_shapes():
         if "torch.broadcast_shapes(" in path.read_text() and path.name != "_numerics.py"
     ]
     assert not callers, callers
+
+
+# --- Relaxed simplex samples over many categories ----------------------------------------------
+
+_LARGE_K = 5000
+SIMPLEX_RELAXATIONS = {
+    "ST": lambda logits: pr.STCategorical(1.0, logits=logits, hard=False),
+    "STGS": lambda logits: pr.STGSCategorical(1.0, logits=logits, hard=False),
+    "GR-MCK": lambda logits: pr.GRMCKCategorical(1.0, logits=logits, hard=False, num_draws=2),
+    "GST": lambda logits: pr.GappedSTCategorical(1.0, logits=logits, hard=False),
+    "IGR": lambda logits: pr.IGR(logits[..., 1:], torch.ones_like(logits[..., 1:]), 1.0),
+    "IGR-SB": lambda logits: pr.IGRStickBreaking(
+        logits[..., 1:], torch.ones_like(logits[..., 1:]), 1.0
+    ),
+}
+
+
+@pytest.mark.parametrize("spread", [0.1, 3.0])
+@pytest.mark.parametrize("name", SIMPLEX_RELAXATIONS)
+def test_simplex_samples_over_many_categories_pass_their_own_support(name, spread):
+    # float32 sums of K coordinates are off by up to about K ulp: torch's simplex tolerance,
+    # 1e-6, failed soft GST samples over K = 5000 near-uniform categories (|sum - 1| 1.8e-6).
+    # Every relaxation's support allows its dtype's rounding over K; log_prob under validation
+    # then scores its own samples.
+    generator = torch.Generator().manual_seed(0)
+    logits = spread * torch.randn(64, _LARGE_K, generator=generator)
+    d = SIMPLEX_RELAXATIONS[name](logits)
+    torch.manual_seed(0)
+    value = d.rsample()
+    assert value.shape == (64, _LARGE_K)
+    assert bool(d.support.check(value).all())
+    with pyro.validation_enabled(True):
+        assert torch.isfinite(d.log_prob(value)).all()
+
+
+# --- Outcome tables ----------------------------------------------------------------------------
+
+REPEATED_OUTCOMES = {
+    "FiniteDiscrete": lambda outcomes: pr.FiniteDiscrete(
+        outcomes, probs=torch.full((3,), 1 / 3), validate_args=True
+    ),
+    "TruncatedGenGS": lambda outcomes: pr.TruncatedGenGS(
+        0.5, logits=torch.zeros(3), outcomes=outcomes, validate_args=True
+    ),
+}
+
+
+@pytest.mark.parametrize("vector", [False, True])
+@pytest.mark.parametrize("name", REPEATED_OUTCOMES)
+def test_repeated_outcomes_are_refused(name, vector):
+    # FiniteDiscrete([0, 1, 1], probs=[.2, .3, .5]) scored 1 by 0.3 (the first match) where
+    # its samples are 1 with probability 0.8, and its PMF over the support summed to 0.8.
+    build = REPEATED_OUTCOMES[name]
+    outcomes = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]] if vector else [0.0, 1.0, 2.0])
+    build(outcomes)  # distinct: accepted
+    with torch.no_grad():
+        outcomes[2] = outcomes[1]  # the same table, modified after it was found distinct
+    with pytest.raises(ValueError, match="`outcomes` must be distinct"):
+        build(outcomes)
+    with pytest.raises(ValueError, match="`outcomes` must be distinct"):
+        build(outcomes.clone())

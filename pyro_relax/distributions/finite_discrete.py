@@ -52,6 +52,29 @@ def _tolerance(value: torch.Tensor, event_dim: int) -> torch.Tensor:
     return 16 * torch.finfo(value.dtype).eps * (1 + magnitude)
 
 
+def check_outcomes(owner: str, outcomes: torch.Tensor) -> None:
+    """Raises ``ValueError`` naming ``owner`` unless ``outcomes`` (shape ``(n,)`` or
+    ``(n, d)``) are finite and distinct: a value equal to two outcomes would be scored by the
+    probability of one of them only. Reads the outcomes on the host (a validation check); a
+    table found distinct is not sorted again until it is modified (GenGSMultinomial passes
+    its cached table at every construction)."""
+    check_constraint(owner, "outcomes", outcomes, finite_real)
+    if outcomes.device.type == "meta" or getattr(outcomes, _DISTINCT, None) == outcomes._version:
+        return
+    distinct = static_size(torch.unique(outcomes.detach(), dim=0).shape[0])
+    if distinct != static_size(outcomes.shape[0]):
+        raise ValueError(
+            f"{owner}: `outcomes` must be distinct, got {static_size(outcomes.shape[0])} "
+            f"outcomes of which {distinct} differ; merge repeated outcomes and add their "
+            "probabilities"
+        )
+    setattr(outcomes, _DISTINCT, outcomes._version)
+
+
+# The attribute by which an outcome table remembers the version found distinct.
+_DISTINCT = "_pyro_relax_distinct_at_version"
+
+
 def outcome_log_prob(owner: str, value, outcomes, logits, validate: bool, hint=""):
     """The log-probability in ``logits`` of the outcome each value is; with ``validate``,
     ``ValueError`` (naming ``owner``, followed by ``hint``) for a value that is none of the
@@ -122,13 +145,13 @@ class FiniteDiscrete(TorchDistribution):
         if torch.is_tensor(outcomes):
             check_devices(owner, {name: param, "outcomes": outcomes})
         outcomes = as_float(owner, "outcomes", outcomes, param.dtype, param.device)
-        if validate:
-            check_constraint(owner, "outcomes", outcomes, finite_real)
         if outcomes.dim() not in (1, 2) or static_size(outcomes.shape[0]) != num_outcomes:
             raise ValueError(
                 f"{owner}: `outcomes` must have shape ({num_outcomes},) or ({num_outcomes}, d) "
                 f"to match `{name}`, got {tuple(outcomes.shape)}"
             )
+        if validate:
+            check_outcomes(owner, outcomes)
         self.outcomes = outcomes
         super().__init__(batch_shape, outcomes.shape[1:], validate_args=False)
         self._validate_args = validate

@@ -17,11 +17,9 @@ from pyro_relax._numerics import (
     as_float,
     caller_stacklevel,
     categorical_parameters,
-    check_constraint,
     check_devices,
     fast_apply,
     finite_positive,
-    finite_real,
     gumbel_like,
     log_weights,
     parse_parameters,
@@ -33,7 +31,11 @@ from pyro_relax._numerics import (
     validation_enabled,
     warn_if_learned_temperature,
 )
-from pyro_relax.distributions.finite_discrete import FiniteDiscrete, outcome_log_prob
+from pyro_relax.distributions.finite_discrete import (
+    FiniteDiscrete,
+    check_outcomes,
+    outcome_log_prob,
+)
 from pyro_relax.distributions.truncation import (
     automatic_truncation,
     check_base,
@@ -270,14 +272,14 @@ class TruncatedGenGS(TorchDistribution):
         if torch.is_tensor(outcomes):
             check_devices(owner, {name: like, "outcomes": outcomes})
         outcomes = as_float(owner, "outcomes", outcomes, like.dtype, like.device)
-        if validate:
-            check_constraint(owner, "outcomes", outcomes, finite_real)
         num_outcomes = static_size(like.shape[-1])
         if outcomes.dim() not in (1, 2) or static_size(outcomes.shape[0]) != num_outcomes:
             raise ValueError(
                 f"{owner}: `outcomes` must have shape ({like.shape[-1]},) or "
                 f"({like.shape[-1]}, d) to match `{name}`, got {tuple(outcomes.shape)}"
             )
+        if validate:
+            check_outcomes(owner, outcomes)
         return outcomes
 
     def expand(self, batch_shape, _instance=None):

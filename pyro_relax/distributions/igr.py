@@ -30,6 +30,7 @@ from pyro_relax._numerics import (
     location,
     one_hot,
     parse_parameters,
+    probability_vector,
     same_values,
     straight_through,
     validation_enabled,
@@ -169,7 +170,7 @@ class _IGRBase(TransformedDistribution):
         "temperature": scale_constraint,
         "delta": finite_positive,
     }
-    support = constraints.simplex
+    support = probability_vector  # torch's simplex, with a tolerance that grows with K
     has_rsample = True
 
     def _set_parameters(self, loc, scale, temperature, delta, validate_args):

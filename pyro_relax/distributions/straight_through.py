@@ -186,7 +186,8 @@ class _StraightThroughCategorical(OneHotCategorical):
 
     @property
     def support(self):
-        return constraints.one_hot if self.hard else constraints.simplex
+        # A soft sample sums to one within its dtype's rounding, summed over K coordinates.
+        return constraints.one_hot if self.hard else probability_vector
 
     score_parts = _score_parts
 
