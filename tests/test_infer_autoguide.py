@@ -311,23 +311,35 @@ def test_reinterpreted_batch_dimensions_get_parameters_per_element():
 # --- Temperature and initialization --------------------------------------------------------------
 
 
-def test_guides_share_the_model_temperature_tensor():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_guides_share_the_model_temperature_tensor(dtype):
+    # A float32 schedule with parameters of either dtype: with float64 parameters, each
+    # distribution's own temperature is a float64 copy, which the in-place update does not
+    # reach (the guide stayed at 1.0 while the model annealed); the guide follows the tensor
+    # the model passed.
     schedule = pr.ExponentialDecay(1.0, 0.1, steps=2)
 
     def model():
         tau = schedule.temperature
         with pyro.plate("items", 3):
-            pyro.sample("count", pr.GenGSPoisson(torch.tensor(2.0), tau, 10))
-            pyro.sample("category", pr.GappedSTCategorical(tau, logits=torch.zeros(4)))
-            pyro.sample("simplex", pr.IGR(torch.zeros(3), torch.ones(3), tau))
+            pyro.sample("count", pr.GenGSPoisson(torch.tensor(2.0, dtype=dtype), tau, 10))
+            outcomes = torch.tensor([0.0, 1.5, 4.0], dtype=dtype)
+            pyro.sample("table", pr.TruncatedGenGS(tau, logits=outcomes, outcomes=outcomes))
+            pyro.sample("category", pr.GappedSTCategorical(tau, logits=torch.zeros(4, dtype=dtype)))
+            pyro.sample("binary", pr.STGSBernoulli(tau, logits=torch.zeros((), dtype=dtype)))
+            pyro.sample(
+                "simplex", pr.IGR(torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype), tau)
+            )
 
     guide = AutoRelaxed(model)
     guide()
     schedule.step()  # anneals the tensor in place
     trace = poutine.trace(guide).get_trace()
-    for name in ("count", "category", "simplex"):
+    for name in ("count", "table", "category", "binary", "simplex"):
         temperature = relaxed_base(trace.nodes[name]["fn"]).temperature
-        torch.testing.assert_close(temperature, torch.full((3,), schedule.value_at(1)))
+        assert temperature.dtype == dtype, name
+        expected = torch.full((3,), schedule.value_at(1), dtype=dtype)
+        torch.testing.assert_close(temperature, expected, msg=name)
 
 
 def test_temperature_argument_replaces_the_models():

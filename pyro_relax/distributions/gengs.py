@@ -241,6 +241,9 @@ class TruncatedGenGS(TorchDistribution):
     ):
         owner = type(self).__name__
         validate = validation_enabled(validate_args)
+        # As passed (parsing may copy it to another dtype or device): AutoRelaxed's guide
+        # follows a schedule that anneals this object in place.
+        self._temperature_argument = temperature
         name, param, temperature, batch_shape = categorical_parameters(
             owner, probs, logits, temperature, validate, "outcomes"
         )
@@ -290,6 +293,7 @@ class TruncatedGenGS(TorchDistribution):
         if "probs" in self.__dict__:
             new.probs = self.probs.expand(pmf_shape)
         new.temperature = self.temperature.expand(batch_shape)
+        new._temperature_argument = self._temperature_argument
         new.outcomes = self.outcomes
         new.hard = self.hard
         new._outcomes_are_counts = self._outcomes_are_counts
@@ -484,6 +488,7 @@ class GenGS(TruncatedGenGS):
                 f"{owner}: `tail_tolerance` must be None or a number in [0, 1), got "
                 f"{tail_tolerance!r}"
             )
+        passed = temperature
         base_dist, others = check_base(
             owner, base_dist, validation_enabled(validate_args), temperature=temperature
         )
@@ -504,6 +509,7 @@ class GenGS(TruncatedGenGS):
             hard=hard,
             validate_args=validate_args,
         )
+        self._temperature_argument = passed
         if self._validate_args and tail_tolerance is not None:
             if bool((self.tail_mass > tail_tolerance).any()):
                 # A constant message, so Python's once-per-location filter shows it once rather

@@ -157,6 +157,7 @@ class _StraightThroughCategorical(OneHotCategorical):
 
     def __init__(self, temperature, *, probs=None, logits=None, hard=True, validate_args=None):
         validate = validation_enabled(validate_args)
+        self._temperature_argument = temperature  # as passed (see TruncatedGenGS)
         _, param, temperature, batch_shape = categorical_parameters(
             type(self).__name__, probs, logits, temperature, validate, "categories"
         )
@@ -179,6 +180,7 @@ class _StraightThroughCategorical(OneHotCategorical):
         new = self._get_checked_instance(_StraightThroughCategorical, _instance)
         new = super().expand(batch_shape, _instance=new)
         new.temperature = self.temperature.expand(batch_shape)
+        new._temperature_argument = self._temperature_argument
         new.hard = self.hard
         for name in self._option_names:
             setattr(new, name, getattr(self, name))
@@ -599,6 +601,7 @@ class _StraightThroughBernoulli(Bernoulli):
         self, temperature, *, probs=None, logits=None, hard=True, validate_args=None, **options
     ):
         validate = validation_enabled(validate_args)
+        self._temperature_argument = temperature  # as passed (see TruncatedGenGS)
         _, param, temperature, batch_shape = categorical_parameters(
             type(self).__name__, probs, logits, temperature, validate, event_dim=0
         )
@@ -640,6 +643,7 @@ class _StraightThroughBernoulli(Bernoulli):
         new = self._get_checked_instance(_StraightThroughBernoulli, _instance)
         new = super().expand(batch_shape, _instance=new)
         new.temperature = self.temperature.expand(batch_shape)
+        new._temperature_argument = self._temperature_argument
         new.hard = self.hard
         for name in self._categorical_class._option_names:
             setattr(new, name, getattr(self, name))

@@ -69,9 +69,13 @@ def _unexpanded(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _model_temperature(prior, temperature):
-    """``temperature``, else the model's: a view of the tensor it passed (the distribution
-    keeps it expanded to its batch shape)."""
-    return _unexpanded(prior.temperature) if temperature is None else temperature
+    """``temperature``, else the one the model passed, the same object (the distribution's own
+    may be a copy in its parameters' dtype or device, which an in-place schedule would not
+    reach), without the dimensions an ``expand`` added."""
+    if temperature is not None:
+        return temperature
+    passed = prior._temperature_argument
+    return _unexpanded(passed) if torch.is_tensor(passed) else passed
 
 
 def _gengs_guide(prior, temperature, init_scale):
