@@ -277,7 +277,7 @@ class STCategorical(_StraightThroughCategorical):
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
         hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
-            itself.
+            itself (``mean`` and ``variance`` stay the categorical's: see the README).
 
     Example:
         >>> d = STCategorical(0.5, logits=torch.tensor([0.0, 1.0, 2.0]))
@@ -315,7 +315,7 @@ class STGSCategorical(_StraightThroughCategorical):
         ``kl_divergence`` and ``TraceMeanField_ELBO`` use the KL of the categorical
         distributions, also for soft samples, not that of the Concrete ones: the latter is
         dominated by categories that both distributions give almost no mass and pins a guide
-        to its prior.
+        to its prior. ``mean``, ``variance`` and ``entropy`` are the categorical's too.
 
     References:
         Categorical Reparameterization with Gumbel-Softmax.
@@ -333,7 +333,7 @@ class STGSCategorical(_StraightThroughCategorical):
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
         hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
-            itself.
+            itself (``mean`` and ``variance`` stay the categorical's: see the README).
 
     Example:
         >>> d = STGSCategorical(0.01, logits=torch.zeros(10), hard=False)
@@ -389,7 +389,7 @@ class GRMCKCategorical(_StraightThroughCategorical):
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
         hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
-            itself.
+            itself (``mean`` and ``variance`` stay the categorical's: see the README).
         num_draws (int): the number :math:`K \geq 1` of conditional draws (100 in the
             paper's baseline "GR-MC100").
 
@@ -475,7 +475,7 @@ class GappedSTCategorical(_StraightThroughCategorical):
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
         hard (bool): return the hard one-hot :math:`D` (default), or the surrogate :math:`h`
-            itself.
+            itself (``mean`` and ``variance`` stay the categorical's: see the README).
         gap (float or str): the gap :math:`\kappa \geq 0` (default 1.0), or ``"expected"``.
         detach_perturbations (bool): detach :math:`m_1, m_2` (default; ``False`` is an
             ablation).
@@ -699,7 +699,8 @@ class STBernoulli(_StraightThroughBernoulli):
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
         logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
         probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`
+            (``mean`` and ``variance`` stay the Bernoulli's: see the README).
 
     Example:
         >>> STBernoulli(1.0, logits=torch.tensor([-1.0, 1.0])).rsample((4,)).shape
@@ -740,7 +741,8 @@ class STGSBernoulli(_StraightThroughBernoulli):
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
         logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
         probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`
+            (``mean`` and ``variance`` stay the Bernoulli's: see the README).
 
     Example:
         >>> d = STGSBernoulli(0.01, probs=torch.tensor(0.3), hard=False)
@@ -786,7 +788,8 @@ class GRMCKBernoulli(_StraightThroughBernoulli):
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
         logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
         probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`
+            (``mean`` and ``variance`` stay the Bernoulli's: see the README).
         num_draws (int): the number :math:`K \geq 1` of conditional draws.
 
     Example:
@@ -824,7 +827,8 @@ class GappedSTBernoulli(_StraightThroughBernoulli):
         temperature (float or Tensor): the temperature :math:`\tau > 0`.
         logits (float or Tensor): the log-odds :math:`\theta` (pass ``logits`` or ``probs``).
         probs (float or Tensor): the probability :math:`p = \sigma(\theta)` of a 1.
-        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`.
+        hard (bool): return exact 0/1 values (default), or the surrogate :math:`h_1`
+            (``mean`` and ``variance`` stay the Bernoulli's: see the README).
         gap (float or str): the gap :math:`\kappa \geq 0` (default 1.0), or ``"expected"``.
         detach_perturbations (bool): detach the perturbations (``False`` is an ablation).
 
