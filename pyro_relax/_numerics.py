@@ -3,8 +3,9 @@
 import math
 import sys
 import warnings
-from numbers import Real
+from numbers import Integral, Real
 
+import numpy as np
 import torch
 from torch.distributions import Distribution, biject_to, constraints, transform_to
 
@@ -17,12 +18,14 @@ __all__ = [
     "categorical_parameters",
     "check_constraint",
     "check_count",
+    "check_flag",
     "check_devices",
     "clamp_with_identity_gradient",
     "fast_apply",
     "finite_positive",
     "finite_real",
     "gumbel_like",
+    "is_integer",
     "log1mexp",
     "location",
     "log_weights",
@@ -459,14 +462,30 @@ def check_constraint(owner: str, name: str, value, constraint) -> None:
         raise ValueError(f"{owner}: `{name}` must be {_describe(constraint)}, got {shown}")
 
 
-def check_count(owner: str, name: str, value, minimum: int = 1) -> int:
-    """Returns ``value`` if it is a Python ``int`` of at least ``minimum``, else raises
-    ``ValueError`` naming ``name`` (``bool`` is not a count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integral number (a Python or NumPy integer; not a ``bool``, not
+    a tensor)."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_count(owner: str | None, name: str, value, minimum: int = 1) -> int:
+    """``value`` as a Python ``int`` if it is an integral number of at least ``minimum``, else
+    ``ValueError`` naming ``name`` (and ``owner``, if given). The library's one check of a
+    count argument."""
+    if not is_integer(value) or value < minimum:
+        prefix = f"{owner}: " if owner else ""
         raise ValueError(
-            f"{owner}: `{name}` must be an integer of at least {minimum}, got {value!r}"
+            f"{prefix}`{name}` must be an integer of at least {minimum}, got {value!r}"
         )
-    return value
+    return int(value)
+
+
+def check_flag(owner: str, name: str, value) -> bool:
+    """``value`` as a ``bool`` if it is one (Python or NumPy), else ``TypeError`` naming
+    ``name``: ``bool("False")`` is true, so a string would silently switch the option on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}: `{name}` must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_devices(owner: str, tensors: dict):

@@ -5,6 +5,8 @@ from numbers import Real
 
 import torch
 
+from pyro_relax._numerics import check_count
+
 __all__ = ["ExponentialDecay"]
 
 
@@ -51,17 +53,23 @@ class ExponentialDecay:
             )
         if not 0 < floor <= initial:
             raise ValueError(f"ExponentialDecay: `floor` must lie in (0, initial], got {floor}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"ExponentialDecay: `steps` must be a positive integer, got {steps!r}")
+        steps = check_count("ExponentialDecay", "steps", steps)
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"ExponentialDecay: `dtype` must be a floating dtype, got {dtype}")
+        info = torch.finfo(dtype or torch.get_default_dtype())
+        if not info.tiny <= floor <= initial <= info.max:
+            raise ValueError(
+                f"ExponentialDecay: `initial` and `floor` must be normal numbers of {info.dtype} "
+                f"(in [{info.tiny:.3g}, {info.max:.3g}]), got {initial} and {floor}"
+            )
         self.initial, self.floor, self.steps = float(initial), float(floor), steps
         self.rate = math.log(self.initial / self.floor) / steps
         self.step_count = 0
         self.temperature = torch.tensor(self.initial, device=device, dtype=dtype)
 
     def value_at(self, step: int) -> float:
-        """The temperature after ``step`` steps."""
+        """The temperature after ``step >= 0`` steps."""
+        step = check_count("ExponentialDecay.value_at", "step", step, minimum=0)
         return max(self.floor, self.initial * math.exp(-self.rate * step))
 
     def step(self) -> torch.Tensor:

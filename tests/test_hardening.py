@@ -7,6 +7,7 @@ these tests pin the measured cases and the helpers outside the registry.
 import itertools
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -17,6 +18,7 @@ from pyro.optim import Adam
 from torch.distributions import kl_divergence
 
 import pyro_relax as pr
+from pyro_relax.distributions.truncation import truncated_log_probs
 
 _f64 = torch.float64
 
@@ -465,3 +467,57 @@ def test_repeated_outcomes_are_refused(name, vector):
         build(outcomes)
     with pytest.raises(ValueError, match="`outcomes` must be distinct"):
         build(outcomes.clone())
+
+
+# --- Count and flag arguments ------------------------------------------------------------------
+
+COUNT_ARGUMENTS = {
+    "truncation": lambda n: pr.GenGSPoisson(0.5, 0.5, n).num_outcomes,
+    "max_truncation": lambda n: pr.GenGSPoisson(0.5, 0.5, max_truncation=n).truncation <= n,
+    "total_count": lambda n: pr.GenGSBinomial(n, 0.5, probs=0.3).num_outcomes,
+    "multinomial total_count": lambda n: (
+        pr.GenGSMultinomial(n, 0.5, probs=torch.tensor([0.5, 0.5])).num_outcomes
+    ),
+    "num_draws": lambda n: pr.GRMCKCategorical(0.5, logits=torch.zeros(3), num_draws=n).num_draws,
+    "flows": lambda n: len(pr.IGRPlanar(torch.zeros(2), torch.ones(2), 0.5, flows=n).flows),
+    "steps": lambda n: pr.ExponentialDecay(1.0, 0.1, steps=n).steps,
+    "truncated_log_probs": lambda n: truncated_log_probs(
+        torch.distributions.Poisson(torch.tensor(2.0)), n
+    ).shape[-1],
+}
+
+
+@pytest.mark.parametrize("name", COUNT_ARGUMENTS)
+def test_count_arguments_take_any_integer_and_refuse_the_rest(name):
+    # One check for every count argument (numpy integers were refused by some, accepted by
+    # others): an integer of any kind gives what a Python int gives; a float, a bool or a
+    # string is refused, naming the argument.
+    build = COUNT_ARGUMENTS[name]
+    assert build(np.int64(4)) == build(4)
+    argument = name.split()[-1] if name != "truncated_log_probs" else "truncation"
+    for bad in (4.5, True, "4"):
+        with pytest.raises((ValueError, TypeError), match=f"`{argument}` must be"):
+            build(bad)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda hard: pr.STGSCategorical(0.5, logits=torch.zeros(3), hard=hard),
+        lambda hard: pr.STGSBernoulli(0.5, logits=torch.zeros(()), hard=hard),
+        lambda hard: pr.GenGSPoisson(2.0, 0.5, 10, hard=hard),
+        lambda hard: pr.IGR(torch.zeros(2), torch.ones(2), 0.5, hard=hard),
+    ],
+)
+def test_hard_is_a_flag(make):
+    # bool("False") is True: the string silently gave hard samples.
+    assert make(np.bool_(False)).hard is False and make(True).hard is True
+    with pytest.raises(TypeError, match="`hard` must be True or False"):
+        make("False")
+
+
+def test_schedules_refuse_temperatures_their_dtype_cannot_hold():
+    with pytest.raises(ValueError, match="normal numbers of float16"):
+        pr.ExponentialDecay(1e5, 0.1, dtype=torch.float16)  # was an infinite temperature
+    with pytest.raises(ValueError, match="`step` must be an integer of at least 0"):
+        pr.ExponentialDecay(1.0, 0.1).value_at(-3)

@@ -17,10 +17,13 @@ from pyro_relax._numerics import (
     as_float,
     caller_stacklevel,
     categorical_parameters,
+    check_count,
     check_devices,
+    check_flag,
     fast_apply,
     finite_positive,
     gumbel_like,
+    is_integer,
     log_weights,
     parse_parameters,
     probability_vector,
@@ -39,7 +42,6 @@ from pyro_relax.distributions.finite_discrete import (
 from pyro_relax.distributions.truncation import (
     automatic_truncation,
     check_base,
-    check_truncation,
     log_survival,
     truncated_log_probs,
 )
@@ -263,7 +265,7 @@ class TruncatedGenGS(TorchDistribution):
             self.probs = self.probs.expand(batch_shape + (num_outcomes,))
         self._outcomes_are_counts = outcomes is None
         self.outcomes = self._parse_outcomes(owner, name, outcomes, validate)
-        self.hard = bool(hard)
+        self.hard = check_flag(owner, "hard", hard)
         warn_if_learned_temperature(owner, temperature)
         super().__init__(batch_shape, self.outcomes.shape[1:], validate_args=False)
         self._validate_args = validate
@@ -494,9 +496,9 @@ class GenGS(TruncatedGenGS):
         )
         temperature = others["temperature"]
         if truncation is not None:
-            truncation = size = check_truncation("truncation", truncation)
+            truncation = size = check_count(owner, "truncation", truncation, minimum=2)
         elif max_truncation is not None:
-            size = check_truncation("max_truncation", max_truncation)
+            size = check_count(owner, "max_truncation", max_truncation, minimum=2)
             truncation = automatic_truncation(base_dist, mass, max_truncation)
         else:
             truncation = size = automatic_truncation(base_dist, mass)
@@ -734,7 +736,8 @@ class GenGSBinomial(GenGS):
             probs=probs,
             logits=logits,
         )
-        if isinstance(total_count, int) and not isinstance(total_count, bool):
+        if is_integer(total_count):
+            total_count = int(total_count)
             truncation = max(total_count + 1, 2)
         else:
             # The outcomes run to the largest total count: read on the host, once per
@@ -840,10 +843,7 @@ class GenGSMultinomial(TruncatedGenGS):
         validate_args=None,
     ):
         owner = type(self).__name__
-        if isinstance(total_count, bool) or not isinstance(total_count, int) or total_count < 1:
-            raise ValueError(
-                f"{owner}: `total_count` must be a positive integer, got {total_count!r}"
-            )
+        total_count = check_count(owner, "total_count", total_count)
         name, param, _, _ = categorical_parameters(
             owner, probs, logits, temperature, validation_enabled(validate_args), "classes"
         )

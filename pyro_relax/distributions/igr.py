@@ -23,9 +23,11 @@ from pyro_relax._carry import carried, carry, relaxation_of
 from pyro_relax._numerics import (
     check_constraint,
     check_count,
+    check_flag,
     clamp_with_identity_gradient,
     finite_positive,
     finite_real,
+    is_integer,
     known_same_shape,
     location,
     one_hot,
@@ -347,7 +349,7 @@ class IGR(_IGRBase):
 
     def __init__(self, loc, scale, temperature, *, delta=1.0, hard=False, validate_args=None):
         validate, softmax = self._set_parameters(loc, scale, temperature, delta, validate_args)
-        self.hard = bool(hard)
+        self.hard = check_flag("IGR", "hard", hard)
         self._set_distribution([softmax], validate)
 
     def expand(self, batch_shape, _instance=None):
@@ -641,8 +643,8 @@ class IGRPlanar(_IGRBase):
 
     def __init__(self, loc, scale, temperature, *, delta=1.0, flows=1, validate_args=None):
         validate, softmax = self._set_parameters(loc, scale, temperature, delta, validate_args)
-        if isinstance(flows, int) and not isinstance(flows, bool):
-            check_count("IGRPlanar", "flows", flows, minimum=0)
+        if is_integer(flows):
+            flows = check_count("IGRPlanar", "flows", flows, minimum=0)
             flows = [Planar(self.loc.shape[-1]).to(self.loc) for _ in range(flows)]
         elif not isinstance(flows, (list, tuple)) or not all(
             isinstance(flow, Transform) for flow in flows

@@ -13,6 +13,8 @@ from pyro_relax._carry import carried, carry, relaxation_of
 from pyro_relax._numerics import (
     LOG_ZERO,
     categorical_parameters,
+    check_count,
+    check_flag,
     finite_real,
     gumbel_like,
     log1mexp,
@@ -163,7 +165,7 @@ class _StraightThroughCategorical(OneHotCategorical):
         )
         param = param.expand(batch_shape + param.shape[-1:])
         self.temperature = temperature
-        self.hard = bool(hard)
+        self.hard = check_flag(type(self).__name__, "hard", hard)
         if not self._temperature_may_be_learned(self.hard):
             warn_if_learned_temperature(type(self).__name__, temperature)
         # torch's OneHotCategorical would build its Categorical with default validation, which
@@ -411,9 +413,7 @@ class GRMCKCategorical(_StraightThroughCategorical):
         hard=True,
         validate_args=None,
     ):
-        if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-            raise ValueError(f"`num_draws` must be a positive integer, got {num_draws!r}")
-        self.num_draws = num_draws
+        self.num_draws = check_count(type(self).__name__, "num_draws", num_draws)
         super().__init__(
             temperature, probs=probs, logits=logits, hard=hard, validate_args=validate_args
         )
@@ -607,7 +607,7 @@ class _StraightThroughBernoulli(Bernoulli):
         )
         param = param.expand(batch_shape)
         self.temperature = temperature
-        self.hard = bool(hard)
+        self.hard = check_flag(type(self).__name__, "hard", hard)
         if probs is not None:
             super().__init__(probs=param, validate_args=False)
         else:

@@ -17,6 +17,7 @@ from torch.distributions import (
 
 from pyro_relax._numerics import (
     check_constraint,
+    check_count,
     fast_apply,
     finite_positive,
     finite_real,
@@ -25,20 +26,13 @@ from pyro_relax._numerics import (
     positive_probability,
 )
 
-# The public names; check_base, check_truncation and log_survival serve the GenGS classes.
+# The public names; check_base and log_survival serve the GenGS classes.
 __all__ = ["automatic_truncation", "truncated_log_probs"]
 
 # Terms summed explicitly before the geometric bound takes over in the negative binomial tail.
 _NB_TAIL_TERMS = 32
 # Below this tail mass the complement 1 - P(X < k), taken in float64, keeps fewer than 8 digits.
 _NB_COMPLEMENT_FLOOR = 1e-8
-
-
-def check_truncation(name: str, value) -> int:
-    """Returns ``value`` if it is an ``int`` of at least 2, else raises ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"`{name}` must be an integer of at least 2, got {value!r}")
-    return value
 
 
 def _counts(size: int, like: torch.Tensor) -> torch.Tensor:
@@ -366,12 +360,12 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
         1.0
     """
     if not torch.is_tensor(truncation):
-        check_truncation("truncation", truncation)
+        truncation = check_count("truncated_log_probs", "truncation", truncation, minimum=2)
     if size is None:
         if torch.is_tensor(truncation):
             raise ValueError("`size` is required when `truncation` is a tensor")
         size = truncation
-    check_truncation("size", size)
+    size = check_count("truncated_log_probs", "size", size, minimum=2)
     family = _family(base)
     log_pmf, log_sf = family.log_pmf, family.log_sf
     k = _counts(size, _like(base))
@@ -431,7 +425,9 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
     if not 0.0 < mass < 1.0:
         raise ValueError(f"`mass` must lie in (0, 1), got {mass}")
     if max_truncation is not None:
-        check_truncation("max_truncation", max_truncation)
+        max_truncation = check_count(
+            "automatic_truncation", "max_truncation", max_truncation, minimum=2
+        )
     log_pmf = _family(base).log_pmf
     like = _like(base).detach()
     threshold = math.log(mass)

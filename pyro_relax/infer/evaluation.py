@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-from numbers import Integral
 
 import pyro
 import torch
@@ -11,6 +10,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
 from pyro.poutine.util import prune_subsample_sites
 
+from pyro_relax._numerics import check_count
 from pyro_relax.infer.handlers import discretize
 
 __all__ = ["Estimate", "discrete_elbo", "discrete_log_likelihood"]
@@ -112,7 +112,7 @@ def discrete_elbo(
         >>> -5 < estimate.value < 0
         True
     """
-    num_samples = _count("num_samples", num_samples, minimum=2)
+    num_samples = check_count(None, "num_samples", num_samples, minimum=2)
     log_weights, _ = _log_weights(
         model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize_particles,
         chunk_size, data_plate=None, scaled=True,
@@ -188,7 +188,7 @@ def discrete_log_likelihood(
         >>> bound.value > elbo.value
         True
     """
-    num_particles = _count("num_particles", num_particles)
+    num_particles = check_count(None, "num_particles", num_particles)
     if data_plate is not None and not isinstance(data_plate, str):
         raise TypeError(f"`data_plate` must be the name of a plate, got {data_plate!r}")
     log_weights, scale = _log_weights(
@@ -208,12 +208,6 @@ def discrete_log_likelihood(
     )
 
 
-def _count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer of at least {minimum}, got {value!r}")
-    return int(value)
-
-
 @torch.no_grad()
 def _log_weights(
     model, guide, args, kwargs, total, nesting, vectorize, chunk_size, data_plate, scaled
@@ -222,12 +216,12 @@ def _log_weights(
     particles, shape ``(total, items)`` (one item without ``data_plate``), in float64, and the
     scale that multiplies every site (1 when ``scaled``: the log-probabilities are then scaled
     as Pyro's ELBOs scale them)."""
-    chunk_size = _count("chunk_size", chunk_size)
+    chunk_size = check_count(None, "chunk_size", chunk_size)
     model, guide = discretize(model), discretize(guide)
     if nesting is None:
         nesting = _plate_nesting(model, guide, args, kwargs)
     else:
-        nesting = _count("max_plate_nesting", nesting, minimum=0)
+        nesting = check_count(None, "max_plate_nesting", nesting, minimum=0)
     chunks, scales = [], set()
     done = 0
     while done < total:

@@ -2,12 +2,13 @@
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from numbers import Integral
 
 import pyro
 import torch
 from pyro.poutine.messenger import Messenger
 from tqdm import tqdm
+
+from pyro_relax._numerics import is_integer
 
 __all__ = ["GradientMoments", "gradient_moments"]
 
@@ -148,7 +149,7 @@ def _unconstrained(value):
 
 
 def _check_arguments(elbo, num_draws):
-    if isinstance(num_draws, bool) or not isinstance(num_draws, Integral) or num_draws < 2:
+    if not is_integer(num_draws) or num_draws < 2:
         raise ValueError(f"`num_draws` must be an integer >= 2 (a variance), got {num_draws!r}")
     if isinstance(elbo, type) or not callable(getattr(elbo, "loss_and_grads", None)):
         raise TypeError(

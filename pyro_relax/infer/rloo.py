@@ -10,6 +10,8 @@ from pyro.infer.util import MultiFrameTensor, torch_backward, torch_item
 from pyro.ops.provenance import detach_provenance, extract_provenance
 from pyro.util import warn_if_nan
 
+from pyro_relax._numerics import is_integer
+
 __all__ = ["TraceRLOO_ELBO"]
 
 
@@ -103,8 +105,9 @@ class TraceRLOO_ELBO(ELBO):
     """
 
     def __init__(self, num_particles=4, max_plate_nesting=float("inf"), retain_graph=None):
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int):
+        if not is_integer(num_particles):
             raise TypeError(f"num_particles must be an int, got {num_particles!r}")
+        num_particles = int(num_particles)
         if num_particles < 2:
             raise ValueError(
                 "TraceRLOO_ELBO needs num_particles >= 2: the baseline of each particle is the "
