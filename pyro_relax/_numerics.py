@@ -263,13 +263,18 @@ def same_values(a, b) -> bool:
     The same object, equal Python numbers, or equal CPU tensors after broadcasting; tensors on
     another device are compared by identity only, so that no call synchronizes with an
     accelerator. While ``torch.jit.trace`` records, tensors are compared by identity too: a
-    value comparison would be baked into the trace as a constant.
+    value comparison would be baked into the trace as a constant. Two different tensors of
+    which one requires a gradient are not the same parameter whatever their values: a shortcut
+    taken on their equality (a carried pre-image, a closed-form KL) would drop the derivative
+    by the learned one.
     """
     if a is b:
         return True
     if not torch.is_tensor(a) and not torch.is_tensor(b):
         return a == b  # Python numbers (or None), as passed by the user
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or any(
+        torch.is_tensor(x) and x.requires_grad and torch.is_grad_enabled() for x in (a, b)
+    ):
         return False
     if not torch.is_tensor(a):
         a, b = b, a

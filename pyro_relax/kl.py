@@ -100,8 +100,17 @@ def _kl_gengsmultinomial_multinomial(p, q):
 # --- IGR -----------------------------------------------------------------------------------
 
 
+def _check_categories(p, q):
+    if p.event_shape != q.event_shape:
+        raise ValueError(
+            f"KL({type(p).__name__} || {type(q).__name__}) needs the same number of categories; "
+            f"got {p.event_shape[-1]} and {q.event_shape[-1]}"
+        )
+
+
 def _igr_gaussian_kl(p, q):
     """The KL between two Gaussians pushed through the same bijection: that of the Gaussians."""
+    _check_categories(p, q)
     same_map = p._map_parameters(), q._map_parameters()
     if not all(same_values(a, b) for a, b in zip(*same_map, strict=True)):
         raise NotImplementedError(
@@ -122,6 +131,7 @@ def _kl_igr_igr(p, q):
     unchanged: :math:`\mathrm{KL}(p \| q) = \mathrm{KL}(\mathcal{N}(a \mu_p + b,
     a \sigma_p) \| \mathcal{N}(\mu_q, \sigma_q))`. No parameter is compared, so no
     value is read on the host."""
+    _check_categories(p, q)
     a = (q.temperature / p.temperature).unsqueeze(-1)
     b = q.temperature.unsqueeze(-1) * (q.delta.log() - p.delta.log()).unsqueeze(-1)
     mapped = Normal(a * p.loc + b, a * p.scale, validate_args=False)

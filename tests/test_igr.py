@@ -583,3 +583,82 @@ def test_the_fast_construction_and_sampler_agree_with_the_transformed_distributi
         if getattr(dist_, "hard", False):
             expected = torch.nn.functional.one_hot(expected.argmax(-1), expected.shape[-1])
         torch.testing.assert_close(value, expected.to(value.dtype))
+
+
+def test_stick_breaking_scores_values_outside_its_image_as_impossible():
+    # Softmax++ of sticks reaches only the z whose implied sticks are positive and sum to less
+    # than one; a value made by a map of another temperature or delta may lie outside. Those
+    # were scored finitely (about -5e5, through the inverse's clamps): a finite ELBO where the
+    # true KL is infinite. Now -inf, and an error naming the cause under validation.
+    dt = torch.float64
+
+    def model(validate):
+        zeros, ones = torch.zeros(3, dtype=dt), torch.ones(3, dtype=dt)
+        return pr.IGRStickBreaking(zeros, ones, 0.5, validate_args=validate)
+
+    softmax = pr.SoftmaxPlusPlusTransform(0.5)
+    sum_above_one = softmax(torch.tensor([0.9, 0.9, 0.9], dtype=dt)).clone()
+    negative_stick = torch.tensor([0.1, 0.3, 0.3, 0.3], dtype=dt)
+    guide = pr.IGRStickBreaking(torch.zeros(3, dtype=dt), torch.ones(3, dtype=dt), 0.2, delta=0.3)
+    torch.manual_seed(0)
+    foreign = guide.rsample((200,))  # carries its exact log z
+    for value in (sum_above_one, negative_stick, foreign):
+        assert bool((model(False).log_prob(value) == -math.inf).all())
+        with pytest.raises(ValueError, match="outside the image of its map"):
+            model(True).log_prob(value)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1.0, 30.0])
+@pytest.mark.parametrize("temperature", [0.01, 0.1, 1.0])
+def test_stick_breaking_own_samples_and_their_copies_lie_in_its_image(temperature, delta):
+    # The image check allows the rounding of the sticks' computation, and a copy whose
+    # coordinates underflowed (read through the documented fallback) is not judged by it.
+    torch.manual_seed(0)
+    d = pr.IGRStickBreaking(2 * torch.randn(30), 2 * torch.ones(30), temperature, delta=delta)
+    value = d.rsample((2000,))
+    with pyro.validation_enabled(True):
+        assert bool(torch.isfinite(d.log_prob(value)).all())
+        assert bool(torch.isfinite(d.log_prob(value.clone())).all())
+
+
+def test_a_learned_guide_temperature_equal_to_the_models_keeps_its_gradient():
+    # Equal values, different tensors, one learned: the shortcuts taken on equal maps (the
+    # carried pre-image, the closed-form KL) dropped the derivative by the guide's temperature
+    # (IGR-SB: 1.6 where the derivative is 330). Now the model inverts the guide's sample, and
+    # the derivative at equal temperatures is the limit of that at nearby ones.
+    dt = torch.float64
+
+    def derivative(model_temperature):
+        torch.manual_seed(0)
+        tau = torch.tensor(0.5, dtype=dt, requires_grad=True)
+        loc, scale = torch.linspace(-1, 1, 4, dtype=dt), torch.full((4,), 0.5, dtype=dt)
+        guide = pr.IGRStickBreaking(loc, scale, tau)
+        model = pr.IGRStickBreaking(
+            torch.zeros(4, dtype=dt), torch.ones(4, dtype=dt), model_temperature
+        )
+        with pyro.validation_enabled(False):
+            log_ratio = model.log_prob(guide.rsample((400,))).sum()
+        return torch.autograd.grad(log_ratio, tau)[0]
+
+    at_equal = derivative(torch.tensor(0.5, dtype=dt))
+    nearby = derivative(torch.tensor(0.5 + 1e-9, dtype=dt))
+    torch.testing.assert_close(at_equal, nearby, rtol=1e-5, atol=1e-6)
+    tau = torch.tensor(0.5, requires_grad=True)
+    guide = pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), tau)
+    with pytest.raises(NotImplementedError):  # TraceMeanField_ELBO falls back to Monte Carlo
+        kl_divergence(guide, pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), torch.tensor(0.5)))
+    planar = pr.IGRPlanar(torch.zeros(3), torch.ones(3), tau, flows=1)
+    model = pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.5, flows=planar.flows)
+    with pytest.raises(ValueError, match="the same tensors where one requires a gradient"):
+        model.log_prob(planar.rsample())
+
+
+def test_kl_between_different_numbers_of_categories_is_refused():
+    for family in (pr.IGR, pr.IGRStickBreaking):
+        small, large = (
+            family(torch.zeros(1), torch.ones(1), 0.5),
+            family(torch.zeros(4), torch.ones(4), 0.5),
+        )
+        for p, q in ((small, large), (large, small)):
+            with pytest.raises(ValueError, match="same number of categories"):
+                kl_divergence(p, q)

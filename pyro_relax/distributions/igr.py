@@ -522,16 +522,35 @@ class IGRStickBreaking(_IGRBase):
         return self._tag(z, y, log_weights=log_z, kept_sticks=kept.sum(-1))
 
     def _invert(self, value):
+        return self._invert_and_check(value)[0]
+
+    def _invert_and_check(self, value):
+        r"""The pre-image of ``value`` and whether the value lies in the image of the map: its
+        sticks :math:`w_k = \tau (\log z_k - \log z_K + \log \delta)` must be positive and
+        sum to less than one, up to the rounding of their computation (a value made by a map
+        of another temperature or delta may not; its density here is 0)."""
         kept = self._kept_of(value)
         log_z = carried(value, "log_weights")
+        # Only exact log-coordinates can place a value outside the image; a row with an
+        # underflowed coordinate is read approximately (the documented fallback) and kept.
+        exact = None
         if log_z is None:
+            tiny = torch.finfo(value.dtype).tiny
+            exact = (value[..., :-1] > tiny).all(-1) & (value[..., -1] > tiny)
             # The smallest normal number stands for a coordinate that underflowed to zero.
-            log_z = value.clamp(min=torch.finfo(value.dtype).tiny).log()
+            log_z = value.clamp(min=tiny).log()
         tau = self.temperature.unsqueeze(-1)
-        sticks = tau * (log_z[..., :-1] - log_z[..., -1:] + self.delta.log().unsqueeze(-1))
+        log_delta = self.delta.log().unsqueeze(-1)
+        sticks = tau * (log_z[..., :-1] - log_z[..., -1:] + log_delta)
         sticks = torch.where(kept, sticks, torch.zeros_like(sticks))
+        # Each stick is a difference of logarithms: its rounding error scales with them.
+        magnitude = tau * (log_z[..., :-1].abs() + log_z[..., -1:].abs() + log_delta.abs() + 1)
+        slack = 64 * torch.finfo(value.dtype).eps * torch.where(kept, magnitude, 0)
+        inside = (sticks >= -slack).all(-1) & (sticks.sum(-1) <= 1 + slack.sum(-1))
+        if exact is not None:
+            inside = inside | ~exact
         y = self.transforms[0].inv(sticks)
-        return torch.where(kept, y, torch.zeros_like(y))
+        return torch.where(kept, y, torch.zeros_like(y)), inside
 
     def _kept_of(self, value):
         count = carried(value, "kept_sticks")
@@ -564,14 +583,24 @@ class IGRStickBreaking(_IGRBase):
         # A value cut at other sticks than this distribution cuts its pre-image (a guide with
         # another precision, or a finite one) is not in this distribution's image: its density
         # is 0 here, not that of the point this distribution would map the pre-image to.
-        same_cut = (self._kept_of(value) == self._kept(self.transforms[0].log_sticks(y))).all(-1)
-        if self._validate_args and not bool(same_cut.all()):
+        inside = (self._kept_of(value) == self._kept(self.transforms[0].log_sticks(y))).all(-1)
+        if self._validate_args and not bool(inside.all()):
             raise ValueError(
                 "IGRStickBreaking.log_prob got a value cut at other sticks than this "
                 "distribution's precision cuts it (model and guide need the same `precision`)"
             )
+        if y is not carried(value, "preimage"):
+            # Inverted, not drawn by this map: the value may lie outside its image.
+            inside = inside & self._invert_and_check(value)[1]
+            if self._validate_args and not bool(inside.all()):
+                raise ValueError(
+                    "IGRStickBreaking.log_prob got a value outside the image of its map (the "
+                    "sticks it implies are negative or sum to more than one), where its density "
+                    "is 0: a map of another temperature or delta made it. Give model and guide "
+                    "the same temperature and delta"
+                )
         log_density = self._log_density(y)
-        return torch.where(same_cut, log_density, torch.full_like(log_density, -math.inf))
+        return torch.where(inside, log_density, torch.full_like(log_density, -math.inf))
 
     def _log_density(self, y):
         _, log_z, kept = self._simplex(y)
@@ -710,7 +739,8 @@ class IGRPlanar(_IGRBase):
         except KeyError:
             raise ValueError(
                 "IGRPlanar.log_prob scores only samples drawn from an IGRPlanar with the same "
-                "flows: planar layers have no closed-form inverse"
+                "flows, temperature and delta (the same tensors where one requires a gradient): "
+                "planar layers have no closed-form inverse"
             ) from None
 
     def _log_density(self, y):
