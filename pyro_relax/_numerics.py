@@ -27,6 +27,7 @@ __all__ = [
     "gumbel_like",
     "is_integer",
     "log1mexp",
+    "log_of_probs",
     "location",
     "log_weights",
     "one_hot",
@@ -97,6 +98,14 @@ def clamp_with_identity_gradient(x: torch.Tensor, low, high) -> torch.Tensor:
     zero the gradient there. The added difference is exact (Sterbenz), so the value is clamped.
     """
     return x + (x.clamp(low, high) - x).detach()
+
+
+def log_of_probs(probs: torch.Tensor) -> torch.Tensor:
+    """``log(probs)`` with ``-inf`` for a zero, exact down to the smallest normal number (torch's
+    ``probs_to_logits`` clamps at the dtype's epsilon: a probability of 0 or 1e-10 became
+    1.2e-7 in float32, and a KL to it finite)."""
+    logits = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
+    return torch.where(probs > 0, logits, -torch.inf)
 
 
 def tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

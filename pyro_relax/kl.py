@@ -28,7 +28,7 @@ from pyro_relax.distributions.straight_through import (
     _StraightThroughBernoulli,
     _StraightThroughCategorical,
 )
-from pyro_relax.distributions.truncation import truncated_log_probs
+from pyro_relax.distributions.truncation import log_probs_truncated
 
 __all__ = []
 
@@ -81,7 +81,7 @@ def _kl_truncatedgengs_count(p, q):
         raise NotImplementedError(
             "KL to a count distribution needs a GenGS over the default outcomes 0..n-1"
         )
-    return categorical_kl(p.logits, truncated_log_probs(q, p.truncation, p.num_outcomes))
+    return categorical_kl(p.logits, log_probs_truncated(q, p.truncation, p.num_outcomes))
 
 
 for _count in (Poisson, Geometric, NegativeBinomial, Binomial):

@@ -11,6 +11,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
+import scipy.stats
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta, AutoNormal
@@ -521,3 +522,59 @@ def test_schedules_refuse_temperatures_their_dtype_cannot_hold():
         pr.ExponentialDecay(1e5, 0.1, dtype=torch.float16)  # was an infinite temperature
     with pytest.raises(ValueError, match="`step` must be an integer of at least 0"):
         pr.ExponentialDecay(1.0, 0.1).value_at(-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda probs: pr.TruncatedGenGS(0.5, probs=probs),
+        lambda probs: pr.FiniteDiscrete([0.0, 1.0, 2.0], probs=probs),
+    ],
+)
+def test_probabilities_below_epsilon_are_kept_exactly(make):
+    # torch's probs_to_logits clamps at the dtype's epsilon: TruncatedGenGS(probs=[.5, .5, 0])
+    # gave its third outcome 1.2e-7, and the KL to it from a distribution that reaches that
+    # outcome was 4.68 where it is infinite.
+    excluded = make(torch.tensor([0.5, 0.5, 0.0]))
+    assert excluded.logits[-1] == -math.inf
+    uniform = make(torch.full((3,), 1 / 3))
+    assert kl_divergence(uniform, excluded) == math.inf
+    rare = make(torch.tensor([0.5, 0.5 - 1e-10, 1e-10]))
+    assert float(rare.logits[-1].exp()) == pytest.approx(1e-10, rel=1e-4)
+
+
+def test_truncated_log_probs_refuses_a_size_below_the_truncation():
+    # The rows were returned unnormalized (truncation 8, size 5: sums 0.996 and 0.947).
+    base = torch.distributions.Poisson(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="`size` \\(5\\) must be at least the truncation"):
+        truncated_log_probs(base, 8, 5)
+    for truncation in (torch.tensor([3, 30]), torch.tensor([0, 3]), torch.tensor([2.5, 3.0])):
+        with pyro.validation_enabled(True), pytest.raises(ValueError, match="`truncation`"):
+            truncated_log_probs(base, truncation, 10)
+    rows = truncated_log_probs(base, torch.tensor([3, 10]), 10).exp().sum(-1)
+    torch.testing.assert_close(rows, torch.ones(2))
+
+
+def test_automatic_truncation_refuses_a_mass_its_dtype_cannot_resolve():
+    # float32 rate 3, mass 1 - 1e-9: truncation 18, which captures 1 - 2.2e-8, said nothing.
+    with pytest.raises(ValueError, match="closer to 1 than torch.float32 resolves"):
+        pr.GenGSPoisson(torch.tensor(3.0), 0.5, None, mass=1 - 1e-9)
+    d = pr.GenGSPoisson(torch.tensor(3.0, dtype=_f64), 0.5, None, mass=1 - 1e-9)
+    captured = scipy.stats.poisson(3.0).cdf(d.truncation - 2)
+    assert captured >= 1 - 1e-9
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pr.GenGSPoisson(torch.ones(0), 0.5),
+        lambda: pr.GenGSPoisson(torch.ones(0), 0.5, max_truncation=10),
+        lambda: pr.GenGSGeometric(0.5, probs=torch.full((0,), 0.5)),
+        lambda: pr.GenGSBinomial(torch.full((0,), 4.0), 0.5, probs=0.3),
+    ],
+)
+def test_empty_batches_build_and_sample(make):
+    # Automatic truncation and a tensor total_count took the maximum of an empty tensor.
+    d = make()
+    assert d.batch_shape == (0,)
+    assert d.rsample((2,)).shape == (2, 0)

@@ -10,6 +10,7 @@ from pyro_relax._numerics import (
     check_constraint,
     check_devices,
     finite_real,
+    log_of_probs,
     log_weights,
     parse_parameters,
     probability_vector,
@@ -138,8 +139,7 @@ class FiniteDiscrete(TorchDistribution):
             raise ValueError(f"{owner}: `{name}` needs a last dimension of at least 2 outcomes")
         if probs is not None:
             self.probs = (param / param.sum(-1, keepdim=True)).expand(batch_shape + (-1,))
-            logits = self.probs.clamp(min=torch.finfo(param.dtype).tiny).log()
-            self.logits = torch.where(self.probs > 0, logits, -torch.inf)
+            self.logits = log_of_probs(self.probs)
         else:
             self.logits = (param - param.logsumexp(-1, keepdim=True)).expand(batch_shape + (-1,))
         if torch.is_tensor(outcomes):

@@ -9,7 +9,7 @@ from numbers import Real
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Binomial, Categorical, Geometric, NegativeBinomial, Poisson
-from torch.distributions.utils import lazy_property, logits_to_probs, probs_to_logits
+from torch.distributions.utils import lazy_property, logits_to_probs
 
 from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
@@ -24,6 +24,7 @@ from pyro_relax._numerics import (
     finite_positive,
     gumbel_like,
     is_integer,
+    log_of_probs,
     log_weights,
     parse_parameters,
     probability_vector,
@@ -42,8 +43,8 @@ from pyro_relax.distributions.finite_discrete import (
 from pyro_relax.distributions.truncation import (
     automatic_truncation,
     check_base,
+    log_probs_truncated,
     log_survival,
-    truncated_log_probs,
 )
 
 __all__ = [
@@ -253,7 +254,7 @@ class TruncatedGenGS(TorchDistribution):
             # Normalized, as torch's Categorical does: half-precision inputs sum to 1 only
             # within their rounding.
             self.probs = param / param.sum(-1, keepdim=True)
-            logits = probs_to_logits(self.probs)
+            logits = log_of_probs(self.probs)
         elif self._logits_are_normalized:
             logits = param
         else:
@@ -466,7 +467,7 @@ class GenGS(TruncatedGenGS):
         tensor([ 7, 13])
     """
 
-    _logits_are_normalized = True  # truncated_log_probs returns normalized rows
+    _logits_are_normalized = True  # log_probs_truncated returns normalized rows
 
     def __init__(
         self,
@@ -507,7 +508,7 @@ class GenGS(TruncatedGenGS):
         self.tail_tolerance = tail_tolerance
         super().__init__(
             temperature,
-            logits=truncated_log_probs(base_dist, truncation, size),
+            logits=log_probs_truncated(base_dist, truncation, size),
             hard=hard,
             validate_args=validate_args,
         )
@@ -743,7 +744,8 @@ class GenGSBinomial(GenGS):
             # The outcomes run to the largest total count: read on the host, once per
             # construction, after the values are checked (GenGS checks them again, cheaply).
             base = check_base(type(self).__name__, base, validation_enabled(validate_args))[0]
-            truncation = max(int(base.total_count.max()) + 1, 2)
+            counts = base.total_count
+            truncation = max(int(counts.max()) + 1 if counts.numel() else 0, 2)
         super().__init__(
             base,
             temperature,

@@ -24,9 +24,10 @@ from pyro_relax._numerics import (
     log1mexp,
     parse_parameters,
     positive_probability,
+    validation_enabled,
 )
 
-# The public names; check_base and log_survival serve the GenGS classes.
+# The public names; check_base, log_probs_truncated and log_survival serve the GenGS classes.
 __all__ = ["automatic_truncation", "truncated_log_probs"]
 
 # Terms summed explicitly before the geometric bound takes over in the negative binomial tail.
@@ -225,7 +226,8 @@ def _binomial_log_sf(base: Binomial, k, size: int) -> torch.Tensor:
     # Finite support: the tail is an exact finite sum, no complement needed. The host reads
     # the largest total count once, to know how far the sum runs.
     k = _count_tensor(k, _like(base))
-    size = max(size, int(base.total_count.max()) + 1)
+    if base.total_count.numel():
+        size = max(size, int(base.total_count.max()) + 1)
     log_pmf = _binomial_log_pmf(base, _counts(size, k))
     return _at(torch.logcumsumexp(log_pmf.flip(-1), -1).flip(-1), k)
 
@@ -366,6 +368,21 @@ def truncated_log_probs(base: Distribution, truncation, size: int | None = None)
             raise ValueError("`size` is required when `truncation` is a tensor")
         size = truncation
     size = check_count("truncated_log_probs", "size", size, minimum=2)
+    if not torch.is_tensor(truncation) and truncation > size:
+        raise ValueError(
+            f"truncated_log_probs: `size` ({size}) must be at least the truncation ({truncation})"
+        )
+    if torch.is_tensor(truncation) and validation_enabled(None):
+        # Each element's truncation an integer in [2, size] (a host read, under validation).
+        check_constraint(
+            "truncated_log_probs", "truncation", truncation, constraints.integer_interval(2, size)
+        )
+    return log_probs_truncated(base, truncation, size)
+
+
+def log_probs_truncated(base: Distribution, truncation, size: int) -> torch.Tensor:
+    """:func:`truncated_log_probs` of arguments its callers in the library know to be valid (no
+    checks: the GenGS classes call it at every construction, also under torch.func)."""
     family = _family(base)
     log_pmf, log_sf = family.log_pmf, family.log_sf
     k = _counts(size, _like(base))
@@ -428,8 +445,20 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
         max_truncation = check_count(
             "automatic_truncation", "max_truncation", max_truncation, minimum=2
         )
-    log_pmf = _family(base).log_pmf
     like = _like(base).detach()
+    if 1 - mass < 16 * torch.finfo(like.dtype).eps:
+        # The head's cumulative sum cannot tell such a mass from 1 in this dtype: the truncation
+        # would stop short of it without a word.
+        raise ValueError(
+            f"automatic_truncation: `mass` {mass} is closer to 1 than {like.dtype} resolves "
+            f"(at most 1 - {16 * torch.finfo(like.dtype).eps:.2g}); use float64 parameters or "
+            "pass `truncation`"
+        )
+    if base.batch_shape.numel() == 0:  # an empty batch: nothing to capture
+        if max_truncation is None:
+            return 2
+        return torch.full(base.batch_shape, 2, dtype=torch.long, device=like.device)
+    log_pmf = _family(base).log_pmf
     threshold = math.log(mass)
     size = max_truncation if max_truncation is not None else 16
     while True:
