@@ -578,3 +578,10 @@ def test_empty_batches_build_and_sample(make):
     d = make()
     assert d.batch_shape == (0,)
     assert d.rsample((2,)).shape == (2, 0)
+
+
+@pytest.mark.parametrize("name", ["truncation", "max_truncation", "mass"])
+def test_binomial_names_the_truncation_options_it_does_not_take(name):
+    # Was: TypeError "GenGS.__init__() got multiple values for argument 'truncation'".
+    with pytest.raises(TypeError, match=f"GenGSBinomial takes no `{name}`"):
+        pr.GenGSBinomial(5, 0.5, probs=0.3, **{name: 3})

@@ -1,5 +1,6 @@
 """Checks unique to the IGR family: normalization, Proposition 2, priors, SVI, stick-breaking."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -662,3 +663,43 @@ def test_kl_between_different_numbers_of_categories_is_refused():
         for p, q in ((small, large), (large, small)):
             with pytest.raises(ValueError, match="same number of categories"):
                 kl_divergence(p, q)
+
+
+def test_a_value_on_the_boundary_has_density_zero_not_nan():
+    # A stick-breaking sample with dropped sticks (log z = -inf there), scored by IGR-I, gave
+    # NaN (-inf - -inf); its density under IGR-I is 0.
+    torch.manual_seed(0)
+    cut = pr.IGRStickBreaking(torch.zeros(5), torch.ones(5), 0.5, precision=0.5).rsample((4,))
+    assert bool((cut == 0).any(-1).all())  # every draw dropped a stick
+    igr = pr.IGR(torch.zeros(5), torch.ones(5), 0.5)
+    assert bool((igr.log_prob(cut) == -math.inf).all())
+    edge = pr.SoftmaxPlusPlusTransform(0.5)(torch.tensor([0.3, -math.inf, 0.1, 0.2, 0.0]))
+    assert igr.log_prob(edge) == -math.inf
+
+
+def test_planar_log_prob_of_a_drawn_sample_differentiates_the_flows():
+    # `sample` runs without gradients and Pyro's planar layer caches its last output: log_prob
+    # of that sample then had no derivative by the layer's parameters.
+    torch.manual_seed(0)
+    d = pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.5, flows=1)
+    parameters = [p for p in d.flows[0].parameters()]
+    value = d.sample()
+    gradients = torch.autograd.grad(d.log_prob(value), parameters)
+    record = pr.relaxation_of(value)
+    fresh = dataclasses.replace(record, preimage=record.preimage.clone())  # not in the cache
+    expected = torch.autograd.grad(d.log_prob(pr.with_relaxation(value.clone(), fresh)), parameters)
+    for actual, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(actual, reference)
+        assert bool((reference != 0).any())
+
+
+def test_softmax_plus_plus_computes_in_the_dtype_of_its_input():
+    t = pr.SoftmaxPlusPlusTransform(torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0))
+    x = torch.randn(4, 3)
+    z = t(x)
+    assert z.dtype == t.inv(z).dtype == t.log_abs_det_jacobian(x, z).dtype == torch.float32
+
+
+def test_loc_without_coordinates_is_refused():
+    with pytest.raises(ValueError, match="K - 1 >= 1 coordinates"):
+        pr.IGR(torch.zeros(0), torch.ones(0), 0.5)

@@ -729,6 +729,11 @@ class GenGSBinomial(GenGS):
     def __init__(
         self, total_count, temperature, *, probs=None, logits=None, validate_args=None, **kwargs
     ):
+        for name in ("truncation", "max_truncation", "mass"):
+            if name in kwargs:
+                raise TypeError(
+                    f"GenGSBinomial takes no `{name}`: its outcomes are 0..total_count, exactly"
+                )
         base = _count_base(
             Binomial,
             self,

@@ -34,6 +34,7 @@ from pyro_relax._numerics import (
     parse_parameters,
     probability_vector,
     same_values,
+    static_size,
     straight_through,
     validation_enabled,
 )
@@ -184,7 +185,7 @@ class _IGRBase(TransformedDistribution):
         if not (torch.is_tensor(loc) and torch.is_tensor(scale) and known_same_shape(loc, scale)):
             params, _ = parse_parameters(owner, {"loc": loc, "scale": scale}, {}, validate=False)
             loc, scale = torch.broadcast_tensors(params["loc"], params["scale"])
-        if loc.dim() < 1:
+        if loc.dim() < 1 or static_size(loc.shape[-1]) < 1:
             raise ValueError(f"{owner}: `loc` needs a last dimension of K - 1 >= 1 coordinates")
         params = {"loc": loc, "scale": scale, "temperature": temperature, "delta": delta}
         params, batch_shape = parse_parameters(owner, params, self.arg_constraints, validate)
@@ -409,7 +410,12 @@ class IGR(_IGRBase):
             log_z = self.softmax_plus_plus.log_call(y)
         num_free = y.shape[-1]
         log_det = log_z.sum(-1) - num_free * self.temperature.log()
-        return _normal_log_density(y, self.loc, self.scale).sum(-1) - log_det
+        log_density = _normal_log_density(y, self.loc, self.scale).sum(-1) - log_det
+        if carried(value, "source") is None or carried(value, "source")[0] is not IGR:
+            # Another family's value may lie on the boundary (a dropped stick: log z = -inf),
+            # where the density is 0, not -inf - -inf.
+            log_density = log_density.masked_fill(log_z.isneginf().any(-1), -math.inf)
+        return log_density
 
     def _log_prob_of_vertex(self, value):
         if self._validate_args:
@@ -716,6 +722,11 @@ class IGRPlanar(_IGRBase):
         """The flows' output and the sum of their log-Jacobians."""
         x, log_det = y, 0.0
         for flow in self.flows:
+            # A layer caches its last output; one computed without gradients (by `sample`)
+            # would give log_prob no derivative by the layer's parameters.
+            cached = flow._cached_x_y[1] if flow._cache_size else None
+            if cached is not None and torch.is_grad_enabled() and not cached.requires_grad:
+                flow._cached_x_y = None, None
             out = flow(x)
             log_det = log_det + flow.log_abs_det_jacobian(x, out)
             x = out

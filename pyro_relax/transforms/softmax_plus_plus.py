@@ -203,16 +203,16 @@ class SoftmaxPlusPlusTransform(Transform):
         return batch + (shape[-1] - 1,)
 
     def _parameters_like(self, x):
-        # On the value's device: a transform built with Python floats keeps CPU scalars.
-        tau = self.temperature.to(x.device).unsqueeze(-1)
-        return tau, torch.log(self.delta).to(x.device).unsqueeze(-1)
+        # On the value's device and in its dtype (the map computes in the input's dtype): a
+        # transform built with Python floats keeps CPU scalars of the default dtype.
+        tau = self.temperature.to(x.device, x.dtype).unsqueeze(-1)
+        return tau, torch.log(self.delta).to(x.device, x.dtype).unsqueeze(-1)
 
     def simplex_and_log(self, x: torch.Tensor):
         """The forward map :math:`z` and its logarithm :math:`\\log z` (finite wherever
         :math:`x` is), without the carried twin (:meth:`__call__` attaches it)."""
         tau, log_delta = self._parameters_like(x)
         scaled = tempered(x, tau)
-        log_delta = log_delta.to(scaled.dtype)
         shape = broadcast_shapes(scaled.shape[:-1], log_delta.shape[:-1])
         logits = torch.cat(
             [scaled.expand(shape + x.shape[-1:]), log_delta.expand(shape + (1,))], -1
@@ -240,4 +240,5 @@ class SoftmaxPlusPlusTransform(Transform):
     def log_abs_det_jacobian(self, x, y):
         # From x, not y: log z is finite even where z underflowed.
         num_free = x.shape[-1]
-        return self.log_call(x).sum(-1) - num_free * torch.log(self.temperature.to(x.device))
+        log_tau = torch.log(self.temperature.to(x.device, x.dtype))
+        return self.log_call(x).sum(-1) - num_free * log_tau
