@@ -585,3 +585,23 @@ def test_binomial_names_the_truncation_options_it_does_not_take(name):
     # Was: TypeError "GenGS.__init__() got multiple values for argument 'truncation'".
     with pytest.raises(TypeError, match=f"GenGSBinomial takes no `{name}`"):
         pr.GenGSBinomial(5, 0.5, probs=0.3, **{name: 3})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dtype: torch.distributions.Geometric(probs=torch.tensor(0.3, dtype=dtype)),
+        lambda dtype: torch.distributions.NegativeBinomial(
+            2.0, logits=torch.tensor(0.3, dtype=dtype)
+        ),
+        lambda dtype: torch.distributions.Binomial(4, probs=torch.tensor(0.3, dtype=dtype)),
+    ],
+)
+def test_a_half_precision_base_used_before_is_wrapped(make):
+    # A base whose other parameterization torch had computed on first use (`.logits` after
+    # `probs=`) was rebuilt in float32 with both: "Either probs or logits must be specified,
+    # but not both", though the user passed one.
+    fresh = pr.GenGS(make(torch.float32), 0.5, 30).logits
+    used = make(torch.bfloat16)
+    assert used.probs.dtype == used.logits.dtype == torch.bfloat16  # both computed now
+    torch.testing.assert_close(pr.GenGS(used, 0.5, 30).logits, fresh, rtol=1e-2, atol=1e-2)

@@ -308,6 +308,12 @@ def check_base(owner: str, base: Distribution, validate: bool, **others):
     """
     family = _family(base)
     held = {name: base.__dict__[name] for name in family.constraints if name in base.__dict__}
+    if "probs" in held and "logits" in held:
+        # One was given, the other computed on first use (torch's lazy property, stored after
+        # __init__): keep the given one, the first in the instance's dict, or a rebuilt base
+        # would get both.
+        given = next(name for name in base.__dict__ if name in ("probs", "logits"))
+        del held["logits" if given == "probs" else "probs"]
     parsed, _ = parse_parameters(owner, {**held, **others}, {}, validate=False)
     if validate:
         for name in held:
