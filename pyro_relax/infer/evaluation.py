@@ -8,6 +8,8 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_relax._numerics import check_count
@@ -74,7 +76,9 @@ def discrete_elbo(
         \mathrm{ELBO} = \mathbb{E}_{q(z)}\big[\log p(x, z) - \log q(z)\big]
         \approx \frac{1}{S} \sum_{s=1}^S \log \frac{p(x, z^{(s)})}{q(z^{(s)})},
 
-    with standard error :math:`\hat\sigma / \sqrt{S}`. It is the ELBO of the whole call
+    with standard error :math:`\hat\sigma / \sqrt{S}`; where a plate draws a random
+    subsample, the particles of one vectorized pass share it, and the standard error is that of
+    the mean over passes (``NaN`` for a single pass). It is the ELBO of the whole call
     (summed over the data the model sees, with subsampling scales applied as ``Trace_ELBO``
     applies them): divide by the number of items for a per-item figure. No gradient is
     recorded. Draws come from Pyro's random state (seed it with ``pyro.set_rng_seed``).
@@ -113,12 +117,23 @@ def discrete_elbo(
         True
     """
     num_samples = check_count(None, "num_samples", num_samples, minimum=2)
-    log_weights, _ = _log_weights(
+    weights = _log_weights(
         model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize_particles,
         chunk_size, data_plate=None, scaled=True,
     )  # fmt: skip
-    totals = log_weights.sum(-1)
-    return Estimate(float(totals.mean()), float(totals.std() / math.sqrt(num_samples)), num_samples)
+    totals = weights.log_weights.sum(-1)
+    value = float(totals.mean())
+    if not weights.subsampled or not vectorize_particles:
+        return Estimate(value, float(totals.std() / math.sqrt(num_samples)), num_samples)
+    # The particles of one vectorized pass share the plate's subsample: they are not
+    # independent, the passes are. The standard error of the mean over passes (NaN for one).
+    means = torch.stack([chunk.mean() for chunk in totals.split(weights.chunk_size)])
+    sizes = torch.tensor([len(chunk) for chunk in totals.split(weights.chunk_size)])
+    share = sizes.double() / num_samples
+    if len(means) < 2:
+        return Estimate(value, math.nan, num_samples)
+    variance = (share * (means - value).square()).sum() / (1 - share.square().sum())
+    return Estimate(value, float((share.square().sum() * variance).sqrt()), num_samples)
 
 
 def discrete_log_likelihood(
@@ -148,7 +163,8 @@ def discrete_log_likelihood(
     is at least the ELBO and reaches :math:`\log p(x)` when the guide is the posterior. The
     standard error is that of the delta method, :math:`\hat\sigma_w / (\sqrt{K}\, \bar w)`
     per item (summed in quadrature); it is unreliable when a few weights dominate. A
-    subsampled data plate scales the per-item bounds by its scale. No gradient is recorded.
+    subsampled data plate scales the per-item bounds by its scale; a random subsample is drawn
+    once and every particle scores the same items. No gradient is recorded.
 
     Extra keyword arguments go to the model and guide; the options below take their names.
 
@@ -191,10 +207,11 @@ def discrete_log_likelihood(
     num_particles = check_count(None, "num_particles", num_particles)
     if data_plate is not None and not isinstance(data_plate, str):
         raise TypeError(f"`data_plate` must be the name of a plate, got {data_plate!r}")
-    log_weights, scale = _log_weights(
+    weights = _log_weights(
         model, guide, args, kwargs, num_particles, max_plate_nesting, vectorize_particles,
         chunk_size, data_plate=data_plate, scaled=False,
     )  # fmt: skip
+    log_weights, scale = weights.log_weights, weights.scale
     bounds = log_weights.logsumexp(0) - math.log(num_particles)
     weights = (log_weights - log_weights.max(0).values).exp()
     if num_particles > 1:
@@ -208,20 +225,36 @@ def discrete_log_likelihood(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Weights:
+    """What :func:`_log_weights` returns."""
+
+    log_weights: torch.Tensor  # (particles, items), float64
+    scale: float  # the scale of every site (1 when the log-probabilities came scaled)
+    subsampled: bool  # a plate drew a subsample
+    chunk_size: int  # particles per pass (1 unvectorized)
+
+
 @torch.no_grad()
 def _log_weights(
     model, guide, args, kwargs, total, nesting, vectorize, chunk_size, data_plate, scaled
-):
+) -> _Weights:
     """The log importance weights :math:`\\log p(x, z) - \\log q(z)` of ``total`` discrete
     particles, shape ``(total, items)`` (one item without ``data_plate``), in float64, and the
     scale that multiplies every site (1 when ``scaled``: the log-probabilities are then scaled
-    as Pyro's ELBOs scale them)."""
+    as Pyro's ELBOs scale them). With ``data_plate``, every pass replays the subsample the
+    first drew: the per-item bound pools the particles of one item, not of whichever item each
+    pass drew."""
     chunk_size = check_count(None, "chunk_size", chunk_size)
     model, guide = discretize(model), discretize(guide)
     if nesting is None:
         nesting = _plate_nesting(model, guide, args, kwargs)
     else:
         nesting = check_count(None, "max_plate_nesting", nesting, minimum=0)
+    # The plates' subsamples, from one run of the guide (get_importance_trace drops them); the
+    # run leaves the CPU's random stream as it found it, so seeded estimates keep their draws.
+    with poutine.block(), torch.random.fork_rng(devices=[]):
+        subsamples = _subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
     chunks, scales = [], set()
     done = 0
     while done < total:
@@ -231,6 +264,8 @@ def _log_weights(
             if vectorize
             else (model, guide)
         )
+        if data_plate is not None:
+            traced_guide = poutine.replay(traced_guide, trace=subsamples)
         try:
             model_trace, guide_trace = get_importance_trace(
                 "flat", nesting + 1, traced_model, traced_guide, args, kwargs
@@ -248,8 +283,8 @@ def _log_weights(
         weights = 0.0
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for site in trace.nodes.values():
-                if site["type"] != "sample":
-                    continue
+                if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                    continue  # a deterministic site has no log-probability and no scale
                 terms, scale = _site_terms(site, nesting, data_plate, scaled)
                 scales.add(scale)
                 weights = weights + sign * terms
@@ -267,7 +302,17 @@ def _log_weights(
             f"the sites are scaled by {scale} (a subsampled plate?): pass `data_plate`, the "
             "name of the plate over the independent items, for a per-item bound"
         )
-    return torch.cat(chunks), scale
+    subsampled = any(len(site["value"]) < site["fn"].size for site in subsamples.nodes.values())
+    return _Weights(torch.cat(chunks), scale, subsampled, chunk_size if vectorize else 1)
+
+
+def _subsample_sites(trace) -> Trace:
+    """The sites of ``trace`` where a plate drew its indices (the particle plate excepted)."""
+    sites = Trace()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and isinstance(site["fn"], _Subsample) and name != _PARTICLES:
+            sites.add_node(name, **site)
+    return sites
 
 
 def _site_terms(site, nesting: int, data_plate, scaled: bool):
@@ -285,12 +330,15 @@ def _site_terms(site, nesting: int, data_plate, scaled: bool):
         return log_prob.reshape(log_prob.shape[0], -1).sum(-1, keepdim=True), scale
     frames = [frame for frame in site["cond_indep_stack"] if frame.name == data_plate]
     if not frames:
-        if site["infer"].get("_deterministic"):
-            return log_prob.new_zeros(1, 1), scale
         raise ValueError(
             f"site {site['name']!r} is not inside the plate {data_plate!r}: the per-item bound "
             "needs every sample site inside it (a global latent couples the items; leave "
             "`data_plate` out for the bound over the whole call)"
+        )
+    if frames[0].dim is None:
+        raise ValueError(
+            f"`data_plate` {data_plate!r} is a sequential plate (iterated with `for`): the "
+            "per-item bound needs a vectorized plate (`with pyro.plate(...)`)"
         )
     items = log_prob.movedim(nesting + 1 + frames[0].dim, 1)
     return items.reshape(items.shape[0], items.shape[1], -1).sum(-1), scale
