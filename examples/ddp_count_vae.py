@@ -45,6 +45,7 @@ from pyro.infer import TraceMeanField_ELBO
 from pyro.nn import PyroModule
 from torch.nn.parallel import DistributedDataParallel
 
+from pyro_relax._cli import integer_at_least, positive_float, positive_int, seed
 from pyro_relax.experiments.data import batches, load_mnist
 from pyro_relax.experiments.image_vae import layer_sizes, mlp
 from pyro_relax.experiments.vae import PRIORS
@@ -141,6 +142,11 @@ def load_images(args) -> torch.Tensor:
 def global_batches(images, args, dtype, device):
     """The global batches of ``args.steps`` steps, the same sequence on every rank: shuffled and
     binarized by a generator seeded with ``args.seed``, epoch after epoch."""
+    if len(images) < args.batch_size:
+        raise ValueError(
+            f"--batch-size {args.batch_size} is larger than the {len(images)} images: no full "
+            "batch to train on"
+        )
     generator = torch.Generator().manual_seed(args.seed)
     produced = 0
     while produced < args.steps:
@@ -253,18 +259,30 @@ def add_arguments(parser) -> None:
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-dir", help="directory of MNIST's four gzipped IDX files")
     data.add_argument("--synthetic", action="store_true", help="random binary images instead")
-    parser.add_argument("--synthetic-images", type=int, default=10_000, help="default 10000")
-    parser.add_argument("--pixels", type=int, default=784, help="synthetic pixels (default 784)")
+    parser.add_argument(
+        "--synthetic-images", type=positive_int, default=10_000, help="default 10000"
+    )
+    parser.add_argument(
+        "--pixels", type=positive_int, default=784, help="synthetic pixels (default 784)"
+    )
     parser.add_argument("--prior", choices=list(PRIORS), default="Pois(2)")
-    parser.add_argument("--latents", type=int, default=32, help="count latents (default 32)")
+    parser.add_argument(
+        "--latents", type=positive_int, default=32, help="count latents (default 32)"
+    )
     parser.add_argument("--hidden", type=layer_sizes, default=(512, 256), help="default 512,256")
-    parser.add_argument("--temperature", type=float, default=0.5, help="default 0.5")
+    parser.add_argument("--temperature", type=positive_float, default=0.5, help="default 0.5")
     parser.add_argument("--binarization", choices=["dynamic", "fixed"], default="dynamic")
-    parser.add_argument("--batch-size", type=int, default=100, help="global batch (default 100)")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=50, help="0: no log (default 50)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=100, help="global batch (default 100)"
+    )
+    parser.add_argument(
+        "--steps", type=integer_at_least(0), default=600, help="optimizer steps (default 600)"
+    )
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate")
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument(
+        "--log-every", type=integer_at_least(0), default=50, help="0: no log (default 50)"
+    )
 
 
 def parse_args(argv=None):
@@ -276,7 +294,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", type=Path, help="save parameters and gradients here")
     parser.add_argument(
         "--reference",
-        type=int,
+        type=positive_int,
         metavar="WORLD_SIZE",
         help="no DDP: compute in one process, on the CPU, what WORLD_SIZE ranks would",
     )

@@ -4,7 +4,7 @@ import argparse
 import shlex
 import sys
 
-from pyro_relax._cli import positive_int
+from pyro_relax._cli import device, positive_int, seed
 from pyro_relax.demo import DemoConfig, MissingDependencyError, run_demo
 
 __all__ = ["build_parser", "main"]
@@ -38,7 +38,7 @@ def _add_demo(subparsers) -> None:
     parser.add_argument(
         "--epochs", type=positive_int, default=DemoConfig.epochs, help="training epochs"
     )
-    parser.add_argument("--seed", type=int, default=DemoConfig.seed, help="random seed")
+    parser.add_argument("--seed", type=seed, default=DemoConfig.seed, help="random seed")
     parser.add_argument(
         "--output", default="demo_elbo.png", help="PNG file for the training curves"
     )
@@ -63,7 +63,7 @@ def _add_experiments(subparsers, argv) -> None:
         sub = names.add_parser(name, help=summary, description=summary)
         if name != chosen:
             continue
-        sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sub.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
         sub.add_argument(
             "--smoke", action="store_true", help="tiny settings that run in seconds (CI)"
         )
@@ -73,7 +73,7 @@ def _add_experiments(subparsers, argv) -> None:
             help=f"directory for results (default: {_DEFAULT_RESULTS}; the repository's "
             "committed results are updated with --results results)",
         )
-        sub.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        sub.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
         module = experiments.load(name)
         sub.description = module.DESCRIPTION
         module.add_arguments(sub)

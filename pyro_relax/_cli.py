@@ -4,7 +4,7 @@ value gives argparse's one-line usage error instead of a traceback later."""
 import argparse
 import math
 
-__all__ = ["integer_at_least", "positive_float", "positive_int"]
+__all__ = ["device", "fraction", "integer_at_least", "positive_float", "positive_int", "seed"]
 
 
 def integer_at_least(minimum: int):
@@ -37,3 +37,43 @@ def positive_float(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
     return value
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed NumPy accepts, an integer in [0, 2**32)."""
+    value = integer_at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    value = positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``...)."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"is not a torch device, got {text!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text}: torch {torch.__version__} sees no CUDA device on this machine"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif parsed.type not in ("cpu", "meta"):
+        backend = getattr(torch, parsed.type, None)
+        if backend is None or not backend.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: not available on this machine")
+    return text

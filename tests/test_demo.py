@@ -49,3 +49,31 @@ def test_demo_without_optional_dependencies(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # makes the import machinery find none
     assert cli.main(["demo", "--smoke"]) == 1
     assert 'pip install "pyro-relax[demo]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--seed", "-1"], "at least 0"),
+        (["demo", "--seed", str(2**32)], "below 2**32"),
+        (["experiment", "synthetic", "--seed", "-1"], "at least 0"),
+        (["experiment", "synthetic", "--device", "nonsense"], "is not a torch device"),
+    ],
+)
+def test_seeds_and_devices_are_checked_where_they_are_parsed(argv, message, capsys):
+    # A seed NumPy refuses (pyro.set_rng_seed seeds NumPy too) and a device torch does not know
+    # were tracebacks after the data had loaded; now argparse's usage error.
+    with pytest.raises(SystemExit):
+        cli.build_parser(argv).parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_a_cuda_device_without_cuda_is_a_usage_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["experiment", "synthetic", "--device", "cuda"]
+    with pytest.raises(SystemExit):
+        cli.build_parser(argv).parse_args(argv)
+    assert "sees no CUDA device" in capsys.readouterr().err

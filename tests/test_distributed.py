@@ -138,3 +138,13 @@ def test_lightning_one_device_trains(examples, tmp_path):
     # The loss per image falls: 46.1 nats over the first five steps, 41.2 over the last five.
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 1.0, losses
+
+
+def test_fewer_images_than_a_batch_is_refused_not_a_hang(examples):
+    # The batch loop waited forever for a full batch that fewer images than one cannot give.
+    ddp = examples("ddp_count_vae")
+    args = ddp.parse_args(["--synthetic", "--batch-size", "100", "--steps", "3"])
+    with pytest.raises(ValueError, match="larger than the 50 images"):
+        next(ddp.global_batches(torch.zeros(50, 4), args, torch.float32, "cpu"))
+    with pytest.raises(SystemExit):
+        ddp.parse_args(["--steps", "-1"])

@@ -338,3 +338,21 @@ def test_a_damaged_corpus_file_is_one_clear_line(tmp_path, capsys, content):
     assert cli.main(argv) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and str(path) in error and "write it again" in error
+
+
+@pytest.mark.parametrize("content", [None, "the and of\nis it\n"], ids=["empty", "stop-words"])
+def test_a_corpus_without_words_is_one_clear_line(tmp_path, content):
+    # scikit-learn's "empty vocabulary" ValueError reached the user as a traceback.
+    path = tmp_path / "docs"
+    path.mkdir()
+    if content is not None:
+        (path / "a.txt").write_text(content)
+    with pytest.raises(common.CorruptFileError, match=str(path)):
+        topic.load_corpus(path)
+
+
+def test_the_test_fraction_lies_between_zero_and_one(capsys):
+    argv = ["experiment", "topic", "--test-fraction", "5"]
+    with pytest.raises(SystemExit):
+        cli.build_parser(argv).parse_args(argv)
+    assert "strictly between 0 and 1" in capsys.readouterr().err

@@ -136,6 +136,44 @@ def _checkpoints(results):
     return sorted((results / "checkpoints").glob("*.pt"))
 
 
+def test_a_rerun_after_an_interruption_does_not_train_finished_runs_again(tmp_path, monkeypatch):
+    # The finished run's checkpoint was removed as soon as its record was merged, so running
+    # the interrupted command again trained it from scratch (hours for MNIST runs). It now
+    # keeps its record until the whole command ends.
+    options = ["--prior", "Pois(2)", "--estimator", "GenGS", "REINFORCE", "--epochs", "2"]
+    epochs = []
+
+    def interrupt_the_second_run(epoch):
+        epochs.append(epoch)
+        if len(epochs) == 3:  # the second run's first epoch
+            raise _Interrupt
+
+    monkeypatch.setattr(vae, "_after_epoch", interrupt_the_second_run)
+    with pytest.raises(_Interrupt):
+        _smoke(tmp_path, *options)
+    assert len(_checkpoints(tmp_path)) == 2  # the finished run's record, the other's state
+    epochs.clear()
+    monkeypatch.setattr(vae, "_after_epoch", epochs.append)
+    _smoke(tmp_path, *options)
+    assert epochs == [2]  # only the interrupted run's last epoch trains
+    assert not _checkpoints(tmp_path)
+    records = json.loads((tmp_path / "gengs_vae.json").read_text())
+    assert sorted(r["estimator"] for r in records) == ["GenGS", "REINFORCE"]
+
+
+def test_a_batch_larger_than_the_training_set_is_one_clear_line(tmp_path, capsys):
+    # Was a ZeroDivisionError traceback (no full batch: zero steps per epoch).
+    argv = ["experiment", "vae", "--smoke", "--results", str(tmp_path), "--batch-size", "2000"]
+    assert main([*argv, "--prior", "Pois(2)", "--estimator", "GenGS"]) == 1
+    assert "--batch-size 2000 is larger than the 1500 training images" in capsys.readouterr().err
+
+
+def test_reinforce_kl_is_left_out_for_the_negative_binomials_under_prior_all():
+    argv = ["experiment", "vae", "--prior", "all", "--estimator", "REINFORCE-KL"]
+    pairs = vae._pairs(build_parser(argv).parse_args(argv))
+    assert pairs and all(prior.startswith(("Pois", "Geom")) for prior, _ in pairs)
+
+
 def test_runs_of_other_settings_keep_their_own_checkpoints_and_records(tmp_path, monkeypatch):
     # A run interrupted with one learning rate, a run with another (as if concurrent), then
     # the first resumed: neither touches the other's checkpoint, and both records are kept.

@@ -768,6 +768,7 @@ def run(args) -> int:
         dict.fromkeys(args.loop),
         image_vae.expand(args.estimator, ESTIMATORS),
     )
+    finished = []
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
         for temperature, loop, estimator in runs:
             settings = _settings(args, data, estimator, temperature, loop)
@@ -776,11 +777,15 @@ def run(args) -> int:
             record["command"] = args.command_line
             record["smoke"] = bool(args.smoke)
             merged = common.update_records(path, [record], _record_settings)
-            checkpoint.remove()  # only now: until the merge, it holds the finished record
+            finished.append(checkpoint)
             write_reports(results, merged)
             print(
                 f"{record['dataset']} {estimator} tau {temperature} {loop} seed {args.seed}: "
                 f"negative ELBO train {record['train_neg_elbo']:.2f}, test "
                 f"{record['test_neg_elbo']:.2f} ({record['seconds']:.0f} s)"
             )
+    # Only now: until the whole command ends, a finished run's checkpoint holds its record,
+    # so that the command run again after an interruption does not train it again.
+    for checkpoint in finished:
+        checkpoint.remove()
     return 0

@@ -168,5 +168,10 @@ def steps_per_epoch(args, data, pick) -> int:
     """The batches each epoch trains on: every full batch of the training set, or fewer with
     ``--steps-per-epoch`` (a cap above that changes nothing, so names the same run)."""
     full_steps = len(data.train_images) // args.batch_size
+    if full_steps == 0:
+        raise common.ExperimentError(
+            f"--batch-size {args.batch_size} is larger than the {len(data.train_images)} "
+            "training images: no full batch to train on"
+        )
     cap = pick(args.steps_per_epoch, "steps_per_epoch", None)
     return min(full_steps, cap or full_steps)

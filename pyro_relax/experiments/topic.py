@@ -68,7 +68,7 @@ from pyro.infer import SVI, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 from torch import nn
 
-from pyro_relax._cli import integer_at_least, positive_float, positive_int
+from pyro_relax._cli import fraction, integer_at_least, positive_float, positive_int
 from pyro_relax.distributions import GenGSPoisson
 from pyro_relax.experiments import common
 from pyro_relax.infer import discrete_elbo, discrete_log_likelihood
@@ -452,7 +452,17 @@ def _tokenize(path: Path, vocab_size: int):
         token_pattern=r"(?u)\b[^\W\d_]{2,}\b",
         max_features=vocab_size,
     )
-    counts = vectorizer.fit_transform(documents).toarray().astype(float)
+    if not documents:
+        raise common.CorruptFileError(
+            f"{path}: no documents (a directory of .txt files or a text file)"
+        )
+    try:
+        counts = vectorizer.fit_transform(documents).toarray().astype(float)
+    except ValueError as error:  # scikit-learn's "empty vocabulary"
+        raise common.CorruptFileError(
+            f"{path}: no word to count ({error}); the documents hold only stop words, numbers "
+            "or one-letter tokens"
+        ) from None
     return counts, vectorizer.get_feature_names_out().tolist()
 
 
@@ -800,7 +810,7 @@ def add_arguments(parser) -> None:
         "--vocab-size", type=positive_int, default=2000, help="words kept from text"
     )
     parser.add_argument(
-        "--test-fraction", type=positive_float, default=0.2, help="held-out documents of --corpus"
+        "--test-fraction", type=fraction, default=0.2, help="held-out documents of --corpus"
     )
     parser.add_argument(
         "--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS), metavar="NAME"

@@ -787,7 +787,7 @@ def _pairs(args) -> list:
     for prior in image_vae.expand(args.prior, PRIORS):
         for estimator in image_vae.expand(args.estimator, ESTIMATORS):
             if estimator == "REINFORCE-KL" and PRIORS[prior].family == "negative_binomial":
-                if "all" not in args.estimator:
+                if "all" not in args.estimator and "all" not in args.prior:
                     raise common.ExperimentError(
                         f"REINFORCE-KL cannot run with {prior}: torch has no closed-form KL "
                         "between Negative Binomials"
@@ -804,6 +804,7 @@ def run(args) -> int:
     common.read_records(path)  # a damaged results file stops the run before it trains
     pairs = _pairs(args)
     data = load_dataset("digits" if args.smoke else args.dataset, args.data_dir)
+    finished = []
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
         for prior, estimator in pairs:
             settings = _settings(args, data, prior, estimator)
@@ -812,11 +813,15 @@ def run(args) -> int:
             record["command"] = args.command_line
             record["smoke"] = bool(args.smoke)
             merged = common.update_records(path, [record], _record_settings)
-            checkpoint.remove()  # only now: until the merge, it holds the finished record
+            finished.append(checkpoint)
             write_reports(results, merged)
             print(
                 f"{record['dataset']} {prior} {estimator} seed {args.seed}: negative "
                 f"ELBO train {record['train_neg_elbo']:.2f}, test "
                 f"{record['test_neg_elbo']:.2f} ({record['seconds']:.0f} s)"
             )
+    # Only now: until the whole command ends, a finished run's checkpoint holds its record,
+    # so that the command run again after an interruption does not train it again.
+    for checkpoint in finished:
+        checkpoint.remove()
     return 0
