@@ -191,3 +191,16 @@ def test_bad_numbers_are_usage_errors(option, capsys):
         cli.main(["experiment", "neyman", *option])
     assert exit_info.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+def test_options_given_with_smoke_are_used():
+    # --smoke replaced the whole config and fixed the gradient draws at 4.
+    def parse(*options):
+        argv = ["experiment", "neyman", *options]
+        return cli.build_parser(argv).parse_args(argv)
+
+    args = parse("--smoke", "--steps", "9", "--people", "500", "--gradient-draws", "7")
+    config = neyman._config(args)
+    assert (config.steps, config.people, config.hidden) == (9, 500, neyman.SMOKE_CONFIG.hidden)
+    assert args.gradient_draws == 7
+    assert neyman._config(parse()) == neyman.NeymanConfig()

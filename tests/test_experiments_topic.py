@@ -356,3 +356,16 @@ def test_the_test_fraction_lies_between_zero_and_one(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser(argv).parse_args(argv)
     assert "strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_options_given_with_smoke_are_used():
+    # --smoke replaced the whole config: --epochs 3 --truncation 20 ran 2 epochs over 12 outcomes.
+    def config(*options):
+        argv = ["experiment", "topic", *options]
+        return topic._config(cli.build_parser(argv).parse_args(argv))
+
+    given = config("--smoke", "--epochs", "3", "--truncation", "20", "--layers", "4", "2")
+    assert (given.epochs, given.truncation, given.layers) == (3, 20, (4, 2))
+    assert given.hidden == topic.SMOKE_CONFIG.hidden
+    assert config("--smoke") == dataclasses.replace(topic.SMOKE_CONFIG, seed=0)
+    assert config() == topic.TopicConfig()

@@ -2,6 +2,7 @@
 checkpoints, results merged atomically, and the errors a user can fix."""
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -46,6 +47,15 @@ class ExperimentError(Exception):
 class CorruptFileError(ExperimentError, ValueError):
     """A file that an experiment reads is damaged: a results file, a checkpoint or data (a
     ``ValueError`` too, as any malformed input)."""
+
+
+def given_options(base, args, fields: dict):
+    """``base`` (the full or the ``--smoke`` config, a dataclass) with the seed and every option
+    given on the command line: ``fields`` maps a config field to its option's attribute, whose
+    default is ``None`` (so that an option given with ``--smoke`` is used, not dropped)."""
+    given = {field: getattr(args, name) for field, name in fields.items()}
+    given = {field: value for field, value in given.items() if value is not None}
+    return dataclasses.replace(base, seed=args.seed, **given)
 
 
 def describe(error: BaseException) -> str:

@@ -1151,21 +1151,25 @@ def add_arguments(parser) -> None:
         metavar="NAME",
         help=f"estimators to train, from {', '.join(ESTIMATORS)} (default: all)",
     )
+
+    # Defaults None: an option given with --smoke is used (the help gives both defaults).
+    def default(name):
+        return f"default {getattr(defaults, name)}; --smoke {getattr(SMOKE_CONFIG, name)}"
+
     parser.add_argument(
-        "--steps", type=positive_int, default=defaults.steps, help="full-batch Adam steps"
+        "--steps", type=positive_int, help=f"full-batch Adam steps ({default('steps')})"
     )
-    parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate)
+    parser.add_argument("--lr", type=positive_float, help=default("learning_rate"))
     parser.add_argument(
-        "--truncation", type=integer_at_least(2), default=defaults.truncation, help="outcomes n"
+        "--truncation", type=integer_at_least(2), help=f"outcomes n ({default('truncation')})"
     )
     parser.add_argument(
-        "--hidden", type=positive_int, default=defaults.hidden, help="guide network width"
+        "--hidden", type=positive_int, help=f"guide network width ({default('hidden')})"
     )
     parser.add_argument(
         "--people",
         type=integer_at_least(2),
-        default=None,
-        help="use this many people (default: all 20,190)",
+        help="use this many people (default: all 20,190; --smoke 300)",
     )
     parser.add_argument(
         "--gradient-points",
@@ -1187,8 +1191,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--gradient-draws",
         type=integer_at_least(2),
-        default=1000,
-        help="gradient estimates per setting (default 1000)",
+        help="gradient estimates per setting (default 1000; --smoke 4)",
     )
     parser.add_argument(
         "--gradient-people",
@@ -1205,16 +1208,9 @@ def add_arguments(parser) -> None:
 
 
 def _config(args) -> NeymanConfig:
-    if args.smoke:
-        return dataclasses.replace(SMOKE_CONFIG, seed=args.seed)
-    return NeymanConfig(
-        steps=args.steps,
-        truncation=args.truncation,
-        hidden=args.hidden,
-        learning_rate=args.lr,
-        people=args.people,
-        seed=args.seed,
-    )
+    fields = {"steps": "steps", "truncation": "truncation", "hidden": "hidden"}
+    fields.update(learning_rate="lr", people="people")
+    return common.given_options(SMOKE_CONFIG if args.smoke else NeymanConfig(), args, fields)
 
 
 def run(args) -> int:
@@ -1264,7 +1260,7 @@ def _run(args) -> int:
             records.append(_glm_record(data, config))
         else:
             trained(estimator)
-    draws = 4 if args.smoke else args.gradient_draws
+    draws = args.gradient_draws or (4 if args.smoke else 1000)
     people = min(args.gradient_people, len(data.y_train))
     for point in args.gradient_points if draws else []:
         if point == "start":

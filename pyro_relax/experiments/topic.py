@@ -815,23 +815,27 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS), metavar="NAME"
     )
-    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    # Defaults None: an option given with --smoke is used (the help gives both defaults).
+    smoke = SMOKE_CONFIG
+
+    def default(name, value=None):
+        value = getattr(defaults, name) if value is None else value
+        return f"default {value}; --smoke {getattr(smoke, name)}"
+
+    parser.add_argument("--epochs", type=positive_int, help=default("epochs"))
     parser.add_argument(
         "--layers",
         type=positive_int,
         nargs="+",
-        default=list(defaults.layers),
-        help="sizes, bottom first",
+        help=f"sizes, bottom first ({default('layers')})",
     )
+    parser.add_argument("--hidden", type=positive_int, help=f"encoder width ({default('hidden')})")
+    parser.add_argument("--batch-size", type=positive_int, help=default("batch_size"))
+    parser.add_argument("--lr", type=positive_float, help=default("learning_rate"))
     parser.add_argument(
-        "--hidden", type=positive_int, default=defaults.hidden, help="encoder width"
+        "--truncation", type=integer_at_least(2), help=f"GenGS outcomes ({default('truncation')})"
     )
-    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate)
-    parser.add_argument(
-        "--truncation", type=integer_at_least(2), default=defaults.truncation, help="GenGS outcomes"
-    )
-    parser.add_argument("--eval-samples", type=positive_int, default=defaults.eval_samples)
+    parser.add_argument("--eval-samples", type=positive_int, help=default("eval_samples"))
     parser.add_argument(
         "--threads",
         type=positive_int,
@@ -841,18 +845,19 @@ def add_arguments(parser) -> None:
 
 
 def _config(args) -> TopicConfig:
-    if args.smoke:
-        return dataclasses.replace(SMOKE_CONFIG, seed=args.seed)
-    return TopicConfig(
-        layers=tuple(args.layers),
-        hidden=args.hidden,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        truncation=args.truncation,
-        eval_samples=args.eval_samples,
-        seed=args.seed,
+    config = common.given_options(
+        SMOKE_CONFIG if args.smoke else TopicConfig(),
+        args,
+        {
+            "hidden": "hidden",
+            "epochs": "epochs",
+            "batch_size": "batch_size",
+            "learning_rate": "lr",
+            "truncation": "truncation",
+            "eval_samples": "eval_samples",
+        },
     )
+    return config if args.layers is None else dataclasses.replace(config, layers=tuple(args.layers))
 
 
 def _corpus(args) -> Corpus:
