@@ -3,6 +3,7 @@
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from pyro_relax._cli import device, positive_int, seed
 from pyro_relax.demo import DemoConfig, MissingDependencyError, run_demo
@@ -17,6 +18,15 @@ _DEFAULT_RESULTS = "pyro-relax-results"
 
 
 def _run_demo(args) -> int:
+    output = Path(args.output)
+    if output.suffix.lower() != ".png" or not output.parent.is_dir():
+        # Checked before training: the plot is written at the end.
+        print(
+            f"pyro-relax demo: --output {args.output}: must be a .png file in an existing "
+            "directory",
+            file=sys.stderr,
+        )
+        return 1
     settings = _SMOKE if args.smoke else {"epochs": args.epochs}
     try:
         run_demo(DemoConfig(seed=args.seed, **settings), args.output)
@@ -86,6 +96,9 @@ def _run_experiment(args) -> int:
     from pyro_relax.experiments.common import ExperimentError
 
     try:
+        if Path(args.results).exists() and not Path(args.results).is_dir():
+            # Checked before training: results are written after the first run.
+            raise ExperimentError(f"--results {args.results}: not a directory")
         return args.run_experiment(args)
     except ExperimentError as error:
         print(f"pyro-relax experiment {args.experiment}: {error}", file=sys.stderr)

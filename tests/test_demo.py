@@ -77,3 +77,15 @@ def test_a_cuda_device_without_cuda_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser(argv).parse_args(argv)
     assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_training(tmp_path, capsys):
+    # They failed only when the plot or the first results were written, after the training.
+    assert cli.main(["demo", "--smoke", "--output", str(tmp_path / "missing" / "x.png")]) == 1
+    assert cli.main(["demo", "--smoke", "--output", str(tmp_path / "x.txt")]) == 1
+    assert capsys.readouterr().err.count("must be a .png file in an existing directory") == 2
+    results = tmp_path / "a_file"
+    results.write_text("")
+    argv = ["experiment", "synthetic", "--smoke", "--results", str(results)]
+    assert cli.main(argv) == 1
+    assert "not a directory" in capsys.readouterr().err
