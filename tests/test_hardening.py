@@ -605,3 +605,15 @@ def test_a_half_precision_base_used_before_is_wrapped(make):
     used = make(torch.bfloat16)
     assert used.probs.dtype == used.logits.dtype == torch.bfloat16  # both computed now
     torch.testing.assert_close(pr.GenGS(used, 0.5, 30).logits, fresh, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("truncation", [{"truncation": 12}, {"max_truncation": 12}])
+def test_a_temperature_of_a_larger_batch_shape_reports_per_element_attributes(truncation):
+    # The base kept its own batch shape: truncation, tail_mass and rate were (2, 1) in a
+    # distribution of batch shape (2, 3).
+    d = pr.GenGSPoisson(torch.tensor([[1.0], [2.0]]), torch.tensor([0.3, 0.5, 1.0]), **truncation)
+    assert d.batch_shape == (2, 3)
+    assert d.tail_mass.shape == d.rate.shape == (2, 3)
+    if torch.is_tensor(d.truncation):
+        assert d.truncation.shape == (2, 3)
+    torch.testing.assert_close(d.rate, torch.tensor([[1.0], [2.0]]).expand(2, 3))

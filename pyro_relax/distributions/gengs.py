@@ -513,6 +513,12 @@ class GenGS(TruncatedGenGS):
             validate_args=validate_args,
         )
         self._temperature_argument = passed
+        if self.base_dist.batch_shape != self.batch_shape:
+            # A temperature of a larger batch shape: the base's parameters, the truncation and
+            # the tail mass are reported per batch element too.
+            self.base_dist = self.base_dist.expand(self.batch_shape)
+            if torch.is_tensor(self._truncation):
+                self._truncation = self._truncation.expand(self.batch_shape)
         if self._validate_args and tail_tolerance is not None:
             if bool((self.tail_mass > tail_tolerance).any()):
                 # A constant message, so Python's once-per-location filter shows it once rather
