@@ -513,7 +513,9 @@ class GenGS(TruncatedGenGS):
             validate_args=validate_args,
         )
         self._temperature_argument = passed
-        if self.base_dist.batch_shape != self.batch_shape:
+        if [static_size(s) for s in self.base_dist.batch_shape] != [
+            static_size(s) for s in self.batch_shape
+        ]:  # sizes as numbers: a comparison of traced sizes would freeze into a jit trace
             # A temperature of a larger batch shape: the base's parameters, the truncation and
             # the tail mass are reported per batch element too.
             self.base_dist = self.base_dist.expand(self.batch_shape)
