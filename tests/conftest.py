@@ -15,6 +15,37 @@ def fresh_pyro():
     pyro.clear_param_store()
 
 
+@pytest.fixture
+def rerun_after_interruption(monkeypatch, tmp_path):
+    """``rerun(module, command)``: runs ``command()`` (an experiment of two runs of two epochs
+    each, results in ``tmp_path``) interrupted at the second run's first epoch through
+    ``module._after_epoch``, checks that both checkpoints are kept (the finished run's record,
+    the other's state), runs it again and returns the epochs that trained then."""
+
+    class Interrupt(Exception):
+        pass
+
+    def rerun(module, command):
+        epochs = []
+
+        def interrupt_the_second_run(epoch):
+            epochs.append(epoch)
+            if len(epochs) == 3:
+                raise Interrupt
+
+        monkeypatch.setattr(module, "_after_epoch", interrupt_the_second_run)
+        with pytest.raises(Interrupt):
+            command()
+        assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2
+        epochs.clear()
+        monkeypatch.setattr(module, "_after_epoch", epochs.append)
+        command()
+        assert not list((tmp_path / "checkpoints").glob("*.pt"))
+        return epochs
+
+    return rerun
+
+
 def pytest_terminal_summary(terminalreporter):
     import sys
 

@@ -128,26 +128,14 @@ def test_an_interrupted_run_resumes_to_the_same_record(tmp_path, monkeypatch, lo
     assert not list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))
 
 
-def test_a_rerun_after_an_interruption_does_not_train_finished_runs_again(tmp_path, monkeypatch):
+def test_a_rerun_after_an_interruption_does_not_train_finished_runs_again(
+    tmp_path, rerun_after_interruption
+):
     # As in the count VAE: the finished run keeps its record in its checkpoint until the whole
     # command ends, so the command run again trains only what the interruption stopped.
     options = ["--estimator", "STGS", "GST-pi", "--temperature", "1.0", "--epochs", "2"]
-    epochs = []
-
-    def interrupt_the_second_run(epoch):
-        epochs.append(epoch)
-        if len(epochs) == 3:  # the second run's first epoch
-            raise _Interrupt
-
-    monkeypatch.setattr(gst_vae, "_after_epoch", interrupt_the_second_run)
-    with pytest.raises(_Interrupt):
-        _smoke(tmp_path, *options)
-    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2
-    epochs.clear()
-    monkeypatch.setattr(gst_vae, "_after_epoch", epochs.append)
-    _smoke(tmp_path, *options)
+    epochs = rerun_after_interruption(gst_vae, lambda: _smoke(tmp_path, *options))
     assert epochs == [2]
-    assert not list((tmp_path / "checkpoints").glob("*.pt"))
     assert sorted(r["estimator"] for r in _records(tmp_path)) == ["GST-pi", "STGS"]
 
 

@@ -136,27 +136,15 @@ def _checkpoints(results):
     return sorted((results / "checkpoints").glob("*.pt"))
 
 
-def test_a_rerun_after_an_interruption_does_not_train_finished_runs_again(tmp_path, monkeypatch):
+def test_a_rerun_after_an_interruption_does_not_train_finished_runs_again(
+    tmp_path, rerun_after_interruption
+):
     # The finished run's checkpoint was removed as soon as its record was merged, so running
     # the interrupted command again trained it from scratch (hours for MNIST runs). It now
     # keeps its record until the whole command ends.
     options = ["--prior", "Pois(2)", "--estimator", "GenGS", "REINFORCE", "--epochs", "2"]
-    epochs = []
-
-    def interrupt_the_second_run(epoch):
-        epochs.append(epoch)
-        if len(epochs) == 3:  # the second run's first epoch
-            raise _Interrupt
-
-    monkeypatch.setattr(vae, "_after_epoch", interrupt_the_second_run)
-    with pytest.raises(_Interrupt):
-        _smoke(tmp_path, *options)
-    assert len(_checkpoints(tmp_path)) == 2  # the finished run's record, the other's state
-    epochs.clear()
-    monkeypatch.setattr(vae, "_after_epoch", epochs.append)
-    _smoke(tmp_path, *options)
+    epochs = rerun_after_interruption(vae, lambda: _smoke(tmp_path, *options))
     assert epochs == [2]  # only the interrupted run's last epoch trains
-    assert not _checkpoints(tmp_path)
     records = json.loads((tmp_path / "gengs_vae.json").read_text())
     assert sorted(r["estimator"] for r in records) == ["GenGS", "REINFORCE"]
 
