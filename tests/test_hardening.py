@@ -517,6 +517,14 @@ def test_hard_is_a_flag(make):
         make("False")
 
 
+def test_detach_perturbations_is_a_flag():
+    logits = torch.zeros(3)
+    d = pr.GappedSTCategorical(1.0, logits=logits, detach_perturbations=np.bool_(False))
+    assert d.detach_perturbations is False
+    with pytest.raises(TypeError, match="`detach_perturbations` must be True or False"):
+        pr.GappedSTCategorical(1.0, logits=logits, detach_perturbations="no")
+
+
 def test_schedules_refuse_temperatures_their_dtype_cannot_hold():
     with pytest.raises(ValueError, match="normal numbers of float16"):
         pr.ExponentialDecay(1e5, 0.1, dtype=torch.float16)  # was an infinite temperature

@@ -504,7 +504,9 @@ class GappedSTCategorical(_StraightThroughCategorical):
         validate_args=None,
     ):
         self.gap = _check_gap(gap)
-        self.detach_perturbations = bool(detach_perturbations)
+        self.detach_perturbations = check_flag(
+            type(self).__name__, "detach_perturbations", detach_perturbations
+        )
         super().__init__(
             temperature, probs=probs, logits=logits, hard=hard, validate_args=validate_args
         )
