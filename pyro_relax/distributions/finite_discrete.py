@@ -53,6 +53,10 @@ def _tolerance(value: torch.Tensor, event_dim: int) -> torch.Tensor:
     return 16 * torch.finfo(value.dtype).eps * (1 + magnitude)
 
 
+# The attribute by which an outcome table remembers the version found distinct.
+_DISTINCT = "_pyro_relax_distinct_at_version"
+
+
 def check_outcomes(owner: str, outcomes: torch.Tensor) -> None:
     """Raises ``ValueError`` naming ``owner`` unless ``outcomes`` (shape ``(n,)`` or
     ``(n, d)``) are finite and distinct: a value equal to two outcomes would be scored by the
@@ -70,10 +74,6 @@ def check_outcomes(owner: str, outcomes: torch.Tensor) -> None:
             "probabilities"
         )
     setattr(outcomes, _DISTINCT, outcomes._version)
-
-
-# The attribute by which an outcome table remembers the version found distinct.
-_DISTINCT = "_pyro_relax_distinct_at_version"
 
 
 def outcome_log_prob(owner: str, value, outcomes, logits, validate: bool, hint=""):
