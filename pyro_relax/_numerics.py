@@ -149,8 +149,8 @@ def warn_if_learned_temperature(owner: str, temperature: torch.Tensor) -> None:
             "density in the temperature (a soft log-PMF, or the discrete PMF of a "
             "straight-through sample), so Trace_ELBO and the other objectives are no bound "
             "that it can be fitted to: a guide that learns it drives it up without limit. "
-            "Anneal it (pyro_relax.ExponentialDecay) or fix it; the IGR family and STGS with "
-            "hard=False have densities and may learn theirs. The gradient itself is exact; "
+            "Anneal it (pyro_relax.ExponentialDecay) or fix it; IGR and STGS with hard=False "
+            "have densities and may learn theirs. The gradient itself is exact; "
             "to silence this warning: warnings.filterwarnings('ignore', "
             "message='.*temperature requires a gradient')",
             stacklevel=caller_stacklevel(),
