@@ -36,6 +36,7 @@ __all__ = [
     "probability_vector",
     "same_values",
     "scale",
+    "static_shape",
     "static_size",
     "straight_through",
     "tempered",
@@ -443,6 +444,12 @@ def static_size(size) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return int(size)
+
+
+def static_shape(shape) -> tuple:
+    """A shape as a tuple of Python ``int`` (see :func:`static_size`): comparing two of them
+    freezes nothing into a jit trace and warns of nothing."""
+    return tuple(static_size(size) for size in shape)
 
 
 def known_same_shape(a: torch.Tensor, b) -> bool:

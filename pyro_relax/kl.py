@@ -20,7 +20,7 @@ from torch.distributions import (
 )
 from torch.distributions.kl import kl_divergence, register_kl
 
-from pyro_relax._numerics import broadcast_shapes, categorical_kl, same_values, static_size
+from pyro_relax._numerics import broadcast_shapes, categorical_kl, same_values, static_shape
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
@@ -101,8 +101,7 @@ def _kl_gengsmultinomial_multinomial(p, q):
 
 
 def _check_categories(p, q):
-    # Sizes as numbers: a comparison of traced sizes would freeze into a jit trace (and warn).
-    if [static_size(s) for s in p.event_shape] != [static_size(s) for s in q.event_shape]:
+    if static_shape(p.event_shape) != static_shape(q.event_shape):
         raise ValueError(
             f"KL({type(p).__name__} || {type(q).__name__}) needs the same number of categories; "
             f"got {p.event_shape[-1]} and {q.event_shape[-1]}"

@@ -29,6 +29,7 @@ from pyro_relax._numerics import (
     parse_parameters,
     probability_vector,
     scale,
+    static_shape,
     static_size,
     straight_through,
     tempered,
@@ -513,9 +514,7 @@ class GenGS(TruncatedGenGS):
             validate_args=validate_args,
         )
         self._temperature_argument = passed
-        if [static_size(s) for s in self.base_dist.batch_shape] != [
-            static_size(s) for s in self.batch_shape
-        ]:  # sizes as numbers: a comparison of traced sizes would freeze into a jit trace
+        if static_shape(self.base_dist.batch_shape) != static_shape(self.batch_shape):
             # A temperature of a larger batch shape: the base's parameters, the truncation and
             # the tail mass are reported per batch element too.
             self.base_dist = self.base_dist.expand(self.batch_shape)

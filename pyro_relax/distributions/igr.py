@@ -252,6 +252,12 @@ class _IGRBase(TransformedDistribution):
     def _preimage(self, value):
         """The Gaussian pre-image of ``value``: the one it carries when it was pushed forward by
         the same map, else the inverse (from the log-space twin the value carries, if any)."""
+        carried_preimage = self._carried_preimage(value)
+        return self._invert(value) if carried_preimage is None else carried_preimage
+
+    def _carried_preimage(self, value):
+        """The pre-image ``value`` carries if this map (same family and parameters) drew it,
+        else ``None``."""
         record = relaxation_of(value)
         if record is not None and record.source is not None and record.source[0] is type(self):
             mine, theirs = self._map_parameters(), record.source[1]
@@ -259,7 +265,7 @@ class _IGRBase(TransformedDistribution):
                 same_values(a, b) for a, b in zip(mine, theirs, strict=True)
             ):
                 return record.preimage
-        return self._invert(value)
+        return None
 
     def _invert(self, value):
         for transform in reversed(self.transforms):
@@ -405,13 +411,15 @@ class IGR(_IGRBase):
         y = self._preimage(value)
         # The log-coordinates of the value, whichever softmax++ produced it: no second
         # log_softmax for a sample.
-        log_z = carried(value, "log_weights")
+        record = relaxation_of(value)
+        log_z = None if record is None else record.log_weights
+        foreign = log_z is not None and (record.source is None or record.source[0] is not IGR)
         if log_z is None:
-            log_z = self.softmax_plus_plus.log_call(y)
+            log_z = self.softmax_plus_plus.log_call(y)  # finite wherever y is
         num_free = y.shape[-1]
         log_det = log_z.sum(-1) - num_free * self.temperature.log()
         log_density = _normal_log_density(y, self.loc, self.scale).sum(-1) - log_det
-        if carried(value, "source") is None or carried(value, "source")[0] is not IGR:
+        if foreign:
             # Another family's value may lie on the boundary (a dropped stick: log z = -inf),
             # where the density is 0, not -inf - -inf.
             log_density = log_density.masked_fill(log_z.isneginf().any(-1), -math.inf)
@@ -585,7 +593,9 @@ class IGRStickBreaking(_IGRBase):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        y = self._preimage(value)
+        y, in_image = self._carried_preimage(value), None
+        if y is None:  # inverted, not drawn by this map: the value may lie outside its image
+            y, in_image = self._invert_and_check(value)
         # A value cut at other sticks than this distribution cuts its pre-image (a guide with
         # another precision, or a finite one) is not in this distribution's image: its density
         # is 0 here, not that of the point this distribution would map the pre-image to.
@@ -595,9 +605,8 @@ class IGRStickBreaking(_IGRBase):
                 "IGRStickBreaking.log_prob got a value cut at other sticks than this "
                 "distribution's precision cuts it (model and guide need the same `precision`)"
             )
-        if y is not carried(value, "preimage"):
-            # Inverted, not drawn by this map: the value may lie outside its image.
-            inside = inside & self._invert_and_check(value)[1]
+        if in_image is not None:
+            inside = inside & in_image
             if self._validate_args and not bool(inside.all()):
                 raise ValueError(
                     "IGRStickBreaking.log_prob got a value outside the image of its map (the "

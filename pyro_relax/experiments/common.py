@@ -49,6 +49,12 @@ class CorruptFileError(ExperimentError, ValueError):
     ``ValueError`` too, as any malformed input)."""
 
 
+def both_defaults(full, smoke, name: str) -> str:
+    """The help text of an option whose default is ``None`` (see :func:`given_options`): the
+    value of config field ``name`` in the ``full`` and in the ``smoke`` config."""
+    return f"default {getattr(full, name)}; --smoke {getattr(smoke, name)}"
+
+
 def given_options(base, args, fields: dict):
     """``base`` (the full or the ``--smoke`` config, a dataclass) with the seed and every option
     given on the command line: ``fields`` maps a config field to its option's attribute, whose

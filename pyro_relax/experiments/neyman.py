@@ -68,6 +68,7 @@ References:
 """
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -1153,8 +1154,7 @@ def add_arguments(parser) -> None:
     )
 
     # Defaults None: an option given with --smoke is used (the help gives both defaults).
-    def default(name):
-        return f"default {getattr(defaults, name)}; --smoke {getattr(SMOKE_CONFIG, name)}"
+    default = functools.partial(common.both_defaults, defaults, SMOKE_CONFIG)
 
     parser.add_argument(
         "--steps", type=positive_int, help=f"full-batch Adam steps ({default('steps')})"

@@ -53,6 +53,7 @@ References:
 """
 
 import dataclasses
+import functools
 import hashlib
 import math
 import time
@@ -816,11 +817,7 @@ def add_arguments(parser) -> None:
         "--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS), metavar="NAME"
     )
     # Defaults None: an option given with --smoke is used (the help gives both defaults).
-    smoke = SMOKE_CONFIG
-
-    def default(name, value=None):
-        value = getattr(defaults, name) if value is None else value
-        return f"default {value}; --smoke {getattr(smoke, name)}"
+    default = functools.partial(common.both_defaults, defaults, SMOKE_CONFIG)
 
     parser.add_argument("--epochs", type=positive_int, help=default("epochs"))
     parser.add_argument(

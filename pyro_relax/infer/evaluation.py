@@ -127,9 +127,9 @@ def discrete_elbo(
         return Estimate(value, float(totals.std() / math.sqrt(num_samples)), num_samples)
     # The particles of one vectorized pass share the plate's subsample: they are not
     # independent, the passes are. The standard error of the mean over passes (NaN for one).
-    means = torch.stack([chunk.mean() for chunk in totals.split(weights.chunk_size)])
-    sizes = torch.tensor([len(chunk) for chunk in totals.split(weights.chunk_size)])
-    share = sizes.double() / num_samples
+    passes = totals.split(weights.chunk_size)
+    means = torch.stack([chunk.mean() for chunk in passes])
+    share = torch.tensor([len(chunk) for chunk in passes], dtype=torch.float64) / num_samples
     if len(means) < 2:
         return Estimate(value, math.nan, num_samples)
     variance = (share * (means - value).square()).sum() / (1 - share.square().sum())
