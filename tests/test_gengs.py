@@ -804,14 +804,14 @@ def test_fused_relaxed_one_hot_backward_equals_autograd(outcomes, upstream):
     from pyro_relax.distributions.gengs import _RelaxedOneHotMap
 
     torch.manual_seed(5)
-    outcomes = outcomes.double()
+    outcomes = outcomes.double().requires_grad_()
     scores = 3 * torch.randn(4, 6, dtype=torch.float64)
     scores[1, 2] = -math.inf
     scores.requires_grad_()
     floor = -700.0  # inactive for these scores
     # The outcomes' range: the clamp of the value is inactive here (its derivative is not
     # part of the backward).
-    low, high = outcomes.min(0).values, outcomes.max(0).values
+    low, high = outcomes.detach().min(0).values, outcomes.detach().max(0).values
     weights, value = _RelaxedOneHotMap.apply(scores, floor, outcomes, low, high)
     a = torch.randn_like(weights) * ("weights" in upstream)
     b = torch.randn_like(value) * ("value" in upstream)
@@ -824,15 +824,44 @@ def test_fused_relaxed_one_hot_backward_equals_autograd(outcomes, upstream):
             terms.append((b * value).sum())
         return sum(terms)
 
-    (grad,) = torch.autograd.grad(loss(weights, value), scores)
+    # The outcomes' gradient too (z = w c: learned outcomes), where the value has one.
+    inputs = (scores, outcomes) if "value" in upstream else (scores,)
+    grads = torch.autograd.grad(loss(weights, value), inputs)
     reference_weights = torch.softmax(scores, -1)
     reference_value = reference_weights @ outcomes
     torch.testing.assert_close(weights, reference_weights)
     assert weights[1, 2] == 0
     torch.testing.assert_close(value, reference_value)
-    (reference,) = torch.autograd.grad(loss(reference_weights, reference_value), scores)
-    torch.testing.assert_close(grad, reference)
-    assert grad.abs().sum() > 0
+    references = torch.autograd.grad(loss(reference_weights, reference_value), inputs)
+    for grad, reference in zip(grads, references, strict=True):
+        torch.testing.assert_close(grad, reference)
+        assert grad.abs().sum() > 0
+
+
+# Forward mode loads torch's jvp decompositions through torch.jit.script once per process.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("shape", [(5,), (5, 2)], ids=["scalar", "vector"])
+def test_learned_outcomes_get_the_gradient_of_the_relaxed_value(shape, hard):
+    # z = sum_k w_k c_k, so dz/dc_k = w_k (hard: the straight-through estimate, that of the
+    # relaxed z), in reverse and in forward mode.
+    torch.manual_seed(0)
+    outcomes = torch.randn(shape, dtype=torch.float64).requires_grad_()
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    torch.manual_seed(1)
+    value = TruncatedGenGS(0.5, logits=logits, outcomes=outcomes, hard=hard).rsample()
+    weights = pr.relaxation_of(value).weights
+    upstream = torch.randn_like(value)
+    (grad,) = torch.autograd.grad((upstream * value).sum(), outcomes)
+    expected = torch.einsum("bk,b...->k...", weights, upstream)
+    torch.testing.assert_close(grad, expected)
+    tangent = torch.randn(shape, dtype=torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(outcomes.detach(), tangent)
+        torch.manual_seed(1)
+        d = TruncatedGenGS(0.5, logits=logits, outcomes=dual, hard=hard)
+        out = torch.autograd.forward_ad.unpack_dual(d.rsample())
+    torch.testing.assert_close(out.tangent, weights @ tangent)
 
 
 @pytest.mark.parametrize("logit", [-100.0, -20.0, 20.0, 100.0])

@@ -129,10 +129,13 @@ class _RelaxedOneHotMap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights, grad_value):
         weights, outcomes, value = ctx.saved_tensors
+        grad_outcomes = None
+        if grad_value is not None and ctx.needs_input_grad[2]:
+            grad_outcomes = _outcomes_gradient(weights, grad_value, outcomes)
         if grad_weights is None and grad_value is not None and outcomes.dim() == 1:
             # g w (c - z): three passes over the weights instead of four.
             grad_scores = weights * (outcomes - value.unsqueeze(-1))
-            return grad_scores.mul_(grad_value.unsqueeze(-1)), None, None, None, None
+            return grad_scores.mul_(grad_value.unsqueeze(-1)), None, grad_outcomes, None, None
         upstream = grad_weights
         if grad_value is not None:
             mapped = (
@@ -142,19 +145,39 @@ class _RelaxedOneHotMap(torch.autograd.Function):
             )
             upstream = mapped if upstream is None else upstream + mapped
         if upstream is None:
-            return None, None, None, None, None
+            return None, None, grad_outcomes, None, None
         # w * (G - <w, G>), with one new tensor of the weights' size.
         grad_scores = weights * upstream
         grad_scores.addcmul_(weights, grad_scores.sum(-1, keepdim=True), value=-1)
-        return grad_scores, None, None, None, None
+        return grad_scores, None, grad_outcomes, None, None
 
     @staticmethod
-    def jvp(ctx, scores_tangent, *_):
-        # Forward mode: dw = w (t - <w, t>) and dz = dw c (the clamp's derivative is the
+    def jvp(ctx, scores_tangent, _, outcomes_tangent, *__):
+        # Forward mode: dw = w (t - <w, t>) and dz = dw c + w dc (the clamp's derivative is the
         # identity's, as in the backward).
         weights, outcomes = ctx.saved_tensors
-        weights_tangent = weights * (scores_tangent - (weights * scores_tangent).sum(-1, True))
-        return weights_tangent, weights_tangent @ outcomes
+        if scores_tangent is None:
+            weights_tangent = torch.zeros_like(weights)
+            value_tangent = None
+        else:
+            inner = (weights * scores_tangent).sum(-1, True)
+            weights_tangent = weights * (scores_tangent - inner)
+            value_tangent = weights_tangent @ outcomes
+        if outcomes_tangent is not None:
+            moved = weights @ outcomes_tangent
+            value_tangent = moved if value_tangent is None else value_tangent + moved
+        if value_tangent is None:
+            value_tangent = torch.zeros_like(weights @ outcomes)
+        return weights_tangent, value_tangent
+
+
+def _outcomes_gradient(weights, grad_value, outcomes):
+    r"""The gradient of :math:`z = w c` by the outcomes :math:`c`, summed over the batch:
+    :math:`\sum_b w_b^\top (\partial L / \partial z_b)`, the shape of ``outcomes``."""
+    flat_weights = weights.reshape(-1, weights.shape[-1])
+    if outcomes.dim() == 1:
+        return flat_weights.T @ grad_value.reshape(-1).to(weights.dtype)
+    return flat_weights.T @ grad_value.reshape(-1, outcomes.shape[-1]).to(weights.dtype)
 
 
 _relaxed_one_hot_map = fast_apply(_RelaxedOneHotMap)
