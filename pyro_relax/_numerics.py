@@ -7,6 +7,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.distributions import Distribution, biject_to, constraints, transform_to
 
 __all__ = [
@@ -111,6 +112,60 @@ def log_of_probs(probs: torch.Tensor) -> torch.Tensor:
     1.2e-7 in float32, and a KL to it finite)."""
     logits = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
     return torch.where(probs > 0, logits, -torch.inf)
+
+
+def built_from_probs(distribution) -> bool:
+    # torch keeps the parameter most distributions were built with as `_param` (after
+    # `expand`, the logits whenever they were computed); a Geometric keeps none, and whichever
+    # of its lazy parameters was computed first is then unknown (the logits are taken).
+    given = distribution.__dict__
+    if "probs" not in given:
+        return False
+    if "_param" in given:
+        return given["_param"] is not given.get("logits")
+    return "logits" not in given
+
+
+def categorical_log_probs(distribution) -> torch.Tensor:
+    """The normalized log-probabilities of a torch ``Categorical``, ``OneHotCategorical`` or
+    ``Multinomial``: :func:`log_of_probs` of its ``probs`` when it was built from them (its
+    ``logits`` are then clamped at the dtype's epsilon), else its ``logits``."""
+    categorical = getattr(distribution, "_categorical", distribution)
+    if built_from_probs(categorical):
+        return log_of_probs(categorical.probs)
+    return categorical.logits
+
+
+def binary_log_probs(distribution) -> torch.Tensor:
+    """``(log(1 - p), log p)`` (stacked in a last dimension) of a torch ``Bernoulli``: exact
+    from its ``probs`` when it was built from them, ``-inf`` for an impossible value, else from
+    its ``logits``, each finite where the other underflows."""
+    if built_from_probs(distribution):
+        p = distribution.probs
+        return torch.stack([torch.log1p(-p), log_of_probs(p)], -1)
+    logits = distribution.logits
+    return torch.stack([-F.softplus(logits), -F.softplus(-logits)], -1)
+
+
+def binary_logits(probs: torch.Tensor) -> torch.Tensor:
+    r"""The log-odds :math:`\log p - \log(1 - p)` of success probabilities, exact for
+    :math:`p` and :math:`1 - p` down to the smallest normal number, which stands for a
+    probability of 0 (finite, so that a count PMF's :math:`0 \cdot \log p` terms and their
+    gradients stay numbers; torch's ``probs_to_logits`` clamps at the dtype's epsilon, which
+    made :math:`p = 10^{-8}` about :math:`1.2 \cdot 10^{-7}` in float32)."""
+    tiny = torch.finfo(probs.dtype).tiny
+    below_one = probs < 1
+    log_fail = torch.log1p(-torch.where(below_one, probs, torch.zeros_like(probs)))
+    log_fail = torch.where(below_one, log_fail, torch.full_like(probs, math.log(tiny)))
+    return probs.clamp(min=tiny).log() - log_fail.clamp(min=math.log(tiny))
+
+
+def success_logits(distribution) -> torch.Tensor:
+    """The log-odds of a torch ``Geometric``, ``NegativeBinomial``, ``Binomial`` or ``Bernoulli``:
+    :func:`binary_logits` of its ``probs`` when it was built from them, else its ``logits``."""
+    if built_from_probs(distribution):
+        return binary_logits(distribution.probs)
+    return distribution.logits
 
 
 def tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ Importing :mod:`pyro_relax` registers them with :func:`torch.distributions.kl.re
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.distributions import (
     Bernoulli,
     Binomial,
@@ -20,7 +19,14 @@ from torch.distributions import (
 )
 from torch.distributions.kl import kl_divergence, register_kl
 
-from pyro_relax._numerics import broadcast_shapes, categorical_kl, same_values, static_shape
+from pyro_relax._numerics import (
+    binary_log_probs,
+    broadcast_shapes,
+    categorical_kl,
+    categorical_log_probs,
+    same_values,
+    static_shape,
+)
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
@@ -94,7 +100,10 @@ def _kl_gengsmultinomial_multinomial(p, q):
     """KL from a relaxed multinomial to a multinomial with the same number of trials."""
     if p.total_count != q.total_count:
         raise ValueError(f"KL needs equal total counts; got {p.total_count} and {q.total_count}")
-    return categorical_kl(p.logits, _multinomial_log_probs(q.logits, q.total_count, p.outcomes))
+    class_log_probs = categorical_log_probs(q)
+    return categorical_kl(
+        p.logits, _multinomial_log_probs(class_log_probs, q.total_count, p.outcomes)
+    )
 
 
 # --- IGR -----------------------------------------------------------------------------------
@@ -168,15 +177,10 @@ def _kl_igrcount_igrcount(p, q):
 @register_kl(_StraightThroughCategorical, OneHotCategorical)
 def _kl_straightthroughcategorical_onehotcategorical(p, q):
     """The categorical KL, from a straight-through categorical to a one-hot categorical."""
-    return categorical_kl(p.logits, q.logits)
-
-
-def _bernoulli_log_probs(d):
-    # log (1 - p), log p from the logits, each finite where the other underflows.
-    return torch.stack([-F.softplus(d.logits), -F.softplus(-d.logits)], -1)
+    return categorical_kl(categorical_log_probs(p), categorical_log_probs(q))
 
 
 @register_kl(_StraightThroughBernoulli, Bernoulli)
 def _kl_straightthroughbernoulli_bernoulli(p, q):
     """The Bernoulli KL, from a straight-through Bernoulli to a Bernoulli."""
-    return categorical_kl(_bernoulli_log_probs(p), _bernoulli_log_probs(q))
+    return categorical_kl(binary_log_probs(p), binary_log_probs(q))

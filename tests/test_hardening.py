@@ -551,6 +551,91 @@ def test_probabilities_below_epsilon_are_kept_exactly(make):
     assert float(rare.logits[-1].exp()) == pytest.approx(1e-10, rel=1e-4)
 
 
+CATEGORICALS_FROM_PROBS = [
+    lambda probs: pr.STCategorical(0.5, probs=probs),
+    lambda probs: pr.STGSCategorical(0.5, probs=probs),
+    lambda probs: pr.GRMCKCategorical(0.5, probs=probs, num_draws=3),
+    lambda probs: pr.GappedSTCategorical(0.5, probs=probs, gap="expected"),
+    lambda probs: pr.GappedST(dist.OneHotCategorical(probs=probs), 0.5),
+]
+
+
+@pytest.mark.parametrize("make", CATEGORICALS_FROM_PROBS)
+def test_straight_through_categoricals_keep_small_probabilities_exactly(make):
+    # torch's OneHotCategorical(probs) takes its logits clamped at epsilon: a category of
+    # probability 1e-10 scored -15.9 (not -23.0), the KL to a categorical excluding a category
+    # was finite (2.69 where it is infinite) and the KL between two that both exclude it
+    # infinite (where it is 0).
+    rare = make(torch.tensor([0.5, 0.5 - 1e-10, 1e-10]))
+    assert float(rare.log_prob(torch.tensor([0.0, 0.0, 1.0]))) == pytest.approx(
+        math.log(1e-10), rel=1e-6
+    )
+    p = make(torch.tensor([0.4, 0.4, 0.2]))
+    small = torch.tensor([0.5, 0.5 - 1e-10, 1e-10])
+    pairs = zip([0.4, 0.4, 0.2], [0.5, 0.5 - 1e-10, 1e-10], strict=True)
+    exact = sum(a * math.log(a / b) for a, b in pairs)
+    kl = float(kl_divergence(p, dist.OneHotCategorical(probs=small)))
+    assert kl == pytest.approx(exact, rel=1e-5)
+    excluding = torch.tensor([0.5, 0.5, 0.0])
+    assert kl_divergence(p, dist.OneHotCategorical(probs=excluding)) == math.inf
+    both = make(excluding)
+    assert kl_divergence(both, dist.OneHotCategorical(logits=excluding.log())) == 0
+    assert kl_divergence(both, dist.OneHotCategorical(probs=excluding)) == 0
+    # The excluded category is never drawn, and the draws stay numbers.
+    torch.manual_seed(0)
+    draws = both.rsample((2000,))
+    assert torch.isfinite(draws).all() and draws[:, 2].sum() == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["STBernoulli", "STGSBernoulli", "GRMCKBernoulli", "GappedSTBernoulli"]
+)
+def test_straight_through_bernoullis_keep_small_probabilities_exactly(name):
+    make = getattr(pr, name)
+    rare = make(0.5, probs=torch.tensor(1e-10))
+    assert float(rare.log_prob(torch.tensor(1.0))) == pytest.approx(math.log(1e-10), rel=1e-6)
+    assert float(rare.discrete().probs) == pytest.approx(1e-10, rel=1e-6)
+    never = dist.Bernoulli(probs=torch.tensor(0.0))
+    assert kl_divergence(make(0.5, probs=torch.tensor(0.3)), never) == math.inf
+    assert kl_divergence(make(0.5, probs=torch.tensor(0.0)), never) == 0
+    torch.manual_seed(0)
+    for p, drawn in ((0.0, 0.0), (1.0, 1.0)):
+        draws = make(0.5, probs=torch.tensor(p)).rsample((500,))
+        assert torch.equal(draws, torch.full((500,), drawn))
+
+
+def test_count_classes_keep_small_probabilities_exactly():
+    # The count classes took their PMFs from torch's logits of `probs`, clamped at epsilon:
+    # Geometric(1e-8) had P(X = k) = 1.2e-7, Binomial(10^4, 0) a mean of 1.2e-3.
+    k = np.arange(4)
+    geometric = pr.GenGSGeometric(0.5, 5, probs=torch.tensor(1e-8), tail_tolerance=None)
+    np.testing.assert_allclose(geometric.probs[:4], scipy.stats.geom.pmf(k + 1, 1e-8), rtol=1e-5)
+    negative = pr.GenGSNegativeBinomial(1.0, 0.5, 4, probs=torch.tensor(1e-9))
+    # torch counts successes of probability p before r failures: scipy's nbinom with 1 - p.
+    np.testing.assert_allclose(
+        negative.probs[:3], scipy.stats.nbinom.pmf(k[:3], 1.0, 1 - 1e-9), rtol=1e-5
+    )
+    binomial = pr.GenGSBinomial(100, 0.5, probs=torch.tensor(1e-8))
+    np.testing.assert_allclose(
+        binomial.probs[:3], scipy.stats.binom.pmf(k[:3], 100, 1e-8), rtol=1e-5
+    )
+    never = pr.GenGSBinomial(10_000, 0.5, probs=torch.tensor(0.0))
+    assert float(never.probs[0]) == 1.0 and float(never.mean) < 1e-30
+    always = pr.GenGSBinomial(100, 0.5, probs=torch.tensor(1.0))
+    assert float(always.probs[-1]) == 1.0 and float(always.mean) == 100.0
+    # The multinomial's classes too: a class of probability 0 is never used.
+    multinomial = pr.GenGSMultinomial(3, 0.5, probs=torch.tensor([0.5, 0.5, 0.0]))
+    uses_it = multinomial.outcomes[:, 2] > 0
+    assert (multinomial.logits[uses_it] == -math.inf).all()
+    q = dist.Multinomial(3, probs=torch.tensor([0.5, 0.5, 0.0]))
+    p = pr.GenGSMultinomial(3, 0.5, probs=torch.tensor([0.4, 0.4, 0.2]))
+    assert kl_divergence(p, q) == math.inf
+    assert float(kl_divergence(multinomial, q)) == pytest.approx(0.0, abs=1e-6)
+    rare = pr.GenGSMultinomial(3, 0.5, probs=torch.tensor([0.5, 0.5 - 1e-10, 1e-10]))
+    all_third = (rare.outcomes == torch.tensor([0.0, 0.0, 3.0])).all(-1)
+    assert float(rare.logits[all_third]) == pytest.approx(3 * math.log(1e-10), rel=1e-6)
+
+
 def test_truncated_log_probs_refuses_a_size_below_the_truncation():
     # The rows were returned unnormalized (truncation 8, size 5: sums 0.996 and 0.947).
     base = torch.distributions.Poisson(torch.tensor([1.0, 2.0]))

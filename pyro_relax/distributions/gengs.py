@@ -16,6 +16,7 @@ from pyro_relax._numerics import (
     LOG_ZERO,
     as_float,
     caller_stacklevel,
+    categorical_log_probs,
     categorical_parameters,
     check_count,
     check_devices,
@@ -893,7 +894,7 @@ class GenGSMultinomial(TruncatedGenGS):
                 f"GenGSMultinomial({total_count} trials, {num_classes} classes) has more than "
                 f"{_MAX_OUTCOMES} outcomes to enumerate"
             )
-        class_logits = classes.logits
+        class_logits = categorical_log_probs(classes)  # exact from probs, -inf for a 0
         outcomes = _count_vectors(total_count, num_classes, class_logits.dtype, class_logits.device)
         self.class_logits = class_logits
         self.total_count = total_count

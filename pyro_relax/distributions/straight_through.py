@@ -12,6 +12,9 @@ from torch.distributions import Categorical, Distribution
 from pyro_relax._carry import carried, carry, relaxation_of
 from pyro_relax._numerics import (
     LOG_ZERO,
+    binary_log_probs,
+    built_from_probs,
+    categorical_log_probs,
     categorical_parameters,
     check_count,
     check_flag,
@@ -175,6 +178,9 @@ class _StraightThroughCategorical(OneHotCategorical):
             logits=param if logits is not None else None,
             validate_args=False,
         )
+        if probs is not None:
+            # torch would take the logits from the probs clamped at the dtype's epsilon.
+            self._categorical.logits = categorical_log_probs(self._categorical)
         Distribution.__init__(self, batch_shape, param.shape[-1:], validate_args=False)
         self._validate_args = validate
 
@@ -636,7 +642,10 @@ class _StraightThroughBernoulli(Bernoulli):
             setattr(self, name, getattr(self._relaxed, name))
 
     def _build_relaxed(self, options):
-        pair = torch.stack([torch.zeros_like(self.logits), self.logits], -1)
+        if built_from_probs(self):
+            pair = binary_log_probs(self)  # exact, -inf for an impossible value
+        else:
+            pair = torch.stack([torch.zeros_like(self.logits), self.logits], -1)
         return self._categorical_class(
             self.temperature, logits=pair, hard=self.hard, validate_args=False, **options
         )
@@ -666,9 +675,21 @@ class _StraightThroughBernoulli(Bernoulli):
         pair = self._relaxed.rsample(sample_shape)
         return carry(pair[..., 1], log_weights=carried(pair, "log_weights"))
 
+    def log_prob(self, value):
+        if not built_from_probs(self):
+            return super().log_prob(value)
+        # Bernoulli's, from the probability as given (torch's would clamp it at epsilon),
+        # linear in the value; LOG_ZERO stands for log 0 as in the categorical versions.
+        if self._validate_args:
+            self._validate_sample(value)
+        log_fail, log_success = binary_log_probs(self).clamp(min=LOG_ZERO).unbind(-1)
+        return value * log_success + (1 - value) * log_fail
+
     def discrete(self) -> Bernoulli:
         """The discrete distribution whose samples this estimator draws (in every temperature):
-        ``Bernoulli`` with the same logits."""
+        ``Bernoulli`` with the same parameter."""
+        if built_from_probs(self):
+            return Bernoulli(probs=self.probs, validate_args=self._validate_args)
         return Bernoulli(logits=self.logits, validate_args=self._validate_args)
 
     def sample(self, sample_shape=torch.Size()):

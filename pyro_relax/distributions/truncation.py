@@ -24,6 +24,7 @@ from pyro_relax._numerics import (
     log1mexp,
     parse_parameters,
     positive_probability,
+    success_logits,
     validation_enabled,
 )
 
@@ -157,17 +158,17 @@ def _poisson_log_sf(base: Poisson, k, size: int) -> torch.Tensor:
 def _geometric_log_pmf(base: Geometric, k: torch.Tensor) -> torch.Tensor:
     # From the logits: log p and log(1 - p) stay finite, with finite gradients, where p rounds
     # to 0 or 1 (an encoder's logit of 20 gives p = 1 in float32, and log1p(-p) = -inf).
-    logits = base.logits.unsqueeze(-1)
+    logits = success_logits(base).unsqueeze(-1)
     return k * F.logsigmoid(-logits) + F.logsigmoid(logits)
 
 
 def _geometric_log_sf(base: Geometric, k, size: int) -> torch.Tensor:
     # Support 0, 1, ...: P(X >= m) = (1 - p)^m in closed form.
-    return k * F.logsigmoid(-base.logits.unsqueeze(-1))
+    return k * F.logsigmoid(-success_logits(base).unsqueeze(-1))
 
 
 def _negative_binomial_log_pmf(base: NegativeBinomial, k: torch.Tensor) -> torch.Tensor:
-    return _nb_log_pmf(base.total_count.unsqueeze(-1), base.logits.unsqueeze(-1), k)
+    return _nb_log_pmf(base.total_count.unsqueeze(-1), success_logits(base).unsqueeze(-1), k)
 
 
 def _nb_log_pmf(r, logits, k):
@@ -184,7 +185,7 @@ def _negative_binomial_log_sf(base: NegativeBinomial, k, size: int) -> torch.Ten
     # far below the float32 resolution of the row.
     k = _count_tensor(k, _like(base))
     r = base.total_count.unsqueeze(-1).double()
-    logits = base.logits.unsqueeze(-1).double()
+    logits = success_logits(base).unsqueeze(-1).double()
     counts = _counts(size, k).double()
     extended = _nb_log_pmf(r, logits, _counts(size + _NB_TAIL_TERMS, counts))
     head = torch.logcumsumexp(extended[..., : size - 1], -1)
@@ -214,7 +215,7 @@ def _negative_binomial_log_sf(base: NegativeBinomial, k, size: int) -> torch.Ten
 
 def _binomial_log_pmf(base: Binomial, k: torch.Tensor) -> torch.Tensor:
     n = base.total_count.unsqueeze(-1)
-    logits = base.logits.unsqueeze(-1)
+    logits = success_logits(base).unsqueeze(-1)
     valid = k <= n
     rest = torch.where(valid, n - k, torch.zeros_like(n - k))
     log_binom = torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(rest + 1)
