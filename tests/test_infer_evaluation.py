@@ -388,3 +388,36 @@ def test_a_sequential_data_plate_is_named():
 
     with pytest.raises(ValueError, match="sequential plate"):
         discrete_log_likelihood(model, model, num_particles=2, data_plate="data")
+
+
+@pytest.mark.parametrize("score", [discrete_elbo, discrete_log_likelihood])
+def test_a_model_latent_the_guide_does_not_sample_is_refused(score):
+    # A site enumerated in the model only (TraceEnum_ELBO's pattern) was drawn from its prior
+    # and scored without a proposal: discrete_elbo gave -6.61 where the exact ELBO is -4.27.
+    def model(x):
+        with pyro.plate("d", 2):
+            z = pyro.sample("z", pr.GenGSPoisson(torch.tensor(2.0), 0.5, 10))
+            a = pyro.sample("a", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(z + 2 * a, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("d", 2):
+            pyro.sample("z", pr.GenGSPoisson(torch.tensor([1.0, 3.0]), 0.5, 10))
+
+    with pytest.warns(UserWarning, match="model but not guide"):
+        with pytest.raises(ValueError, match=r"\['a'\] are not sampled by the guide"):
+            score(model, guide, torch.tensor([1.0, 4.0]))
+
+
+def test_a_per_item_tensor_scale_is_named_by_the_likelihood_bound():
+    def model(x):
+        with pyro.plate("d", 4), pyro.poutine.scale(scale=torch.tensor([1.0, 2.0, 1.0, 0.5])):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("d", 4), pyro.poutine.scale(scale=torch.tensor([1.0, 2.0, 1.0, 0.5])):
+            pyro.sample("z", dist.Normal(0.5, 1.0))
+
+    with pytest.raises(ValueError, match=r"site 'z' carries a scale of shape \(4,\)"):
+        discrete_log_likelihood(model, guide, torch.zeros(4), num_particles=3)

@@ -91,7 +91,8 @@ def discrete_elbo(
         https://arxiv.org/abs/1312.6114
 
     Arguments:
-        model, guide: a Pyro model and guide (relaxed or not).
+        model, guide: a Pyro model and guide (relaxed or not); the guide samples every
+            latent site of the model (a site enumerated in the model only is refused).
         *args: passed to ``model`` and ``guide``.
         num_samples (int): guide draws, at least 2.
         max_plate_nesting (int): the number of plate dimensions (guessed by tracing once if
@@ -174,7 +175,8 @@ def discrete_log_likelihood(
         https://arxiv.org/abs/1509.00519
 
     Arguments:
-        model, guide: a Pyro model and guide (relaxed or not).
+        model, guide: a Pyro model and guide (relaxed or not); the guide samples every
+            latent site of the model (a site enumerated in the model only is refused).
         *args: passed to ``model`` and ``guide``.
         num_particles (int): importance samples :math:`K` per item.
         data_plate (str): the name of the plate over independent items, or ``None``.
@@ -280,6 +282,8 @@ def _log_weights(
                 "vectorize_particles=False (one particle at a time); a wrong guess of the "
                 "plates needs max_plate_nesting"
             ) from error
+        if not done:
+            _check_guide_covers_model(model_trace, guide_trace)
         weights = 0.0
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for site in trace.nodes.values():
@@ -306,6 +310,25 @@ def _log_weights(
     return _Weights(torch.cat(chunks), scale, subsampled, chunk_size if vectorize else 1)
 
 
+def _check_guide_covers_model(model_trace, guide_trace) -> None:
+    """Refuses a model latent that the guide does not sample: the bound would score its prior
+    draw without its proposal (a site Pyro enumerates in the model only, for TraceEnum_ELBO)."""
+    missing = [
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["infer"].get("_deterministic")
+        and name not in guide_trace.nodes
+    ]
+    if missing:
+        raise ValueError(
+            f"the model's latent site(s) {missing} are not sampled by the guide (enumerated "
+            "in the model for TraceEnum_ELBO?): the bounds need a guide that samples every "
+            "latent; sum such a site out of the model by hand, or give it a guide site"
+        )
+
+
 def _subsample_sites(trace) -> Trace:
     """The sites of ``trace`` where a plate drew its indices (the particle plate excepted)."""
     sites = Trace()
@@ -323,7 +346,15 @@ def _site_terms(site, nesting: int, data_plate, scaled: bool):
         log_prob, scale = site["log_prob"], 1.0
     else:
         log_prob = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
-        scale = float(site["scale"])
+        scale = site["scale"]
+        if torch.is_tensor(scale) and scale.numel() != 1:
+            raise ValueError(
+                f"site {site['name']!r} carries a scale of shape {tuple(scale.shape)} "
+                "(poutine.scale with a tensor): the importance-weighted bound needs one number "
+                "for every site; weight the items with poutine.mask, or score them with "
+                "discrete_elbo"
+            )
+        scale = float(scale)
     log_prob = torch.as_tensor(log_prob, dtype=torch.float64)
     log_prob = log_prob.reshape((1,) * (nesting + 1 - log_prob.dim()) + log_prob.shape)
     if data_plate is None:
