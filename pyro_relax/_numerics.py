@@ -1,5 +1,6 @@
 """Shared numerics: parameter parsing, noise, log-space helpers and gradient-preserving clamps."""
 
+import contextlib
 import math
 import sys
 import warnings
@@ -166,6 +167,17 @@ def success_logits(distribution) -> torch.Tensor:
     if built_from_probs(distribution):
         return binary_logits(distribution.probs)
     return distribution.logits
+
+
+def without_autocast(device_type: str):
+    """A context with ``torch.autocast`` off for ``device_type`` where it is on, else a null
+    context: the library's products (a relaxed one-hot onto the outcomes, planar flows) would
+    otherwise run in half precision, while its relaxations keep float32 under autocast."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know (meta), old torch
+        enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

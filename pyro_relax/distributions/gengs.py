@@ -36,6 +36,7 @@ from pyro_relax._numerics import (
     tempered,
     validation_enabled,
     warn_if_learned_temperature,
+    without_autocast,
 )
 from pyro_relax.distributions.finite_discrete import (
     FiniteDiscrete,
@@ -66,13 +67,6 @@ _MAX_OUTCOMES = 100_000
 
 class TruncationWarning(UserWarning):
     """The mass beyond the last outcome of a truncated distribution exceeds the tolerance."""
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except (RuntimeError, TypeError):  # a device type autocast does not know (meta), old torch
-        return False
 
 
 class _RelaxedOneHotMap(torch.autograd.Function):
@@ -111,12 +105,7 @@ class _RelaxedOneHotMap(torch.autograd.Function):
         weights = scores - scores.amax(-1, keepdim=True)
         weights.clamp_min_(floor).masked_fill_(excluded, -math.inf).exp_()
         weights.div_(weights.sum(-1, keepdim=True))
-        if _autocast_enabled(scores.device.type):
-            # Under torch.autocast the product would run in half precision: the relaxed value
-            # keeps the dtype of the weights, as without autocast.
-            with torch.autocast(scores.device.type, enabled=False):
-                value = weights @ outcomes
-        else:
+        with without_autocast(scores.device.type):
             value = weights @ outcomes
         return weights, value.clamp(low, high)
 

@@ -37,6 +37,7 @@ from pyro_relax._numerics import (
     static_size,
     straight_through,
     validation_enabled,
+    without_autocast,
 )
 from pyro_relax._numerics import scale as scale_constraint
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete
@@ -222,7 +223,8 @@ class _IGRBase(TransformedDistribution):
         r"""A reparameterized draw :math:`y = \mu + \sigma \epsilon` of the base (one fused
         operator where ``Normal.rsample`` takes two)."""
         shape = torch.Size(sample_shape) + self.loc.shape
-        eps = torch.empty(shape, dtype=self.loc.dtype, device=self.loc.device).normal_()
+        # Out of place: vmap(randomness='different') cannot fill an unbatched tensor in place.
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         return torch.addcmul(self.loc, eps, self.scale)
 
     def _expand_parameters(self, new, batch_shape):
@@ -730,15 +732,16 @@ class IGRPlanar(_IGRBase):
     def _flow(self, y):
         """The flows' output and the sum of their log-Jacobians."""
         x, log_det = y, 0.0
-        for flow in self.flows:
-            # A layer caches its last output; one computed without gradients (by `sample`)
-            # would give log_prob no derivative by the layer's parameters.
-            cached = flow._cached_x_y[1] if flow._cache_size else None
-            if cached is not None and torch.is_grad_enabled() and not cached.requires_grad:
-                flow._cached_x_y = None, None
-            out = flow(x)
-            log_det = log_det + flow.log_abs_det_jacobian(x, out)
-            x = out
+        with without_autocast(y.device.type):  # Pyro's planar layers multiply matrices
+            for flow in self.flows:
+                # A layer caches its last output; one computed without gradients (by `sample`)
+                # would give log_prob no derivative by the layer's parameters.
+                cached = flow._cached_x_y[1] if flow._cache_size else None
+                if cached is not None and torch.is_grad_enabled() and not cached.requires_grad:
+                    flow._cached_x_y = None, None
+                out = flow(x)
+                log_det = log_det + flow.log_abs_det_jacobian(x, out)
+                x = out
         if self._validate_args and not bool(torch.isfinite(x).all()):
             # Pyro's planar layer divides by |w|^2: a layer with w = 0 gives NaN.
             raise ValueError(
@@ -858,7 +861,9 @@ class IGRCount(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()):
         z = self.simplex_dist.rsample(sample_shape)
-        count = clamp_with_identity_gradient(z @ self.outcomes, 0, self.outcomes.shape[-1] - 1)
+        with without_autocast(z.device.type):
+            count = z @ self.outcomes
+        count = clamp_with_identity_gradient(count, 0, self.outcomes.shape[-1] - 1)
         carry(count, simplex=z)
         return count
 
