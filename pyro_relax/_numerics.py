@@ -225,6 +225,10 @@ def warn_if_learned_temperature(owner: str, temperature: torch.Tensor) -> None:
         )
 
 
+# Whether a torch.func transform (grad, vmap, ...) runs; None on a torch without the check.
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def fast_apply(function: type[torch.autograd.Function]):
     """``function.apply`` for an autograd Function written with ``setup_context`` (which
     torch.func needs), without the cost of torch's ``apply`` for such Functions: it binds the
@@ -254,12 +258,11 @@ def fast_apply(function: type[torch.autograd.Function]):
         },
     )
     Twin.__name__ = Twin.__qualname__ = function.__name__
-    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if transforms_active is None:  # a torch without the check: the Function itself
+    if _TRANSFORMS_ACTIVE is None:  # a torch without the check: the Function itself
         return function.apply
 
     def apply(*args):
-        if transforms_active():
+        if _TRANSFORMS_ACTIVE():
             return function.apply(*args)
         return (traceable if torch.compiler.is_compiling() else Twin).apply(*args)
 
@@ -533,10 +536,11 @@ def known_same_shape(a: torch.Tensor, b) -> bool:
 def validation_enabled(validate_args) -> bool:
     """Whether to check values: ``validate_args``, else torch's (and Pyro's) global default.
 
-    Never while ``torch.jit.trace`` records: a check reads values on the host, which a trace
-    cannot replay (and each one would print a ``TracerWarning``).
+    Never while ``torch.jit.trace`` records or a ``torch.func`` transform runs: a check reads
+    values on the host, which a trace cannot replay (and each one would print a
+    ``TracerWarning``) and ``vmap`` cannot do at all (data-dependent control flow).
     """
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or (_TRANSFORMS_ACTIVE is not None and _TRANSFORMS_ACTIVE()):
         return False
     return Distribution._validate_args if validate_args is None else bool(validate_args)
 
