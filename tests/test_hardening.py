@@ -710,3 +710,20 @@ def test_a_temperature_of_a_larger_batch_shape_reports_per_element_attributes(tr
     if torch.is_tensor(d.truncation):
         assert d.truncation.shape == (2, 3)
     torch.testing.assert_close(d.rate, torch.tensor([[1.0], [2.0]]).expand(2, 3))
+
+
+@pytest.mark.parametrize("dtype, value", [(torch.float16, 31.5), (torch.bfloat16, 10.5)])
+def test_a_half_precision_value_between_outcomes_is_refused(dtype, value):
+    # The tolerance was a few units of the value's own dtype, half a count at these
+    # magnitudes: 31.5 in float16 was scored as 31.
+    d = pr.GenGSPoisson(torch.tensor(30.0), 0.5, 60, validate_args=True)
+    half = torch.tensor(value, dtype=dtype)
+    assert float(half) == value  # representable: certainly not a count
+    for scorer in (d, d.discrete()):
+        with pytest.raises(ValueError, match="not one of the outcomes"):
+            scorer.log_prob(half)
+        # The neighbouring counts, in the same dtype, are scored as themselves.
+        below = torch.tensor(math.floor(value), dtype=dtype)
+        assert float(scorer.log_prob(below)) == pytest.approx(
+            float(d.logits[math.floor(value)]), abs=1e-5
+        )

@@ -38,7 +38,10 @@ class _Outcomes(constraints.Constraint):
 
 def nearest_outcome(value: torch.Tensor, outcomes: torch.Tensor):
     """The distance (L1 for vector outcomes) from each value to its nearest outcome, and that
-    outcome's index; ``outcomes`` has shape ``(n,)`` or ``(n, d)``."""
+    outcome's index; ``outcomes`` has shape ``(n,)`` or ``(n, d)``. The outcomes are rounded
+    to the value's dtype first: a half-precision value is compared with the outcomes as half
+    precision holds them."""
+    outcomes = outcomes.to(value.dtype)
     if outcomes.dim() == 2:
         distance = (value.unsqueeze(-2) - outcomes).abs().sum(-1)
     else:
@@ -47,10 +50,13 @@ def nearest_outcome(value: torch.Tensor, outcomes: torch.Tensor):
 
 
 def _tolerance(value: torch.Tensor, event_dim: int) -> torch.Tensor:
-    # A few units in the last place of the value's magnitude: outcomes stored in the value's
-    # dtype compare equal to themselves however they were computed.
+    # A few units in the last place of the value's magnitude, at least float32's: outcomes
+    # stored in the value's dtype compare equal to themselves however they were computed,
+    # and a half-precision value must be an outcome as half precision rounds it (its own
+    # units were wide enough at 31.5 to take it for 31).
     magnitude = value.abs().sum(-1) if event_dim else value.abs()
-    return 16 * torch.finfo(value.dtype).eps * (1 + magnitude)
+    eps = min(torch.finfo(value.dtype).eps, torch.finfo(torch.float32).eps)
+    return 16 * eps * (1 + magnitude)
 
 
 # The attribute by which an outcome table remembers the version found distinct.
