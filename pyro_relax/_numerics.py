@@ -548,9 +548,12 @@ def validation_enabled(validate_args) -> bool:
 def check_constraint(owner: str, name: str, value, constraint) -> None:
     """Raises ``ValueError`` naming ``name`` if ``value`` violates ``constraint``.
 
-    Values on the meta device have no data and are not checked.
+    Values on the meta device have no data, and empty tensors no values: neither is checked
+    (torch's event constraints cannot reshape an empty batch).
     """
-    if value is None or (torch.is_tensor(value) and value.device.type == "meta"):
+    if value is None or (
+        torch.is_tensor(value) and (value.device.type == "meta" or not value.numel())
+    ):
         return
     checked = value.detach() if torch.is_tensor(value) else torch.as_tensor(value)
     if not bool(constraint.check(checked).all()):
