@@ -180,6 +180,17 @@ def without_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
+def relaxed_enumerate_support(distribution, expand=True):
+    """``enumerate_support`` of a relaxed sample space, which has none: raises naming the
+    class and what to enumerate instead (Pyro calls it for a site marked for enumeration)."""
+    raise NotImplementedError(
+        f"{type(distribution).__name__} relaxes a discrete variable onto a continuous sample "
+        "space, which cannot be enumerated: enumerate its discrete() distribution instead "
+        "(pyro_relax.infer.discretize puts it in the site's place), or use a straight-through "
+        "class with hard=True"
+    )
+
+
 def tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``scores / temperature``, with a finite gradient by a temperature that requires one.
 

@@ -368,3 +368,15 @@ def test_vmap_runs_with_validation_on(example):
     batch = torch.stack([params[name]] * 2)
     scores = torch.func.vmap(score, randomness="different")(batch)
     assert scores.shape[0] == 2
+
+
+@every_example
+def test_a_relaxed_sample_space_refuses_enumeration_by_name(example):
+    # A relaxed site marked for enumeration raised a bare NotImplementedError (GenGS) or was
+    # enumerated anyway and failed in log_prob (soft straight-through).
+    d = example.build()
+    if d.has_enumerate_support:
+        assert d.enumerate_support().shape[1:] == d.batch_shape + d.event_shape
+        return
+    with pytest.raises(NotImplementedError, match=f"{type(d).__name__} .*cannot be enumerated"):
+        d.enumerate_support()

@@ -29,6 +29,7 @@ from pyro_relax._numerics import (
     log_weights,
     parse_parameters,
     probability_vector,
+    relaxed_enumerate_support,
     scale,
     static_shape,
     static_size,
@@ -236,6 +237,8 @@ class TruncatedGenGS(TorchDistribution):
         >>> z.shape, d.log_prob(z).shape
         (torch.Size([2]), torch.Size([2]))
     """
+
+    enumerate_support = relaxed_enumerate_support
 
     arg_constraints = {
         "temperature": scale,

@@ -33,6 +33,7 @@ from pyro_relax._numerics import (
     one_hot,
     parse_parameters,
     probability_vector,
+    relaxed_enumerate_support,
     same_values,
     static_size,
     straight_through,
@@ -167,6 +168,8 @@ def _expanded(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class _IGRBase(TransformedDistribution):
     """Gaussian noise pushed onto the simplex: shared parameters, shapes and scoring."""
+
+    enumerate_support = relaxed_enumerate_support
 
     arg_constraints = {
         "loc": constraints.independent(location, 1),
@@ -826,6 +829,8 @@ class IGRCount(TorchDistribution):
         >>> c.shape, d.log_prob(c).shape
         (torch.Size([3]), torch.Size([3]))
     """
+
+    enumerate_support = relaxed_enumerate_support
 
     arg_constraints = _IGRBase.arg_constraints
     has_rsample = True

@@ -24,6 +24,7 @@ from pyro_relax._numerics import (
     log_weights,
     one_hot,
     probability_vector,
+    relaxed_enumerate_support,
     scale,
     static_size,
     straight_through,
@@ -204,6 +205,11 @@ class _StraightThroughCategorical(OneHotCategorical):
     @property
     def has_enumerate_support(self):
         return self.hard
+
+    def enumerate_support(self, expand=True):
+        if not self.hard:
+            relaxed_enumerate_support(self)
+        return super().enumerate_support(expand)
 
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
@@ -670,6 +676,11 @@ class _StraightThroughBernoulli(Bernoulli):
     @property
     def has_enumerate_support(self):
         return self.hard
+
+    def enumerate_support(self, expand=True):
+        if not self.hard:
+            relaxed_enumerate_support(self)
+        return super().enumerate_support(expand)
 
     def rsample(self, sample_shape=torch.Size()):
         pair = self._relaxed.rsample(sample_shape)
