@@ -737,3 +737,10 @@ def test_a_half_precision_value_between_outcomes_is_refused(dtype, value):
         assert float(scorer.log_prob(below)) == pytest.approx(
             float(d.logits[math.floor(value)]), abs=1e-5
         )
+
+
+@pytest.mark.parametrize("total_count", [10**12, torch.tensor([3.0, 1e12])])
+def test_a_binomial_too_large_to_enumerate_names_its_total_count(total_count):
+    # It failed in torch's allocator (4e12 bytes) instead.
+    with pytest.raises(ValueError, match=r"`total_count` up to \d+ gives more than 100000"):
+        pr.GenGSBinomial(total_count, 0.5, probs=0.3)

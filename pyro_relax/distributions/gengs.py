@@ -774,6 +774,11 @@ class GenGSBinomial(GenGS):
             base = check_base(type(self).__name__, base, validation_enabled(validate_args))[0]
             counts = base.total_count
             truncation = max(int(counts.max()) + 1 if counts.numel() else 0, 2)
+        if truncation > _MAX_OUTCOMES:
+            raise ValueError(
+                f"GenGSBinomial: `total_count` up to {truncation - 1} gives more than "
+                f"{_MAX_OUTCOMES} outcomes to enumerate"
+            )
         super().__init__(
             base,
             temperature,
