@@ -744,3 +744,28 @@ def test_a_binomial_too_large_to_enumerate_names_its_total_count(total_count):
     # It failed in torch's allocator (4e12 bytes) instead.
     with pytest.raises(ValueError, match=r"`total_count` up to \d+ gives more than 100000"):
         pr.GenGSBinomial(total_count, 0.5, probs=0.3)
+
+
+@pytest.mark.parametrize(
+    "dtype, rate, truncation",
+    [
+        (torch.float32, 1e4, 11_300),
+        (torch.float32, 1e3, 1_420),
+        (torch.float32, 100.0, 250),
+        (torch.float64, 3e4, 36_616),
+    ],
+)
+def test_the_far_poisson_tail_at_large_rates(dtype, rate, truncation):
+    # Below tiny / eps the tail bin is a geometric bound whose ratio was clamped at 1/2: at a
+    # rate of 1e4 the bin held 0.23 of its mass and its derivative was 4.3 times too large.
+    # Tolerance: the bound is within 1% where it is used (and the float32 head's rounding).
+    rate_tensor = torch.tensor(rate, dtype=dtype, requires_grad=True)
+    d = pr.GenGSPoisson(rate_tensor, 0.5, truncation, tail_tolerance=None)
+    last = d.logits[-1]
+    (derivative,) = torch.autograd.grad(last, rate_tensor)
+    m = truncation - 1
+    expected = math.log(scipy.special.gammainc(m, rate))
+    # d/drate log P(X >= m) = pmf(m - 1) / P(X >= m).
+    log_pmf = (m - 1) * math.log(rate) - rate - math.lgamma(m)
+    assert float(last.detach()) == pytest.approx(expected, abs=0.02)
+    assert float(derivative) == pytest.approx(math.exp(log_pmf - expected), rel=0.02)

@@ -86,8 +86,11 @@ class _PoissonLogTail(torch.autograd.Function):
 
     @staticmethod
     def forward(rate, log_rate, k):
-        # gammainc underflows far in the tail; there rate << m and the geometric series
-        # pmf(m) / (1 - rate / (m + 1)) bounds the tail to relative error O(rate / m^2).
+        # gammainc underflows far in the tail (below tiny / eps); there m exceeds the rate by
+        # many standard deviations and the geometric series pmf(m) / (1 - rate / (m + 1))
+        # bounds the tail from above, within 1% where it is used (rates 10 to 1e6, measured
+        # against scipy). The ratio is clamped below 1 only so that the branch stays finite
+        # where it is not used (clamped at 1/2 it was 3.7 off in log at a rate of 1e6).
         m, at_zero = _tail_count(k)
         if torch.is_tensor(k):
             m_tensor, ratio = m, -(rate / (m + 1))
@@ -97,7 +100,7 @@ class _PoissonLogTail(torch.autograd.Function):
         tail = torch.special.gammainc(m_tensor, rate)
         finfo = torch.finfo(tail.dtype)
         accurate = tail > finfo.tiny / finfo.eps  # gammainc loses relative accuracy in subnormals
-        series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(ratio.clamp(min=-0.5))
+        series = _log_pmf_of_rate(rate, log_rate, m) - torch.log1p(ratio.clamp(min=finfo.eps - 1))
         log_tail = torch.where(accurate, torch.log(torch.where(accurate, tail, 1.0)), series)
         return _zero_at(log_tail, at_zero)
 
