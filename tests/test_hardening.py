@@ -16,10 +16,10 @@ import torch
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.optim import Adam
-from torch.distributions import kl_divergence
+from torch.distributions import NegativeBinomial, Poisson, kl_divergence
 
 import pyro_relax as pr
-from pyro_relax.distributions.truncation import truncated_log_probs
+from pyro_relax.distributions.truncation import automatic_truncation, truncated_log_probs
 
 _f64 = torch.float64
 
@@ -769,3 +769,23 @@ def test_the_far_poisson_tail_at_large_rates(dtype, rate, truncation):
     log_pmf = (m - 1) * math.log(rate) - rate - math.lgamma(m)
     assert float(last.detach()) == pytest.approx(expected, abs=0.02)
     assert float(derivative) == pytest.approx(math.exp(log_pmf - expected), rel=0.02)
+
+
+@pytest.mark.parametrize("max_truncation", [None, 20_000])
+def test_automatic_truncation_in_float32_captures_the_mass_asked(max_truncation):
+    # The search summed the float32 head, which loses about rate * eps: at a rate of 1e4 the
+    # truncation captured 0.99900 of the mass where 0.99999 was asked, and a NegativeBinomial
+    # of total count 1e4 was said to need more than 65536 outcomes.
+    rate = torch.tensor([1e4, 1e3])
+    n = torch.as_tensor(automatic_truncation(Poisson(rate), 0.99999, max_truncation)).expand(2)
+    assert (scipy.stats.poisson.cdf(n.numpy() - 2, rate.numpy()) >= 0.99999).all()
+    # The smallest such truncation (per element when capped, else for the batch's maximum):
+    # one fewer outcome would not capture the mass.
+    minimal = scipy.stats.poisson.cdf(n.numpy() - 3, rate.numpy()) < 0.99999
+    assert minimal.all() if max_truncation else minimal.any()
+    negative = NegativeBinomial(torch.tensor(1e4), probs=torch.tensor(0.5))
+    k = automatic_truncation(negative, 0.999)
+    # torch's convention: successes of probability p before r failures (scipy's nbinom with 1 - p).
+    assert (
+        scipy.stats.nbinom.cdf(k - 2, 1e4, 0.5) >= 0.999 > scipy.stats.nbinom.cdf(k - 3, 1e4, 0.5)
+    )
