@@ -74,6 +74,18 @@ class Relaxation:
     simplex: torch.Tensor | None = None
 
 
+def allow_in_torch_load(*classes) -> None:
+    """Lets ``torch.load``'s default (``weights_only=True``, torch 2.6 on) read a saved relaxed
+    sample: its record and the classes a record names (a torch without the allow-list needs
+    nothing)."""
+    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
+    if add_safe_globals is not None:
+        add_safe_globals(list(classes))
+
+
+allow_in_torch_load(Relaxation)
+
+
 def relaxation_of(value) -> Relaxation | None:
     r"""The :class:`Relaxation` record a relaxed sample carries, or ``None``.
 

@@ -19,7 +19,7 @@ from pyro.distributions.transforms import Planar
 from torch.distributions.transforms import Transform
 from torch.distributions.utils import lazy_property
 
-from pyro_relax._carry import carried, carry, relaxation_of
+from pyro_relax._carry import allow_in_torch_load, carried, carry, relaxation_of
 from pyro_relax._numerics import (
     check_constraint,
     check_count,
@@ -782,6 +782,10 @@ class IGRPlanar(_IGRBase):
         """The discrete distribution of the limit :math:`\\tau \\to 0` (Proposition 1 applied to
         the flows' output), estimated from ``num_samples`` draws."""
         return self._monte_carlo_categorical(num_samples)
+
+
+# A record names the family that drew its pre-image (Relaxation.source).
+allow_in_torch_load(IGR, IGRStickBreaking, IGRPlanar)
 
 
 def _flow_tensors(flow):
