@@ -789,3 +789,52 @@ def test_automatic_truncation_in_float32_captures_the_mass_asked(max_truncation)
     assert (
         scipy.stats.nbinom.cdf(k - 2, 1e4, 0.5) >= 0.999 > scipy.stats.nbinom.cdf(k - 3, 1e4, 0.5)
     )
+
+
+def _igr_probs_by_scipy(loc, scale):
+    # P(H = k) = int_0^inf phi_k(t) prod_{j != k} Phi_j(t) dt, adaptive quadrature split
+    # around every mean (where a narrow coordinate's density and step lie); P(H = K) =
+    # prod_j Phi(-mu_j / sigma_j).
+    import scipy.integrate
+
+    probs = []
+    for k in range(len(loc)):
+
+        def integrand(t, k=k):
+            others = [scipy.stats.norm.cdf(t, loc[j], scale[j]) for j in range(len(loc)) if j != k]
+            return scipy.stats.norm.pdf(t, loc[k], scale[k]) * np.prod(others)
+
+        upper = max(m + 40 * s for m, s in zip(loc, scale, strict=True))
+        around = (m + c * s for m, s in zip(loc, scale, strict=True) for c in (-8, -2, 0, 2, 8))
+        cuts = sorted({0.0, upper, *(t for t in around if 0 < t < upper)})
+        probs.append(
+            sum(
+                scipy.integrate.quad(integrand, a, b, epsabs=1e-15, epsrel=1e-12, limit=500)[0]
+                for a, b in itertools.pairwise(cuts)
+            )
+        )
+    probs.append(np.prod([scipy.stats.norm.cdf(-m / s) for m, s in zip(loc, scale, strict=True)]))
+    return np.array(probs)
+
+
+@pytest.mark.parametrize(
+    "loc, scale, dtype",
+    [
+        ([1.0, 0.0], [0.01, 10.0], _f64),
+        ([1.0, 0.0], [1e-4, 1e3], _f64),
+        ([0.5, 0.3], [1.0, 100.0], _f64),
+        ([0.0, 0.0, 0.0], [1e-4, 1.0, 1e3], _f64),
+        ([2.0, -1.0, 0.5], [0.3, 2.0, 1.0], torch.float32),
+        ([1000.0, 999.99988, 1000.0], [1e-4, 1e-4, 1e-4], torch.float32),
+    ],
+)
+def test_igr_categorical_is_accurate_whatever_the_scales(loc, scale, dtype):
+    # The quadrature ran in each coordinate's standardized variable, which missed the CDF steps
+    # of much narrower coordinates: 3e-3 off at a scale ratio of 1000; in float32, loc 1e3 with
+    # scale 1e-4 was 3e-3 off and summed to 1.004. Tolerance: float64 quadrature, or float32's
+    # rounding of the result.
+    loc_t, scale_t = torch.tensor(loc, dtype=dtype), torch.tensor(scale, dtype=dtype)
+    expected = _igr_probs_by_scipy(loc_t.double().tolist(), scale_t.double().tolist())
+    probs = pr.IGR(loc_t, scale_t, 0.5).categorical().probs
+    tolerance = 1e-10 if dtype == _f64 else 1e-6
+    np.testing.assert_allclose(probs.double().numpy(), expected, atol=tolerance, rtol=0)
