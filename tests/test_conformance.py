@@ -338,39 +338,25 @@ def test_autocast_changes_neither_samples_nor_densities(example):
 
 
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.static_shapes], ids=lambda e: e.id)
-def test_vmap_draws_different_noise_per_batch_element(example):
+def test_vmap_draws_different_noise_with_validation_on(example):
     # randomness="different" (the README names it): the IGR family filled its Gaussian noise
-    # in place, which vmap refuses on an unbatched tensor.
+    # in place, which vmap refuses on an unbatched tensor. With validation on (Pyro's
+    # default), every class failed with torch's "data-dependent control flow" error from its
+    # own parameter check.
     params = example.parameters()
     name = next(name for name, value in params.items() if value.is_floating_point())
 
     def draw(x):
-        d = example.build({**params, name: x}, validate_args=False)
-        return d.rsample()
+        d = example.build({**params, name: x}, validate_args=True)
+        value = d.rsample()
+        return value, d.log_prob(value)
 
     batch = torch.stack([params[name]] * 16)
     torch.manual_seed(0)
-    values = torch.func.vmap(draw, randomness="different")(batch)
-    assert values.shape[0] == 16 and torch.isfinite(values).all()
+    values, scores = torch.func.vmap(draw, randomness="different")(batch)
+    assert values.shape[0] == scores.shape[0] == 16 and torch.isfinite(values).all()
     # Hard or cold values may repeat an outcome, but not over 16 independent draws.
     assert not all(torch.equal(values[0], row) for row in values[1:])
-
-
-@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.static_shapes], ids=lambda e: e.id)
-def test_vmap_runs_with_validation_on(example):
-    # With Pyro's default validation on, every class failed inside vmap with torch's
-    # "data-dependent control flow" error from its own parameter check.
-    params = example.parameters()
-    name = next(name for name, value in params.items() if value.is_floating_point())
-
-    def score(x):
-        d = example.build({**params, name: x}, validate_args=True)
-        value = d.rsample()
-        return d.log_prob(value)
-
-    batch = torch.stack([params[name]] * 2)
-    scores = torch.func.vmap(score, randomness="different")(batch)
-    assert scores.shape[0] == 2
 
 
 @every_example
