@@ -14,10 +14,12 @@ backward. That class computes softmax++ as ``exp(y / tau)`` over its sum plus ``
 overflows for ``y / tau`` above about 88 in float32) and its density without the last
 coordinate's term; IGR computes in log space and carries ``log z`` for its density. A last
 row times the one reduction IGR's map makes that relaxit's leaves out, the row maximum of the
-``(100, 20, K)`` logits, against relaxit's rsample + backward. The two rows before it take
-IGR's Python away: IGR's operators alone (the Gaussian draw and softmax++, no distribution
-object), then the same arithmetic as one autograd node (no Python between the operators, one
-node in the graph), which bounds what fusing them could gain.
+``(100, 20, K)`` logits, against relaxit's rsample + backward. The rows before it take IGR's
+Python away: IGR's operators alone (the Gaussian draw and softmax++, no distribution object),
+then the same arithmetic as one autograd node (no Python between the operators, one node in
+the graph), which bounds what fusing them could gain; then the least a stable softmax++
+computes (shifted by the row maximum, plain autograd, without ``log z`` and without the
+library's sum-to-one and top-gradient accuracy), which measures what those guarantees cost.
 
     python benchmarks/bench_igr.py [--repeats 30] [--number 20] [--device cpu|cuda]
 """
@@ -204,6 +206,36 @@ def compare_one_node(cls, num_categories, device, repeats, number):
     return alternate((run_relaxit, run_one_node), device, repeats, number)
 
 
+def _without_correction(loc, scale, eps, temperature, log_delta):
+    """softmax++ of the pre-image ``loc + scale * eps`` as the least a stable map computes:
+    shifted by the row maximum (taken without a gradient: the map does not depend on it), plain
+    autograd, no ``log z`` and none of the library's two accuracy guarantees (the top
+    coordinate recomputed as one minus the others, so that float32 samples pass torch's simplex
+    check for any K; its gradient accurate where it rounds to 1). A measuring device for what
+    those cost, not a code path of the library."""
+    scaled = torch.addcmul(loc, eps, scale) / temperature
+    with torch.no_grad():
+        shift = scaled.amax(-1, keepdim=True).clamp(min=log_delta)
+    weights = (scaled - shift).exp()
+    last = (log_delta - shift).exp()
+    return torch.cat([weights, last], -1) / (weights.sum(-1, keepdim=True) + last)
+
+
+def compare_without_correction(cls, num_categories, device, repeats, number):
+    """Median ms of (relaxit's rsample + backward, the stable map without the library's
+    accuracy guarantees)."""
+    loc, scale, _, temperature = _inputs(num_categories, device)
+    log_delta = torch.zeros((), device=device)
+    run_relaxit = _relaxit_step(cls, loc, scale, temperature)
+
+    def run_stable():
+        eps = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device)
+        _without_correction(loc, scale, eps, temperature, log_delta).sum().backward()
+        loc.grad = scale.grad = None
+
+    return alternate((run_relaxit, run_stable), device, repeats, number)
+
+
 def relaxit_table(cls, device, repeats, number) -> str:
     lines = [f"{'K':>4}  {'step':<29}  {'relaxit ms':>10}  {'IGR ms':>9}  {'IGR/relaxit':>11}"]
     for k in CATEGORIES:
@@ -220,6 +252,7 @@ def relaxit_table(cls, device, repeats, number) -> str:
     for step, compare_side in (
         ("IGR's operators alone", compare_bare_operators),
         ("IGR's arithmetic, one node", compare_one_node),
+        ("stable, no accuracy fixes", compare_without_correction),
         ("row maximum alone (IGR side)", compare_row_maximum),
     ):
         for k in CATEGORIES:

@@ -240,7 +240,8 @@ def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
     table = bench_igr.relaxit_table(_PlainInvertibleGaussian, torch.device("cpu"), 1, 1)
     rows = table.splitlines()[1:]
     steps = ["construction only", "rsample + backward", "rsample + log_prob + backward"]
-    steps += ["IGR's operators alone", "IGR's arithmetic, one node", "row maximum alone (IGR side)"]
+    steps += ["IGR's operators alone", "IGR's arithmetic, one node", "stable, no accuracy fixes"]
+    steps += ["row maximum alone (IGR side)"]
     expected = [(k, step) for step in steps for k in bench_igr.CATEGORIES]
     assert [(int(row[:4]), row[6:35].strip()) for row in rows] == expected
     for row in rows:
@@ -275,6 +276,34 @@ def test_the_one_node_igr_computes_what_igr_computes(monkeypatch):
     )
     library = sample_and_gradients(lambda: softmax.simplex_and_log(torch.addcmul(loc, eps, scale)))
     for a, b in zip(fused, library, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_stable_map_without_accuracy_fixes_computes_softmax_plus_plus(monkeypatch):
+    # bench_igr's cheapest stable map measures what the library's guarantees cost only if it
+    # computes the same sample and gradients (float64, away from the float32 limits those
+    # guarantees are for).
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_igr
+
+    generator = torch.Generator().manual_seed(1)
+    loc = torch.randn(4, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    scale = (0.5 + torch.rand(4, 6, dtype=torch.float64, generator=generator)).requires_grad_()
+    eps = torch.randn(4, 6, dtype=torch.float64, generator=generator)
+    weights = torch.randn(4, 7, dtype=torch.float64, generator=generator)
+    temperature = torch.tensor(0.5, dtype=torch.float64)
+    softmax = SoftmaxPlusPlusTransform(temperature)
+
+    def sample_and_gradients(draw):
+        z = draw()
+        return (z, *torch.autograd.grad((z * weights).sum(), (loc, scale)))
+
+    log_delta = torch.zeros((), dtype=torch.float64)
+    plain = sample_and_gradients(
+        lambda: bench_igr._without_correction(loc, scale, eps, temperature, log_delta)
+    )
+    library = sample_and_gradients(lambda: softmax(torch.addcmul(loc, eps, scale)))
+    for a, b in zip(plain, library, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
