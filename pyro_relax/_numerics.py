@@ -651,6 +651,16 @@ def as_float(owner: str, name: str, value, dtype=None, device=None) -> torch.Ten
     return tensor
 
 
+def common_dtype_and_device(owner: str, params: dict):
+    """The dtype and device :func:`parse_parameters` converts ``params`` to: those of the first
+    tensor (the dtype of the first floating one, half precision computed in float32), else the
+    default dtype and no device. Raises ``ValueError`` naming both for two devices."""
+    tensors = {name: value for name, value in params.items() if torch.is_tensor(value)}
+    device = check_devices(owner, tensors)
+    floating = [v.dtype for v in tensors.values() if v.is_floating_point()]
+    return (_compute_dtype(floating[0]) if floating else torch.get_default_dtype()), device
+
+
 def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: bool):
     """Converts a distribution's parameters to tensors of one dtype on one device, checks them
     and finds their batch shape.
@@ -669,10 +679,7 @@ def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: 
     Returns:
         ``(tensors, batch_shape)``: a dict with the same keys, and the broadcast batch shape.
     """
-    tensors = {name: value for name, value in params.items() if torch.is_tensor(value)}
-    device = check_devices(owner, tensors)
-    floating = [v.dtype for v in tensors.values() if v.is_floating_point()]
-    dtype = _compute_dtype(floating[0]) if floating else torch.get_default_dtype()
+    dtype, device = common_dtype_and_device(owner, params)
     parsed, batch_shape, shaped_by = {}, torch.Size(), None
     for name, value in params.items():
         if value is None:
@@ -727,7 +734,8 @@ def categorical_parameters(
     raw = {name: probs if probs is not None else logits, "temperature": temperature}
     if event_dim:
         if not torch.is_tensor(raw[name]):
-            raw[name] = as_float(owner, name, raw[name])
+            # In the dtype the parse below chooses (a float64 temperature makes a list float64).
+            raw[name] = as_float(owner, name, raw[name], *common_dtype_and_device(owner, raw))
         if raw[name].dim() < 1 or static_size(raw[name].shape[-1]) < 2:
             raise ValueError(f"{owner}: `{name}` needs a last dimension of at least 2 {what}")
     parsed, batch_shape = parse_parameters(owner, raw, arg_constraints, validate)

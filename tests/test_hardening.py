@@ -838,3 +838,22 @@ def test_igr_categorical_is_accurate_whatever_the_scales(loc, scale, dtype):
     probs = pr.IGR(loc_t, scale_t, 0.5).categorical().probs
     tolerance = 1e-10 if dtype == _f64 else 1e-6
     np.testing.assert_allclose(probs.double().numpy(), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: pr.STGSCategorical(t, logits=[0.0, 1.0, 2.0]),
+        lambda t: pr.TruncatedGenGS(t, logits=[0.0, 1.0]),
+        lambda t: pr.GenGSMultinomial(2, t, probs=[0.3, 0.7]),
+        lambda t: pr.IGR([0.0, 0.0], [1.0, 1.0], t),
+        lambda t: pr.IGRStickBreaking([0.0, 0.0], [1.0, 1.0], t),
+        lambda t: pr.GenGSPoisson(2.0, t, 10),
+        lambda t: pr.STBernoulli(t, probs=[0.3]),
+    ],
+)
+def test_a_list_parameter_takes_the_dtype_of_the_first_floating_tensor(make):
+    # README: lists are converted to the dtype of the first floating tensor. A list of logits
+    # or locations became a float32 tensor first, and a float64 temperature was cast down.
+    d = make(torch.tensor(0.5, dtype=_f64))
+    assert d.rsample().dtype == _f64 and d.temperature.dtype == _f64

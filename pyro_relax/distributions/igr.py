@@ -198,7 +198,9 @@ class _IGRBase(TransformedDistribution):
         # only where they are not already tensors of one shape: it costs tens of microseconds
         # at every construction).
         if not (torch.is_tensor(loc) and torch.is_tensor(scale) and known_same_shape(loc, scale)):
-            params, _ = parse_parameters(owner, {"loc": loc, "scale": scale}, {}, validate=False)
+            # With the temperature and delta: they take part in choosing the dtype.
+            params = {"loc": loc, "scale": scale, "temperature": temperature, "delta": delta}
+            params, _ = parse_parameters(owner, params, {}, validate=False)
             loc, scale = torch.broadcast_tensors(params["loc"], params["scale"])
         if loc.dim() < 1 or static_size(loc.shape[-1]) < 1:
             raise ValueError(f"{owner}: `loc` needs a last dimension of K - 1 >= 1 coordinates")
