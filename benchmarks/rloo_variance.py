@@ -52,12 +52,12 @@ Run from the project root::
 import argparse
 import math
 import statistics
-import time
 
+import bench_gengs
 import pyro
 import pyro.distributions as dist
 import torch
-from bench_gengs import machine
+from bench_gengs import add_clock_option, machine, use_clock
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 from pyro_relax.infer.rloo import TraceRLOO_ELBO
@@ -141,9 +141,9 @@ def milliseconds(variants, repeats) -> dict:
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, (elbo, infer, _) in variants.items():
-            start = time.perf_counter()
+            start = bench_gengs.clock()
             gradients(elbo, infer, 1)
-            times[name].append(1e3 * (time.perf_counter() - start))
+            times[name].append(1e3 * (bench_gengs.clock() - start))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -257,9 +257,9 @@ def minibatch_draws(variants, logits, data, draws, generator):
     for _ in range(draws):
         indices.append(torch.randperm(ITEMS, generator=generator)[:SUBSAMPLE])
         for name, (elbo, infer) in variants.items():
-            start = time.perf_counter()
+            start = bench_gengs.clock()
             grads[name].append(minibatch_gradient(elbo, infer, indices[-1], data))
-            seconds[name] += time.perf_counter() - start
+            seconds[name] += bench_gengs.clock() - start
     grads = {name: torch.stack(values) for name, values in grads.items()}
     return grads, torch.stack(indices), {name: value / draws for name, value in seconds.items()}
 
@@ -364,11 +364,13 @@ def main(argv=None) -> None:
     parser.add_argument("--table", choices=("fixed", "minibatch", "both"), default="both")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    add_clock_option(parser)
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
-    print(machine(torch.device("cpu")) + "\n")
+    print(machine(torch.device("cpu")))
+    print(use_clock(args.clock, torch.device("cpu")) + "\n")
     if args.table in ("fixed", "both"):
         fixed_table(args)
     if args.table == "both":

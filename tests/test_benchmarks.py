@@ -213,6 +213,18 @@ def test_the_cpu_clock_does_not_count_waiting(bench_gengs):
     assert wall_ms >= 50 and cpu_ms < 10
 
 
+def test_every_timing_script_takes_the_clock_option():
+    # docs/performance.md and benchmarks/README.md: --clock is in every timing script;
+    # rloo_variance.py timed with time.perf_counter and had no --clock.
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        if script.name in ("bench_gengs.py", "gpu_check.py"):
+            continue  # the clocks themselves; a budget's wall time
+        source = script.read_text()
+        assert "perf_counter" not in source and "process_time" not in source, script.name
+        if any(name in source for name in ("time_per_call", "alternate", "clock()")):
+            assert "add_clock_option(parser)" in source, script.name
+
+
 def test_the_cpu_clock_is_refused_for_a_gpu(bench_gengs):
     with pytest.raises(SystemExit, match="wall clock"):
         bench_gengs.use_clock("cpu", torch.device("cuda"))

@@ -586,7 +586,8 @@ class GenGSPoisson(GenGS):
         \pi_{n-1} = P(n - 1, \lambda),
 
     where :math:`P(a, x)` is the regularized lower incomplete gamma function. See :class:`GenGS`
-    for the relaxation, the truncation options and the meaning of ``log_prob``.
+    for the truncation options and :class:`TruncatedGenGS` for the relaxation and the meaning
+    of ``log_prob``.
 
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.

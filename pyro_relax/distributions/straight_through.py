@@ -542,7 +542,7 @@ class GappedSTCategorical(_StraightThroughCategorical):
 class GappedST(GappedSTCategorical):
     r"""The gapped straight-through version of a ``Categorical`` or ``OneHotCategorical``.
 
-    ``GappedST(base_dist, temperature, gap)`` is :class:`GappedSTCategorical` with the
+    ``GappedST(base_dist, temperature, gap=...)`` is :class:`GappedSTCategorical` with the
     parameters of ``base_dist`` (its ``probs`` if it was built from them, else its
     ``logits``); ``base_dist`` is kept as :attr:`base_dist`. The forward value is the one-hot
     draw :math:`D` and the gradient is that of the gapped surrogate

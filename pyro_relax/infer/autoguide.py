@@ -174,7 +174,8 @@ class AutoRelaxed(AutoGuide):
       model's ``outcomes`` and ``hard``, initialized to the prior's log-PMF (outcomes the
       prior excludes with a ``-inf`` logit stay excluded).
     - ``IGR``, ``IGRStickBreaking`` and ``IGRCount``: the same class with learnable
-      :math:`\mu, \sigma` and the model's ``delta``, ``hard`` and ``precision``, initialized
+      :math:`\mu, \sigma` and the model's ``delta`` (and, where the class takes them, its
+      ``hard`` (IGR) and ``precision`` (IGR-SB, IGRCount)), initialized
       to the prior's ``loc`` and ``init_scale`` times its ``scale`` (the default 1 starts the
       guide at the prior, where the KL term is 0).
     - ``IGRPlanar``: ``IGRPlanar`` with learnable :math:`\mu, \sigma` and the *model's* flows
