@@ -21,10 +21,12 @@ from torch.distributions.utils import lazy_property
 
 from pyro_relax._carry import allow_in_torch_load, carried, carry, relaxation_of
 from pyro_relax._numerics import (
+    as_float,
     check_constraint,
     check_count,
     check_flag,
     clamp_with_identity_gradient,
+    common_dtype_and_device,
     finite_positive,
     finite_real,
     is_integer,
@@ -198,9 +200,15 @@ class _IGRBase(TransformedDistribution):
         # only where they are not already tensors of one shape: it costs tens of microseconds
         # at every construction).
         if not (torch.is_tensor(loc) and torch.is_tensor(scale) and known_same_shape(loc, scale)):
-            # With the temperature and delta: they take part in choosing the dtype.
-            params = {"loc": loc, "scale": scale, "temperature": temperature, "delta": delta}
-            params, _ = parse_parameters(owner, params, {}, validate=False)
+            # The temperature and delta take part in choosing the dtype, not in these shapes.
+            everything = {"loc": loc, "scale": scale, "temperature": temperature, "delta": delta}
+            dtype, device = common_dtype_and_device(owner, everything)
+            params, _ = parse_parameters(
+                owner,
+                {"loc": as_float(owner, "loc", loc, dtype, device), "scale": scale},
+                {},
+                validate=False,
+            )
             loc, scale = torch.broadcast_tensors(params["loc"], params["scale"])
         if loc.dim() < 1 or static_size(loc.shape[-1]) < 1:
             raise ValueError(f"{owner}: `loc` needs a last dimension of K - 1 >= 1 coordinates")
