@@ -143,7 +143,12 @@ def binary_log_probs(distribution) -> torch.Tensor:
     its ``logits``, each finite where the other underflows."""
     if built_from_probs(distribution):
         p = distribution.probs
-        return torch.stack([torch.log1p(-p), log_of_probs(p)], -1)
+        # log(1 - p) with -inf at p = 1 from a constant, so that its gradient there is 0 (as
+        # log_of_probs's at p = 0), not 0 * inf = NaN.
+        below_one = p < 1
+        log_fail = torch.log1p(-torch.where(below_one, p, torch.zeros_like(p)))
+        log_fail = torch.where(below_one, log_fail, torch.full_like(p, -math.inf))
+        return torch.stack([log_fail, log_of_probs(p)], -1)
     logits = distribution.logits
     return torch.stack([-F.softplus(logits), -F.softplus(-logits)], -1)
 

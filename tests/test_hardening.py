@@ -600,8 +600,15 @@ def test_straight_through_bernoullis_keep_small_probabilities_exactly(name):
     assert kl_divergence(make(0.5, probs=torch.tensor(0.0)), never) == 0
     torch.manual_seed(0)
     for p, drawn in ((0.0, 0.0), (1.0, 1.0)):
-        draws = make(0.5, probs=torch.tensor(p)).rsample((500,))
+        probs = torch.tensor(p, requires_grad=True)
+        d = make(0.5, probs=probs)
+        draws = d.rsample((500,))
         assert torch.equal(draws, torch.full((500,), drawn))
+        # The certain value scores 0 and the gradients stay numbers (no 0 * inf).
+        other = make(0.5, probs=torch.tensor(0.5))
+        loss = d.log_prob(draws).sum() + kl_divergence(d, other.discrete())
+        (gradient,) = torch.autograd.grad(loss, probs)
+        assert float(d.log_prob(draws[:1]).detach()) == 0.0 and torch.isfinite(gradient)
 
 
 def test_count_classes_keep_small_probabilities_exactly():
