@@ -263,9 +263,12 @@ def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
             assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.01)
 
 
-def test_the_one_node_igr_computes_what_igr_computes(monkeypatch):
-    # bench_igr's single-node draw is a bound on what fusing IGR could gain only if it computes
-    # the same sample and gradients as the library's softmax++ of the same pre-image.
+@pytest.mark.parametrize("device", ["one node", "stable, no accuracy fixes"])
+def test_bench_igrs_measuring_devices_compute_what_igr_computes(monkeypatch, device):
+    # bench_igr's single-node draw bounds what fusing IGR could gain, and its cheapest stable
+    # map measures what the library's guarantees cost, only if each computes the same sample
+    # (and log z, where it gives one) and gradients as the library's softmax++ of the same
+    # pre-image (float64, away from the float32 limits those guarantees are for).
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_igr
 
@@ -275,47 +278,20 @@ def test_the_one_node_igr_computes_what_igr_computes(monkeypatch):
     eps = torch.randn(4, 6, dtype=torch.float64, generator=generator)
     weights = torch.randn(4, 7, dtype=torch.float64, generator=generator)
     temperature = torch.tensor(0.5, dtype=torch.float64)
-    log_delta = torch.zeros(1, dtype=torch.float64)
     softmax = SoftmaxPlusPlusTransform(temperature)
+    if device == "one node":
+        log_delta = torch.zeros(1, dtype=torch.float64)
+        measured = bench_igr._OneNode.apply(loc, scale, eps, temperature, log_delta)
+    else:
+        log_delta = torch.zeros((), dtype=torch.float64)
+        measured = (bench_igr._without_correction(loc, scale, eps, temperature, log_delta),)
+    library = softmax.simplex_and_log(torch.addcmul(loc, eps, scale))[: len(measured)]
 
-    def sample_and_gradients(draw):
-        z, log_z = draw()
-        loss = (z * weights).sum() + log_z.sum()
-        return (z, log_z, *torch.autograd.grad(loss, (loc, scale)))
+    def with_gradients(outputs):
+        loss = (outputs[0] * weights).sum() + sum(extra.sum() for extra in outputs[1:])
+        return (*outputs, *torch.autograd.grad(loss, (loc, scale)))
 
-    fused = sample_and_gradients(
-        lambda: bench_igr._OneNode.apply(loc, scale, eps, temperature, log_delta)
-    )
-    library = sample_and_gradients(lambda: softmax.simplex_and_log(torch.addcmul(loc, eps, scale)))
-    for a, b in zip(fused, library, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-def test_the_stable_map_without_accuracy_fixes_computes_softmax_plus_plus(monkeypatch):
-    # bench_igr's cheapest stable map measures what the library's guarantees cost only if it
-    # computes the same sample and gradients (float64, away from the float32 limits those
-    # guarantees are for).
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import bench_igr
-
-    generator = torch.Generator().manual_seed(1)
-    loc = torch.randn(4, 6, dtype=torch.float64, generator=generator).requires_grad_()
-    scale = (0.5 + torch.rand(4, 6, dtype=torch.float64, generator=generator)).requires_grad_()
-    eps = torch.randn(4, 6, dtype=torch.float64, generator=generator)
-    weights = torch.randn(4, 7, dtype=torch.float64, generator=generator)
-    temperature = torch.tensor(0.5, dtype=torch.float64)
-    softmax = SoftmaxPlusPlusTransform(temperature)
-
-    def sample_and_gradients(draw):
-        z = draw()
-        return (z, *torch.autograd.grad((z * weights).sum(), (loc, scale)))
-
-    log_delta = torch.zeros((), dtype=torch.float64)
-    plain = sample_and_gradients(
-        lambda: bench_igr._without_correction(loc, scale, eps, temperature, log_delta)
-    )
-    library = sample_and_gradients(lambda: softmax(torch.addcmul(loc, eps, scale)))
-    for a, b in zip(plain, library, strict=True):
+    for a, b in zip(with_gradients(measured), with_gradients(library), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
