@@ -147,18 +147,14 @@ class _RelaxedOneHotMap(torch.autograd.Function):
         # Forward mode: dw = w (t - <w, t>) and dz = dw c + w dc (the clamp's derivative is the
         # identity's, as in the backward).
         weights, outcomes = ctx.saved_tensors
-        if scores_tangent is None:
+        if scores_tangent is None:  # only the outcomes carry a tangent
             weights_tangent = torch.zeros_like(weights)
-            value_tangent = None
         else:
             inner = (weights * scores_tangent).sum(-1, True)
             weights_tangent = weights * (scores_tangent - inner)
-            value_tangent = weights_tangent @ outcomes
+        value_tangent = weights_tangent @ outcomes
         if outcomes_tangent is not None:
-            moved = weights @ outcomes_tangent
-            value_tangent = moved if value_tangent is None else value_tangent + moved
-        if value_tangent is None:
-            value_tangent = torch.zeros_like(weights @ outcomes)
+            value_tangent = value_tangent + weights @ outcomes_tangent
         return weights_tangent, value_tangent
 
 
@@ -166,9 +162,7 @@ def _outcomes_gradient(weights, grad_value, outcomes):
     r"""The gradient of :math:`z = w c` by the outcomes :math:`c`, summed over the batch:
     :math:`\sum_b w_b^\top (\partial L / \partial z_b)`, the shape of ``outcomes``."""
     flat_weights = weights.reshape(-1, weights.shape[-1])
-    if outcomes.dim() == 1:
-        return flat_weights.T @ grad_value.reshape(-1).to(weights.dtype)
-    return flat_weights.T @ grad_value.reshape(-1, outcomes.shape[-1]).to(weights.dtype)
+    return flat_weights.T @ grad_value.reshape(-1, *outcomes.shape[1:])
 
 
 _relaxed_one_hot_map = fast_apply(_RelaxedOneHotMap)

@@ -689,11 +689,12 @@ class _StraightThroughBernoulli(Bernoulli):
     def log_prob(self, value):
         if not built_from_probs(self):
             return super().log_prob(value)
-        # Bernoulli's, from the probability as given (torch's would clamp it at epsilon),
-        # linear in the value; LOG_ZERO stands for log 0 as in the categorical versions.
+        # Bernoulli's, from the probability as given (torch's would clamp it at epsilon): the
+        # pair of exact log-probabilities the estimator was built on; linear in the value,
+        # LOG_ZERO standing for log 0 as in the categorical versions.
         if self._validate_args:
             self._validate_sample(value)
-        log_fail, log_success = binary_log_probs(self).clamp(min=LOG_ZERO).unbind(-1)
+        log_fail, log_success = self._relaxed.logits.clamp(min=LOG_ZERO).unbind(-1)
         return value * log_success + (1 - value) * log_fail
 
     def discrete(self) -> Bernoulli:

@@ -470,8 +470,8 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
         )
     like = _like(base).detach()
     if 1 - mass < 16 * torch.finfo(like.dtype).eps:
-        # The head's cumulative sum cannot tell such a mass from 1 in this dtype: the truncation
-        # would stop short of it without a word.
+        # A row of this dtype cannot tell such a mass from 1 (the search below runs in float64,
+        # the truncated PMF it chooses for does not).
         raise ValueError(
             f"automatic_truncation: `mass` {mass} is closer to 1 than {like.dtype} resolves "
             f"(at most 1 - {16 * torch.finfo(like.dtype).eps:.2g}); use float64 parameters or "
