@@ -226,6 +226,43 @@ def test_a_subsampled_data_plate_scales_the_per_item_bounds():
         discrete_log_likelihood(subsampled_model, guide_, X, subsample=subsample)
 
 
+def test_the_bound_on_a_subsample_counts_the_variance_of_the_subsample():
+    # The per-item bound on b of N items estimates the bound on all N, with the variance of the
+    # subsample that drew them; the standard error counted the particles only (0 here, with the
+    # posterior as guide) and came out about 20 times too small. Over every subsample of 3 of
+    # 6 items, the estimates' variance is exactly the mean of the reported squared errors
+    # (simple random sampling without replacement: E[s^2] is the items' variance).
+    x = torch.tensor([4.0, 1.0, 7.0, 0.0, 2.0, 9.0], dtype=f64)
+    _, log_evidence = _single_latent_posteriors(x)
+    guide_ = _posterior_guide_of(x)
+
+    def subsampled_model(x, subsample=None):
+        with pyro.plate("data", len(x), subsample=subsample, dim=-1) as index:
+            z = pyro.sample(
+                "z",
+                pr.GenGSPoisson(torch.tensor(RATE, dtype=f64), TEMPERATURE, 6, tail_tolerance=None),
+            )
+            pyro.sample("x", dist.Poisson(z + 0.5), obs=x[index])
+
+    values, squared_errors = [], []
+    for chosen in itertools.combinations(range(len(x)), 3):
+        subsample = torch.tensor(chosen)
+        bound = discrete_log_likelihood(
+            subsampled_model, guide_, x, subsample=subsample, num_particles=5, data_plate="data"
+        )
+        assert bound.value == pytest.approx(2 * float(log_evidence[subsample].sum()), abs=1e-9)
+        values.append(bound.value)
+        squared_errors.append(bound.standard_error**2)
+    design_variance = float(torch.tensor(values, dtype=f64).var(unbiased=False))
+    assert design_variance > 10
+    assert sum(squared_errors) / len(squared_errors) == pytest.approx(design_variance, rel=1e-9)
+    one_item = discrete_log_likelihood(
+        subsampled_model, guide_, x, subsample=torch.tensor([2]), num_particles=5,
+        data_plate="data",
+    )  # fmt: skip
+    assert math.isnan(one_item.standard_error)
+
+
 def _exact_two_particle_bound():
     """The expectation and variance of log((w1 + w2) / 2) per item, over every pair of
     guide draws."""
@@ -365,12 +402,35 @@ def test_a_random_subsample_is_the_same_for_every_particle_of_a_per_item_bound(o
     assert min(abs(bound.value - float(v)) for v in possible) < 1e-5, bound
 
 
-def test_the_elbo_standard_error_counts_passes_that_share_a_subsample():
+def _global_latent(observe):
+    # A latent outside the plate and the plate subsampled in the model only (the guide has no
+    # plate at all): a Bayesian regression's layout.
+    def program():
+        z = pyro.sample("z", pr.TruncatedGenGS(0.5, logits=_PRIOR.log(), outcomes=_OUTCOMES))
+        if observe:
+            with pyro.plate("data", 2, subsample_size=1) as index:
+                pyro.sample("x", dist.Normal(z, 1.0), obs=_ITEMS[index])
+
+    return program
+
+
+@pytest.mark.parametrize(
+    "programs",
+    [
+        (_subsampled(_PRIOR.log(), True), _subsampled(_PRIOR.log(), False)),
+        (_global_latent(True), _global_latent(False)),
+    ],
+    ids=["guide-subsamples", "model-only-subsamples"],
+)
+def test_the_elbo_standard_error_counts_passes_that_share_a_subsample(programs):
     # The particles of one vectorized pass share the plate's subsample, so they are not
     # independent draws: the standard error treated them as such and came out about 10 times
-    # too small. Over 40 seeded calls, the spread of the estimates and the reported standard
-    # error now agree within a factor 2 (it was 10).
-    model, guide = _subsampled(_PRIOR.log(), True), _subsampled(_PRIOR.log(), False)
+    # too small (3 times where only the model subsampled, which went unseen). Over 40 seeded
+    # calls, the spread of the estimates and the reported standard error now agree within a
+    # factor 2.
+    model, guide = programs
+    pyro.set_rng_seed(0)
+    assert math.isnan(discrete_elbo(model, guide, num_samples=20, chunk_size=20).standard_error)
     values, errors = [], []
     for seed in range(40):
         pyro.set_rng_seed(seed)

@@ -76,11 +76,12 @@ def discrete_elbo(
         \mathrm{ELBO} = \mathbb{E}_{q(z)}\big[\log p(x, z) - \log q(z)\big]
         \approx \frac{1}{S} \sum_{s=1}^S \log \frac{p(x, z^{(s)})}{q(z^{(s)})},
 
-    with standard error :math:`\hat\sigma / \sqrt{S}`; where a plate draws a random
-    subsample, the particles of one vectorized pass share it, and the standard error is that of
-    the mean over passes (``NaN`` for a single pass). It is the ELBO of the whole call
-    (summed over the data the model sees, with subsampling scales applied as ``Trace_ELBO``
-    applies them): divide by the number of items for a per-item figure. No gradient is
+    with standard error :math:`\hat\sigma / \sqrt{S}`; where a plate of the model or the guide
+    scores a subsample of its items, the particles of one vectorized pass share the subsample,
+    and the standard error is that of the mean over passes (``NaN`` for a single pass). It is
+    the ELBO of the whole call (summed over the data the model sees, with subsampling scales
+    applied as ``Trace_ELBO`` applies them): divide by the number of items for a per-item
+    figure. No gradient is
     recorded. Draws come from Pyro's random state (seed it with ``pyro.set_rng_seed``).
 
     Extra keyword arguments go to the model and guide; the options below take their names.
@@ -165,7 +166,11 @@ def discrete_log_likelihood(
     standard error is that of the delta method, :math:`\hat\sigma_w / (\sqrt{K}\, \bar w)`
     per item (summed in quadrature); it is unreliable when a few weights dominate. A
     subsampled data plate scales the per-item bounds by its scale; a random subsample is drawn
-    once and every particle scores the same items. No gradient is recorded.
+    once and every particle scores the same items. The standard error then adds the variance
+    of the subsample, that of :math:`N` times the mean of :math:`b` items drawn without
+    replacement from :math:`N`, estimated from the spread :math:`s^2` of the :math:`b`
+    per-item bounds: :math:`N^2 (1 - b / N)\, s^2 / b` (``NaN`` for one item). No gradient is
+    recorded.
 
     Extra keyword arguments go to the model and guide; the options below take their names.
 
@@ -215,16 +220,20 @@ def discrete_log_likelihood(
     )  # fmt: skip
     log_weights, scale = weights.log_weights, weights.scale
     bounds = log_weights.logsumexp(0) - math.log(num_particles)
-    weights = (log_weights - log_weights.max(0).values).exp()
+    ratios = (log_weights - log_weights.max(0).values).exp()
     if num_particles > 1:
-        relative_variance = weights.var(0) / weights.mean(0).square() / num_particles
+        relative_variance = ratios.var(0) / ratios.mean(0).square() / num_particles
     else:
         relative_variance = torch.full_like(bounds, math.nan)
-    return Estimate(
-        scale * float(bounds.sum()),
-        scale * float(relative_variance.sum().sqrt()),
-        num_particles,
-    )
+    variance = scale**2 * relative_variance.sum()
+    if weights.population is not None:
+        # The items are a sample of the plate's: the variance of N times the mean of b items
+        # drawn without replacement, N^2 (1 - b / N) s^2 / b (NaN for one item).
+        items = bounds.numel()
+        spread = bounds.var() if items > 1 else torch.tensor(math.nan, dtype=bounds.dtype)
+        population = weights.population
+        variance = variance + population**2 * (1 - items / population) * spread / items
+    return Estimate(scale * float(bounds.sum()), float(variance.sqrt()), num_particles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +242,8 @@ class _Weights:
 
     log_weights: torch.Tensor  # (particles, items), float64
     scale: float  # the scale of every site (1 when the log-probabilities came scaled)
-    subsampled: bool  # a plate drew a subsample
+    subsampled: bool  # a plate of the model or the guide scores a subsample of its items
+    population: int | None  # the data plate's full size where it is subsampled
     chunk_size: int  # particles per pass (1 unvectorized)
 
 
@@ -284,6 +294,7 @@ def _log_weights(
             ) from error
         if not done:
             _check_guide_covers_model(model_trace, guide_trace)
+            subsampled = _subsampled_plates(model_trace, guide_trace)
         weights = 0.0
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for site in trace.nodes.values():
@@ -306,8 +317,26 @@ def _log_weights(
             f"the sites are scaled by {scale} (a subsampled plate?): pass `data_plate`, the "
             "name of the plate over the independent items, for a per-item bound"
         )
-    subsampled = any(len(site["value"]) < site["fn"].size for site in subsamples.nodes.values())
-    return _Weights(torch.cat(chunks), scale, subsampled, chunk_size if vectorize else 1)
+    return _Weights(
+        torch.cat(chunks),
+        scale,
+        subsampled=bool(subsampled),
+        population=subsampled.get(data_plate),
+        chunk_size=chunk_size if vectorize else 1,
+    )
+
+
+def _subsampled_plates(*traces) -> dict:
+    """The full size of each plate that scores a subsample of its items, by name, in the
+    model's trace or the guide's (a plate may subsample in one of them only)."""
+    return {
+        frame.name: frame.full_size
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.full_size is not None and frame.size < frame.full_size
+    }
 
 
 def _check_guide_covers_model(model_trace, guide_trace) -> None:
