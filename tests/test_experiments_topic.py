@@ -62,6 +62,24 @@ def test_smoke_run_writes_results(tmp_path):
     assert len(json.loads((tmp_path / "topic.json").read_text())) == len(records)
 
 
+def test_other_layers_than_the_corpus_train_and_the_true_model_keeps_its_own(tmp_path):
+    # With --layers other than the synthetic corpus's, both estimators trained and then the true
+    # model's run crashed (KeyError 'z2'): its guide was built from --layers, its decoder from
+    # the corpus. Nothing was written.
+    argv = ["experiment", "topic", "--smoke", "--layers", "3", "--results", str(tmp_path)]
+    assert cli.main(argv + ["--estimators", topic.GENGS, "--epochs", "1"]) == 0
+    records = json.loads((tmp_path / "topic.json").read_text())
+    layers = {r["estimator"]: tuple(r["settings"]["layers"]) for r in records}
+    assert layers == {topic.GENGS: (3,), topic.TRUE_MODEL: topic.SMOKE_SPEC.layers}
+    with pytest.raises(ValueError, match="layers"):
+        topic.train(
+            topic.GENGS,
+            topic.synthetic_corpus(0, topic.SMOKE_SPEC),
+            dataclasses.replace(topic.SMOKE_CONFIG, layers=(3,)),
+            decoder=topic.PoissonDEF(topic.SMOKE_SPEC.vocab_size, topic.SMOKE_SPEC.layers),
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The synthetic corpus
 

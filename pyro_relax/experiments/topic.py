@@ -626,6 +626,12 @@ def train(
     merged. ``on_epoch_end(epoch)`` is called after each epoch's checkpoint (tests interrupt a
     run with it).
     """
+    if decoder is not None and tuple(decoder.layers) != tuple(config.layers):
+        raise ValueError(
+            f"the fixed decoder has layers {tuple(decoder.layers)} and the configuration "
+            f"{tuple(config.layers)}: the guide is built from the configuration's, so they "
+            "must be equal"
+        )
     pyro.clear_param_store()
     learned, encoder = _networks(corpus, config, device)
     label = estimator if decoder is None else TRUE_MODEL
@@ -914,18 +920,20 @@ def _run(args) -> int:
     results = Path(args.results)
     common.read_records(results / "topic.json")  # a damaged results file stops the run at once
     config, corpus = _config(args), _corpus(args)
-    runs = [(estimator, None) for estimator in args.estimators]
+    runs = [(estimator, None, config) for estimator in args.estimators]
     if corpus.truth is not None:
-        runs.append((GENGS, PoissonDEF.from_truth(corpus.truth)))
+        # The true model's guide has the corpus's layers, whatever --layers gives the others.
+        truth = PoissonDEF.from_truth(corpus.truth)
+        runs.append((GENGS, truth, dataclasses.replace(config, layers=truth.layers)))
     records, checkpoints = [], []
-    for estimator, decoder in runs:
+    for estimator, decoder, run_config in runs:
         label = estimator if decoder is None else TRUE_MODEL
-        checkpoints.append(_checkpoint(results, corpus, label, config, args.device))
+        checkpoints.append(_checkpoint(results, corpus, label, run_config, args.device))
         records.append(
             train(
                 estimator,
                 corpus,
-                config,
+                run_config,
                 decoder=decoder,
                 checkpoint=checkpoints[-1],
                 device=args.device,
