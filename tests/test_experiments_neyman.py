@@ -3,6 +3,7 @@ study's surrogate against Pyro's Trace_ELBO, and the symmetric straight-through 
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -204,3 +205,45 @@ def test_options_given_with_smoke_are_used():
     assert (config.steps, config.people, config.hidden) == (9, 500, neyman.SMOKE_CONFIG.hidden)
     assert args.gradient_draws == 7
     assert neyman._config(parse()) == neyman.NeymanConfig()
+
+
+def test_runs_of_other_settings_have_their_own_rows_and_their_own_exact_reference():
+    # Runs of two configurations in one results file were averaged as if they were seeds, and
+    # each seed's `exact` reference came from whichever configuration was read last (`exact`
+    # minus exact read +0.015 where it is 0 by definition). Here a second configuration (other
+    # steps) scores every run 1 nat higher and GenGS 0.1 more.
+    committed = json.loads(
+        (Path(__file__).resolve().parents[1] / "results/neyman.json").read_text()
+    )
+    first = [
+        r
+        for r in committed
+        if r["study"] == "training"
+        and r["seed"] == 0
+        and r["estimator"] in (neyman.EXACT, neyman.GENGS)
+    ]
+    second = [
+        dict(
+            r,
+            settings=dict(r["settings"], steps=6),
+            test_log_likelihood=r["test_log_likelihood"]
+            + 1.0
+            + 0.1 * (r["estimator"] == neyman.GENGS),
+        )
+        for r in first
+    ]
+    rows = {
+        (row["estimator"], row["configuration"]): row
+        for row in neyman._summary_rows(first + second)
+    }
+    assert set(rows) == {
+        (e, c) for e in (neyman.EXACT, neyman.GENGS) for c in ("steps=3000", "steps=6")
+    }
+    gap = rows[neyman.GENGS, "steps=3000"]["minus exact"]
+    for configuration, extra in (("steps=3000", 0.0), ("steps=6", 0.1)):
+        assert rows[neyman.EXACT, configuration]["minus exact"] == 0
+        assert rows[neyman.GENGS, configuration]["minus exact"] == pytest.approx(gap + extra)
+        assert rows[neyman.GENGS, configuration]["sd"] is None  # one seed each, not two
+    page = neyman._markdown(first + second)
+    assert "(see `settings`) full-batch steps" in page
+    assert page.count("| steps=6 |") == 4  # two summary rows, two runs

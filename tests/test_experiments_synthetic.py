@@ -59,7 +59,9 @@ def test_smoke_run_writes_results(tmp_path):
     assert [r["temperature"] for r in sweep] == list(synthetic.SMOKE.bias_temperatures)
     for row in sweep:
         assert row["repeats"] == synthetic.SMOKE.bias_repeats and row["bias_se"] > 0
-        assert math.isfinite(row["bias"]) and row["rms_bias"] >= 0
+        assert math.isfinite(row["bias"]) and row["rms_se"] > 0
+        # The noise-corrected root mean square read 0 next to a bias of -0.33 here.
+        assert row["rms_bias"] >= abs(row["bias"])
         assert len(row["coordinate_bias"]) == synthetic.SMOKE.dims
     assert (
         "## GenGS Poisson gradient bias against temperature"
@@ -308,3 +310,17 @@ def test_committed_records_are_matched_by_the_settings_of_their_commands():
             else:
                 expected = synthetic._row_settings(config, 0, "cpu", record["temperature"])
             assert common.settings_digest(expected) == common.settings_digest(settings_of(record))
+
+
+def test_rows_of_runs_with_other_settings_are_told_apart():
+    # Rows of runs with other sample counts looked identical, and the sweep's header gave the
+    # first row's count for all.
+    records = json.loads((COMMITTED / "synthetic.json").read_text())[:1]
+    sweep = json.loads((COMMITTED / "synthetic_bias.json").read_text())[:1]
+    page = synthetic._markdown(
+        [*records, dict(records[0], settings=dict(records[0]["settings"], samples=8))],
+        [*sweep, dict(sweep[0], samples=8, settings=dict(sweep[0]["settings"], samples=8))],
+    )
+    assert page.count("| samples=4 |") == 2 and page.count("| samples=8 |") == 2
+    assert "samples per estimate in `settings`" in page
+    assert "settings" not in synthetic._markdown(records, sweep).split("## GenGS")[1]

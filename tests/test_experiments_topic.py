@@ -387,3 +387,13 @@ def test_options_given_with_smoke_are_used():
     assert given.hidden == topic.SMOKE_CONFIG.hidden
     assert config("--smoke") == dataclasses.replace(topic.SMOKE_CONFIG, seed=0)
     assert config() == topic.TopicConfig()
+
+
+def test_rows_of_runs_with_other_settings_are_told_apart():
+    # Two runs that differed only in the learning rate printed identical leading cells.
+    record = json.loads((Path(__file__).resolve().parents[1] / "results/topic.json").read_text())[0]
+    other = dict(record, settings=dict(record["settings"], learning_rate=0.5))
+    page = topic._table([record, other])
+    rate = record["settings"]["learning_rate"]
+    assert f"| learning_rate={rate} |" in page and "| learning_rate=0.5 |" in page
+    assert "settings" not in topic._table([record])

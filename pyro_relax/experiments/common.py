@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_text",
     "checkpoint_path",
     "describe",
+    "differing_settings",
     "machine",
     "markdown_table",
     "private_rng",
@@ -246,10 +247,42 @@ def update_records(path, records, key) -> list:
     return merged
 
 
-def markdown_table(records, columns, formats=None) -> str:
+def differing_settings(records, settings_of, shown=()) -> list:
+    """One string per record naming the settings in which ``records`` differ, such as
+    ``"lr=0.01, steps=3"``, leaving out the names in ``shown`` (those a table has columns for);
+    empty strings where the records agree on every other setting. ``settings_of(record)`` gives
+    a record's settings, as a results file identifies its run.
+
+    A results file keeps the records of every setting, and a table shows a few of them: rows of
+    runs that differ elsewhere would look alike (and would be averaged together as seeds).
+    Tables add these strings as a column, and summaries group by them.
+
+    Example:
+        >>> records = [{"lr": 0.1, "seed": 0}, {"lr": 0.1, "seed": 1}, {"lr": 0.3, "seed": 0}]
+        >>> differing_settings(records, lambda r: r, shown=("seed",))
+        ['lr=0.1', 'lr=0.1', 'lr=0.3']
+        >>> differing_settings(records[:2], lambda r: r, shown=("seed",))
+        ['', '']
+    """
+    settings = [settings_of(record) for record in records]
+    names = sorted({name for each in settings for name in each} - set(shown))
+    differing = [n for n in names if len({_canonical(each.get(n)) for each in settings}) > 1]
+
+    def value(setting):
+        return json.dumps(setting, default=str) if isinstance(setting, (list, dict)) else setting
+
+    return [", ".join(f"{n}={value(each.get(n))}" for n in differing) for each in settings]
+
+
+def markdown_table(records, columns, formats=None, settings=None) -> str:
     """A Markdown table of ``records`` with the given columns (``formats`` maps a column to a
-    format spec such as ``".2f"``; missing values print as an em dash)."""
+    format spec such as ``".2f"``; missing values print as an em dash). ``settings``, one
+    string per record (:func:`differing_settings`), adds a last column ``settings`` where any
+    is not empty."""
     formats = formats or {}
+    if settings is not None and any(settings):
+        records = [dict(r, settings=s) for r, s in zip(records, settings, strict=True)]
+        columns = [*columns, "settings"]
 
     def cell(record, column):
         value = record.get(column)

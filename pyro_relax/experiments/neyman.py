@@ -69,6 +69,7 @@ References:
 
 import dataclasses
 import functools
+import json
 import math
 import sys
 import time
@@ -838,29 +839,47 @@ def _order(record):
     return (record["data"], rank, record["seed"])
 
 
-def _exact_scores(training) -> dict:
-    """The final test score of the ``exact`` run per data set and seed (each seed has its own
-    test people, so estimators are compared with the reference on the same split)."""
+# What tells training records of one configuration apart.
+_PER_RUN = ("study", "data", "estimator", "seed")
+
+
+def _configurations(training) -> dict:
+    """Each training record's configuration, by ``id``: the settings in which it differs from
+    the other records, apart from its data, estimator and seed ('' where they all agree)."""
+    named = common.differing_settings(training, _record_settings, shown=_PER_RUN)
+    return {id(record): name for record, name in zip(training, named, strict=True)}
+
+
+def _exact_key(record, configurations) -> tuple:
+    return record["data"], record["seed"], configurations[id(record)]
+
+
+def _exact_scores(training, configurations) -> dict:
+    """The final test score of the ``exact`` run per data set, seed and configuration (each
+    seed has its own test people, so estimators are compared with the reference on the same
+    split, trained with the same settings)."""
     return {
-        (r["data"], r["seed"]): r["test_log_likelihood"]
+        _exact_key(r, configurations): r["test_log_likelihood"]
         for r in training
         if r["estimator"] == EXACT
     }
 
 
 def _summary_rows(training) -> list:
-    """One row per data set and estimator: the mean and spread over seeds."""
-    exact = _exact_scores(training)
+    """One row per data set, configuration and estimator: the mean and spread over seeds."""
+    configurations = _configurations(training)
+    exact = _exact_scores(training, configurations)
     groups = {}
-    for record in sorted(training, key=_order):
-        groups.setdefault((record["data"], record["estimator"]), []).append(record)
+    for record in sorted(training, key=lambda r: (configurations[id(r)], _order(r))):
+        key = (record["data"], configurations[id(record)], record["estimator"])
+        groups.setdefault(key, []).append(record)
     rows = []
-    for (data, estimator), group in groups.items():
+    for (data, configuration, estimator), group in groups.items():
         scores = np.array([r["test_log_likelihood"] for r in group])
         gaps = [
-            r["test_log_likelihood"] - exact[data, r["seed"]]
+            r["test_log_likelihood"] - exact[_exact_key(r, configurations)]
             for r in group
-            if (data, r["seed"]) in exact
+            if _exact_key(r, configurations) in exact
         ]
 
         def mean(field, group=group):
@@ -881,6 +900,7 @@ def _summary_rows(training) -> list:
                 "prior rate": mean("mean_prior_rate"),
                 "test ELBO": mean("test_elbo"),
                 "seconds": mean("seconds"),
+                "configuration": configuration,
             }
         )
     return rows
@@ -891,6 +911,11 @@ def _with_error(record, name) -> str:
 
 
 def _gradient_rows(gradients) -> list:
+    """The gradient study's rows, each with the settings (``settings``) in which its run
+    differs from the others, apart from what the row shows."""
+    identity = (*_PER_RUN, "point", "temperature", "term")
+    named = common.differing_settings(gradients, _record_settings, shown=identity)
+    configurations = {id(r): name for r, name in zip(gradients, named, strict=True)}
     rows = []
     pairs = list(GRADIENT_PAIRS)
     for r in sorted(
@@ -923,6 +948,7 @@ def _gradient_rows(gradients) -> list:
                 "intercept estimate": _with_error(r, "intercept"),
                 "log φ exact": f"{r['log_phi_exact']:+.4f}",
                 "log φ estimate": _with_error(r, "log_phi"),
+                "settings": configurations[id(r)],
             }
         )
     return rows
@@ -940,24 +966,31 @@ def _markdown(records) -> str:
         "",
     ]
     if training:
-        settings = training[0]["settings"]
+
+        def shared(name):  # a setting every run shares, or where to read each run's
+            values = {json.dumps(r["settings"][name]) for r in training}
+            return training[0]["settings"][name] if len(values) == 1 else "(see `settings`)"
+
+        summary = _summary_rows(training)
+        every_run = sorted(training, key=_order)
         lines += [
             "## Test log-likelihood per person",
             "",
             "Exact marginal log-likelihood of the learned model per test person (nats, higher "
-            f"is better), z summed over 0..{settings['truncation'] - 1} with the truncated "
+            f"is better), z summed over the first {shared('truncation')} counts with the truncated "
             "Poisson prior; mean, standard deviation and range over seeds (each seed draws its "
             "own test people), and `minus exact`: the difference from the `exact` run of the "
             "same seed, mean and range. `phi` and `prior "
             "rate` (the mean of exp(b0 + x beta) over training people) are the learned model's; "
             "`test ELBO` is the discrete ELBO of the truncated model with the guide's truncated "
             "PMF, per test person. Training: Adam, learning rate "
-            f"{settings['learning_rate']}, {settings['steps']} full-batch steps, temperature "
-            f"{settings['initial_temperature']} to {settings['final_temperature']} "
-            f"(ExponentialDecay over the run), rate offset {settings['rate_offset']}.",
+            f"{shared('learning_rate')}, {shared('steps')} full-batch steps, temperature "
+            f"{shared('initial_temperature')} to {shared('final_temperature')} "
+            f"(ExponentialDecay over the run), rate offset {shared('rate_offset')}. Runs of "
+            "other settings have their own rows, and their own `exact` reference.",
             "",
             common.markdown_table(
-                _summary_rows(training),
+                summary,
                 [
                     "data",
                     "estimator",
@@ -981,6 +1014,7 @@ def _markdown(records) -> str:
                     "test ELBO": ".4f",
                     "seconds": ".0f",
                 },
+                [row["configuration"] for row in summary],
             ),
             "### Every run",
             "",
@@ -989,7 +1023,7 @@ def _markdown(records) -> str:
             "was added); `max_prior_tail_mass` is the largest mass the truncation at n drops.",
             "",
             common.markdown_table(
-                sorted(training, key=_order),
+                every_run,
                 [
                     "data",
                     "estimator",
@@ -1014,16 +1048,22 @@ def _markdown(records) -> str:
                     "max_prior_tail_mass": ".1e",
                     "seconds": ".0f",
                 },
+                common.differing_settings(every_run, _record_settings, shown=_PER_RUN),
             ),
         ]
     if gradients:
-        first = gradients[0]
+        rows = _gradient_rows(gradients)
+
+        def shared(name):  # a setting every measurement shares, or where to read each one's
+            values = {json.dumps(r[name]) for r in gradients}
+            return gradients[0][name] if len(values) == 1 else "(see `settings`)"
+
         lines += [
             "## Gradient study",
             "",
             "At fixed parameters (`point`: the seed's initialization, or the end of that "
             "estimator's run), the mean of "
-            f"{first['draws']} single-sample gradient estimates on {first['gradient_people']} "
+            f"{shared('draws')} single-sample gradient estimates on {shared('gradient_people')} "
             "training people against the exact gradient of the pair's own objective (the "
             "discrete ELBO summed over the guide's outcomes), per term of the objective. "
             "Gradients of the ELBO (ascent directions) averaged over people. `shift`: with "
@@ -1036,9 +1076,10 @@ def _markdown(records) -> str:
             "the cosine with the exact gradient; `intercept` and `log φ`: the model's.",
             "",
             common.markdown_table(
-                _gradient_rows(gradients),
-                list(_gradient_rows(gradients[:1])[0]),
+                rows,
+                [column for column in rows[0] if column != "settings"],
                 {"network rel. error": ".3f", "(noise)": ".3f", "cosine": ".3f"},
+                [row["settings"] for row in rows],
             ),
         ]
     commands = sorted({r["command"] for r in records})
@@ -1049,7 +1090,8 @@ def _markdown(records) -> str:
 
 
 def _curve_panels(axes, training) -> None:
-    exact = _exact_scores(training)
+    configurations = _configurations(training)
+    exact = _exact_scores(training, configurations)
     fields = [
         ("test_log_likelihood", "test log-likelihood per person minus exact's (nats)"),
         ("phi", "φ, visits per episode"),
@@ -1063,7 +1105,7 @@ def _curve_panels(axes, training) -> None:
             name = record["estimator"]
             shift = 0.0
             if field == "test_log_likelihood":
-                shift = exact.get((record["data"], record["seed"]), 0.0)
+                shift = exact.get(_exact_key(record, configurations), 0.0)
             if record["estimator"] == GLM:
                 if field == "test_log_likelihood":
                     legend = None if name in shown else name

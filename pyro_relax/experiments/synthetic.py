@@ -636,10 +636,10 @@ def poisson_bias_sweep(problem: Problem, config: Config, seed: int) -> list:
     ``config.bias_temperatures``, from ``config.bias_repeats`` independent estimates.
 
     Each row has ``bias`` (the coordinate-averaged error, as in :func:`gradient_study`) with
-    its standard error ``bias_se``, and ``rms_bias``, the root mean square over coordinates of
-    each coordinate's bias, whose square is estimated without the sampling noise (the squared
-    standard error of each coordinate's mean is subtracted, and the result floored at zero).
-    ``coordinate_bias`` lists each coordinate's estimated bias, for targets
+    its standard error ``bias_se``; ``rms_bias``, the root mean square over coordinates of each
+    coordinate's estimated bias (at least ``|bias|``), and ``rms_se``, the root mean square of
+    their standard errors: where the two are close, the coordinates' biases are lost in their
+    noise. ``coordinate_bias`` lists each coordinate's estimated bias, for targets
     ``problem.targets``.
 
     Example:
@@ -663,13 +663,15 @@ def _bias_row(problem: Problem, temperature: float, config: Config, seed: int) -
     errors = _torch_gradients(problem, estimator, sweep, problem.initial) - exact
     repeats = errors.shape[0]
     per_coordinate = errors.mean(0)
-    noise = errors.var(0) / repeats
     averaged = errors.mean(-1)
     return {
         "temperature": temperature,
         "bias": float(averaged.mean()),
         "bias_se": float(averaged.std() / math.sqrt(repeats)),
-        "rms_bias": float((per_coordinate.square() - noise).mean().clamp(min=0).sqrt()),
+        # Not the noise-corrected root mean square: it fell below |bias| (which the true
+        # quantities cannot) where the noise dominates, and read 0 next to a bias of -0.33.
+        "rms_bias": float(per_coordinate.square().mean().sqrt()),
+        "rms_se": float((errors.var(0) / repeats).mean().sqrt()),
         "coordinate_bias": per_coordinate.tolist(),
         "repeats": repeats,
     }
@@ -882,8 +884,9 @@ def _order(record):
 
 
 def _markdown(records, sweep=()) -> str:
+    records = sorted(records, key=_order)
     rows = []
-    for record in sorted(records, key=_order):
+    for record in records:
         row = dict(record)
         row["excess"] = record["final_loss"] - record["minimum_loss"]
         row["late_excess"] = record["late_loss"] - record["minimum_loss"]
@@ -913,7 +916,9 @@ def _markdown(records, sweep=()) -> str:
     settings = sorted(
         {(r["dims"], r["samples"], r["steps"], r["lr"], r["lr_decay"]) for r in records}
     )
-    minima = {r["distribution"]: r["minimum_loss"] for r in records}
+    minima = {}
+    for record in records:  # runs of other dimensions have other minima
+        minima.setdefault(record["distribution"], set()).add(record["minimum_loss"])
     lines = [
         "# GenGS synthetic study (paper section 6.1)",
         "",
@@ -926,11 +931,16 @@ def _markdown(records, sweep=()) -> str:
         "standard error. Settings (dims, samples per estimate, steps, initial lr, final lr "
         "factor): "
         + ", ".join(str(s) for s in settings)
-        + ". Minima: "
-        + ", ".join(f"{name} {value:.3f}" for name, value in minima.items())
+        + " (where they differ, each row's are in `settings`). Minima: "
+        + ", ".join(
+            f"{name} " + " or ".join(f"{value:.3f}" for value in sorted(values))
+            for name, values in minima.items()
+        )
         + ". See `pyro_relax/experiments/synthetic.py` for the problems and estimators.",
         "",
-        common.markdown_table(rows, columns, formats),
+        common.markdown_table(
+            rows, columns, formats, common.differing_settings(records, _record_settings, columns)
+        ),
     ]
     if sweep:
         rows = []
@@ -940,20 +950,29 @@ def _markdown(records, sweep=()) -> str:
                 f"{min(record['coordinate_bias']):+.3f} to {max(record['coordinate_bias']):+.3f}"
             )
             rows.append(row)
-        columns = ["temperature", "bias", "bias_se", "rms_bias", "coordinates", "repeats", "seed"]
-        formats = {"bias": "+.4f", "bias_se": ".4f", "rms_bias": ".4f"}
+        columns = ["temperature", "bias", "bias_se", "rms_bias", "rms_se", "coordinates"]
+        columns += ["repeats", "seed"]
+        formats = {"bias": "+.4f", "bias_se": ".4f", "rms_bias": ".4f", "rms_se": ".4f"}
         first = sweep[0]
+        samples = sorted({r["samples"] for r in sweep})
+        per_estimate = (
+            f"{samples[0]} samples per estimate"
+            if len(samples) == 1
+            else "samples per estimate in `settings`"
+        )
+        settings = common.differing_settings(sweep, _sweep_settings, shown=columns)
         lines += [
             "## GenGS Poisson gradient bias against temperature",
             "",
-            f"At rate {first['rate']:g} (truncation {first['truncation']}, {first['samples']} "
-            "samples per estimate), from `repeats` independent estimates per temperature "
+            f"At rate {first['rate']:g} (truncation {first['truncation']}, {per_estimate}), "
+            "from `repeats` independent estimates per temperature "
             "(`synthetic_bias.json`). `bias` is the coordinate-averaged error with its standard "
             "error `bias_se`; `rms_bias` the root mean square over coordinates of each "
-            "coordinate's bias, with the sampling noise subtracted; `coordinates` the range of "
-            "the coordinates' biases.",
+            "coordinate's estimated bias, `rms_se` that of their standard errors (where the two "
+            "are close, the coordinates' biases are within their noise); `coordinates` the "
+            "range of the coordinates' biases.",
             "",
-            common.markdown_table(rows, columns, formats),
+            common.markdown_table(rows, columns, formats, settings),
         ]
         records = [*records, *sweep]
     commands = sorted({r["command"] for r in records})

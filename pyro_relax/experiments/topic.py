@@ -754,7 +754,8 @@ def _table(records) -> str:
         "baseline. True model (synthetic corpora): the generating decoder, fixed, with a guide "
         "trained for it by GenGS. `seconds`: training steps only.\n"
     )
-    table = common.markdown_table(rows, columns, formats)
+    settings = common.differing_settings(rows, _record_settings, shown=columns)
+    table = common.markdown_table(rows, columns, formats, settings)
     return "# NVPDEF topic model: test perplexity\n\n" + table + "\n" + note
 
 
