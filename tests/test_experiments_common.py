@@ -322,3 +322,28 @@ def test_bad_numbers_on_the_command_line_are_usage_errors(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "module, results",
+    [("vae", "gengs_vae"), ("gst_vae", "gst_vae"), ("igr_vae", "igr_vae")],
+)
+def test_image_vae_tables_tell_runs_of_other_settings_apart(module, results):
+    # Runs that differed only in, say, the learning rate are kept as records of their own, but
+    # their rows showed the same settings next to different numbers. With a copy of every
+    # committed record at another learning rate, every row of every table names its rate.
+    experiment = importlib.import_module(f"pyro_relax.experiments.{module}")
+    records = json.loads((REPOSITORY / "results" / f"{results}.json").read_text())
+    rate = records[0]["lr"]
+    assert all(r["lr"] == rate for r in records)
+    page = experiment._markdown([*records, *(dict(r, lr=0.5) for r in records)])
+    rows = [
+        line
+        for line in page.splitlines()
+        if line.startswith("| ") and not line.startswith(("| dataset |", "|---"))
+    ]
+    assert rows
+    ends = [row.rsplit("|", 2)[1].strip() for row in rows]
+    assert {end.split(", ")[-1] for end in ends} == {f"lr={rate}", "lr=0.5"}
+    assert sum(end.endswith("lr=0.5") for end in ends) == len(rows) // 2
+    assert "| settings |" not in experiment._markdown(records).split("## ")[0]

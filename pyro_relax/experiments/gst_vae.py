@@ -528,6 +528,18 @@ def _groups(records) -> list:
     return list(groups.values())
 
 
+# What the tables and labels show of a group's settings; the others, where groups differ in
+# them, are named in a `settings` column.
+_SHOWN = ("dataset", "estimator", "temperature", "loop", "epochs", "seed")
+
+
+def _differing(groups, *shown) -> list:
+    """For each group, the settings in which it differs from the others, apart from
+    ``_SHOWN`` and ``shown``."""
+    firsts = [group[0] for group in groups]
+    return common.differing_settings(firsts, _record_settings, shown=(*_SHOWN, *shown))
+
+
 def _mean_sd(values) -> tuple:
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -559,11 +571,13 @@ def lead_rows(records, baseline: str = "STGS", contender: str = "GST-1.0") -> li
     positive lead is a lower negative ELBO), its standard error and Welch's two-sided t-test
     p-value (``None`` with fewer than two seeds each)."""
     by_estimator = {}
-    for group in _groups(records):
+    groups = _groups(records)
+    for group, differing in zip(groups, _differing(groups), strict=True):
         key = _group_key(group[0], "estimator")
-        by_estimator.setdefault(key, {})[group[0]["estimator"]] = group
+        by_estimator.setdefault(key, {})[group[0]["estimator"]] = (group, differing)
     return [
-        _lead_row(pair[baseline], pair[contender], baseline, contender)
+        _lead_row(pair[baseline][0], pair[contender][0], baseline, contender)
+        | {"settings": pair[baseline][1]}
         for pair in by_estimator.values()
         if baseline in pair and contender in pair
     ]
@@ -595,17 +609,21 @@ def _lead_row(baseline, contender, baseline_name, contender_name) -> dict:
 
 
 def _markdown(records) -> str:
+    groups = _groups(records)
     summary = common.markdown_table(
-        [_summary_row(group) for group in _groups(records)],
+        [_summary_row(group) for group in groups],
         ["dataset", "estimator", "temperature", "loop", "epochs", "seeds", "test_neg_elbo",
          "train_neg_elbo", "paper_test_neg_elbo", "seconds_per_epoch"],
         {"paper_test_neg_elbo": ".2f", "seconds_per_epoch": ".1f"},
+        _differing(groups),
     )  # fmt: skip
+    leads = lead_rows(records)
     lead = common.markdown_table(
-        lead_rows(records),
+        leads,
         ["dataset", "temperature", "loop", "epochs", "STGS", "GST-1.0", "seeds", "lead",
          "lead_se", "p_value", "paper_lead"],
         {"lead": ".2f", "lead_se": ".2f", "p_value": ".3g", "paper_lead": ".2f"},
+        [row["settings"] for row in leads],
     )  # fmt: skip
     header = (
         "# Categorical VAE (GST paper, Tables 2 and 3)\n\n"
@@ -645,7 +663,9 @@ def _plot(records, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = {}
-    for group in _groups([r for r in records if r.get("history")]):
+    groups = _groups([r for r in records if r.get("history")])
+    for group, differing in zip(groups, _differing(groups), strict=True):
+        group = [dict(record, differing=differing) for record in group]
         panels.setdefault((group[0]["dataset"], group[0]["temperature"]), []).append(group)
     columns = max(len(panels), 1)
     figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
@@ -656,6 +676,7 @@ def _plot(records, path: Path) -> None:
             slot = ESTIMATORS.index(estimator) if estimator in ESTIMATORS else len(ESTIMATORS)
             style = {"color": f"C{slot}", "linestyle": "-" if loop == "pyro" else "--"}
             label = f"{estimator} ({loop}, {len(group)} seed{'s' if len(group) > 1 else ''})"
+            label += f", {group[0]['differing']}" if group[0]["differing"] else ""
             top.plot(*_mean_curve(group, "test_neg_elbo"), marker=".", label=label, **style)
             epochs, variance = _mean_curve(group, "grad_variance")
             if epochs:

@@ -666,6 +666,15 @@ def summarize(records) -> list:
     return rows
 
 
+def _differing(rows, *shown) -> list:
+    """For each row of :func:`summarize`, the settings in which it differs from the others,
+    apart from ``shown``."""
+    names = [f.name for f in dataclasses.fields(_Settings) if f.name != "seed"] + ["smoke"]
+    return common.differing_settings(
+        rows, lambda row: {name: row.get(name) for name in names}, shown=shown
+    )
+
+
 def differences(rows) -> list:
     """IGR-I minus GS, per data set and temperature pair, from the rows of :func:`summarize`
     whose other settings agree (and the paper's difference)."""
@@ -678,11 +687,15 @@ def differences(rows) -> list:
         return common.settings_digest({name: row.get(name) for name in shared})
 
     gs = {other_settings(r): r for r in rows if r.get("estimator") == "GS"}
+    pairs = [
+        (row, gs[other_settings(row)])
+        for row in rows
+        if row.get("estimator") == "IGR-I" and other_settings(row) in gs
+    ]
+    # What tells the pairs apart besides the columns (say, how many images scored them).
+    differing = _differing([row for row, _ in pairs], *own, *_GAP_COLUMNS)
     result = []
-    for row in rows:
-        partner = gs.get(other_settings(row)) if row.get("estimator") == "IGR-I" else None
-        if partner is None:
-            continue
+    for (row, partner), settings in zip(pairs, differing, strict=True):
         paper_igr = PAPER_TEST_LOG_LIKELIHOOD.get((row["dataset"], "IGR-I"))
         paper_gs = PAPER_TEST_LOG_LIKELIHOOD.get((row["dataset"], "GS"))
         result.append(
@@ -697,6 +710,7 @@ def differences(rows) -> list:
                 "paper_difference": (
                     paper_igr - paper_gs if None not in (paper_igr, paper_gs) else None
                 ),
+                "settings": settings,
             }
         )
     return result
@@ -708,6 +722,12 @@ def _with_sd(value, sd) -> str | None:
     return f"{value:.2f}" if sd is None else f"{value:.2f} ± {sd:.2f}"
 
 
+_GAP_COLUMNS = (
+    "dataset", "architecture", "temperature_pair", "epochs", "smoke", "seeds", "difference",
+    "paper_difference",
+)  # fmt: skip
+
+
 def _markdown(records) -> str:
     rows = summarize(records)
     for row in rows:
@@ -716,19 +736,24 @@ def _markdown(records) -> str:
         row["reference_score"] = _with_sd(
             row["test_reference_score"], row["test_reference_score_sd"]
         )
+    columns = [
+        "dataset", "architecture", "temperature_pair", "estimator", "temperature", "epochs",
+        "smoke", "seeds", "log_likelihood", "paper_test_log_likelihood", "reference_score",
+        "neg_elbo", "num_particles", "eval_images", "seconds_per_epoch",
+    ]  # fmt: skip
     table = common.markdown_table(
         rows,
-        ["dataset", "architecture", "temperature_pair", "estimator", "temperature", "epochs",
-         "smoke", "seeds", "log_likelihood", "paper_test_log_likelihood", "reference_score",
-         "neg_elbo", "num_particles", "eval_images", "seconds_per_epoch"],
+        columns,
         {"paper_test_log_likelihood": ".2f", "seconds_per_epoch": ".1f"},
-    )  # fmt: skip
+        _differing(rows, *columns, "planar_layers"),  # the flows' layers: IGR-Planar's own
+    )
+    gap_rows = differences(rows)
     gaps = common.markdown_table(
-        differences(rows),
-        ["dataset", "architecture", "temperature_pair", "epochs", "smoke", "seeds",
-         "difference", "paper_difference"],
+        gap_rows,
+        list(_GAP_COLUMNS),
         {"difference": ".2f", "paper_difference": ".2f"},
-    )  # fmt: skip
+        [row["settings"] for row in gap_rows],
+    )
     header = (
         "# Discrete VAE (IGR paper, Table 1)\n\n"
         "Test log-likelihood of the discrete model in nats per image (higher is better), by "
@@ -756,9 +781,15 @@ def _plot(records, path: Path) -> None:
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
 
+    records = sorted(records, key=_order)
+    # Runs that differ in more than the panel, estimator, temperature and seed say how.
+    shown = ("dataset", "architecture", "temperature_pair", "estimator", "temperature", "seed")
+    shown += ("planar_layers",)
+    settings = common.differing_settings(records, _record_settings, shown=shown)
     groups = {}
-    for record in sorted(records, key=_order):
+    for record, differing in zip(records, settings, strict=True):
         if record.get("history"):
+            record = dict(record, differing=differing)
             key = (record["dataset"], record.get("architecture"), record["temperature_pair"])
             groups.setdefault(key, []).append(record)
     count = max(len(groups), 1)
@@ -769,6 +800,7 @@ def _plot(records, path: Path) -> None:
             estimator = record["estimator"]
             slot = ESTIMATORS.index(estimator) if estimator in ESTIMATORS else 4 + index
             label = f"{estimator} {record['temperature']} (seed {record['seed']})"
+            label += f", {record['differing']}" if record["differing"] else ""
             train_curve = [h["loss"] for h in record["history"]]
             test_curve = [h["test_loss"] for h in record["history"]]
             ax.plot(epochs, train_curve, color=f"C{slot}", marker=".", label=label)

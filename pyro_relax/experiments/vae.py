@@ -639,6 +639,7 @@ def _markdown(records) -> str:
     def losses(record):  # records from before these fields have them in the history
         return [h["loss"] for h in record.get("history") or []]
 
+    records = sorted(records, key=_order)
     rows = [
         {
             "final_relaxed_objective": losses(r)[-1] if losses(r) else None,
@@ -646,7 +647,7 @@ def _markdown(records) -> str:
             **{k: v for k, v in r.items() if v is not None},
             "scorer": "infer" if r.get("scorer") else "exact KL",
         }
-        for r in sorted(records, key=_order)
+        for r in records
     ]
     columns = {
         "dataset": "",
@@ -666,7 +667,8 @@ def _markdown(records) -> str:
         "scorer": "",
         "seconds_per_epoch": ".1f",
     }
-    table = common.markdown_table(rows, list(columns), columns)
+    settings = common.differing_settings(records, _record_settings, shown=columns)
+    table = common.markdown_table(rows, list(columns), columns, settings)
     header = (
         "# Count-latent VAE (GenGS paper, Table 1)\n\n"
         "Negative ELBO of the discrete model in nats per image (lower is better): untruncated "
@@ -695,9 +697,15 @@ def _plot(records, path: Path) -> None:
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
 
+    records = sorted(records, key=_order)
+    # Runs that differ in more than the panel, estimator and seed say how in their label.
+    settings = common.differing_settings(
+        records, _record_settings, shown=("dataset", "prior", "estimator", "seed")
+    )
     groups = {}
-    for record in sorted(records, key=_order):
+    for record, differing in zip(records, settings, strict=True):
         if record.get("history"):
+            record = dict(record, differing=differing)
             groups.setdefault((record["dataset"], record["prior"]), []).append(record)
     figure, axes = plt.subplots(
         1, max(len(groups), 1), figsize=(5 * max(len(groups), 1), 4), squeeze=False
@@ -710,6 +718,7 @@ def _plot(records, path: Path) -> None:
             slot = ESTIMATORS.index(estimator) if estimator in ESTIMATORS else 4 + index
             color = f"C{slot}"
             label = f"{record['estimator']} (seed {record['seed']})"
+            label += f", {record['differing']}" if record["differing"] else ""
             train_curve = [h["train_neg_elbo"] for h in record["history"]]
             test_curve = [h["test_neg_elbo"] for h in record["history"]]
             ax.plot(epochs, train_curve, color=color, marker=".", label=label)
