@@ -1,6 +1,7 @@
 """The experiments' shared machinery: results merged atomically, checkpoints, the command line,
 and the guarantees every experiment keeps: a finished result is never lost or overwritten."""
 
+import fcntl
 import importlib
 import json
 import multiprocessing
@@ -259,17 +260,25 @@ def _error_lines(capsys) -> list:
     ]
 
 
+@pytest.mark.parametrize(
+    "content",
+    # A record the report cannot show (a number edited by hand into words, here in a record of
+    # nothing else) passed the check, and stopped the run with a traceback after it trained,
+    # at every rerun.
+    ['[{"finished": ', '[{"test_neg_elbo": "48.85 (checked)"}]'],
+    ids=["bad-json", "record-the-report-cannot-show"],
+)
 @pytest.mark.parametrize("name, file", DAMAGED)
 def test_a_damaged_results_file_stops_a_run_before_it_trains(
-    tmp_path, monkeypatch, capsys, name, file
+    tmp_path, monkeypatch, capsys, name, file, content
 ):
     path = tmp_path / file
-    path.write_text('[{"finished": ')
+    path.write_text(content)
     _forbid(monkeypatch, name)
     assert _smoke(name, tmp_path) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and str(path) in error and "left untouched" in error
-    assert path.read_text() == '[{"finished": '
+    assert path.read_text() == content
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -280,9 +289,9 @@ def test_a_finished_run_survives_a_failed_merge(tmp_path, monkeypatch, capsys, n
     # finished record without training again.
     merge = common.update_records
 
-    def damage_then_merge(path, records, key):
+    def damage_then_merge(path, records, key, report=None):
         path.write_text("[")
-        return merge(path, records, key)
+        return merge(path, records, key, report)
 
     monkeypatch.setattr(common, "update_records", damage_then_merge)
     assert _smoke(name, tmp_path) == 1
@@ -347,3 +356,21 @@ def test_image_vae_tables_tell_runs_of_other_settings_apart(module, results):
     assert {end.split(", ")[-1] for end in ends} == {f"lr={rate}", "lr=0.5"}
     assert sum(end.endswith("lr=0.5") for end in ends) == len(rows) // 2
     assert "| settings |" not in experiment._markdown(records).split("## ")[0]
+
+
+def test_reports_are_written_under_the_results_lock(tmp_path):
+    # Two runs finishing together: each wrote its tables and figure after releasing the lock,
+    # from the list it had merged, so the one that wrote last left reports without the other's
+    # record. The reports are now written while the merge holds the lock.
+    path = tmp_path / "results.json"
+    seen = []
+
+    def report(merged):
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append([r["run"] for r in merged])
+
+    update_records(path, [{"run": 1}], ["run"], report)
+    update_records(path, [{"run": 2}], ["run"], report)
+    assert seen == [[1], [1, 2]]

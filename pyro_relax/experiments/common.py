@@ -199,13 +199,16 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def read_records(path) -> list:
+def read_records(path, report=None) -> list:
     """The records stored in the results file ``path`` (a JSON list of objects), or an empty
     list if there is no such file.
 
     A file that is not such a list raises :class:`CorruptFileError` and is left as it is: it
-    may hold the only copy of finished runs. The experiments read their results files before
-    they train, so that a damaged file stops a run before it costs anything.
+    may hold the only copy of finished runs. So does a file whose records ``report`` (a
+    function of the records that renders them, such as an experiment's Markdown page) cannot
+    show: a value edited by hand into a string, say, which would otherwise stop the run after
+    it trained. The experiments read their results files before they train, so that a damaged
+    file stops a run before it costs anything.
     """
     path = Path(path)
     if not path.exists():
@@ -219,17 +222,27 @@ def read_records(path) -> list:
         ) from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise CorruptFileError(f"{path} is not a JSON list of records; {advice}")
+    if report is not None:
+        try:
+            report(records)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+            raise CorruptFileError(
+                f"{path} holds a record its report cannot show ({describe(error)}); {advice}"
+            ) from None
     return records
 
 
-def update_records(path, records, key) -> list:
+def update_records(path, records, key, report=None) -> list:
     """Merges ``records`` (dicts) into the JSON list at ``path`` and returns the merged list.
 
     ``key`` gives the settings of the run that made a record: a function of the record, or the
     names of the record's fields that hold them. A stored record with the same settings as a
     new one is replaced, so a rerun updates its row; records of other settings are kept.
     Concurrent runs are serialized by a lock file next to ``path`` and the file is replaced
-    atomically. A damaged file raises :class:`CorruptFileError` and is left as it is.
+    atomically. ``report(merged)``, which writes the reports of the merged records (tables,
+    figures), runs under the same lock: a run that finished first cannot overwrite them
+    afterwards with a list that lacks the other's record. A damaged file raises
+    :class:`CorruptFileError` and is left as it is.
     """
     if not callable(key):
         names = tuple(key)
@@ -244,6 +257,8 @@ def update_records(path, records, key) -> list:
         merged = [r for r in stored if _canonical(key(r)) not in new_keys]
         merged.extend(records)
         atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
+        if report is not None:
+            report(merged)
     return merged
 
 

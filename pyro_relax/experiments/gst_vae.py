@@ -782,7 +782,7 @@ def run(args) -> int:
     code."""
     results = Path(args.results)
     path = results / f"{RESULTS_NAME}.json"
-    common.read_records(path)  # a damaged results file stops the run before it trains
+    common.read_records(path, _markdown)  # a damaged results file stops the run at once
     data = load_dataset("digits" if args.smoke else args.dataset, args.data_dir)
     runs = itertools.product(
         dict.fromkeys(args.temperature),
@@ -797,9 +797,10 @@ def run(args) -> int:
             record = train(settings, data, checkpoint)
             record["command"] = args.command_line
             record["smoke"] = bool(args.smoke)
-            merged = common.update_records(path, [record], _record_settings)
+            common.update_records(
+                path, [record], _record_settings, lambda merged: write_reports(results, merged)
+            )
             finished.append(checkpoint)
-            write_reports(results, merged)
             print(
                 f"{record['dataset']} {estimator} tau {temperature} {loop} seed {args.seed}: "
                 f"negative ELBO train {record['train_neg_elbo']:.2f}, test "

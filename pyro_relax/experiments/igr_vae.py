@@ -907,7 +907,7 @@ def run(args) -> int:
     code."""
     results = Path(args.results)
     path = results / f"{RESULTS_NAME}.json"
-    common.read_records(path)  # a damaged results file stops the run before it trains
+    common.read_records(path, _markdown)  # a damaged results file stops the run at once
     data = load_dataset("digits" if args.smoke else args.dataset, args.data_dir)
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
         for pair in image_vae.expand(args.temperature_pair, TEMPERATURE_PAIRS):
@@ -918,8 +918,9 @@ def run(args) -> int:
                 record["command"] = args.command_line
                 record["smoke"] = bool(args.smoke)
                 # The checkpoint stays: it holds the trained model, for scoring it again.
-                merged = common.update_records(path, [record], _record_settings)
-                write_reports(results, merged)
+                common.update_records(
+                    path, [record], _record_settings, lambda merged: write_reports(results, merged)
+                )
                 print(
                     f"{record['dataset']} {estimator} tau={record['temperature']} seed "
                     f"{args.seed}: test log-likelihood {record['test_log_likelihood']:.2f} "

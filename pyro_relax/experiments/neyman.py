@@ -1281,7 +1281,7 @@ def _checkpoint(results, data, estimator, config, device) -> common.Checkpoint:
 
 def _run(args) -> int:
     results = Path(args.results)
-    common.read_records(results / "neyman.json")  # a damaged results file stops the run at once
+    common.read_records(results / "neyman.json", _markdown)  # a damaged file stops the run
     config = _config(args)
     data = load_visits(config.seed, config.test_fraction, config.people)
     if args.smoke:
@@ -1329,11 +1329,14 @@ def _run(args) -> int:
                 print(_bias_line(found), file=sys.stderr)
     for record in records:
         record |= {"machine": common.machine(), "command": args.command_line}
-    merged = common.update_records(results / "neyman.json", records, _record_settings)
+
+    def write_reports(merged):
+        common.atomic_write_text(results / "neyman.md", _markdown(merged))
+        _write_plot(results / "neyman.png", merged)
+
+    common.update_records(results / "neyman.json", records, _record_settings, write_reports)
     for checkpoint in checkpoints:  # only now: until the merge, they hold the finished records
         checkpoint.remove()
-    common.atomic_write_text(results / "neyman.md", _markdown(merged))
-    _write_plot(results / "neyman.png", merged)
     print(_markdown(records))
     print(f"results written to {results}/neyman.json, neyman.md and neyman.png")
     return 0

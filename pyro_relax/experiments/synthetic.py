@@ -1128,8 +1128,9 @@ def run(args) -> int:
 def _run(args) -> int:
     config = _config(args)
     results = Path(args.results)
-    for name in (_RESULTS, _SWEEP_RESULTS):
-        common.read_records(results / name)  # a damaged results file stops the run at once
+    # A damaged results file stops the run at once.
+    common.read_records(results / _RESULTS, _markdown)
+    common.read_records(results / _SWEEP_RESULTS, lambda sweep: _markdown([], sweep))
     problems = [PROBLEMS[name](config.dims, args.device) for name in args.distributions]
     grid = [
         (problem, estimator) for problem in problems for estimator in estimators(problem, config)
@@ -1162,12 +1163,25 @@ def _run(args) -> int:
         row = _bias_row(poisson, temperature, config, args.seed)
         sweep.append(_sweep_record(row, poisson, config, args, time.perf_counter() - start))
         checkpoint.save({"records": records, "sweep": sweep})
-    merged = common.update_records(results / _RESULTS, records, _record_settings)
-    merged_sweep = common.update_records(results / _SWEEP_RESULTS, sweep, _sweep_settings)
+
+    def write_table(merged, merged_sweep):
+        shown = [r for r in merged if r.get("smoke") == bool(args.smoke)]
+        shown_sweep = [r for r in merged_sweep if r.get("smoke") == bool(args.smoke)]
+        common.atomic_write_text(results / "synthetic.md", _markdown(shown, shown_sweep))
+
+    # The table of both files is written under both locks (the main file's, then the sweep's).
+    common.update_records(
+        results / _RESULTS,
+        records,
+        _record_settings,
+        lambda merged: common.update_records(
+            results / _SWEEP_RESULTS,
+            sweep,
+            _sweep_settings,
+            lambda merged_sweep: write_table(merged, merged_sweep),
+        ),
+    )
     checkpoint.remove()  # only now: until both merges, it holds the finished records
-    shown = [r for r in merged if r.get("smoke") == bool(args.smoke)]
-    shown_sweep = [r for r in merged_sweep if r.get("smoke") == bool(args.smoke)]
-    common.atomic_write_text(results / "synthetic.md", _markdown(shown, shown_sweep))
     _loss_figure(records, config, results / "synthetic_loss.png")
     _gradient_figure(records, sweep, config, results / "synthetic_gradients.png")
     print(

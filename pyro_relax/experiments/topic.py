@@ -919,7 +919,7 @@ def _checkpoint(results, corpus, label, config, device) -> common.Checkpoint:
 
 def _run(args) -> int:
     results = Path(args.results)
-    common.read_records(results / "topic.json")  # a damaged results file stops the run at once
+    common.read_records(results / "topic.json", _table)  # a damaged file stops the run at once
     config, corpus = _config(args), _corpus(args)
     runs = [(estimator, None, config) for estimator in args.estimators]
     if corpus.truth is not None:
@@ -942,10 +942,14 @@ def _run(args) -> int:
         )
     for record in records:
         record.update(machine=common.machine(), command=args.command_line)
-    merged = common.update_records(results / "topic.json", records, _record_settings)
+    common.update_records(
+        results / "topic.json",
+        records,
+        _record_settings,
+        lambda merged: common.atomic_write_text(results / "topic.md", _table(merged)),
+    )
     for checkpoint in checkpoints:  # only now: until the merge, they hold the finished records
         checkpoint.remove()
-    common.atomic_write_text(results / "topic.md", _table(merged))
     _write_plot(results / "topic.png", records)
     print(_table(records))
     print(f"results written to {results}/topic.json, topic.md and topic.png")
