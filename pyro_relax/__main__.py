@@ -1,6 +1,7 @@
 """Command-line interface: ``python -m pyro_relax COMMAND``, also installed as ``pyro-relax``."""
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -96,9 +97,16 @@ def _run_experiment(args) -> int:
     from pyro_relax.experiments.common import ExperimentError
 
     try:
-        if Path(args.results).exists() and not Path(args.results).is_dir():
-            # Checked before training: results are written after the first run.
-            raise ExperimentError(f"--results {args.results}: not a directory")
+        # Made before training: results and checkpoints are written only after the first
+        # epoch, which a folder that cannot be made or written to would lose.
+        try:
+            Path(args.results).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ExperimentError(
+                f"--results {args.results}: cannot be made a folder ({error.strerror})"
+            ) from None
+        if not os.access(args.results, os.W_OK):
+            raise ExperimentError(f"--results {args.results}: a folder this user cannot write")
         return args.run_experiment(args)
     except ExperimentError as error:
         print(f"pyro-relax experiment {args.experiment}: {error}", file=sys.stderr)
