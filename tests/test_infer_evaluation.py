@@ -204,26 +204,26 @@ def test_log_likelihood_is_exact_with_the_posterior_as_guide(vectorize):
     assert joint.value == pytest.approx(float(log_evidence.sum()), abs=1e-9)
 
 
+def _subsampled_model(x, subsample=None):
+    with pyro.plate("data", len(x), subsample=subsample, dim=-1) as index:
+        z = pyro.sample(
+            "z", pr.GenGSPoisson(torch.tensor(RATE, dtype=f64), TEMPERATURE, 6, tail_tolerance=None)
+        )
+        pyro.sample("x", dist.Poisson(z + 0.5), obs=x[index])
+
+
 def test_a_subsampled_data_plate_scales_the_per_item_bounds():
     _, log_evidence = _single_latent_posteriors(X)
     subsample = torch.tensor([0, 2])
     guide_ = _posterior_guide_of(X)
 
-    def subsampled_model(x, subsample=None):
-        with pyro.plate("data", len(X), subsample=subsample, dim=-1) as index:
-            z = pyro.sample(
-                "z",
-                pr.GenGSPoisson(torch.tensor(RATE, dtype=f64), TEMPERATURE, 6, tail_tolerance=None),
-            )
-            pyro.sample("x", dist.Poisson(z + 0.5), obs=x[index])
-
     bound = discrete_log_likelihood(
-        subsampled_model, guide_, X, subsample=subsample, num_particles=10, data_plate="data"
+        _subsampled_model, guide_, X, subsample=subsample, num_particles=10, data_plate="data"
     )
     expected = len(X) / len(subsample) * float(log_evidence[subsample].sum())
     assert bound.value == pytest.approx(expected, abs=1e-9)
     with pytest.raises(ValueError, match="data_plate"):
-        discrete_log_likelihood(subsampled_model, guide_, X, subsample=subsample)
+        discrete_log_likelihood(_subsampled_model, guide_, X, subsample=subsample)
 
 
 def test_the_bound_on_a_subsample_counts_the_variance_of_the_subsample():
@@ -236,19 +236,11 @@ def test_the_bound_on_a_subsample_counts_the_variance_of_the_subsample():
     _, log_evidence = _single_latent_posteriors(x)
     guide_ = _posterior_guide_of(x)
 
-    def subsampled_model(x, subsample=None):
-        with pyro.plate("data", len(x), subsample=subsample, dim=-1) as index:
-            z = pyro.sample(
-                "z",
-                pr.GenGSPoisson(torch.tensor(RATE, dtype=f64), TEMPERATURE, 6, tail_tolerance=None),
-            )
-            pyro.sample("x", dist.Poisson(z + 0.5), obs=x[index])
-
     values, squared_errors = [], []
     for chosen in itertools.combinations(range(len(x)), 3):
         subsample = torch.tensor(chosen)
         bound = discrete_log_likelihood(
-            subsampled_model, guide_, x, subsample=subsample, num_particles=5, data_plate="data"
+            _subsampled_model, guide_, x, subsample=subsample, num_particles=5, data_plate="data"
         )
         assert bound.value == pytest.approx(2 * float(log_evidence[subsample].sum()), abs=1e-9)
         values.append(bound.value)
@@ -257,7 +249,7 @@ def test_the_bound_on_a_subsample_counts_the_variance_of_the_subsample():
     assert design_variance > 10
     assert sum(squared_errors) / len(squared_errors) == pytest.approx(design_variance, rel=1e-9)
     one_item = discrete_log_likelihood(
-        subsampled_model, guide_, x, subsample=torch.tensor([2]), num_particles=5,
+        _subsampled_model, guide_, x, subsample=torch.tensor([2]), num_particles=5,
         data_plate="data",
     )  # fmt: skip
     assert math.isnan(one_item.standard_error)
