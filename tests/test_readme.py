@@ -59,5 +59,19 @@ def test_inference_tools_block_measures_the_discrete_model(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert "True" in printed
     # The first line the README says this run prints (a seeded run: a stale figure fails).
+    # Float rounding differs between CPUs, and the draws with it (seen: -3.5085 on an Intel
+    # Xeon, -3.5079 on an AMD EPYC): each value within a tenth of its standard error, each
+    # standard error within 10%.
     stated = re.search(r"the\s+first line reads `([^`]*)`", README.read_text()).group(1)
-    assert printed[0] == stated
+
+    def figures(line):
+        return [float(x) for x in re.findall(r"-?\d+\.\d+", line)]
+
+    values, errors = figures(printed[0])[::2], figures(printed[0])[1::2]
+    stated_values, stated_errors = figures(stated)[::2], figures(stated)[1::2]
+    assert len(values) == len(stated_values) == 2, (printed[0], stated)
+    for value, error, stated_value, stated_error in zip(
+        values, errors, stated_values, stated_errors, strict=True
+    ):
+        assert abs(value - stated_value) < 0.1 * stated_error, (printed[0], stated)
+        assert error == pytest.approx(stated_error, rel=0.1), (printed[0], stated)
