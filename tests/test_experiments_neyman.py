@@ -232,9 +232,10 @@ def test_runs_of_other_settings_have_their_own_rows_and_their_own_exact_referenc
         )
         for r in first
     ]
+    both = first + second
     rows = {
         (row["estimator"], row["configuration"]): row
-        for row in neyman._summary_rows(first + second)
+        for row in neyman._summary_rows(both, neyman._configurations(both))
     }
     assert set(rows) == {
         (e, c) for e in (neyman.EXACT, neyman.GENGS) for c in ("steps=3000", "steps=6")

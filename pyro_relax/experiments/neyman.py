@@ -843,11 +843,17 @@ def _order(record):
 _PER_RUN = ("study", "data", "estimator", "seed")
 
 
-def _configurations(training) -> dict:
-    """Each training record's configuration, by ``id``: the settings in which it differs from
-    the other records, apart from its data, estimator and seed ('' where they all agree)."""
-    named = common.differing_settings(training, _record_settings, shown=_PER_RUN)
-    return {id(record): name for record, name in zip(training, named, strict=True)}
+def _configurations(records, shown=_PER_RUN) -> dict:
+    """Each record's configuration, by ``id``: the settings in which it differs from the
+    other records, apart from ``shown`` (its data, estimator and seed; '' where they all
+    agree)."""
+    named = common.differing_settings(records, _record_settings, shown=shown)
+    return {id(record): name for record, name in zip(records, named, strict=True)}
+
+
+def _shared(values):
+    """The value every run shares, or where to read each run's."""
+    return values[0] if len({json.dumps(v) for v in values}) == 1 else "(see `settings`)"
 
 
 def _exact_key(record, configurations) -> tuple:
@@ -865,9 +871,9 @@ def _exact_scores(training, configurations) -> dict:
     }
 
 
-def _summary_rows(training) -> list:
-    """One row per data set, configuration and estimator: the mean and spread over seeds."""
-    configurations = _configurations(training)
+def _summary_rows(training, configurations) -> list:
+    """One row per data set, configuration (:func:`_configurations`) and estimator: the mean
+    and spread over seeds."""
     exact = _exact_scores(training, configurations)
     groups = {}
     for record in sorted(training, key=lambda r: (configurations[id(r)], _order(r))):
@@ -913,9 +919,7 @@ def _with_error(record, name) -> str:
 def _gradient_rows(gradients) -> list:
     """The gradient study's rows, each with the settings (``settings``) in which its run
     differs from the others, apart from what the row shows."""
-    identity = (*_PER_RUN, "point", "temperature", "term")
-    named = common.differing_settings(gradients, _record_settings, shown=identity)
-    configurations = {id(r): name for r, name in zip(gradients, named, strict=True)}
+    configurations = _configurations(gradients, (*_PER_RUN, "point", "temperature", "term"))
     rows = []
     pairs = list(GRADIENT_PAIRS)
     for r in sorted(
@@ -967,11 +971,11 @@ def _markdown(records) -> str:
     ]
     if training:
 
-        def shared(name):  # a setting every run shares, or where to read each run's
-            values = {json.dumps(r["settings"][name]) for r in training}
-            return training[0]["settings"][name] if len(values) == 1 else "(see `settings`)"
+        def shared(name):
+            return _shared([r["settings"][name] for r in training])
 
-        summary = _summary_rows(training)
+        configurations = _configurations(training)
+        summary = _summary_rows(training, configurations)
         every_run = sorted(training, key=_order)
         lines += [
             "## Test log-likelihood per person",
@@ -1048,22 +1052,19 @@ def _markdown(records) -> str:
                     "max_prior_tail_mass": ".1e",
                     "seconds": ".0f",
                 },
-                common.differing_settings(every_run, _record_settings, shown=_PER_RUN),
+                [configurations[id(r)] for r in every_run],
             ),
         ]
     if gradients:
         rows = _gradient_rows(gradients)
-
-        def shared(name):  # a setting every measurement shares, or where to read each one's
-            values = {json.dumps(r[name]) for r in gradients}
-            return gradients[0][name] if len(values) == 1 else "(see `settings`)"
-
+        draws = _shared([r["draws"] for r in gradients])
+        people = _shared([r["gradient_people"] for r in gradients])
         lines += [
             "## Gradient study",
             "",
             "At fixed parameters (`point`: the seed's initialization, or the end of that "
             "estimator's run), the mean of "
-            f"{shared('draws')} single-sample gradient estimates on {shared('gradient_people')} "
+            f"{draws} single-sample gradient estimates on {people} "
             "training people against the exact gradient of the pair's own objective (the "
             "discrete ELBO summed over the guide's outcomes), per term of the objective. "
             "Gradients of the ELBO (ascent directions) averaged over people. `shift`: with "

@@ -960,7 +960,7 @@ def _markdown(records, sweep=()) -> str:
             if len(samples) == 1
             else "samples per estimate in `settings`"
         )
-        settings = common.differing_settings(sweep, _sweep_settings, shown=columns)
+        differing = common.differing_settings(sweep, _sweep_settings, shown=columns)
         lines += [
             "## GenGS Poisson gradient bias against temperature",
             "",
@@ -972,7 +972,7 @@ def _markdown(records, sweep=()) -> str:
             "are close, the coordinates' biases are within their noise); `coordinates` the "
             "range of the coordinates' biases.",
             "",
-            common.markdown_table(rows, columns, formats, settings),
+            common.markdown_table(rows, columns, formats, differing),
         ]
         records = [*records, *sweep]
     commands = sorted({r["command"] for r in records})

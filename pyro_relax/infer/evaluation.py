@@ -263,10 +263,12 @@ def _log_weights(
         nesting = _plate_nesting(model, guide, args, kwargs)
     else:
         nesting = check_count(None, "max_plate_nesting", nesting, minimum=0)
-    # The plates' subsamples, from one run of the guide (get_importance_trace drops them); the
-    # run leaves the CPU's random stream as it found it, so seeded estimates keep their draws.
-    with poutine.block(), torch.random.fork_rng(devices=[]):
-        subsamples = _subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
+    # With a data plate, every pass replays the plates' subsamples from one run of the guide
+    # (get_importance_trace drops them); the run leaves the CPU's random stream as it found
+    # it, so seeded estimates keep their draws.
+    if data_plate is not None:
+        with poutine.block(), torch.random.fork_rng(devices=[]):
+            subsamples = _subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
     chunks, scales = [], set()
     done = 0
     while done < total:
