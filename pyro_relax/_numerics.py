@@ -14,6 +14,8 @@ from torch.distributions import Distribution, biject_to, constraints, transform_
 __all__ = [
     "LOG_ZERO",
     "as_float",
+    "all_last",
+    "any_last",
     "broadcast_shapes",
     "caller_stacklevel",
     "categorical_kl",
@@ -32,6 +34,7 @@ __all__ = [
     "log_of_probs",
     "location",
     "log_weights",
+    "nonnegative_rows",
     "one_hot",
     "parse_parameters",
     "positive_probability",
@@ -397,28 +400,93 @@ def one_hot(index: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.
     return (index.unsqueeze(-1) == classes).to(like.dtype)
 
 
+# --- Row reductions -------------------------------------------------------------------------
+# On CPU, torch reduces booleans with all/any (and takes maxima) over short last dimensions
+# several times slower than it sums: 100 x 20 rows of 50, `all(-1)` took 265 us where the integer
+# sum of the same rows took 25 us (this project's AMD EPYC, one thread). The row tests of checks
+# that run at every construction and every validated log_prob are written as sums.
+
+
+def all_last(mask: torch.Tensor) -> torch.Tensor:
+    """Whether each row (last dimension) of ``mask`` is all true: its count of true entries is
+    the row's length."""
+    return mask.sum(-1) == mask.shape[-1]
+
+
+def any_last(mask: torch.Tensor) -> torch.Tensor:
+    """Whether each row (last dimension) of ``mask`` has a true entry: a positive count."""
+    return mask.sum(-1) > 0
+
+
+def nonnegative_rows(value: torch.Tensor) -> torch.Tensor:
+    """Whether each row (last dimension) of ``value`` has no negative entry and no NaN: the
+    negative parts of a row sum to zero exactly then (a sum of non-positive numbers cannot round
+    to zero)."""
+    return value.clamp(max=0).sum(-1) == 0
+
+
 # --- Parameters: one parser for every distribution and helper ---------------------------------
 
 
-class _FiniteReal(constraints.Constraint):
+def _limits_dtype(value) -> torch.dtype:
+    """The dtype whose limits bound ``value``: the one the library computes it in."""
+    dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+    return _compute_dtype(dtype)
+
+
+class _Bounded(constraints.Constraint):
+    """Numbers between two bounds, each open or closed, which :meth:`bounds` gives for a dtype.
+
+    ``check`` compares elementwise, as torch's constraints do; ``holds_everywhere`` reads a
+    whole tensor from its least and greatest entries alone (one reduction, several times faster
+    than the elementwise tests and their ``all``). NaN fails every comparison, so it violates
+    any bounds; an open infinite bound excludes that infinity."""
+
+    def bounds(self, dtype: torch.dtype) -> tuple:
+        """``(low, low_closed, high, high_closed)`` for values of ``dtype``."""
+        raise NotImplementedError
+
+    def check(self, value):
+        return _within(value, value, self.bounds(_limits_dtype(value)))
+
+    def holds_everywhere(self, value: torch.Tensor) -> bool:
+        """Whether every entry of the floating tensor ``value`` lies within the bounds."""
+        return _within_everywhere(value, self.bounds(_limits_dtype(value)))
+
+
+def _within(least, greatest, bounds):
+    """Whether ``least`` is above the lower bound and ``greatest`` below the upper one."""
+    low, low_closed, high, high_closed = bounds
+    above = least >= low if low_closed else least > low
+    below = greatest <= high if high_closed else greatest < high
+    return above & below
+
+
+def _within_everywhere(value: torch.Tensor, bounds) -> bool:
+    """Whether every entry of ``value`` lies within ``bounds`` (NaN propagates to both)."""
+    least, greatest = torch.aminmax(value)
+    return bool(_within(least, greatest, bounds))
+
+
+class _FiniteReal(_Bounded):
     """Finite real numbers: ``constraints.real`` admits infinities."""
 
     description = "finite"
 
-    def check(self, value):
-        return torch.isfinite(value)
+    def bounds(self, dtype):
+        return (-math.inf, False, math.inf, False)
 
 
-class _FinitePositive(constraints.Constraint):
+class _FinitePositive(_Bounded):
     """Finite positive numbers: ``constraints.positive`` admits infinity."""
 
     description = "finite and positive"
 
-    def check(self, value):
-        return torch.isfinite(value) & (value > 0)
+    def bounds(self, dtype):
+        return (0.0, False, math.inf, False)
 
 
-class _Scale(constraints.Constraint):
+class _Scale(_Bounded):
     """A temperature or a standard deviation: finite, positive and between the machine epsilon
     of the dtype computed in and its inverse (float32: about 1.2e-7 to 8.4e6). Beyond, logits
     divided by the temperature and squared inverse scales overflow, and gradients become NaN;
@@ -426,21 +494,20 @@ class _Scale(constraints.Constraint):
 
     description = "finite, positive and within [eps, 1/eps] of its dtype (float32: 1.2e-7 to 8.4e6)"
 
-    def check(self, value):
-        dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
-        eps = torch.finfo(_compute_dtype(dtype)).eps
-        return torch.isfinite(value) & (value >= eps) & (value <= 1 / eps)
+    def bounds(self, dtype):
+        eps = torch.finfo(dtype).eps
+        return (eps, True, 1 / eps, True)
 
 
-class _Location(constraints.Constraint):
+class _Location(_Bounded):
     """A Gaussian mean: finite, with a magnitude at most the inverse machine epsilon of the
     dtype computed in (float32: about 8.4e6); beyond, squared differences in a KL overflow."""
 
     description = "finite, with magnitude at most 1/eps of its dtype (float32: 8.4e6)"
 
-    def check(self, value):
-        dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
-        return torch.isfinite(value) & (value.abs() <= 1 / torch.finfo(_compute_dtype(dtype)).eps)
+    def bounds(self, dtype):
+        limit = 1 / torch.finfo(dtype).eps
+        return (-limit, True, limit, True)
 
 
 class _LogWeights(constraints.Constraint):
@@ -451,17 +518,26 @@ class _LogWeights(constraints.Constraint):
     event_dim = 1
 
     def check(self, value):
-        no_nan_or_plus_inf = ~(torch.isnan(value) | torch.isposinf(value))
-        return no_nan_or_plus_inf.all(-1) & torch.isfinite(value).any(-1)
+        return ~any_last(torch.isnan(value) | torch.isposinf(value)) & any_last(
+            torch.isfinite(value)
+        )
+
+    def holds_everywhere(self, value: torch.Tensor) -> bool:
+        """Whether every row of the floating tensor ``value`` holds: no NaN and no ``+inf``
+        anywhere (its maximum, to which NaN propagates, is below infinity), then a finite
+        entry, that is one above ``-inf``, in each row."""
+        if not bool(value.amax() < math.inf):
+            return False
+        return bool(any_last(value > -math.inf).all())
 
 
-class _PositiveProbability(constraints.Constraint):
+class _PositiveProbability(_Bounded):
     """Probabilities in ``(0, 1]``: a Geometric distribution with ``p = 0`` has no mass."""
 
     description = "in (0, 1]"
 
-    def check(self, value):
-        return (value > 0) & (value <= 1)
+    def bounds(self, dtype):
+        return (0.0, False, 1.0, True)
 
 
 class _Simplex(constraints.Constraint):
@@ -475,7 +551,7 @@ class _Simplex(constraints.Constraint):
         eps = torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0
         tolerance = max(1e-6, value.shape[-1] * eps)
         total = value.sum(-1, dtype=torch.float64 if value.dtype == torch.float64 else None)
-        return (value >= 0).all(-1) & ((total - 1).abs() <= tolerance)
+        return nonnegative_rows(value) & ((total - 1).abs() <= tolerance)
 
 
 finite_real = _FiniteReal()
@@ -561,6 +637,40 @@ def validation_enabled(validate_args) -> bool:
     return Distribution._validate_args if validate_args is None else bool(validate_args)
 
 
+def _torch_bounds(constraint):
+    """``(low, low_closed, high, high_closed)`` of one of torch's constraints on real numbers
+    between two numeric bounds, else ``None``."""
+    kind = type(constraint)
+    if kind is type(constraints.real):
+        return (-math.inf, True, math.inf, True)  # NaN only
+    low, high = getattr(constraint, "lower_bound", None), getattr(constraint, "upper_bound", None)
+    if not all(bound is None or isinstance(bound, Real) for bound in (low, high)):
+        return None  # tensor bounds: elementwise
+    return {
+        constraints.greater_than: lambda: (low, False, math.inf, True),
+        constraints.greater_than_eq: lambda: (low, True, math.inf, True),
+        constraints.less_than: lambda: (-math.inf, True, high, False),
+        constraints.interval: lambda: (low, True, high, True),
+        constraints.half_open_interval: lambda: (low, True, high, False),
+    }.get(kind, lambda: None)()
+
+
+def _holds_everywhere(constraint, value: torch.Tensor) -> bool:
+    """Whether every entry of ``value`` satisfies ``constraint``: by the constraint's own
+    ``holds_everywhere`` (the library's) or its bounds (torch's) for a floating tensor, else
+    elementwise; an independent constraint without its per-row reduction (all rows of all
+    entries hold exactly when all entries do)."""
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    if value.is_floating_point():
+        if hasattr(constraint, "holds_everywhere"):
+            return constraint.holds_everywhere(value)
+        bounds = _torch_bounds(constraint)
+        if bounds is not None:
+            return _within_everywhere(value, bounds)
+    return bool(constraint.check(value).all())
+
+
 def check_constraint(owner: str, name: str, value, constraint) -> None:
     """Raises ``ValueError`` naming ``name`` if ``value`` violates ``constraint``.
 
@@ -572,7 +682,7 @@ def check_constraint(owner: str, name: str, value, constraint) -> None:
     ):
         return
     checked = value.detach() if torch.is_tensor(value) else torch.as_tensor(value)
-    if not bool(constraint.check(checked).all()):
+    if not _holds_everywhere(constraint, checked):
         shown = checked if checked.numel() <= 8 else f"a tensor of shape {tuple(checked.shape)}"
         raise ValueError(f"{owner}: `{name}` must be {_describe(constraint)}, got {shown}")
 

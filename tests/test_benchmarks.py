@@ -233,7 +233,7 @@ def test_the_cpu_clock_is_refused_for_a_gpu(bench_gengs):
 class _PlainInvertibleGaussian:
     """A stand-in for relaxit's class (not installed here): softmax++ without a shift."""
 
-    def __init__(self, loc, scale, temperature):
+    def __init__(self, loc, scale, temperature, validate_args=None):
         self.loc, self.scale, self.temperature = loc, scale, temperature
 
     def rsample(self):
@@ -251,16 +251,44 @@ def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
 
     table = bench_igr.relaxit_table(_PlainInvertibleGaussian, torch.device("cpu"), 1, 1)
     rows = table.splitlines()[1:]
-    steps = ["construction only", "rsample + backward", "rsample + log_prob + backward"]
+    sampled = ["rsample + backward", "rsample + log_prob + backward"]
+    steps = ["construction only", *sampled, *(f"{step}, validated" for step in sampled)]
     steps += ["IGR's operators alone", "IGR's arithmetic, one node", "stable, no accuracy fixes"]
     steps += ["row maximum alone (IGR side)"]
     expected = [(k, step) for step in steps for k in bench_igr.CATEGORIES]
-    assert [(int(row[:4]), row[6:35].strip()) for row in rows] == expected
+    assert [(int(row[:4]), row[6:46].strip()) for row in rows] == expected
     for row in rows:
-        theirs, ours, ratio = (float(cell) for cell in row[35:].split())
+        theirs, ours, ratio = (float(cell) for cell in row[46:].split())
         assert ours > 0 and ratio > 0
         if theirs >= 0.1:  # milliseconds printed to three decimals: the ratio, to 1%
             assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.01)
+
+
+class _RefusingInvertibleGaussian(_PlainInvertibleGaussian):
+    """A stand-in whose validated log_prob refuses every value, as relaxit's does for its own
+    samples whose last coordinate rounds below zero."""
+
+    def __init__(self, loc, scale, temperature, validate_args=None):
+        super().__init__(loc, scale, temperature)
+        self.validate_args = validate_args
+
+    def log_prob(self, value):
+        if self.validate_args:
+            raise ValueError("Sample value must be in the range [0, 1]")
+        return super().log_prob(value)
+
+
+def test_relaxit_table_reports_a_refused_sample_and_goes_on(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_igr
+
+    table = bench_igr.relaxit_table(_RefusingInvertibleGaussian, torch.device("cpu"), 1, 1)
+    refused = [row for row in table.splitlines() if "failed validation" in row]
+    assert [row[6:46].strip() for row in refused] == 2 * [
+        "rsample + log_prob + backward, validated"
+    ]
+    assert all(row.endswith("Sample value must be in the range [0, 1]") for row in refused)
+    assert "row maximum alone (IGR side)" in table.splitlines()[-1]
 
 
 @pytest.mark.parametrize("device", ["one node", "stable, no accuracy fixes"])

@@ -409,6 +409,112 @@ def test_the_library_calls_no_slow_torch_broadcast_shapes():
     assert not callers, callers
 
 
+# --- Parameter checks: whole tensors at once, rows by sums ------------------------------------
+
+from torch.distributions import constraints as torch_constraints  # noqa: E402
+
+from pyro_relax import _numerics as numerics  # noqa: E402
+
+_CHECKED = {
+    "finite_real": numerics.finite_real,
+    "finite_positive": numerics.finite_positive,
+    "scale": numerics.scale,
+    "location": numerics.location,
+    "positive_probability": numerics.positive_probability,
+    "independent(location)": torch_constraints.independent(numerics.location, 1),
+    "independent(scale)": torch_constraints.independent(numerics.scale, 1),
+    "real": torch_constraints.real,
+    "positive": torch_constraints.positive,
+    "nonnegative": torch_constraints.nonnegative,
+    "greater_than(2)": torch_constraints.greater_than(2.0),
+    "less_than(1)": torch_constraints.less_than(1.0),
+    "unit_interval": torch_constraints.unit_interval,
+    "half_open_interval(0, 1)": torch_constraints.half_open_interval(0.0, 1.0),
+    "greater_than(tensor)": torch_constraints.greater_than(torch.tensor([0.0, 1.0])),
+    "log_weights": numerics.log_weights,
+}
+
+
+def _special_numbers(dtype):
+    """Numbers at and beside every bound the constraints above use, in ``dtype``."""
+    info = torch.finfo(dtype)
+    computed = torch.finfo(torch.float32 if info.bits == 16 else dtype)
+    numbers = [0.0, -0.0, 0.5, 1.0, -1.0, 2.0, info.tiny, -info.tiny, info.max, -info.max]
+    numbers += [computed.eps, 1 / computed.eps, -1 / computed.eps, math.inf, -math.inf, math.nan]
+    values = torch.tensor(numbers, dtype=dtype)
+    # Each number, the next one up and the next one down in the dtype.
+    above = torch.nextafter(values, torch.tensor(math.inf, dtype=dtype))
+    below = torch.nextafter(values, torch.tensor(-math.inf, dtype=dtype))
+    return torch.cat([values, above, below])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, _f64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", _CHECKED)
+def test_whole_tensor_checks_agree_with_the_elementwise_checks(name, dtype):
+    # The parameter check reads a bounded constraint from the least and greatest entries: for
+    # every special number beside an ordinary one, in both places of a pair, it must decide as
+    # the elementwise check does (NaN, infinities and the bounds themselves included).
+    constraint = _CHECKED[name]
+    elementwise = getattr(constraint, "base_constraint", constraint)
+    for number in _special_numbers(dtype).tolist():
+        # Rows of two for the row constraint (log_weights): a row of -inf fails it.
+        for rows in ([number, 0.75], [0.75, number], [[number, -math.inf], [0.5, 0.5]]):
+            value = torch.tensor(rows, dtype=dtype)
+            expected = bool(elementwise.check(value).all())
+            assert numerics._holds_everywhere(constraint, value) == expected, (number, rows)
+
+
+_F32 = torch.finfo(torch.float32)
+
+
+@pytest.mark.parametrize(
+    "constraint, admitted, refused",
+    [
+        (numerics.scale, [_F32.eps, 1.0, 1 / _F32.eps], [_F32.eps / 2, 2 / _F32.eps, 0.0, -1.0]),
+        (numerics.location, [-1 / _F32.eps, 0.0, 1 / _F32.eps], [2 / _F32.eps, -2 / _F32.eps]),
+        (numerics.finite_positive, [_F32.tiny, 1e30], [0.0, -0.0, -1.0]),
+        (numerics.finite_real, [-1e30, 0.0, 1e30], []),
+        (numerics.positive_probability, [_F32.tiny, 0.5, 1.0], [0.0, 1.0 + _F32.eps, -1.0]),
+    ],
+)
+def test_parameter_checks_admit_exactly_what_they_describe(constraint, admitted, refused):
+    # The documented ranges in float32, with NaN and infinities refused by every one of them.
+    for number in admitted:
+        numerics.check_constraint("Owner", "p", torch.tensor([number, number]), constraint)
+    for number in [*refused, math.nan, math.inf, -math.inf]:
+        with pytest.raises(ValueError, match="Owner: `p` must be"):
+            numerics.check_constraint("Owner", "p", torch.tensor([1.0, number]), constraint)
+
+
+def test_row_tests_agree_with_torch_reductions():
+    generator = torch.Generator().manual_seed(0)
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, math.inf, -math.inf, math.nan])
+    for shape in [(5, 1), (7, 3), (4, 2, 10), (3, 0), (64, 50)]:
+        for _ in range(20):
+            values = pool[torch.randint(len(pool), shape, generator=generator)]
+            mask = values > 0
+            assert torch.equal(numerics.all_last(mask), mask.all(-1))
+            assert torch.equal(numerics.any_last(mask), mask.any(-1))
+            assert torch.equal(numerics.nonnegative_rows(values), (values >= 0).all(-1))
+
+
+def test_the_library_makes_no_boolean_row_reductions():
+    # The class of slow path: on CPU torch reduces booleans over short rows several times
+    # slower than it sums floats; the package writes such row tests with _numerics' helpers.
+    import pathlib
+    import re
+
+    root = pathlib.Path(pr.__file__).parent
+    pattern = re.compile(r"\.(all|any)\((dim=)?-1\)")
+    callers = [
+        f"{path.relative_to(root)}:{number}"
+        for path in root.rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not callers, callers
+
+
 # --- Relaxed simplex samples over many categories ----------------------------------------------
 
 _LARGE_K = 5000

@@ -27,6 +27,7 @@ from pyro_relax._numerics import (
     is_integer,
     log_of_probs,
     log_weights,
+    nonnegative_rows,
     parse_parameters,
     probability_vector,
     relaxed_enumerate_support,
@@ -830,7 +831,7 @@ class _ScaledSimplex(constraints.Constraint):
     def check(self, value):
         # Relaxed samples are softmax weights times counts: their sum is off by a few ulp.
         tolerance = self.total * max(1e-6, 64 * torch.finfo(value.dtype).eps)
-        return (value >= 0).all(-1) & ((value.sum(-1) - self.total).abs() <= tolerance)
+        return nonnegative_rows(value) & ((value.sum(-1) - self.total).abs() <= tolerance)
 
 
 class GenGSMultinomial(TruncatedGenGS):

@@ -21,6 +21,8 @@ from torch.distributions.utils import lazy_property
 
 from pyro_relax._carry import allow_in_torch_load, carried, carry, relaxation_of
 from pyro_relax._numerics import (
+    all_last,
+    any_last,
     as_float,
     check_constraint,
     check_count,
@@ -448,7 +450,7 @@ class IGR(_IGRBase):
         if foreign:
             # Another family's value may lie on the boundary (a dropped stick: log z = -inf),
             # where the density is 0, not -inf - -inf.
-            log_density = log_density.masked_fill(log_z.isneginf().any(-1), -math.inf)
+            log_density = log_density.masked_fill(any_last(log_z.isneginf()), -math.inf)
         return log_density
 
     def _log_prob_of_vertex(self, value):
@@ -576,7 +578,7 @@ class IGRStickBreaking(_IGRBase):
         exact = None
         if log_z is None:
             tiny = torch.finfo(value.dtype).tiny
-            exact = (value[..., :-1] > tiny).all(-1) & (value[..., -1] > tiny)
+            exact = all_last(value > tiny)
             # The smallest normal number stands for a coordinate that underflowed to zero.
             log_z = value.clamp(min=tiny).log()
         tau = self.temperature.unsqueeze(-1)
@@ -586,7 +588,7 @@ class IGRStickBreaking(_IGRBase):
         # Each stick is a difference of logarithms: its rounding error scales with them.
         magnitude = tau * (log_z[..., :-1].abs() + log_z[..., -1:].abs() + log_delta.abs() + 1)
         slack = 64 * torch.finfo(value.dtype).eps * torch.where(kept, magnitude, 0)
-        inside = (sticks >= -slack).all(-1) & (sticks.sum(-1) <= 1 + slack.sum(-1))
+        inside = all_last(sticks >= -slack) & (sticks.sum(-1) <= 1 + slack.sum(-1))
         if exact is not None:
             inside = inside | ~exact
         y = self.transforms[0].inv(sticks)
@@ -625,7 +627,7 @@ class IGRStickBreaking(_IGRBase):
         # A value cut at other sticks than this distribution cuts its pre-image (a guide with
         # another precision, or a finite one) is not in this distribution's image: its density
         # is 0 here, not that of the point this distribution would map the pre-image to.
-        inside = (self._kept_of(value) == self._kept(self.transforms[0].log_sticks(y))).all(-1)
+        inside = all_last(self._kept_of(value) == self._kept(self.transforms[0].log_sticks(y)))
         if self._validate_args and not bool(inside.all()):
             raise ValueError(
                 "IGRStickBreaking.log_prob got a value cut at other sticks than this "
