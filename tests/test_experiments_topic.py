@@ -51,7 +51,13 @@ def test_smoke_run_writes_results(tmp_path):
         assert 1 < record["test_perplexity"] < 10 * topic.SMOKE_SPEC.vocab_size
         assert 1 < record["train_perplexity"] < 10 * topic.SMOKE_SPEC.vocab_size
         assert record["epochs"] == len(record["history"]) == topic.SMOKE_CONFIG.epochs
-    assert "| synthetic-smoke | GenGS | 0 |" in (tmp_path / "topic.md").read_text()
+    page = (tmp_path / "topic.md").read_text()
+    assert "| synthetic-smoke | GenGS | 0 |" in page
+    # The no-latent baseline, the same for every run on the corpus, in the page's note.
+    baseline = {record["word_frequency_test_perplexity"] for record in records}
+    assert len(baseline) == 1
+    assert "Word frequencies alone on synthetic-smoke" in page
+    assert f"test perplexity {baseline.pop():.2f}." in page
     assert (tmp_path / "topic.png").read_bytes().startswith(PNG_SIGNATURE)
     assert not list((tmp_path / "checkpoints").glob("*.pt"))  # removed once merged
     true_model = next(r for r in records if r["estimator"] == topic.TRUE_MODEL)
@@ -60,6 +66,20 @@ def test_smoke_run_writes_results(tmp_path):
     # A second run replaces its rows rather than adding to them.
     assert cli.main(argv) == 0
     assert len(json.loads((tmp_path / "topic.json").read_text())) == len(records)
+
+
+def test_word_frequency_perplexity_by_hand():
+    # Training counts 3 and 1 of two words, plus one each: frequencies 4/6 and 2/6. A test
+    # document with one of each: perplexity exp(-(log 2/3 + log 1/3) / 2) = sqrt(9 / 2).
+    train = torch.tensor([[1.0, 0.0], [2.0, 1.0]])
+    test = torch.tensor([[1.0, 1.0]])
+    assert topic.word_frequency_perplexity(train, test) == pytest.approx(math.sqrt(4.5))
+    # A word never seen in training still has a finite cost.
+    unseen = torch.tensor([[0.0, 5.0], [1.0, 0.0]])
+    expected = math.exp(-(5 * math.log(1 / 5) + math.log(4 / 5)) / 6)
+    assert topic.word_frequency_perplexity(torch.tensor([[3.0, 0.0]]), unseen) == pytest.approx(
+        expected
+    )
 
 
 def test_other_layers_than_the_corpus_train_and_the_true_model_keeps_its_own(tmp_path):
