@@ -17,7 +17,7 @@ from torch import nn
 
 import pyro_relax as pr
 from pyro_relax.__main__ import build_parser, main
-from pyro_relax.experiments import igr_vae
+from pyro_relax.experiments import igr_vae, image_vae
 from pyro_relax.experiments.igr_vae import (
     ESTIMATORS,
     PAPER_TEST_LOG_LIKELIHOOD,
@@ -161,7 +161,7 @@ def test_a_trained_model_is_scored_again_without_training(tmp_path, monkeypatch,
     assert state["epoch"] == 2 and state["record"]["num_particles"] == 40
     argv = ["experiment", "igr-vae", "--smoke", "--threads", "1", *options]
     args = build_parser(argv).parse_args(argv)
-    data = igr_vae.load_dataset("digits", None)
+    data = image_vae.dataset(args)
     settings = igr_vae._settings(args, data, "IGR-I", "0.5")
     torch.manual_seed(0)
     encoder, decoder, _ = igr_vae._networks(settings, data.num_pixels, "cpu")

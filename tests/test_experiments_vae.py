@@ -277,6 +277,23 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert "MNIST not found" in error and "train-images-idx3-ubyte.gz" in error
 
 
+@pytest.mark.parametrize("experiment", ["vae", "gst-vae", "igr-vae"])
+def test_smoke_reads_the_dataset_given(tmp_path, capsys, experiment):
+    # --smoke changes defaults only: with --dataset mnist it reads MNIST (here from an empty
+    # folder, hence the missing-files error), where it trained on the digits instead, silently.
+    argv = ["experiment", experiment, "--smoke", "--dataset", "mnist", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--results", str(tmp_path / "out")]) == 1
+    assert "MNIST not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("experiment", ["vae", "gst-vae", "igr-vae"])
+def test_a_data_dir_for_the_digits_is_refused(tmp_path, capsys, experiment):
+    argv = ["experiment", experiment, "--smoke", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--results", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--data-dir is for MNIST and Fashion-MNIST" in error
+
+
 # --- The priors -----------------------------------------------------------------------------
 
 

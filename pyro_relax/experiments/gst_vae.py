@@ -76,7 +76,7 @@ from pyro_relax.distributions import (
     STGSCategorical,
 )
 from pyro_relax.experiments import common, image_vae
-from pyro_relax.experiments.data import batches, load_dataset
+from pyro_relax.experiments.data import batches
 from pyro_relax.experiments.vae import discrete_neg_elbo
 from pyro_relax.infer import gradient_moments
 
@@ -783,7 +783,7 @@ def run(args) -> int:
     results = Path(args.results)
     path = results / f"{RESULTS_NAME}.json"
     common.read_records(path, _markdown)  # a damaged results file stops the run at once
-    data = load_dataset("digits" if args.smoke else args.dataset, args.data_dir)
+    data = image_vae.dataset(args)
     runs = itertools.product(
         dict.fromkeys(args.temperature),
         dict.fromkeys(args.loop),

@@ -96,7 +96,7 @@ from pyro_relax.distributions import (
     uniform_igr_prior,
 )
 from pyro_relax.experiments import common, image_vae
-from pyro_relax.experiments.data import BINARIZATIONS, batches, load_dataset
+from pyro_relax.experiments.data import BINARIZATIONS, batches
 from pyro_relax.infer import Estimate, discrete_elbo, discrete_log_likelihood
 
 __all__ = [
@@ -908,7 +908,7 @@ def run(args) -> int:
     results = Path(args.results)
     path = results / f"{RESULTS_NAME}.json"
     common.read_records(path, _markdown)  # a damaged results file stops the run at once
-    data = load_dataset("digits" if args.smoke else args.dataset, args.data_dir)
+    data = image_vae.dataset(args)
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
         for pair in image_vae.expand(args.temperature_pair, TEMPERATURE_PAIRS):
             for estimator in image_vae.expand(args.estimator, ESTIMATORS):

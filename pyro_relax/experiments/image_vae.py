@@ -13,11 +13,12 @@ from torch import nn
 
 from pyro_relax._cli import positive_float, positive_int
 from pyro_relax.experiments import common
-from pyro_relax.experiments.data import DATASETS, binarize
+from pyro_relax.experiments.data import DATASETS, ImageDataset, binarize, load_dataset
 
 __all__ = [
     "EVAL_BINARIZATION_SEED",
     "add_training_arguments",
+    "dataset",
     "evaluation_images",
     "expand",
     "layer_sizes",
@@ -132,9 +133,11 @@ def add_training_arguments(
         type=positive_int,
         help="cap on the batches per epoch (default: all; smoke: 3)",
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="default: mnist")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: mnist; smoke: digits")
     parser.add_argument(
-        "--data-dir", help="directory of the IDX files (default: see pyro_relax.experiments.data)"
+        "--data-dir",
+        help="directory of the IDX files of MNIST or Fashion-MNIST (default: see "
+        "pyro_relax.experiments.data)",
     )
     parser.add_argument(
         "--batch-size",
@@ -151,6 +154,19 @@ def add_training_arguments(
         action="store_true",
         help="turn Pyro's argument and support checks off (faster)",
     )
+
+
+def dataset(args) -> ImageDataset:
+    """The data set of ``--dataset``: MNIST by default, the bundled digits under ``--smoke``
+    (which changes defaults only: ``--smoke --dataset mnist`` is a short run on MNIST). A
+    ``--data-dir`` for the digits, which have no files, is refused rather than ignored."""
+    name = args.dataset or ("digits" if args.smoke else "mnist")
+    if name == "digits" and args.data_dir is not None:
+        raise common.ExperimentError(
+            "--data-dir is for MNIST and Fashion-MNIST; the digits are bundled with "
+            "scikit-learn (pass --dataset mnist or fashion-mnist to read that directory)"
+        )
+    return load_dataset(name, args.data_dir)
 
 
 def smoke_picker(args, smoke: dict):

@@ -87,7 +87,6 @@ from pyro_relax.experiments import common, image_vae
 from pyro_relax.experiments.data import (
     BINARIZATIONS,
     batches,
-    load_dataset,
 )
 from pyro_relax.infer import discrete_elbo
 from pyro_relax.schedules import ExponentialDecay
@@ -812,7 +811,7 @@ def run(args) -> int:
     path = results / f"{RESULTS_NAME}.json"
     common.read_records(path, _markdown)  # a damaged results file stops the run at once
     pairs = _pairs(args)
-    data = load_dataset("digits" if args.smoke else args.dataset, args.data_dir)
+    data = image_vae.dataset(args)
     finished = []
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
         for prior, estimator in pairs:
