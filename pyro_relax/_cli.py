@@ -56,13 +56,21 @@ def fraction(text: str) -> float:
 
 
 def device(text: str) -> str:
-    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``...)."""
+    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``...),
+    in one spelling per device, so that the records of one run do not differ by it: ``cpu``
+    for any ``cpu:N`` (torch has one CPU device), ``cuda:N`` for ``cuda`` (the current one)."""
     import torch
 
     try:
         parsed = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"is not a torch device, got {text!r}") from None
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type == "meta":
+        raise argparse.ArgumentTypeError(
+            f"{text}: the meta device holds no values; the experiments compute numbers"
+        )
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(
@@ -72,8 +80,9 @@ def device(text: str) -> str:
             raise argparse.ArgumentTypeError(
                 f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
-    elif parsed.type not in ("cpu", "meta"):
-        backend = getattr(torch, parsed.type, None)
-        if backend is None or not backend.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: not available on this machine")
-    return text
+        index = torch.cuda.current_device() if parsed.index is None else parsed.index
+        return f"cuda:{index}"
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not backend.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: not available on this machine")
+    return str(parsed)

@@ -58,6 +58,8 @@ def test_demo_without_optional_dependencies(monkeypatch, capsys):
         (["demo", "--seed", str(2**32)], "below 2**32"),
         (["experiment", "synthetic", "--seed", "-1"], "at least 0"),
         (["experiment", "synthetic", "--device", "nonsense"], "is not a torch device"),
+        # The meta device was accepted, and training failed with a traceback.
+        (["experiment", "synthetic", "--device", "meta"], "holds no values"),
     ],
 )
 def test_seeds_and_devices_are_checked_where_they_are_parsed(argv, message, capsys):
@@ -66,6 +68,13 @@ def test_seeds_and_devices_are_checked_where_they_are_parsed(argv, message, caps
     with pytest.raises(SystemExit):
         cli.build_parser(argv).parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["cpu", "cpu:0", "cpu:1"])
+def test_one_spelling_per_device(text):
+    # "cpu" and "cpu:0" name one device; the records of one run differed by the spelling.
+    argv = ["experiment", "synthetic", "--device", text]
+    assert cli.build_parser(argv).parse_args(argv).device == "cpu"
 
 
 def test_a_cuda_device_without_cuda_is_a_usage_error(capsys):
