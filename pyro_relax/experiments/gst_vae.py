@@ -304,8 +304,9 @@ def encoder_gradient_variance(model, guide, encoder, x, *, num_draws: int, seed:
 @dataclasses.dataclass(frozen=True)
 class _Settings:
     """Every setting that changes a run's numbers, resolved (``dataset`` is the data set's name,
-    ``steps_per_epoch`` the batches each epoch trains on). They name the run's checkpoint and
-    identify its record in the results, where each is a field of the record.
+    ``steps_per_epoch`` the batches each epoch trains on). They identify the run's record in
+    the results, where each is a field of the record; all but ``eval_samples``, which changes
+    only the final score, name its checkpoint.
 
     ``gradient_draws`` changes no trained number (the measurement draws from its own generator)
     but what the history holds. Left out because they do not change what is computed:
@@ -424,14 +425,20 @@ class _Run:
 def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     """Trains one VAE (one estimator, temperature, loop and seed) and returns its record.
 
-    With a :class:`~pyro_relax.experiments.common.Checkpoint`, the state is saved after every
-    epoch and the finished record at the end, and a saved state is resumed (a saved record is
-    returned as it is); the caller removes the checkpoint once the record is merged.
+    With a :class:`~pyro_relax.experiments.common.Checkpoint` (named by the training settings,
+    see :func:`~pyro_relax.experiments.image_vae.settings_checkpoint`), the state is saved
+    after every epoch and the finished state with its record at the end, and a saved state is
+    resumed: a saved record of these settings is returned as it is, and one of another
+    ``eval_samples`` is scored again without training. The caller removes the checkpoint once
+    the record is merged.
     """
     run = _Run(settings, data)
     state = checkpoint.load() if checkpoint is not None else None
-    if state is not None and "record" in state:
-        return state["record"]
+    record = image_vae.finished_record(state, settings, _record_settings)
+    if record is not None:
+        return record
+    if state is not None and "epoch" not in state:
+        state = None  # a record alone (written before finished runs kept their model): train
     start, history, seconds = 0, [], 0.0
     if state is not None:
         run.load_state_dict(state["run"])
@@ -455,15 +462,16 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
             )
             history.append(entry)
             bar.set_postfix(test=f"{entry['test_neg_elbo']:.2f}", refresh=False)
+            state = {
+                "epoch": epoch + 1, "run": run.state_dict(), "history": history,
+                "seconds": seconds,
+            }  # fmt: skip
             if checkpoint is not None:
-                checkpoint.save(
-                    {"epoch": epoch + 1, "run": run.state_dict(), "history": history,
-                     "seconds": seconds}
-                )  # fmt: skip
+                checkpoint.save(state)
             _after_epoch(epoch + 1)
     record = _record(settings, run, history, seconds)
     if checkpoint is not None:
-        checkpoint.save({"record": record})
+        checkpoint.save({**state, "record": record})
     return record
 
 

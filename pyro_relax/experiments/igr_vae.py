@@ -427,10 +427,6 @@ def _record_settings(record) -> dict:
     return image_vae.record_settings(_Settings, record)
 
 
-# The settings of the scores, not of the training: a trained model is scored again with others.
-_EVALUATION_SETTINGS = ("num_particles", "eval_samples", "eval_images")
-
-
 def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
     """The run's checkpoint, named by its *training* settings: it holds the training state
     after each epoch and, once trained, the trained model and the record of its last score, and
@@ -439,12 +435,7 @@ def _checkpoint(results: Path, settings: _Settings) -> common.Checkpoint:
         f"igr-vae-{settings.dataset}-{settings.estimator}-{settings.temperature_pair}"
         f"-seed{settings.seed}"
     )
-    values = {
-        key: value
-        for key, value in dataclasses.asdict(settings).items()
-        if key not in _EVALUATION_SETTINGS
-    }
-    return common.Checkpoint(common.checkpoint_path(results, label, values), values)
+    return image_vae.settings_checkpoint(results, label, settings)
 
 
 def _after_epoch(epoch: int) -> None:
@@ -474,16 +465,6 @@ def _prior_probs(prior, seed: int, device) -> list:
         return [round(float(p), 4) for p in prior.discrete().probs]
 
 
-def _copy_params(state: dict) -> dict:
-    """A copy of a param store ``state`` whose tensors are new (scoring marks the stored
-    tensors with attributes that cannot be pickled)."""
-    params = {
-        name: value.detach().clone().requires_grad_(value.requires_grad)
-        for name, value in state["params"].items()
-    }
-    return {"params": params, "constraints": dict(state["constraints"])}
-
-
 def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     """Trains one VAE (one estimator, one temperature, one seed), scores it and returns its
     record.
@@ -510,14 +491,10 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     state = checkpoint.load() if checkpoint is not None else None
     start, history, seconds = 0, [], 0.0
     if state is not None:
-        record = state.pop("record", None)
+        record = image_vae.finished_record(state, settings, _record_settings)
         # A record of other evaluation settings, or one without a score that this version
         # computes, is scored again.
-        if (
-            record is not None
-            and _record_settings(record) == dataclasses.asdict(settings)
-            and all(key in record for key in _SCORES)
-        ):
+        if record is not None and all(key in record for key in _SCORES):
             return record
         image_vae.restore_params(state["params"], estimator.modules)
         optimizer.set_state(state["optimizer"])
@@ -600,7 +577,9 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
         "history": history,
     }
     if checkpoint is not None:
-        checkpoint.save({**state, "params": _copy_params(state["params"]), "record": record})
+        checkpoint.save(
+            {**state, "params": image_vae.copy_params(state["params"]), "record": record}
+        )
     return record
 
 

@@ -16,11 +16,14 @@ from pyro_relax.experiments import common
 from pyro_relax.experiments.data import DATASETS, ImageDataset, binarize, load_dataset
 
 __all__ = [
+    "EVALUATION_SETTINGS",
     "EVAL_BINARIZATION_SEED",
     "add_training_arguments",
+    "copy_params",
     "dataset",
     "evaluation_images",
     "expand",
+    "finished_record",
     "layer_sizes",
     "mlp",
     "record_settings",
@@ -89,11 +92,45 @@ def record_settings(settings_class, record, stored_before=None) -> dict:
     }
 
 
+# The settings of a run's final score, not of its training (those of its settings dataclass
+# that exist): a run interrupted, or finished but not yet merged, and run again with other
+# values of these resumes or scores the same training.
+EVALUATION_SETTINGS = ("num_particles", "eval_samples", "eval_images")
+
+
 def settings_checkpoint(results: Path, label: str, settings) -> common.Checkpoint:
     """The checkpoint of the run with these ``settings`` (a settings dataclass), named by
-    ``label`` and a digest of every setting."""
-    values = dataclasses.asdict(settings)
+    ``label`` and a digest of its training settings: all but :data:`EVALUATION_SETTINGS`."""
+    values = {
+        key: value
+        for key, value in dataclasses.asdict(settings).items()
+        if key not in EVALUATION_SETTINGS
+    }
     return common.Checkpoint(common.checkpoint_path(results, label, values), values)
+
+
+def copy_params(state: dict) -> dict:
+    """A copy of a param store ``state`` whose tensors are new: scoring marks the stored tensors
+    with attributes that cannot be pickled, and a finished run's checkpoint keeps its model."""
+    params = {
+        name: value.detach().clone().requires_grad_(value.requires_grad)
+        for name, value in state["params"].items()
+    }
+    return {"params": params, "constraints": dict(state["constraints"])}
+
+
+def finished_record(state, settings, record_settings):
+    """The record a run's checkpoint ``state`` holds if the run finished and was scored with
+    these ``settings`` (``record_settings`` reads a record's), else ``None``: a run still
+    training, or one to score again with other evaluation settings."""
+    record = None if state is None else state.get("record")
+    if record is None:
+        return None
+    # By digest: a record may hold a tuple setting as a list.
+    same = common.settings_digest(record_settings(record)) == common.settings_digest(
+        dataclasses.asdict(settings)
+    )
+    return record if same else None
 
 
 def expand(values, everything) -> list:

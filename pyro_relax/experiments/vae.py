@@ -431,8 +431,9 @@ def mean_kl(discrete_guide, prior, images, chunk_size=1000) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class _Settings:
     """Every setting that changes a run's numbers, resolved (``dataset`` is the data set's name,
-    ``steps_per_epoch`` the batches each epoch trains on). They name the run's checkpoint and
-    identify its record in the results, where each is a field of the record.
+    ``steps_per_epoch`` the batches each epoch trains on). They identify the run's record in
+    the results, where each is a field of the record; all but ``eval_samples``, which changes
+    only the final score, name its checkpoint.
 
     Left out because they do not change what is computed: ``--threads`` and
     ``--no-validation`` (how fast it runs: Pyro's validation only checks arguments and draws no
@@ -478,9 +479,12 @@ def _after_epoch(epoch: int) -> None:
 def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     """Trains one VAE (one prior, one estimator, one seed) and returns its record.
 
-    With a :class:`~pyro_relax.experiments.common.Checkpoint`, the state is saved after every
-    epoch and the finished record at the end, and a saved state is resumed (a saved record is
-    returned as it is); the caller removes the checkpoint once the record is merged.
+    With a :class:`~pyro_relax.experiments.common.Checkpoint` (named by the training settings,
+    see :func:`~pyro_relax.experiments.image_vae.settings_checkpoint`), the state is saved
+    after every epoch and the finished state with its record at the end, and a saved state is
+    resumed: a saved record of these settings is returned as it is, and one of another
+    ``eval_samples`` is scored again without training. The caller removes the checkpoint once
+    the record is merged.
     """
     device = torch.device(settings.device)
     prior = PRIORS[settings.prior]
@@ -506,8 +510,11 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
 
     state = checkpoint.load() if checkpoint is not None else None
     start, history, seconds = 0, [], 0.0
-    if state is not None and "record" in state:
-        return state["record"]
+    record = image_vae.finished_record(state, settings, _record_settings)
+    if record is not None:
+        return record
+    if state is not None and "epoch" not in state:
+        state = None  # a record alone (written before finished runs kept their model): train
     if state is not None:
         image_vae.restore_params(state["params"], {"encoder": encoder, "decoder": decoder})
         optimizer.set_state(state["optimizer"])
@@ -515,7 +522,10 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
         schedule.temperature.fill_(schedule.value_at(schedule.step_count))
         generator.set_state(state["generator"])
         start, history, seconds = state["epoch"], state["history"], state["seconds"]
-        print(f"resuming {checkpoint.path} after epoch {start}", file=sys.stderr)
+        if start < settings.epochs:
+            print(f"resuming {checkpoint.path} after epoch {start}", file=sys.stderr)
+        else:
+            print(f"scoring the model trained in {checkpoint.path}", file=sys.stderr)
 
     desc = f"{settings.prior} {settings.estimator}"
     bar = common.progress(
@@ -549,18 +559,17 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
                 }
             )
             bar.set_postfix(test=f"{history[-1]['test_neg_elbo']:.2f}", refresh=False)
+            state = {
+                "epoch": epoch + 1,
+                "params": pyro.get_param_store().get_state(),
+                "optimizer": optimizer.get_state(),
+                "schedule_step": schedule.step_count,
+                "generator": generator.get_state(),
+                "history": history,
+                "seconds": seconds,
+            }
             if checkpoint is not None:
-                checkpoint.save(
-                    {
-                        "epoch": epoch + 1,
-                        "params": pyro.get_param_store().get_state(),
-                        "optimizer": optimizer.get_state(),
-                        "schedule_step": schedule.step_count,
-                        "generator": generator.get_state(),
-                        "history": history,
-                        "seconds": seconds,
-                    }
-                )
+                checkpoint.save(state)
             _after_epoch(epoch + 1)
 
     began = time.perf_counter()
@@ -615,7 +624,8 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
         "history": history,
     }
     if checkpoint is not None:
-        checkpoint.save({"record": record})
+        params = image_vae.copy_params(state["params"])
+        checkpoint.save({**state, "params": params, "record": record})
     return record
 
 
