@@ -41,6 +41,14 @@ class ExponentialDecay:
         >>> schedule = ExponentialDecay(1.0, 0.1, steps=2)
         >>> [round(float(schedule.step()), 4) for _ in range(3)]
         [0.3162, 0.1, 0.1]
+
+    A checkpoint keeps :meth:`state_dict`, as for torch's learning-rate schedulers; a schedule
+    built alike resumes from it with :meth:`load_state_dict`:
+
+        >>> resumed = ExponentialDecay(1.0, 0.1, steps=2)
+        >>> resumed.load_state_dict(schedule.state_dict())
+        >>> resumed.step_count, round(float(resumed.temperature), 4)
+        (3, 0.1)
     """
 
     def __init__(self, initial=1.0, floor=0.1, steps=1000, *, device=None, dtype=None):
@@ -77,3 +85,30 @@ class ExponentialDecay:
         self.step_count += 1
         self.temperature.fill_(self.value_at(self.step_count))
         return self.temperature
+
+    def state_dict(self) -> dict:
+        """The schedule's state: its parameters and the steps taken (plain Python numbers)."""
+        return {
+            "initial": self.initial,
+            "floor": self.floor,
+            "steps": self.steps,
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resumes from a :meth:`state_dict`: sets the steps taken and the temperature (in place,
+        so distributions built from it see the value). Raises ``ValueError`` for the state of a
+        schedule with other parameters, which would resume on another curve."""
+        mine = self.state_dict()
+        differing = [
+            name for name in ("initial", "floor", "steps") if state.get(name) != mine[name]
+        ]
+        if differing:
+            shown = ", ".join(
+                f"{name} {state.get(name)!r} (here {mine[name]!r})" for name in differing
+            )
+            raise ValueError(f"ExponentialDecay.load_state_dict: a schedule of other {shown}")
+        self.step_count = check_count(
+            "ExponentialDecay.load_state_dict", "step_count", state.get("step_count"), minimum=0
+        )
+        self.temperature.fill_(self.value_at(self.step_count))

@@ -4,6 +4,7 @@ Every reference value is computed independently of the library, with ``scipy.sta
 numpy. Shapes, ``expand``, pickling, support and SVI are covered by the generic conformance suite.
 """
 
+import io
 import math
 import warnings
 
@@ -764,6 +765,43 @@ def test_exponential_decay_updates_temperature_in_place():
     assert float(after.temperature) == pytest.approx(1.0, rel=1e-6)
     # Built before the step, annealed without being rebuilt.
     assert float(before.temperature) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_exponential_decay_resumes_from_its_state_dict():
+    # A schedule saved after 3 steps and loaded into a new one continues the same curve, with the
+    # temperature tensor updated in place (distributions built before the load see it).
+    schedule = ExponentialDecay(1.0, 0.1, steps=5)
+    for _ in range(3):
+        schedule.step()
+    resumed = ExponentialDecay(1.0, 0.1, steps=5)
+    temperature = resumed.temperature
+    resumed.load_state_dict(torch.load(_saved(schedule.state_dict()), weights_only=True))
+    assert resumed.step_count == 3 and resumed.temperature is temperature
+    assert float(temperature) == pytest.approx(0.1 ** (3 / 5), rel=1e-6)
+    assert float(resumed.step()) == float(schedule.step())
+
+
+def _saved(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"initial": 2.0, "floor": 0.1, "steps": 5, "step_count": 1}, "initial 2.0"),
+        ({"initial": 1.0, "floor": 0.1, "steps": 50, "step_count": 1}, "steps 50"),
+        ({"step_count": 1}, "initial None"),
+        ({"initial": 1.0, "floor": 0.1, "steps": 5, "step_count": -1}, "step_count"),
+    ],
+)
+def test_exponential_decay_refuses_the_state_of_another_schedule(state, message):
+    schedule = ExponentialDecay(1.0, 0.1, steps=5)
+    with pytest.raises(ValueError, match=message):
+        schedule.load_state_dict(state)
+    assert schedule.step_count == 0 and float(schedule.temperature) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -502,8 +502,7 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
         regression.load_state_dict(state["networks"]["regression"])
         encoder.load_state_dict(state["networks"]["encoder"])
         svi.optim.set_state(state["optimizer"])
-        schedule.step_count = state["step"]
-        schedule.temperature.fill_(schedule.value_at(schedule.step_count))
+        schedule.load_state_dict(state["schedule"])
         history, start, seconds = state["history"], state["step"], state["seconds"]
 
     def networks():
@@ -532,6 +531,7 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
                         "step": step,
                         "networks": networks(),
                         "optimizer": svi.optim.get_state(),
+                        "schedule": schedule.state_dict(),
                         "history": history,
                         "seconds": seconds,
                     }

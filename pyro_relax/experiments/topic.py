@@ -669,8 +669,7 @@ def train(
             pyro.get_param_store()[name] = value
         svi.optim.set_state(state["optimizer"])
         shuffle.set_state(state["shuffle"])
-        schedule.step_count = state["schedule_steps"]
-        schedule.temperature.fill_(schedule.value_at(schedule.step_count))
+        schedule.load_state_dict(state["schedule"])
         history, start_epoch, seconds = state["history"], state["epoch"], state["seconds"]
 
     with common.progress(total=config.epochs, initial=start_epoch, desc=label, unit="epoch") as bar:
@@ -711,7 +710,7 @@ def train(
                         "baselines": _baselines(),
                         "optimizer": svi.optim.get_state(),
                         "shuffle": shuffle.get_state(),
-                        "schedule_steps": schedule.step_count,
+                        "schedule": schedule.state_dict(),
                         "history": history,
                         "seconds": seconds,
                     }

@@ -518,8 +518,7 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     if state is not None:
         image_vae.restore_params(state["params"], {"encoder": encoder, "decoder": decoder})
         optimizer.set_state(state["optimizer"])
-        schedule.step_count = state["schedule_step"]
-        schedule.temperature.fill_(schedule.value_at(schedule.step_count))
+        schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         start, history, seconds = state["epoch"], state["history"], state["seconds"]
         if start < settings.epochs:
@@ -563,7 +562,7 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
                 "epoch": epoch + 1,
                 "params": pyro.get_param_store().get_state(),
                 "optimizer": optimizer.get_state(),
-                "schedule_step": schedule.step_count,
+                "schedule": schedule.state_dict(),
                 "generator": generator.get_state(),
                 "history": history,
                 "seconds": seconds,
