@@ -17,15 +17,15 @@ def fresh_pyro():
 
 @pytest.fixture
 def rerun_after_interruption(monkeypatch, tmp_path):
-    """``rerun(module, command)``: runs ``command()`` (an experiment of two runs of two epochs
-    each, results in ``tmp_path``) interrupted at the second run's first epoch through
-    ``module._after_epoch``, checks that both checkpoints are kept (the finished run's record,
-    the other's state), runs it again and returns the epochs that trained then."""
+    """``rerun(module, command, again=command)``: runs ``command()`` (an experiment of two runs
+    of two epochs each, results in ``tmp_path``) interrupted at the second run's first epoch
+    through ``module._after_epoch``, checks that both checkpoints are kept (the finished run's
+    record, the other's state), runs ``again()`` and returns the epochs that trained then."""
 
     class Interrupt(Exception):
         pass
 
-    def rerun(module, command):
+    def rerun(module, command, again=None):
         epochs = []
 
         def interrupt_the_second_run(epoch):
@@ -39,7 +39,7 @@ def rerun_after_interruption(monkeypatch, tmp_path):
         assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2
         epochs.clear()
         monkeypatch.setattr(module, "_after_epoch", epochs.append)
-        command()
+        (again or command)()
         assert not list((tmp_path / "checkpoints").glob("*.pt"))
         return epochs
 

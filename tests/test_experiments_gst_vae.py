@@ -128,32 +128,24 @@ def test_an_interrupted_run_resumes_to_the_same_record(tmp_path, monkeypatch, lo
     assert not list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))
 
 
-def test_a_rerun_with_other_eval_samples_trains_nothing_again(tmp_path, monkeypatch):
+def test_a_rerun_with_other_eval_samples_trains_nothing_again(tmp_path, rerun_after_interruption):
     # As in the count VAE: --eval-samples no longer names the checkpoint, so the command rerun
     # with another value scores the finished run again and resumes the interrupted one.
     options = ["--estimator", "STGS", "GST-pi", "--temperature", "1.0", "--epochs", "2"]
-    epochs = []
+    before = []
 
-    def interrupt_the_second_run(epoch):
-        epochs.append(epoch)
-        if len(epochs) == 3:
-            raise _Interrupt
+    def again():
+        before.extend(_records(tmp_path))
+        _smoke(tmp_path, *options, "--eval-samples", "3")
 
-    monkeypatch.setattr(gst_vae, "_after_epoch", interrupt_the_second_run)
-    with pytest.raises(_Interrupt):
-        _smoke(tmp_path, *options)
-    [first] = _records(tmp_path)
-    epochs.clear()
-    monkeypatch.setattr(gst_vae, "_after_epoch", epochs.append)
-    _smoke(tmp_path, *options, "--eval-samples", "3")
+    epochs = rerun_after_interruption(gst_vae, lambda: _smoke(tmp_path, *options), again)
     assert epochs == [2]
     records = _records(tmp_path)
-    assert first["estimator"] == "STGS" and first["eval_samples"] == 2
     evaluated = sorted((r["estimator"], r["eval_samples"]) for r in records)
     assert evaluated == [("GST-pi", 3), ("STGS", 2), ("STGS", 3)]
-    [again] = [r for r in records if r["estimator"] == "STGS" and r["eval_samples"] == 3]
-    assert _without_timings(again["history"]) == _without_timings(first["history"])
-    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+    [first] = before
+    [rescored] = [r for r in records if r["estimator"] == "STGS" and r["eval_samples"] == 3]
+    assert _without_timings(rescored["history"]) == _without_timings(first["history"])
 
 
 def test_a_rerun_after_an_interruption_does_not_train_finished_runs_again(

@@ -149,27 +149,22 @@ def test_a_rerun_after_an_interruption_does_not_train_finished_runs_again(
     assert sorted(r["estimator"] for r in records) == ["GenGS", "REINFORCE"]
 
 
-def test_a_rerun_with_other_eval_samples_trains_nothing_again(tmp_path, monkeypatch, capsys):
+def test_a_rerun_with_other_eval_samples_trains_nothing_again(
+    tmp_path, rerun_after_interruption, capsys
+):
     # --eval-samples changes only the final score, but it named the checkpoints: the command
     # rerun with another value after an interruption trained both runs again from scratch and
     # left the interrupted one's checkpoint behind. Now the finished run is scored again and
     # the interrupted one resumes.
     options = ["--prior", "Pois(2)", "--estimator", "GenGS", "REINFORCE", "--epochs", "2"]
-    epochs = []
+    before = []
 
-    def interrupt_the_second_run(epoch):
-        epochs.append(epoch)
-        if len(epochs) == 3:
-            raise _Interrupt
+    def again():
+        before.extend(json.loads((tmp_path / "gengs_vae.json").read_text()))
+        capsys.readouterr()
+        _smoke(tmp_path, *options, "--eval-samples", "3")
 
-    monkeypatch.setattr(vae, "_after_epoch", interrupt_the_second_run)
-    with pytest.raises(_Interrupt):
-        _smoke(tmp_path, *options)
-    [first] = json.loads((tmp_path / "gengs_vae.json").read_text())
-    epochs.clear()
-    monkeypatch.setattr(vae, "_after_epoch", epochs.append)
-    capsys.readouterr()
-    _smoke(tmp_path, *options, "--eval-samples", "3")
+    epochs = rerun_after_interruption(vae, lambda: _smoke(tmp_path, *options), again)
     assert epochs == [2]
     error = capsys.readouterr().err
     assert "scoring the model trained in" in error and "resuming" in error
@@ -177,9 +172,9 @@ def test_a_rerun_with_other_eval_samples_trains_nothing_again(tmp_path, monkeypa
     assert sorted((r["estimator"], r["eval_samples"]) for r in records) == [
         ("GenGS", 2), ("GenGS", 3), ("REINFORCE", 3)
     ]  # fmt: skip
-    [again] = [r for r in records if r["estimator"] == "GenGS" and r["eval_samples"] == 3]
-    assert again["history"] == first["history"] and again["seconds"] == first["seconds"]
-    assert not _checkpoints(tmp_path)
+    [first] = before
+    [rescored] = [r for r in records if r["estimator"] == "GenGS" and r["eval_samples"] == 3]
+    assert rescored["history"] == first["history"] and rescored["seconds"] == first["seconds"]
 
 
 def test_a_batch_larger_than_the_training_set_is_one_clear_line(tmp_path, capsys):

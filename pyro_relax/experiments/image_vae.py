@@ -122,7 +122,9 @@ def copy_params(state: dict) -> dict:
 def finished_record(state, settings, record_settings):
     """The record a run's checkpoint ``state`` holds if the run finished and was scored with
     these ``settings`` (``record_settings`` reads a record's), else ``None``: a run still
-    training, or one to score again with other evaluation settings."""
+    training resumes from the state, and a finished one of other evaluation settings (the
+    checkpoint is named by the training settings, :func:`settings_checkpoint`) scores its
+    trained model again without training."""
     record = None if state is None else state.get("record")
     if record is None:
         return None

@@ -479,12 +479,10 @@ def _after_epoch(epoch: int) -> None:
 def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     """Trains one VAE (one prior, one estimator, one seed) and returns its record.
 
-    With a :class:`~pyro_relax.experiments.common.Checkpoint` (named by the training settings,
-    see :func:`~pyro_relax.experiments.image_vae.settings_checkpoint`), the state is saved
-    after every epoch and the finished state with its record at the end, and a saved state is
-    resumed: a saved record of these settings is returned as it is, and one of another
-    ``eval_samples`` is scored again without training. The caller removes the checkpoint once
-    the record is merged.
+    With a :class:`~pyro_relax.experiments.common.Checkpoint`, the state is saved after every
+    epoch and the trained model with its record at the end, and a saved state is resumed (see
+    :func:`~pyro_relax.experiments.image_vae.finished_record`); the caller removes the
+    checkpoint once the record is merged.
     """
     device = torch.device(settings.device)
     prior = PRIORS[settings.prior]
