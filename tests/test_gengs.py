@@ -5,6 +5,7 @@ numpy. Shapes, ``expand``, pickling, support and SVI are covered by the generic 
 """
 
 import io
+import itertools
 import math
 import warnings
 
@@ -819,6 +820,33 @@ def test_exponential_decay_refuses_the_state_of_another_schedule(state, message)
 def test_exponential_decay_rejects_bad_arguments(name, kwargs):
     with pytest.raises(ValueError, match=name):
         ExponentialDecay(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_truncation_warning_decides_as_the_tail_mass_does(dtype):
+    # The warning reads the last outcome's mass first and computes the tail mass beyond it only
+    # where that bound could exceed the tolerance; per batch element, over families, fixed,
+    # capped automatic and automatic truncations and tolerances, it must warn exactly where the
+    # tail mass exceeds the tolerance.
+    grid = torch.linspace(0.0, 1.0, 13, dtype=dtype)
+    bases = [
+        lambda i: Poisson(10 ** (4 * grid[i : i + 1] - 2)),
+        lambda i: Geometric(probs=0.02 + 0.96 * grid[i : i + 1]),
+        lambda i: NegativeBinomial(torch.tensor(2.5, dtype=dtype), logits=6 * grid[i : i + 1] - 4),
+        lambda i: Binomial(20, probs=0.02 + 0.96 * grid[i : i + 1]),
+    ]
+    truncations = [{"truncation": 3}, {"truncation": 12}, {"max_truncation": 10}, {}]
+    decisions = set()
+    for base, truncation, tolerance in itertools.product(bases, truncations, (0.0, 1e-3, 0.2)):
+        for i in range(len(grid)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pr.GenGS(base(i), 0.5, tail_tolerance=tolerance, validate_args=True, **truncation)
+            warned = any(issubclass(w.category, TruncationWarning) for w in caught)
+            exact = pr.GenGS(base(i), 0.5, validate_args=False, **truncation).tail_mass
+            assert warned == bool((exact > tolerance).any()), (base(i), truncation, tolerance)
+            decisions.add(warned)
+    assert decisions == {False, True}
 
 
 def test_truncation_warning_is_shown_once_per_location():

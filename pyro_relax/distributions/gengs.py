@@ -532,7 +532,9 @@ class GenGS(TruncatedGenGS):
             if torch.is_tensor(self._truncation):
                 self._truncation = self._truncation.expand(self.batch_shape)
         if self._validate_args and tail_tolerance is not None:
-            if bool((self.tail_mass > tail_tolerance).any()):
+            if self._tail_may_exceed(tail_tolerance) and bool(
+                (self.tail_mass > tail_tolerance).any()
+            ):
                 # A constant message, so Python's once-per-location filter shows it once rather
                 # than at every SVI step; the masses are in `tail_mass`.
                 warnings.warn(
@@ -542,6 +544,20 @@ class GenGS(TruncatedGenGS):
                     TruncationWarning,
                     stacklevel=caller_stacklevel(),
                 )
+
+    def _tail_may_exceed(self, tolerance: float) -> bool:
+        r"""Whether some element's last outcome holds more than ``tolerance``, the only case in
+        which the mass beyond it, :math:`P(X \geq n) \leq P(X \geq n - 1)`, can exceed it. The
+        last outcome's probability is already in the PMF; the tail mass costs a second
+        evaluation of the survival function (as much as the truncation itself), so the warning
+        computes it only then. A margin of 0.1% keeps the bound safe from rounding."""
+        n = self._truncation
+        if torch.is_tensor(n):
+            index = (n - 1).long().unsqueeze(-1)
+            last = torch.take_along_dim(self.logits, index, -1).squeeze(-1)
+        else:
+            last = self.logits[..., n - 1]
+        return bool((last.exp() > tolerance * (1 - 1e-3)).any())
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(GenGS, _instance)
