@@ -147,6 +147,20 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     assert Checkpoint(tmp_path / "run.pt", {"lr": 0.001}).load()["epoch"] == 3
 
 
+def test_an_entry_missing_from_a_checkpoint_is_a_clear_error(tmp_path):
+    # A checkpoint of another version, without an entry this version restores, raised a bare
+    # KeyError from deep inside the experiment (the schedule's state, added in a later version).
+    checkpoint = Checkpoint(tmp_path / "run.pt", {"lr": 0.001})
+    checkpoint.save({"epoch": 3})
+    state = checkpoint.load()
+    assert state["epoch"] == 3 and state.get("schedule") is None and "schedule" not in state
+    with pytest.raises(ExperimentError) as error:
+        state["schedule"]
+    message = str(error.value)
+    assert str(checkpoint.path) in message and "'schedule'" in message and "delete it" in message
+    assert "\n" not in message
+
+
 def test_a_checkpoint_save_leaves_no_temporary_file(tmp_path):
     checkpoint = Checkpoint(tmp_path / "run.pt")
     checkpoint.save({"epoch": 1})

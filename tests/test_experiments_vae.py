@@ -132,6 +132,31 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, es
     assert not list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))
 
 
+def test_a_checkpoint_of_another_version_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    # A mid-run checkpoint written before the schedule's state was saved: resuming it was a
+    # KeyError traceback. Now one line names the file and the missing entry; the file stays.
+    options = ["--prior", "Pois(2)", "--estimator", "GenGS", "--epochs", "2"]
+
+    def interrupt(epoch):
+        raise _Interrupt
+
+    monkeypatch.setattr(vae, "_after_epoch", interrupt)
+    with pytest.raises(_Interrupt):
+        _smoke(tmp_path, *options)
+    [path] = _checkpoints(tmp_path)
+    state = torch.load(path, weights_only=False)
+    del state["schedule"]
+    torch.save(state, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(vae, "_after_epoch", lambda epoch: None)
+    argv = ["experiment", "vae", "--smoke", "--results", str(tmp_path), *options]
+    capsys.readouterr()
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert str(path) in error and "'schedule'" in error and "Traceback" not in error
+    assert path.read_bytes() == before
+
+
 def _checkpoints(results):
     return sorted((results / "checkpoints").glob("*.pt"))
 

@@ -371,10 +371,27 @@ class Checkpoint:
                 "start this run"
             )
         _set_rng_state(rng)
-        return state
+        return _SavedState(self.path, state)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class _SavedState(dict):
+    """A loaded checkpoint's state: a dict whose missing entries raise :class:`ExperimentError`
+    naming the file, not a ``KeyError``. A checkpoint written by another version of the
+    library may lack an entry that the run restores (the temperature schedule's state, say):
+    the user is told what to delete instead of getting a traceback."""
+
+    def __init__(self, path, state):
+        super().__init__(state)
+        self.path = path
+
+    def __missing__(self, key):
+        raise ExperimentError(
+            f"{self.path} lacks the entry {key!r} that this version of pyro-relax restores (it "
+            "was written by another version); delete it to start this run over"
+        )
 
 
 def _rng_state():
