@@ -699,8 +699,11 @@ def check_count(owner: str | None, name: str, value, minimum: int = 1) -> int:
     count argument."""
     if not is_integer(value) or value < minimum:
         prefix = f"{owner}: " if owner else ""
+        # A count fixes shapes or loops: a tensor is refused, even of one integer (reading it
+        # would wait on its device), and told apart from a bad number.
+        hint = " (a tensor: pass a Python int, such as int(t))" if torch.is_tensor(value) else ""
         raise ValueError(
-            f"{prefix}`{name}` must be an integer of at least {minimum}, got {value!r}"
+            f"{prefix}`{name}` must be an integer of at least {minimum}, got {value!r}{hint}"
         )
     return int(value)
 

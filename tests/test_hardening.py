@@ -605,6 +605,12 @@ def test_count_arguments_take_any_integer_and_refuse_the_rest(name):
     for bad in (4.5, True, "4"):
         with pytest.raises((ValueError, TypeError), match=f"`{argument}` must be"):
             build(bad)
+    # Not the binomial's total_count nor truncated_log_probs' truncation (tensors, one per
+    # element), nor flows (layers or a list of transforms).
+    if name not in ("total_count", "truncated_log_probs", "flows"):
+        # "must be an integer of at least 1, got tensor(4)" read as a contradiction.
+        with pytest.raises(ValueError, match=r"got tensor\(4\) \(a tensor: pass a Python int"):
+            build(torch.tensor(4))
 
 
 @pytest.mark.parametrize(
