@@ -427,3 +427,97 @@ def test_relaxation_of_an_unknown_family_is_an_error():
 
     with pytest.raises(ValueError, match="no guide for the site 'z'"):
         AutoRelaxed(model)()
+
+
+# --- median and quantiles -----------------------------------------------------------------------
+
+
+def _prior_guide(prior, plate_size=None):
+    """AutoRelaxed of a model with one site of ``prior``, at its initialization (the prior's
+    own discrete distribution, for the GenGS and straight-through families)."""
+
+    def model():
+        if plate_size is None:
+            pyro.sample("z", prior)
+        else:
+            with pyro.plate("items", plate_size):
+                pyro.sample("z", prior)
+
+    pyro.clear_param_store()  # a second guide of a site "z" would find the first's values
+    guide = AutoRelaxed(model)
+    guide()
+    return guide
+
+
+@pytest.mark.parametrize("rate", [0.3, 2.2, 4.7])
+def test_median_and_quantiles_of_a_count_site_are_those_of_its_pmf(rate):
+    # AutoGuideList.median and .quantiles call every part: AutoRelaxed raised a bare
+    # NotImplementedError, so a guide with a relaxed part gave neither. A guide initialized at
+    # a Poisson prior truncated far in its tail has the Poisson's quantiles (scipy's ppf: the
+    # smallest count whose CDF reaches the level).
+    import scipy.stats
+
+    guide = _prior_guide(pr.GenGSPoisson(torch.tensor(rate), 0.5, 40))
+    levels = [0.05, 0.25, 0.5, 0.9, 0.99]
+    expected = torch.tensor(scipy.stats.poisson.ppf(levels, rate), dtype=torch.float32)
+    assert torch.equal(guide.quantiles(levels)["z"], expected)
+    assert guide.median()["z"] == float(scipy.stats.poisson.median(rate))
+
+
+def test_median_of_outcomes_in_any_order_and_of_bernoulli_sites():
+    # TruncatedGenGS outcomes need not be sorted: the CDF runs over the sorted values.
+    outcomes = torch.tensor([5.0, -1.0, 2.0])
+    # P(-1) = 0.3, P(2) = 0.15, P(5) = 0.55: CDF -1: 0.3, 2: 0.45, 5: 1.
+    probs = torch.tensor([0.55, 0.3, 0.15])
+    guide = _prior_guide(pr.TruncatedGenGS(0.5, probs=probs, outcomes=outcomes))
+    assert guide.median()["z"] == 5.0
+    levels = [0.0, 0.29, 0.31, 0.44, 0.46, 1.0]  # off the CDF's steps, which float32 rounds
+    assert guide.quantiles(levels)["z"].tolist() == [-1, -1, 2, 2, 5, 5]
+    # Bernoulli: P(X <= 0) = 1 - p, so the median is 1 exactly where p > 1/2.
+    logits = torch.tensor([-1.0, 0.0, 2.0])
+    guide = _prior_guide(pr.STBernoulli(0.5, logits=logits), plate_size=3)
+    assert guide.median()["z"].tolist() == [0.0, 0.0, 1.0]
+    # P(X <= 0) = 0.73, 0.5, 0.12.
+    assert guide.quantiles([0.1, 0.6, 0.8])["z"].tolist() == [[0, 0, 0], [0, 1, 1], [1, 1, 1]]
+
+
+def test_median_of_a_vector_site_is_its_most_probable_outcome():
+    import itertools
+
+    import scipy.stats
+
+    guide = _prior_guide(pr.GappedSTCategorical(1.0, logits=torch.tensor([0.0, 2.0, 1.0])))
+    assert guide.median()["z"].tolist() == [0.0, 1.0, 0.0]
+    with pytest.raises(NotImplementedError, match="site 'z' takes vector values"):
+        guide.quantiles([0.5])
+    probs = [0.2, 0.3, 0.5]
+    vectors = [v for v in itertools.product(range(5), repeat=3) if sum(v) == 4]
+    mode = max(vectors, key=lambda v: scipy.stats.multinomial.pmf(v, 4, probs))
+    guide = _prior_guide(pr.GenGSMultinomial(4, 0.5, probs=torch.tensor(probs)))
+    assert tuple(guide.median()["z"].tolist()) == mode
+
+
+def test_median_and_quantiles_come_through_autoguidelist_with_the_full_plate():
+    # The usual composition: AutoNormal for the continuous site, AutoRelaxed for the counts,
+    # in a subsampled plate; the medians have the plate's full size, as AutoNormal's.
+    def model():
+        rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+        with pyro.plate("items", 6, subsample_size=2):
+            pyro.sample("z", pr.GenGSPoisson(rate, 0.5, 30))
+
+    relaxed = AutoRelaxed.relaxed_sites(model)
+    guide = AutoGuideList(model)
+    guide.append(AutoRelaxed(poutine.block(model, expose=relaxed)))
+    guide.append(AutoNormal(poutine.block(model, hide=relaxed)))
+    guide()
+    medians = guide.median()
+    assert set(medians) == {"rate", "z"} and medians["z"].shape == (6,)
+    quantiles = guide.quantiles([0.1, 0.9])
+    assert quantiles["z"].shape == (2, 6) and bool((quantiles["z"][0] <= quantiles["z"][1]).all())
+
+
+@pytest.mark.parametrize("levels", [[], [1.5], [-0.1], [math.nan]])
+def test_quantile_levels_outside_the_unit_interval_are_refused(levels):
+    guide = _prior_guide(pr.GenGSPoisson(torch.tensor(2.0), 0.5, 20))
+    with pytest.raises(ValueError, match=r"levels must lie in \[0, 1\]"):
+        guide.quantiles(levels)

@@ -16,8 +16,10 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroParam
+from torch.distributions import Bernoulli, Independent, OneHotCategorical
 from pyro.ops.tensor_utils import periodic_repeat
 
+from pyro_relax.distributions.finite_discrete import FiniteDiscrete
 from pyro_relax.distributions.gengs import TruncatedGenGS
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRPlanar, IGRStickBreaking
 from pyro_relax.distributions.straight_through import (
@@ -339,6 +341,60 @@ class AutoRelaxed(AutoGuide):
         return result
 
     @torch.no_grad()
+    def median(self, *args, **kwargs) -> dict:
+        """The median of each site's discrete distribution (:meth:`discrete`): the smallest
+        outcome whose cumulative probability reaches 1/2, for sites with scalar values (counts,
+        the outcomes of a ``TruncatedGenGS``, Bernoulli variables). A site with vector values
+        (one-hot categories, count vectors) has no median: it gets its most probable outcome.
+        Values have the full batch shape of the parameters, as ``AutoNormal``'s medians; the
+        model's arguments are needed only before the guide's first call. This is what Pyro's
+        ``AutoGuideList.median`` asks of each part.
+
+        Returns:
+            dict: each relaxed site's name and its median.
+        """
+        result = {}
+        for name, posterior in self.discrete(*args, **kwargs).items():
+            discrete = _unwrapped(posterior)
+            if _has_scalar_values(discrete):
+                result[name] = _quantiles(discrete, torch.tensor([0.5]))[0]
+            else:
+                result[name] = _mode(discrete)
+        return result
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs) -> dict:
+        """The quantiles of each site's discrete distribution (:meth:`discrete`): for each
+        level :math:`q`, the smallest outcome whose cumulative probability reaches :math:`q`.
+        Sites with vector values (one-hot categories, count vectors) have no quantiles and
+        raise ``NotImplementedError``; the model's arguments are needed only before the
+        guide's first call. This is what Pyro's ``AutoGuideList.quantiles`` asks of each part.
+
+        Arguments:
+            quantiles (list or Tensor): levels in :math:`[0, 1]`.
+
+        Returns:
+            dict: each relaxed site's name and its quantiles, one per level along a first
+            dimension, as ``AutoNormal.quantiles``.
+        """
+        levels = torch.as_tensor(quantiles, dtype=torch.float64).reshape(-1)
+        if not levels.numel() or not bool(((levels >= 0) & (levels <= 1)).all()):
+            raise ValueError(
+                f"AutoRelaxed.quantiles: the levels must lie in [0, 1], got {quantiles!r}"
+            )
+        result = {}
+        for name, posterior in self.discrete(*args, **kwargs).items():
+            discrete = _unwrapped(posterior)
+            if not _has_scalar_values(discrete):
+                raise NotImplementedError(
+                    f"AutoRelaxed.quantiles: site {name!r} takes vector values "
+                    f"({type(discrete).__name__}), which have no quantiles; median() gives "
+                    "its most probable outcome"
+                )
+            result[name] = _quantiles(discrete, levels)
+        return result
+
+    @torch.no_grad()
     def discrete(self, *args, **kwargs) -> dict:
         """The discrete distribution each site's guide stands for (its ``discrete()``: the
         limit :math:`\\tau \\to 0` of GenGS and IGR, the law of straight-through samples), with
@@ -353,3 +409,44 @@ class AutoRelaxed(AutoGuide):
                 posterior = posterior.to_event(site_guide.reinterpreted)
             result[name] = posterior
         return result
+
+
+def _unwrapped(posterior):
+    """The distribution inside ``to_event``: the values and their shape are the same."""
+    while isinstance(posterior, Independent):
+        posterior = posterior.base_dist
+    return posterior
+
+
+def _has_scalar_values(discrete) -> bool:
+    return isinstance(discrete, Bernoulli) or (
+        isinstance(discrete, FiniteDiscrete) and discrete.outcomes.dim() == 1
+    )
+
+
+def _quantiles(discrete, levels: torch.Tensor) -> torch.Tensor:
+    """For each level :math:`q`, the smallest value :math:`x` with :math:`P(X \\le x) \\ge q`,
+    stacked along a first dimension; ``discrete`` is a Bernoulli or a ``FiniteDiscrete`` over
+    scalar outcomes."""
+    if isinstance(discrete, Bernoulli):
+        probs = discrete.probs
+        levels = levels.to(probs.device, probs.dtype).reshape((-1,) + (1,) * probs.dim())
+        return ((1 - probs) < levels).to(probs.dtype)  # P(X <= 0) = 1 - p
+    order = discrete.outcomes.argsort()
+    cdf = discrete.probs[..., order].cumsum(-1)
+    batch_shape = cdf.shape[:-1]
+    targets = levels.to(cdf.device, cdf.dtype).expand(batch_shape + levels.shape).contiguous()
+    # The first position whose cumulative probability reaches the level; rounding may leave
+    # the total just under 1, so the last outcome takes what lies beyond.
+    index = torch.searchsorted(cdf.contiguous(), targets).clamp_(max=cdf.shape[-1] - 1)
+    return discrete.outcomes[order][index].movedim(-1, 0)
+
+
+def _mode(discrete) -> torch.Tensor:
+    """The most probable outcome of a distribution over vectors."""
+    index = discrete.probs.argmax(-1)
+    if isinstance(discrete, FiniteDiscrete):
+        return discrete.outcomes[index]
+    if isinstance(discrete, OneHotCategorical):
+        return torch.nn.functional.one_hot(index, discrete.probs.shape[-1]).to(discrete.probs)
+    raise NotImplementedError(f"AutoRelaxed: no median for {type(discrete).__name__}")
