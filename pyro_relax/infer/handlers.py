@@ -49,7 +49,9 @@ def discretize(fn=None):
 
     Apply it to the model *and* the guide: the guide's discrete draws are scored by the
     model's discrete distributions. Like every Pyro handler it wraps a function or serves as a
-    context manager.
+    context manager. Put ``config_enumerate`` outside it, ``config_enumerate(discretize(fn))``:
+    inside, it would see the relaxed distributions, which cannot be enumerated, and mark
+    nothing (``TraceEnum_ELBO`` then warns that it found no site to enumerate).
 
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
