@@ -77,8 +77,9 @@ def discrete_elbo(
         \approx \frac{1}{S} \sum_{s=1}^S \log \frac{p(x, z^{(s)})}{q(z^{(s)})},
 
     with standard error :math:`\hat\sigma / \sqrt{S}`; where a plate of the model or the guide
-    scores a subsample of its items, the particles of one vectorized pass share the subsample,
-    and the standard error is that of the mean over passes (``NaN`` for a single pass). It is
+    scores a subsample of its items, the particles of one vectorized pass share the subsample:
+    they are then drawn in at least 10 passes (``num_samples`` passes of one if fewer), and the
+    standard error is that of the mean over passes. It is
     the ELBO of the whole call (summed over the data the model sees, with subsampling scales
     applied as ``Trace_ELBO`` applies them): divide by the number of items for a per-item
     figure. No gradient is recorded. Draws come from Pyro's random state (seed it with
@@ -121,19 +122,17 @@ def discrete_elbo(
     num_samples = check_count(None, "num_samples", num_samples, minimum=2)
     weights = _log_weights(
         model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize_particles,
-        chunk_size, data_plate=None, scaled=True,
+        chunk_size, data_plate=None, scaled=True, min_passes=_SUBSAMPLED_PASSES,
     )  # fmt: skip
     totals = weights.log_weights.sum(-1)
     value = float(totals.mean())
     if not weights.subsampled or not vectorize_particles:
         return Estimate(value, float(totals.std() / math.sqrt(num_samples)), num_samples)
     # The particles of one vectorized pass share the plate's subsample: they are not
-    # independent, the passes are. The standard error of the mean over passes (NaN for one).
-    passes = totals.split(weights.chunk_size)
+    # independent, the passes are (at least two). The standard error of the mean over passes.
+    passes = totals.split(weights.pass_sizes)
     means = torch.stack([chunk.mean() for chunk in passes])
-    share = torch.tensor([len(chunk) for chunk in passes], dtype=torch.float64) / num_samples
-    if len(means) < 2:
-        return Estimate(value, math.nan, num_samples)
+    share = torch.tensor(weights.pass_sizes, dtype=torch.float64) / num_samples
     variance = (share * (means - value).square()).sum() / (1 - share.square().sum())
     return Estimate(value, float((share.square().sum() * variance).sqrt()), num_samples)
 
@@ -236,6 +235,11 @@ def discrete_log_likelihood(
     return Estimate(scale * float(bounds.sum()), float(variance.sqrt()), num_particles)
 
 
+# Vectorized passes of the discrete ELBO where a plate subsamples: its standard error is that of
+# the mean over passes, estimated with one degree of freedom fewer than there are passes.
+_SUBSAMPLED_PASSES = 10
+
+
 @dataclasses.dataclass(frozen=True)
 class _Weights:
     """What :func:`_log_weights` returns."""
@@ -244,20 +248,25 @@ class _Weights:
     scale: float  # the scale of every site (1 when the log-probabilities came scaled)
     subsampled: bool  # a plate of the model or the guide scores a subsample of its items
     population: int | None  # the data plate's full size where it is subsampled
-    chunk_size: int  # particles per pass (1 unvectorized)
+    pass_sizes: list  # particles per pass (each 1 unvectorized)
 
 
 @torch.no_grad()
 def _log_weights(
-    model, guide, args, kwargs, total, nesting, vectorize, chunk_size, data_plate, scaled
+    model, guide, args, kwargs, total, nesting, vectorize, chunk_size, data_plate, scaled,
+    min_passes=1,
 ) -> _Weights:
     """The log importance weights :math:`\\log p(x, z) - \\log q(z)` of ``total`` discrete
     particles, shape ``(total, items)`` (one item without ``data_plate``), in float64, and the
     scale that multiplies every site (1 when ``scaled``: the log-probabilities are then scaled
     as Pyro's ELBOs scale them). With ``data_plate``, every pass replays the subsample the
     first drew: the per-item bound pools the particles of one item, not of whichever item each
-    pass drew."""
+    pass drew. ``min_passes``: vectorized particles are drawn in at least that many passes
+    (or ``total`` passes of one) where a plate scores a subsample, so that the passes, not the
+    particles of one, are independent draws of it; the first pass, drawn before that is known,
+    is that small in any case."""
     chunk_size = check_count(None, "chunk_size", chunk_size)
+    small = math.ceil(total / min_passes)
     model, guide = discretize(model), discretize(guide)
     if nesting is None:
         nesting = _plate_nesting(model, guide, args, kwargs)
@@ -269,10 +278,12 @@ def _log_weights(
     if data_plate is not None:
         with poutine.block(), torch.random.fork_rng(devices=[]):
             subsamples = _subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
-    chunks, scales = [], set()
+    chunks, scales, pass_sizes = [], set(), []
     done = 0
     while done < total:
         size = min(chunk_size, total - done) if vectorize else 1
+        if not done or subsampled:
+            size = min(size, small)
         traced_model, traced_guide = (
             (_in_particle_plate(model, size, nesting), _in_particle_plate(guide, size, nesting))
             if vectorize
@@ -306,6 +317,7 @@ def _log_weights(
                 scales.add(scale)
                 weights = weights + sign * terms
         chunks.append(torch.as_tensor(weights, dtype=torch.float64).expand(size, -1))
+        pass_sizes.append(size)
         done += size
     if len(scales) > 1:
         raise ValueError(
@@ -324,7 +336,7 @@ def _log_weights(
         scale,
         subsampled=bool(subsampled),
         population=subsampled.get(data_plate),
-        chunk_size=chunk_size if vectorize else 1,
+        pass_sizes=pass_sizes,
     )
 
 
