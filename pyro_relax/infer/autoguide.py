@@ -16,8 +16,8 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroParam
-from torch.distributions import Bernoulli, Independent, OneHotCategorical
 from pyro.ops.tensor_utils import periodic_repeat
+from torch.distributions import Bernoulli, Independent, OneHotCategorical
 
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete
 from pyro_relax.distributions.gengs import TruncatedGenGS

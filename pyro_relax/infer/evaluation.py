@@ -253,7 +253,16 @@ class _Weights:
 
 @torch.no_grad()
 def _log_weights(
-    model, guide, args, kwargs, total, nesting, vectorize, chunk_size, data_plate, scaled,
+    model,
+    guide,
+    args,
+    kwargs,
+    total,
+    nesting,
+    vectorize,
+    chunk_size,
+    data_plate,
+    scaled,
     min_passes=1,
 ) -> _Weights:
     """The log importance weights :math:`\\log p(x, z) - \\log q(z)` of ``total`` discrete
@@ -279,7 +288,7 @@ def _log_weights(
         with poutine.block(), torch.random.fork_rng(devices=[]):
             subsamples = _subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
     chunks, scales, pass_sizes = [], set(), []
-    done = 0
+    done, subsampled = 0, {}
     while done < total:
         size = min(chunk_size, total - done) if vectorize else 1
         if not done or subsampled:
