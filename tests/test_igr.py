@@ -17,6 +17,7 @@ from pyro.optim import Adam
 from torch.distributions import StickBreakingTransform, kl_divergence
 
 import pyro_relax as pr
+from pyro_relax.distributions import igr as igr_module
 
 _f64 = torch.float64
 
@@ -183,8 +184,11 @@ def test_categorical_is_batched_and_differentiable():
     assert torch.isfinite(loc.grad).all()
 
 
+@pytest.mark.parametrize("budget", [None, 1000], ids=["one-pass", "passes"])
 @pytest.mark.parametrize("family", ["stick-breaking", "planar"])
-def test_monte_carlo_categoricals(family):
+def test_monte_carlo_categoricals(family, budget, monkeypatch):
+    if budget is not None:  # 250 draws of 4 categories per pass: 160 passes
+        monkeypatch.setattr(igr_module, "_MONTE_CARLO_ELEMENTS", budget)
     torch.manual_seed(5)
     loc, scale = _t(0.3, -0.2, 0.6), _t(0.5, 2.0, 1.0)
     if family == "planar":
@@ -203,6 +207,26 @@ def test_monte_carlo_categoricals(family):
     probs = d.categorical(num_samples=40_000).probs
     # Standard error <= 2.5e-3: five of them.
     assert (probs - expected).abs().max() < 1.3e-2
+
+
+@pytest.mark.parametrize("family", [pr.IGRStickBreaking, pr.IGRPlanar])
+def test_monte_carlo_categoricals_draw_in_bounded_passes(family, monkeypatch):
+    # All 10,000 draws were taken at once: tensors of 10,000 x batch x K, 3.6 GiB of memory for
+    # IGR-SB's discrete() over 100 x 20 latents of 10 categories, and out of memory at ten times
+    # that (discretize, discrete_elbo and AutoRelaxed.median call it).
+    d = family(torch.zeros(3, 5, dtype=_f64), torch.ones(3, 5, dtype=_f64), 0.5)
+    monkeypatch.setattr(igr_module, "_MONTE_CARLO_ELEMENTS", 1000)
+    sizes = []
+    sample_categories = d._sample_categories
+    monkeypatch.setattr(d, "_sample_categories", lambda n: sizes.append(n) or sample_categories(n))
+    probs = d.categorical(num_samples=1234).probs
+    assert sum(sizes) == 1234 and max(sizes) * 3 * 6 <= 1000
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, dtype=_f64))
+    counts = probs * 1234  # counts over the draws
+    torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-9)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="`num_samples` must be an integer"):
+            d.categorical(num_samples=bad)
 
 
 # --- KL -------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ __all__ = ["IGR", "IGRCount", "IGRPlanar", "IGRStickBreaking", "igr_log_probs"]
 # CDF step gets panels of its own width, whatever the other scales. Beyond 12 scales a normal
 # density is below 1e-31 of its peak.
 _BREAKS = (-12.0, -4.0, -1.5, 0.0, 1.5, 4.0, 12.0)
+
+# The numbers a Monte Carlo estimate of the discrete distribution holds per tensor and pass
+# (draws x batch x categories): about 16 MiB in float32.
+_MONTE_CARLO_ELEMENTS = 2**22
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -312,7 +316,8 @@ class _IGRBase(TransformedDistribution):
     def discrete(self) -> OneHotCategorical:
         r"""The discrete distribution this relaxes, the limit :math:`\tau \to 0`: the one-hot
         categorical of :meth:`categorical` (exact for :class:`IGR`, a Monte Carlo estimate of
-        10,000 draws for the others, where a category no draw reached gets probability 0)."""
+        10,000 draws for the others, where a category no draw reached gets probability 0; the
+        draws are taken in passes of about four million numbers, whatever the batch)."""
         logits = self.categorical().logits
         return OneHotCategorical(logits=logits, validate_args=self._validate_args)
 
@@ -320,9 +325,16 @@ class _IGRBase(TransformedDistribution):
         raise NotImplementedError
 
     def _monte_carlo_categorical(self, num_samples):
+        num_samples = check_count(f"{type(self).__name__}.categorical", "num_samples", num_samples)
+        # Draws in passes of about _MONTE_CARLO_ELEMENTS numbers per tensor: all 10,000 at once
+        # held several tensors of 10,000 x batch x K, gigabytes for a VAE's batch of latents.
+        per_draw = max(1, math.prod(self.batch_shape) * self.num_categories)
+        draws = max(1, _MONTE_CARLO_ELEMENTS // per_draw)
+        counts = self.loc.new_zeros(self.batch_shape + (self.num_categories,))
         with torch.no_grad():
-            index = self._sample_categories(num_samples)
-            counts = one_hot(index, self.num_categories, self.loc).sum(0)
+            for start in range(0, num_samples, draws):
+                index = self._sample_categories(min(draws, num_samples - start))
+                counts += one_hot(index, self.num_categories, self.loc).sum(0)
         return Categorical(probs=counts / num_samples)
 
 

@@ -154,7 +154,6 @@ _SMOKE = {
 }
 _SB_PRIOR_SCALE = 10.0  # sigma0 of the stick-breaking prior's hazard initialization
 _EVAL_CHUNK = 100  # test images scored at a time (bounds the particles' memory)
-_DISCRETE_CHUNK = 25  # images per Monte-Carlo categorical (10,000 draws of 20 x 9 each)
 _LOSS_CHUNK = 1000  # test images per evaluation of the relaxed objective
 _PARTICLE_CHUNK = 100  # draws of the guide decoded at a time by the reference score
 _SCORES = ("test_log_likelihood", "test_neg_elbo", "test_reference_score")
@@ -299,14 +298,8 @@ def _uniform_prior(categories: int, device):
 @torch.no_grad()
 def _discrete_guide(estimator: _Estimator, x):
     """The trained guide's discrete distribution for the images ``x`` (what ``discretize``
-    puts in its place), computed once, in chunks that bound the Monte-Carlo draws' memory."""
-    logits = torch.cat(
-        [
-            estimator.guide_dist(x[start : start + _DISCRETE_CHUNK]).discrete().logits
-            for start in range(0, len(x), _DISCRETE_CHUNK)
-        ]
-    )
-    q = dist.OneHotCategorical(logits=logits)
+    puts in its place), computed once (the Monte-Carlo estimate bounds its own memory)."""
+    q = dist.OneHotCategorical(logits=estimator.guide_dist(x).discrete().logits)
 
     def guide(images, prior=None):
         with pyro.plate("data", images.shape[0]):
