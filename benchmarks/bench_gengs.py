@@ -48,10 +48,12 @@ def _cpu_name() -> str:
 
 
 def _revision() -> str:
-    """The git commit of the checkout the benchmark runs in, if any (the library changes)."""
+    """The git commit of the library's checkout, if any: that of the ``pyro_relax`` imported,
+    which ``PYTHONPATH`` may take from another checkout (a ``git worktree`` of an older
+    commit, to compare versions) than the benchmark script's."""
     try:
         command = ["git", "describe", "--always", "--dirty"]
-        folder = os.path.dirname(os.path.abspath(__file__))
+        folder = os.path.dirname(os.path.abspath(pyro_relax.__file__))
         return subprocess.run(command, cwd=folder, capture_output=True, text=True).stdout.strip()
     except OSError:
         return ""

@@ -365,3 +365,24 @@ def test_kernel_counts_count_each_computing_call_once(monkeypatch, work, expecte
 
     x = torch.randn(10)
     assert dict(kernel_counts.kernel_operators(lambda: work(x))) == expected
+
+
+def test_the_machine_line_names_the_librarys_commit(bench_gengs, monkeypatch, tmp_path):
+    # Comparisons run the scripts of one checkout against the library of another (PYTHONPATH
+    # to a git worktree of an older commit): the line named the scripts' commit for both.
+    outside = tmp_path / "pyro_relax" / "__init__.py"
+    outside.parent.mkdir()
+    monkeypatch.setattr(bench_gengs.pyro_relax, "__file__", str(outside))
+    assert bench_gengs._revision() == ""  # a library outside any repository has no commit
+
+
+def test_discrete_memory_prints_a_row_per_batch():
+    command = [
+        sys.executable, str(BENCHMARKS / "discrete_memory.py"),
+        "--batch", "1", "3", "--latents", "2", "--categories", "3", "--clock", "cpu",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[-2:]]
+    assert [row[0] for row in rows] == ["1", "3"]
+    assert all(float(row[1]) >= 0 and float(row[3]) >= float(row[2]) > 0 for row in rows)
