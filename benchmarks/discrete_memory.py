@@ -1,14 +1,14 @@
-"""Memory and time of the Monte Carlo ``discrete()`` of IGR-SB, by batch size.
+"""Memory and time of ``discrete()`` of IGR-I and IGR-SB, by batch size.
 
-``IGRStickBreaking.discrete()`` (and IGR-Planar's, IGRCount's) estimates the categorical of the
-limit tau -> 0 from 10,000 draws; ``discretize``, ``discrete_elbo`` and ``AutoRelaxed.median``
-call it. Each size runs in a fresh process, which reports its peak resident memory before and
-after the call (``ru_maxrss``) and the call's time (``--clock``), so that one size's peak does
-not hide the next's. Run it against another version of the library with
-``PYTHONPATH=<that checkout>``.
+``IGR.discrete()`` integrates the categorical of the limit tau -> 0 by quadrature
+(``igr_log_probs``), ``IGRStickBreaking.discrete()`` (and IGR-Planar's, IGRCount's) estimates
+it from 10,000 draws; ``discretize``, ``discrete_elbo`` and ``AutoRelaxed.median`` call them.
+Each size runs in a fresh process, which reports its peak resident memory before and after the
+call (``ru_maxrss``) and the call's time (``--clock``), so that one size's peak does not hide
+the next's. Run it against another version of the library with ``PYTHONPATH=<that checkout>``.
 
-    python benchmarks/discrete_memory.py [--batch 10 100] [--latents 20] [--categories 10]
-        [--clock wall]
+    python benchmarks/discrete_memory.py [--family IGR IGRStickBreaking] [--batch 10 100]
+        [--latents 20] [--categories 10] [--clock wall]
 """
 
 import argparse
@@ -25,10 +25,13 @@ import pyro_relax as pr
 CPU = torch.device("cpu")
 
 
-def _measure(batch: int, latents: int, categories: int) -> dict:
+FAMILIES = ("IGR", "IGRStickBreaking")
+
+
+def _measure(family: str, batch: int, latents: int, categories: int) -> dict:
     torch.manual_seed(0)
     shape = (batch, latents, categories - 1)
-    d = pr.IGRStickBreaking(torch.zeros(shape), torch.ones(shape), 0.5)
+    d = getattr(pr, family)(torch.zeros(shape), torch.ones(shape), 0.5)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = time_per_call(d.discrete, CPU, 1) / 1e3
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -37,6 +40,7 @@ def _measure(batch: int, latents: int, categories: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--batch", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--latents", type=int, default=20)
     parser.add_argument("--categories", type=int, default=10)
@@ -45,24 +49,28 @@ def main(argv=None):
     args = parser.parse_args(argv)
     clock = use_clock(args.clock, CPU)
     if args.one is not None:
-        print(json.dumps(_measure(args.one, args.latents, args.categories)))
+        [family] = args.family
+        print(json.dumps(_measure(family, args.one, args.latents, args.categories)))
         return
     print(machine(CPU))
     print(clock)
     print(
-        f"IGRStickBreaking(...).discrete(): batch x {args.latents} latents x "
-        f"{args.categories} categories, 10,000 draws, float32"
+        f"discrete(): batch x {args.latents} latents x {args.categories} categories, float32 "
+        "(IGRStickBreaking: 10,000 draws)"
     )
-    print(f"{'batch':>6} {'seconds':>9} {'peak MiB before':>16} {'peak MiB after':>15}")
-    for batch in args.batch:
-        command = [sys.executable, __file__, "--one", str(batch), "--latents",
-                   str(args.latents), "--categories", str(args.categories),
-                   "--clock", args.clock]  # fmt: skip
-        result = json.loads(subprocess.run(command, capture_output=True, check=True).stdout)
-        print(
-            f"{batch:>6} {result['seconds']:>9.2f} {result['before_mib']:>16.0f} "
-            f"{result['after_mib']:>15.0f}"
-        )
+    header = f"{'family':>16} {'batch':>6} {'seconds':>9} {'peak MiB before':>16} {'after':>6}"
+    print(header)
+    for family in args.family:
+        for batch in args.batch:
+            command = [sys.executable, __file__, "--family", family, "--one", str(batch),
+                       "--latents", str(args.latents), "--categories", str(args.categories),
+                       "--clock", args.clock]  # fmt: skip
+            run = subprocess.run(command, capture_output=True, check=True)
+            result = json.loads(run.stdout)
+            print(
+                f"{family:>16} {batch:>6} {result['seconds']:>9.2f} "
+                f"{result['before_mib']:>16.0f} {result['after_mib']:>6.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -383,6 +383,8 @@ def test_discrete_memory_prints_a_row_per_batch():
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines()[-2:]]
-    assert [row[0] for row in rows] == ["1", "3"]
-    assert all(float(row[1]) >= 0 and float(row[3]) >= float(row[2]) > 0 for row in rows)
+    rows = [line.split() for line in result.stdout.splitlines()[-4:]]
+    assert [row[:2] for row in rows] == [
+        ["IGR", "1"], ["IGR", "3"], ["IGRStickBreaking", "1"], ["IGRStickBreaking", "3"]
+    ]  # fmt: skip
+    assert all(float(row[2]) >= 0 and float(row[4]) >= float(row[3]) > 0 for row in rows)

@@ -173,6 +173,33 @@ def test_proposition_2_matches_monte_carlo_with_unequal_scales():
     )
 
 
+def test_quadrature_integrates_the_batch_in_bounded_chunks(monkeypatch):
+    # igr_log_probs held the whole batch's rows x coordinates x nodes at once: 2 GiB for
+    # 100 x 20 latents of 10 categories, out of memory at 10,000 x 20 (IGR.discrete(), hence
+    # discretize, discrete_elbo and the igr-vae experiment's score). Chunked, each row's
+    # integral is what it was, with its gradient.
+    generator = torch.Generator().manual_seed(0)
+    loc = torch.randn(4, 3, 5, generator=generator, dtype=_f64).requires_grad_()
+    scale = (0.2 + torch.rand(4, 3, 5, generator=generator, dtype=_f64)).requires_grad_()
+    whole = pr.igr_log_probs(loc, scale)
+    (grad_whole,) = torch.autograd.grad(whole[..., 1].sum(), loc)
+    nodes = 7 * 5 * 16  # break points per coordinate x coordinates x Gauss-Legendre nodes
+    monkeypatch.setattr(igr_module, "_QUADRATURE_ELEMENTS", 5 * 5 * nodes)  # 5 rows a chunk
+    rows = []
+    quadrature = igr_module._quadrature
+
+    def counted(loc, *rest):
+        rows.append(len(loc))
+        return quadrature(loc, *rest)
+
+    monkeypatch.setattr(igr_module, "_quadrature", counted)
+    chunked = pr.igr_log_probs(loc, scale)
+    assert rows == [5, 5, 2]
+    (grad_chunked,) = torch.autograd.grad(chunked[..., 1].sum(), loc)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=0, atol=0)
+
+
 def test_categorical_is_batched_and_differentiable():
     loc = torch.randn(2, 3, 4, dtype=_f64, requires_grad=True)
     d = pr.IGR(loc, torch.rand(2, 3, 4, dtype=_f64) + 0.5, 0.2)

@@ -58,8 +58,10 @@ __all__ = ["IGR", "IGRCount", "IGRPlanar", "IGRStickBreaking", "igr_log_probs"]
 _BREAKS = (-12.0, -4.0, -1.5, 0.0, 1.5, 4.0, 12.0)
 
 # The numbers a Monte Carlo estimate of the discrete distribution holds per tensor and pass
-# (draws x batch x categories): about 16 MiB in float32.
+# (draws x batch x categories): about 16 MiB in float32. Likewise for the quadrature of IGR-I's
+# (rows x coordinates x nodes, in float64).
 _MONTE_CARLO_ELEMENTS = 2**22
+_QUADRATURE_ELEMENTS = 2**22
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -114,9 +116,10 @@ def igr_log_probs(loc, scale, *, num_panels: int = 1, points_per_panel: int = 16
     coordinate :math:`j`: each density peak and CDF step is integrated on panels of its own
     width, so the error stays near float64's resolution whatever the ratio of the scales (a
     rule in each coordinate's standardized variable missed the steps of much narrower
-    coordinates: 3e-3 at a ratio of 1000). Memory and time grow as :math:`K^2` times the
-    nodes per panel per batch element; the result is differentiable in :math:`\mu` and
-    :math:`\sigma`.
+    coordinates: 3e-3 at a ratio of 1000). Time grows as :math:`K^2` times the nodes per panel
+    per batch element; the batch is integrated a few hundred elements at a time, so that the
+    memory does not grow with it (except for what autograd keeps where a gradient is
+    recorded). The result is differentiable in :math:`\mu` and :math:`\sigma`.
 
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
@@ -153,8 +156,23 @@ def igr_log_probs(loc, scale, *, num_panels: int = 1, points_per_panel: int = 16
         ) from None
     if loc.dim() < 1:
         raise ValueError("igr_log_probs: `loc` needs a last dimension of K - 1 >= 1 coordinates")
-    dtype = loc.dtype
-    loc, scale = loc.double(), scale.double()
+    dtype, batch_shape, coordinates = loc.dtype, loc.shape[:-1], static_size(loc.shape[-1])
+    flat = (math.prod(batch_shape), coordinates)
+    loc, scale = loc.double().reshape(flat), scale.double().reshape(flat)
+    # Rows in chunks of about _QUADRATURE_ELEMENTS numbers per tensor (coordinates x nodes
+    # each): the whole batch at once took gigabytes for a VAE's batch of latents.
+    nodes = len(_BREAKS) * coordinates * num_panels * points_per_panel
+    rows = max(1, _QUADRATURE_ELEMENTS // max(coordinates * nodes, 1))
+    pieces = [
+        _quadrature(loc[start : start + rows], scale[start : start + rows], num_panels,
+                    points_per_panel)
+        for start in range(0, max(flat[0], 1), rows)
+    ]  # fmt: skip
+    return torch.cat(pieces).reshape(batch_shape + (coordinates + 1,)).to(dtype)
+
+
+def _quadrature(loc, scale, num_panels: int, points_per_panel: int):
+    """:func:`igr_log_probs` of rows of float64 parameters, shape ``(rows, K - 1)``."""
     t, log_weights = _break_point_rule(loc, scale, num_panels, points_per_panel)
     standardized = (t.unsqueeze(-2) - loc.unsqueeze(-1)) / scale.unsqueeze(-1)  # [..., k, node]
     log_cdf = torch.special.log_ndtr(standardized)
@@ -163,7 +181,7 @@ def igr_log_probs(loc, scale, *, num_panels: int = 1, points_per_panel: int = 16
     log_normal = -0.5 * standardized.square() - _HALF_LOG_2PI - scale.log().unsqueeze(-1)
     head = torch.logsumexp(log_weights.unsqueeze(-2) + log_normal + log_others, -1)
     last = torch.special.log_ndtr(-loc / scale).sum(-1, keepdim=True)
-    return torch.cat([head, last], -1).to(dtype)
+    return torch.cat([head, last], -1)
 
 
 def _normal_log_density(y, loc, scale):
