@@ -435,6 +435,21 @@ def test_the_elbo_standard_error_counts_passes_that_share_a_subsample(programs):
         assert 0.5 < ratio < 2.0, (num_samples, ratio)
 
 
+@pytest.mark.parametrize("score", [discrete_elbo, discrete_log_likelihood])
+def test_a_progress_bar_counts_the_particles_on_request(score, capsys):
+    model, guide = _subsampled(_PRIOR.log(), True), _subsampled(_JOINT, False)
+    count = (
+        {"num_samples": 30}
+        if score is discrete_elbo
+        else {"num_particles": 30, "data_plate": "data"}
+    )
+    score(model, guide, chunk_size=20, **count)
+    assert capsys.readouterr().err == ""
+    score(model, guide, chunk_size=20, progress=True, **count)
+    error = capsys.readouterr().err
+    assert "discrete particles" in error and "30/30" in error
+
+
 def test_a_sequential_data_plate_is_named():
     def model():
         for i in pyro.plate("data", 2):

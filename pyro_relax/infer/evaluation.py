@@ -11,6 +11,7 @@ from pyro.infer.enum import get_importance_trace
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
+from tqdm import tqdm
 
 from pyro_relax._numerics import check_count
 from pyro_relax.infer.handlers import discretize
@@ -64,6 +65,7 @@ def discrete_elbo(
     max_plate_nesting: int | None = None,
     vectorize_particles: bool = True,
     chunk_size: int = 100,
+    progress: bool = False,
     **kwargs,
 ) -> Estimate:
     r"""The ELBO of the discrete model that the relaxed ``model`` and ``guide`` stand for.
@@ -102,6 +104,7 @@ def discrete_elbo(
         vectorize_particles (bool): draw ``chunk_size`` particles at once in a plate outside
             the model's plates (the model must broadcast); else one at a time.
         chunk_size (int): particles per vectorized pass (bounds the memory).
+        progress (bool): show a progress bar over the draws.
 
     Returns:
         Estimate: the ELBO, its standard error and ``num_samples``.
@@ -123,6 +126,7 @@ def discrete_elbo(
     weights = _log_weights(
         model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize_particles,
         chunk_size, data_plate=None, scaled=True, min_passes=_SUBSAMPLED_PASSES,
+        progress=progress,
     )  # fmt: skip
     totals = weights.log_weights.sum(-1)
     value = float(totals.mean())
@@ -146,6 +150,7 @@ def discrete_log_likelihood(
     max_plate_nesting: int | None = None,
     vectorize_particles: bool = True,
     chunk_size: int = 100,
+    progress: bool = False,
     **kwargs,
 ) -> Estimate:
     r"""The importance-weighted lower bound on :math:`\log p(x)` of the discrete model (Burda
@@ -189,6 +194,7 @@ def discrete_log_likelihood(
         vectorize_particles (bool): draw ``chunk_size`` particles at once in a plate outside
             the model's plates (the model must broadcast); else one at a time.
         chunk_size (int): particles per vectorized pass (bounds the memory).
+        progress (bool): show a progress bar over the particles.
 
     Returns:
         Estimate: the bound, its standard error and ``num_particles``.
@@ -215,7 +221,7 @@ def discrete_log_likelihood(
         raise TypeError(f"`data_plate` must be the name of a plate, got {data_plate!r}")
     weights = _log_weights(
         model, guide, args, kwargs, num_particles, max_plate_nesting, vectorize_particles,
-        chunk_size, data_plate=data_plate, scaled=False,
+        chunk_size, data_plate=data_plate, scaled=False, progress=progress,
     )  # fmt: skip
     log_weights, scale = weights.log_weights, weights.scale
     bounds = log_weights.logsumexp(0) - math.log(num_particles)
@@ -264,6 +270,7 @@ def _log_weights(
     data_plate,
     scaled,
     min_passes=1,
+    progress=False,
 ) -> _Weights:
     """The log importance weights :math:`\\log p(x, z) - \\log q(z)` of ``total`` discrete
     particles, shape ``(total, items)`` (one item without ``data_plate``), in float64, and the
@@ -289,45 +296,40 @@ def _log_weights(
             subsamples = _subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
     chunks, scales, pass_sizes = [], set(), []
     done, subsampled = 0, {}
-    while done < total:
-        size = min(chunk_size, total - done) if vectorize else 1
-        if not done or subsampled:
-            size = min(size, small)
-        traced_model, traced_guide = (
-            (_in_particle_plate(model, size, nesting), _in_particle_plate(guide, size, nesting))
-            if vectorize
-            else (model, guide)
-        )
-        if data_plate is not None:
-            traced_guide = poutine.replay(traced_guide, trace=subsamples)
-        try:
-            model_trace, guide_trace = get_importance_trace(
-                "flat", nesting + 1, traced_model, traced_guide, args, kwargs
+    with tqdm(total=total, disable=not progress, desc="discrete particles", unit="particle") as bar:
+        while done < total:
+            size = min(chunk_size, total - done) if vectorize else 1
+            if not done or subsampled:
+                size = min(size, small)
+            traced_model, traced_guide = (
+                (_in_particle_plate(model, size, nesting), _in_particle_plate(guide, size, nesting))
+                if vectorize
+                else (model, guide)
             )
-        except (ValueError, RuntimeError, TypeError) as error:
-            if not vectorize:
-                raise
-            raise ValueError(
-                f"drawing {size} particles at once (a plate at dim {-(nesting + 1)}, left of "
-                f"the model's {nesting} plate dimension(s)) failed: {error}\nA model or guide "
-                "that does not broadcast over one more dimension on the left needs "
-                "vectorize_particles=False (one particle at a time); a wrong guess of the "
-                "plates needs max_plate_nesting"
-            ) from error
-        if not done:
-            _check_guide_covers_model(model_trace, guide_trace)
-            subsampled = _subsampled_plates(model_trace, guide_trace)
-        weights = 0.0
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for site in trace.nodes.values():
-                if site["type"] != "sample" or site["infer"].get("_deterministic"):
-                    continue  # a deterministic site has no log-probability and no scale
-                terms, scale = _site_terms(site, nesting, data_plate, scaled)
-                scales.add(scale)
-                weights = weights + sign * terms
-        chunks.append(torch.as_tensor(weights, dtype=torch.float64).expand(size, -1))
-        pass_sizes.append(size)
-        done += size
+            if data_plate is not None:
+                traced_guide = poutine.replay(traced_guide, trace=subsamples)
+            try:
+                model_trace, guide_trace = get_importance_trace(
+                    "flat", nesting + 1, traced_model, traced_guide, args, kwargs
+                )
+            except (ValueError, RuntimeError, TypeError) as error:
+                if not vectorize:
+                    raise
+                raise ValueError(
+                    f"drawing {size} particles at once (a plate at dim {-(nesting + 1)}, left of "
+                    f"the model's {nesting} plate dimension(s)) failed: {error}\nA model or guide "
+                    "that does not broadcast over one more dimension on the left needs "
+                    "vectorize_particles=False (one particle at a time); a wrong guess of the "
+                    "plates needs max_plate_nesting"
+                ) from error
+            if not done:
+                _check_guide_covers_model(model_trace, guide_trace)
+                subsampled = _subsampled_plates(model_trace, guide_trace)
+            weights = _pass_weights(model_trace, guide_trace, nesting, data_plate, scaled, scales)
+            chunks.append(torch.as_tensor(weights, dtype=torch.float64).expand(size, -1))
+            pass_sizes.append(size)
+            done += size
+            bar.update(size)
     if len(scales) > 1:
         raise ValueError(
             "the sites carry different scales (subsampled plates or poutine.scale): "
@@ -347,6 +349,20 @@ def _log_weights(
         population=subsampled.get(data_plate),
         pass_sizes=pass_sizes,
     )
+
+
+def _pass_weights(model_trace, guide_trace, nesting, data_plate, scaled, scales: set):
+    """One pass's log weights, ``log p - log q`` per particle and item; adds the scale of each
+    site to ``scales``."""
+    weights = 0.0
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                continue  # a deterministic site has no log-probability and no scale
+            terms, scale = _site_terms(site, nesting, data_plate, scaled)
+            scales.add(scale)
+            weights = weights + sign * terms
+    return weights
 
 
 def _subsampled_plates(*traces) -> dict:
