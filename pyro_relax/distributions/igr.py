@@ -348,12 +348,15 @@ class _IGRBase(TransformedDistribution):
         # held several tensors of 10,000 x batch x K, gigabytes for a VAE's batch of latents.
         per_draw = max(1, math.prod(self.batch_shape) * self.num_categories)
         draws = max(1, _MONTE_CARLO_ELEMENTS // per_draw)
-        counts = self.loc.new_zeros(self.batch_shape + (self.num_categories,))
+        # Counted in float64, exact to 2^53 draws whatever the parameters' dtype (float16 holds
+        # integers exactly only to 2048).
+        shape = self.batch_shape + (self.num_categories,)
+        counts = torch.zeros(shape, dtype=torch.float64, device=self.loc.device)
         with torch.no_grad():
             for start in range(0, num_samples, draws):
                 index = self._sample_categories(min(draws, num_samples - start))
-                counts += one_hot(index, self.num_categories, self.loc).sum(0)
-        return Categorical(probs=counts / num_samples)
+                counts += one_hot(index, self.num_categories, counts).sum(0)
+        return Categorical(probs=(counts / num_samples).to(self.loc.dtype))
 
 
 class IGR(_IGRBase):
