@@ -473,6 +473,11 @@ def test_median_of_outcomes_in_any_order_and_of_bernoulli_sites():
     assert guide.median()["z"] == 5.0
     levels = [0.0, 0.29, 0.31, 0.44, 0.46, 1.0]  # off the CDF's steps, which float32 rounds
     assert guide.quantiles(levels)["z"].tolist() == [-1, -1, 2, 2, 5, 5]
+    # An outcome without mass is never a quantile, also at level 0 (the least outcome with mass).
+    guide = _prior_guide(
+        pr.TruncatedGenGS(0.5, probs=torch.tensor([0.0, 0.5, 0.5]), outcomes=[0.0, 1.0, 2.0])
+    )
+    assert guide.quantiles([0.0, 0.5, 1.0])["z"].tolist() == [1, 1, 2]
     # Bernoulli: P(X <= 0) = 1 - p, so the median is 1 exactly where p > 1/2.
     logits = torch.tensor([-1.0, 0.0, 2.0])
     guide = _prior_guide(pr.STBernoulli(0.5, logits=logits), plate_size=3)
