@@ -81,10 +81,9 @@ def discrete_elbo(
     with standard error :math:`\hat\sigma / \sqrt{S}`; where a plate of the model or the guide
     scores a subsample of its items, the particles of one vectorized pass share the subsample:
     they are then drawn in at least 10 passes (``num_samples`` passes of one if fewer), and the
-    standard error is that of the mean over passes. It is
-    the ELBO of the whole call (summed over the data the model sees, with subsampling scales
-    applied as ``Trace_ELBO`` applies them): divide by the number of items for a per-item
-    figure. No gradient is recorded. Draws come from Pyro's random state (seed it with
+    standard error is that of the mean over passes. It is the ELBO of the whole call (summed
+    over the data the model sees, with subsampling scales applied as ``Trace_ELBO`` applies
+    them): divide by the number of items for a per-item figure. No gradient is recorded. Draws come from Pyro's random state (seed it with
     ``pyro.set_rng_seed``).
 
     Extra keyword arguments go to the model and guide; the options below take their names.
