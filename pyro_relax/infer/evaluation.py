@@ -83,8 +83,8 @@ def discrete_elbo(
     they are then drawn in at least 10 passes (``num_samples`` passes of one if fewer), and the
     standard error is that of the mean over passes. It is the ELBO of the whole call (summed
     over the data the model sees, with subsampling scales applied as ``Trace_ELBO`` applies
-    them): divide by the number of items for a per-item figure. No gradient is recorded. Draws come from Pyro's random state (seed it with
-    ``pyro.set_rng_seed``).
+    them): divide by the number of items for a per-item figure. No gradient is recorded.
+    Draws come from Pyro's random state (seed it with ``pyro.set_rng_seed``).
 
     Extra keyword arguments go to the model and guide; the options below take their names.
 
