@@ -56,6 +56,8 @@ class Relaxation:
         source (tuple): what made the pre-image, ``(family, map parameters)`` (IGR family).
         kept_sticks (Tensor): how many sticks each sample kept (IGR-SB with ``precision``).
         simplex (Tensor): the simplex point a relaxed count was mapped from (``IGRCount``).
+        shape (torch.Size): the shape of the value the record describes (set when attached);
+            :func:`with_relaxation` refuses the record for a value of another shape.
 
     Example:
         >>> import pyro_relax as pr
@@ -72,6 +74,7 @@ class Relaxation:
     source: tuple | None = None
     kept_sticks: torch.Tensor | None = None
     simplex: torch.Tensor | None = None
+    shape: torch.Size | None = None
 
 
 def allow_in_torch_load(*classes) -> None:
@@ -115,7 +118,9 @@ def with_relaxation(value: torch.Tensor, relaxation: Relaxation | None) -> torch
     r"""Attaches ``relaxation`` to ``value`` (in place) and returns it.
 
     For a sample moved or copied on purpose: the record must describe the same draw, on the
-    value's device. ``relaxation`` may be ``None`` (nothing is attached). With it, a GenGS
+    value's device. A record of a value of another shape raises ``ValueError`` (it would score
+    another draw, or broadcast to the wrong shape); one of the same shape is taken on trust.
+    ``relaxation`` may be ``None`` (nothing is attached). With it, a GenGS
     sample :math:`z = \sum_k w_k c_k` is again scored by its soft log-PMF
 
     .. math::
@@ -134,8 +139,21 @@ def with_relaxation(value: torch.Tensor, relaxation: Relaxation | None) -> torch
         >>> bool(d.log_prob(copy) == d.log_prob(z))
         True
     """
-    if relaxation is not None:
-        setattr(value, _ATTRIBUTE, relaxation)
+    if not torch.is_tensor(value):
+        raise TypeError(f"with_relaxation: `value` must be a tensor, got {type(value).__name__}")
+    if relaxation is None:
+        return value
+    if not isinstance(relaxation, Relaxation):
+        raise TypeError(
+            "with_relaxation: `relaxation` must be a Relaxation (from relaxation_of) or None, got "
+            f"{type(relaxation).__name__}"
+        )
+    if relaxation.shape is not None and relaxation.shape != value.shape:
+        raise ValueError(
+            f"with_relaxation: the record describes a value of shape {tuple(relaxation.shape)}, "
+            f"not this value's {tuple(value.shape)}: a record must describe the same draw"
+        )
+    setattr(value, _ATTRIBUTE, relaxation)
     return value
 
 
@@ -143,6 +161,7 @@ def carry(value: torch.Tensor, **fields) -> torch.Tensor:
     """Sets ``fields`` of the record ``value`` carries (adding one if it has none), in place,
     and returns ``value``."""
     record = relaxation_of(value)
+    fields["shape"] = value.shape
     record = Relaxation(**fields) if record is None else dataclasses.replace(record, **fields)
     setattr(value, _ATTRIBUTE, record)
     return value

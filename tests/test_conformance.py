@@ -10,7 +10,7 @@ import torch
 from registry import EXAMPLES
 from torch.distributions import kl_divergence
 
-from pyro_relax import relaxation_of
+from pyro_relax import relaxation_of, with_relaxation
 
 every_example = pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
 categorical = [e for e in EXAMPLES if e.categories is not None]
@@ -65,6 +65,20 @@ def test_pickle_round_trip(example):
     torch.manual_seed(1)
     torch.testing.assert_close(clone.rsample((3,)), value, rtol=0, atol=0)
     torch.testing.assert_close(clone.log_prob(value), d.log_prob(value))
+
+
+@every_example
+def test_a_record_moves_only_to_a_value_of_its_shape(example):
+    # with_relaxation attached any record to any tensor: a batch of draws' record on one value
+    # (or one draw's on a batch) was then scored silently, as the record's draw and shape.
+    d = example.build()
+    value = d.rsample((2,))
+    record = relaxation_of(value)
+    moved = with_relaxation(value.detach().clone(), record)
+    torch.testing.assert_close(d.log_prob(moved), d.log_prob(value))
+    for other in (value[0].detach().clone(), torch.stack([value, value]).detach()):
+        with pytest.raises(ValueError, match="a record must describe the same draw"):
+            with_relaxation(other, record)
 
 
 @every_example

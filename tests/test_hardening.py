@@ -976,3 +976,13 @@ def test_a_list_parameter_takes_the_dtype_of_the_first_floating_tensor(make):
     # or locations became a float32 tensor first, and a float64 temperature was cast down.
     d = make(torch.tensor(0.5, dtype=_f64))
     assert d.rsample().dtype == _f64 and d.temperature.dtype == _f64
+
+
+def test_with_relaxation_refuses_what_is_not_a_value_and_a_record():
+    # A string record was attached and failed later, in log_prob, as an AttributeError.
+    z = pr.GenGSPoisson(torch.tensor(2.0), 0.5, 8).rsample()
+    with pytest.raises(TypeError, match="`relaxation` must be a Relaxation"):
+        pr.with_relaxation(z.clone(), "record")
+    with pytest.raises(TypeError, match="`value` must be a tensor, got float"):
+        pr.with_relaxation(2.0, pr.relaxation_of(z))
+    assert pr.relaxation_of(pr.with_relaxation(z.clone(), None)) is None
