@@ -184,7 +184,7 @@ def test_quadrature_integrates_the_batch_in_bounded_chunks(monkeypatch):
     whole = pr.igr_log_probs(loc, scale)
     (grad_whole,) = torch.autograd.grad(whole[..., 1].sum(), loc)
     nodes = 7 * 5 * 16  # break points per coordinate x coordinates x Gauss-Legendre nodes
-    monkeypatch.setattr(igr_module, "_QUADRATURE_ELEMENTS", 5 * 5 * nodes)  # 5 rows a chunk
+    monkeypatch.setattr(igr_module, "_PIECE_ELEMENTS", 5 * 5 * nodes)  # 5 rows a chunk
     rows = []
     quadrature = igr_module._quadrature
 
@@ -215,7 +215,7 @@ def test_categorical_is_batched_and_differentiable():
 @pytest.mark.parametrize("family", ["stick-breaking", "planar"])
 def test_monte_carlo_categoricals(family, budget, monkeypatch):
     if budget is not None:  # 250 draws of 4 categories per pass: 160 passes
-        monkeypatch.setattr(igr_module, "_MONTE_CARLO_ELEMENTS", budget)
+        monkeypatch.setattr(igr_module, "_PIECE_ELEMENTS", budget)
     torch.manual_seed(5)
     loc, scale = _t(0.3, -0.2, 0.6), _t(0.5, 2.0, 1.0)
     if family == "planar":
@@ -242,7 +242,7 @@ def test_monte_carlo_categoricals_draw_in_bounded_passes(family, monkeypatch):
     # IGR-SB's discrete() over 100 x 20 latents of 10 categories, and out of memory at ten times
     # that (discretize, discrete_elbo and AutoRelaxed.median call it).
     d = family(torch.zeros(3, 5, dtype=_f64), torch.ones(3, 5, dtype=_f64), 0.5)
-    monkeypatch.setattr(igr_module, "_MONTE_CARLO_ELEMENTS", 1000)
+    monkeypatch.setattr(igr_module, "_PIECE_ELEMENTS", 1000)
     sizes = []
     sample_categories = d._sample_categories
     monkeypatch.setattr(d, "_sample_categories", lambda n: sizes.append(n) or sample_categories(n))

@@ -57,11 +57,10 @@ __all__ = ["IGR", "IGRCount", "IGRPlanar", "IGRStickBreaking", "igr_log_probs"]
 # density is below 1e-31 of its peak.
 _BREAKS = (-12.0, -4.0, -1.5, 0.0, 1.5, 4.0, 12.0)
 
-# The numbers a Monte Carlo estimate of the discrete distribution holds per tensor and pass
-# (draws x batch x categories): about 16 MiB in float32. Likewise for the quadrature of IGR-I's
-# (rows x coordinates x nodes, in float64).
-_MONTE_CARLO_ELEMENTS = 2**22
-_QUADRATURE_ELEMENTS = 2**22
+# The numbers one piece of the discrete distribution's computation holds per tensor: the Monte
+# Carlo estimate's draws x batch x categories, the quadrature's rows x coordinates x nodes
+# (about 16 MiB in float32, 32 in float64). The whole batch at once took gigabytes for a VAE's.
+_PIECE_ELEMENTS = 2**22
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -159,16 +158,20 @@ def igr_log_probs(loc, scale, *, num_panels: int = 1, points_per_panel: int = 16
     dtype, batch_shape, coordinates = loc.dtype, loc.shape[:-1], static_size(loc.shape[-1])
     flat = (math.prod(batch_shape), coordinates)
     loc, scale = loc.double().reshape(flat), scale.double().reshape(flat)
-    # Rows in chunks of about _QUADRATURE_ELEMENTS numbers per tensor (coordinates x nodes
-    # each): the whole batch at once took gigabytes for a VAE's batch of latents.
     nodes = len(_BREAKS) * coordinates * num_panels * points_per_panel
-    rows = max(1, _QUADRATURE_ELEMENTS // max(coordinates * nodes, 1))
+    rows = _per_piece(coordinates * nodes)
     pieces = [
         _quadrature(loc[start : start + rows], scale[start : start + rows], num_panels,
                     points_per_panel)
         for start in range(0, max(flat[0], 1), rows)
     ]  # fmt: skip
     return torch.cat(pieces).reshape(batch_shape + (coordinates + 1,)).to(dtype)
+
+
+def _per_piece(numbers_per_item: int) -> int:
+    """How many items (draws, rows) one piece of ``_PIECE_ELEMENTS`` numbers holds, at least
+    one."""
+    return max(1, _PIECE_ELEMENTS // max(numbers_per_item, 1))
 
 
 def _quadrature(loc, scale, num_panels: int, points_per_panel: int):
@@ -344,10 +347,7 @@ class _IGRBase(TransformedDistribution):
 
     def _monte_carlo_categorical(self, num_samples):
         num_samples = check_count(f"{type(self).__name__}.categorical", "num_samples", num_samples)
-        # Draws in passes of about _MONTE_CARLO_ELEMENTS numbers per tensor: all 10,000 at once
-        # held several tensors of 10,000 x batch x K, gigabytes for a VAE's batch of latents.
-        per_draw = max(1, math.prod(self.batch_shape) * self.num_categories)
-        draws = max(1, _MONTE_CARLO_ELEMENTS // per_draw)
+        draws = _per_piece(math.prod(self.batch_shape) * self.num_categories)
         # Counted in float64, exact to 2^53 draws whatever the parameters' dtype (float16 holds
         # integers exactly only to 2048).
         shape = self.batch_shape + (self.num_categories,)

@@ -103,7 +103,7 @@ def discrete_elbo(
         vectorize_particles (bool): draw ``chunk_size`` particles at once in a plate outside
             the model's plates (the model must broadcast); else one at a time.
         chunk_size (int): particles per vectorized pass (bounds the memory).
-        progress (bool): show a progress bar over the draws.
+        progress (bool): show a progress bar over the particles.
 
     Returns:
         Estimate: the ELBO, its standard error and ``num_samples``.
