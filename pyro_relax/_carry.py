@@ -53,7 +53,9 @@ class Relaxation:
             stands for (soft STGS, softmax++ and the IGR family).
         preimage (Tensor): the pre-image :math:`y` of the map that made the value (the
             Gaussian draw of the IGR family; the input of a sigmoid stick-breaking).
-        source (tuple): what made the pre-image, ``(family, map parameters)`` (IGR family).
+        source (tuple): what made the pre-image, ``(family, map parameters, versions)``
+            (IGR family); ``versions`` are the parameters' version counters at the draw (see
+            :meth:`current_source`).
         kept_sticks (Tensor): how many sticks each sample kept (IGR-SB with ``precision``).
         simplex (Tensor): the simplex point a relaxed count was mapped from (``IGRCount``).
         shape (torch.Size): the shape of the value the record describes (set when attached);
@@ -75,6 +77,43 @@ class Relaxation:
     kept_sticks: torch.Tensor | None = None
     simplex: torch.Tensor | None = None
     shape: torch.Size | None = None
+
+    def current_source(self) -> tuple | None:
+        """``(family, map parameters)`` of :attr:`source`, or ``None`` where a parameter was
+        updated in place since the draw (an annealed temperature, a flow's optimizer step):
+        its values at the draw are gone, and the value must be inverted instead. A record
+        copied or loaded from a file, or drawn or read under ``torch.compile`` (whose version
+        counters are symbolic), trusts its parameters as they stand."""
+        if self.source is None:
+            return None
+        family, parameters, versions = self.source
+        if versions is not None and not torch.compiler.is_compiling():
+            if versions != tensor_versions(parameters):
+                return None
+        return family, parameters
+
+    def __getstate__(self):
+        # A copy's parameters are new tensors with counters of their own: it keeps the source
+        # as it stands now (unversioned), or none if the parameters have changed since.
+        state = dict(self.__dict__)
+        current = self.current_source()
+        state["source"] = None if current is None else (*current, None)
+        return state
+
+
+def tensor_versions(objects: tuple) -> tuple | None:
+    """The version counter of each tensor in ``objects`` (``None`` for another object, and for
+    an inference tensor, which keeps none): an in-place update of a tensor advances it.
+    ``None`` under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return None
+    versions = []
+    for value in objects:
+        try:
+            versions.append(value._version if torch.is_tensor(value) else None)
+        except RuntimeError:  # an inference tensor
+            versions.append(None)
+    return tuple(versions)
 
 
 def allow_in_torch_load(*classes) -> None:
@@ -165,6 +204,15 @@ def carry(value: torch.Tensor, **fields) -> torch.Tensor:
     record = Relaxation(**fields) if record is None else dataclasses.replace(record, **fields)
     setattr(value, _ATTRIBUTE, record)
     return value
+
+
+def drawn_by(value, family):
+    """The map parameters with which ``family`` drew ``value``, from its record; ``None``
+    without a record, for another family's draw, or where the parameters were updated in
+    place since the draw."""
+    record = relaxation_of(value)
+    source = None if record is None else record.current_source()
+    return None if source is None or source[0] is not family else source[1]
 
 
 def carried(value, field: str):

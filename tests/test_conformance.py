@@ -1,5 +1,6 @@
 """Generic checks that every example in the registry passes."""
 
+import copy
 import io
 import math
 import pickle
@@ -79,6 +80,57 @@ def test_a_record_moves_only_to_a_value_of_its_shape(example):
     for other in (value[0].detach().clone(), torch.stack([value, value]).detach()):
         with pytest.raises(ValueError, match="a record must describe the same draw"):
             with_relaxation(other, record)
+
+
+def _changed(name, value, example):
+    """A new value for a parameter: the temperature halved (an annealing step), a real one
+    shifted (an optimizer step); others kept (a new rate can change the outcomes)."""
+    if name == "temperature":
+        return value * 0.5
+    if example.learnable.get(name) is torch.distributions.constraints.real:
+        return value + 0.25
+    return value
+
+
+@every_example
+def test_a_sample_scores_alike_whether_its_parameters_change_in_place_or_are_replaced(example):
+    # A record held the map parameters an IGR draw was made with by reference: after an
+    # in-place update (ExponentialDecay's temperature, an optimizer step on a flow) it described
+    # the draw by the new values, and the sample was scored through its old pre-image. So were
+    # a copy of the sample and a saved one, made after the update.
+    params = example.parameters()
+    old = {name: value.clone() for name, value in params.items()}
+    torch.manual_seed(2)
+    value = example.build(params).rsample((3,))
+    torch.manual_seed(2)
+    reference = example.build(old).rsample((3,))
+    new = {name: _changed(name, tensor, example) for name, tensor in params.items()}
+    for name, tensor in params.items():
+        tensor.copy_(new[name])  # the sample's own parameters, updated in place
+    replaced = _score(example.build(new), reference)
+    for sample in (value, copy.deepcopy(value), _saved_and_loaded(value)):
+        in_place = _score(example.build(params), sample)
+        if isinstance(replaced, str):  # outside the new map's image, or no inverse (planar)
+            assert in_place == replaced
+        else:
+            tolerance = dict(rtol=1e-4, atol=1e-4) if example.dtype == torch.float32 else {}
+            torch.testing.assert_close(in_place, replaced, **tolerance)
+
+
+def _saved_and_loaded(value):
+    """``value`` after ``torch.save`` and ``torch.load`` (its default, ``weights_only``)."""
+    buffer = io.BytesIO()
+    torch.save({"value": value}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)["value"]
+
+
+def _score(d, value):
+    """``log_prob``, or the message of the ``ValueError`` it raises."""
+    try:
+        return d.log_prob(value)
+    except ValueError as error:
+        return str(error)
 
 
 @every_example
@@ -392,9 +444,6 @@ def test_a_saved_sample_loads_with_its_record(example):
     d = example.build()
     torch.manual_seed(4)
     value = d.rsample()
-    buffer = io.BytesIO()
-    torch.save({"value": value}, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer)["value"]
+    loaded = _saved_and_loaded(value)
     assert (relaxation_of(loaded) is None) == (relaxation_of(value) is None)
     torch.testing.assert_close(d.log_prob(loaded), d.log_prob(value))

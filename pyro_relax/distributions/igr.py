@@ -19,7 +19,14 @@ from pyro.distributions.transforms import Planar
 from torch.distributions.transforms import Transform
 from torch.distributions.utils import lazy_property
 
-from pyro_relax._carry import allow_in_torch_load, carried, carry, relaxation_of
+from pyro_relax._carry import (
+    allow_in_torch_load,
+    carried,
+    carry,
+    drawn_by,
+    relaxation_of,
+    tensor_versions,
+)
 from pyro_relax._numerics import (
     all_last,
     any_last,
@@ -300,7 +307,9 @@ class _IGRBase(TransformedDistribution):
 
     def _tag(self, value, base, **fields):
         """Attaches the pre-image ``base`` and the map that made ``value`` (and ``fields``)."""
-        return carry(value, preimage=base, source=(type(self), self._map_parameters()), **fields)
+        parameters = self._map_parameters()
+        source = (type(self), parameters, tensor_versions(parameters))
+        return carry(value, preimage=base, source=source, **fields)
 
     def _preimage(self, value):
         """The Gaussian pre-image of ``value``: the one it carries when it was pushed forward by
@@ -311,13 +320,13 @@ class _IGRBase(TransformedDistribution):
     def _carried_preimage(self, value):
         """The pre-image ``value`` carries if this map (same family and parameters) drew it,
         else ``None``."""
-        record = relaxation_of(value)
-        if record is not None and record.source is not None and record.source[0] is type(self):
-            mine, theirs = self._map_parameters(), record.source[1]
+        theirs = drawn_by(value, type(self))
+        if theirs is not None:
+            mine = self._map_parameters()
             if len(mine) == len(theirs) and all(
                 same_values(a, b) for a, b in zip(mine, theirs, strict=True)
             ):
-                return record.preimage
+                return carried(value, "preimage")
         return None
 
     def _invert(self, value):
@@ -448,14 +457,15 @@ class IGR(_IGRBase):
         no comparison of the parameters (a host read on an accelerator, a constant in a jit
         trace), and the identity when they are equal.
         """
-        record = relaxation_of(value)
-        if record is None or record.source is None or record.source[0] is not IGR:
+        theirs = drawn_by(value, IGR)
+        if theirs is None:
             return self._invert(value)
-        if all(a is b for a, b in zip(record.source[1], self._map_parameters(), strict=True)):
-            return record.preimage  # this distribution's own sample: the affine is the identity
+        preimage = carried(value, "preimage")
+        if all(a is b for a, b in zip(theirs, self._map_parameters(), strict=True)):
+            return preimage  # this distribution's own sample: the affine is the identity
         tau, log_delta = self.temperature.unsqueeze(-1), self.delta.log().unsqueeze(-1)
-        other_tau, other_delta = (t.unsqueeze(-1) for t in record.source[1])
-        return (tau / other_tau) * record.preimage + tau * (log_delta - other_delta.log())
+        other_tau, other_delta = (t.unsqueeze(-1) for t in theirs)
+        return (tau / other_tau) * preimage + tau * (log_delta - other_delta.log())
 
     def sample_hard(self, sample_shape=torch.Size()):
         """One-hot draws of the discrete variable :math:`H` (Proposition 1), no gradient."""

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
-from pyro_relax._carry import carried, carry
+from pyro_relax._carry import carried, carry, drawn_by
 
 __all__ = ["SigmoidSticksTransform"]
 
@@ -68,11 +68,11 @@ class SigmoidSticksTransform(Transform):
     def _call(self, x):
         w = self.log_sticks(x).exp()
         # The map has no parameters: the pre-image is valid for every instance.
-        carry(w, preimage=x, source=(SigmoidSticksTransform,))
+        carry(w, preimage=x, source=(SigmoidSticksTransform, (), ()))
         return w
 
     def _inverse(self, w):
-        if carried(w, "source") == (SigmoidSticksTransform,):
+        if drawn_by(w, SigmoidSticksTransform) is not None:
             return carried(w, "preimage")
         # Sticks that underflowed, or whose remainder cancelled, are read as the smallest normal
         # number: the nearest values with a finite inverse.
