@@ -489,9 +489,10 @@ def test_soft_log_pmf_tends_to_log_pmf_of_sampled_outcome():
     log_pi = scipy_truncated_log_probs(scipy.stats.poisson(3.0), n)
     gaps = []
     for tau in (1.0, 0.1, 0.01, 0.001):
-        d = GenGSPoisson(torch.tensor(3.0, dtype=torch.float64), tau, n, hard=True)
-        z = d.rsample((5000,))  # the hard outcome, carrying its relaxed weights
-        gap = np.abs(d.log_prob(z).numpy() - log_pi[z.long().numpy()])
+        d = GenGSPoisson(torch.tensor(3.0, dtype=torch.float64), tau, n)
+        z = d.rsample((5000,))
+        sampled = pr.relaxation_of(z).weights.argmax(-1)  # the outcome the relaxed one-hot nears
+        gap = np.abs(d.log_prob(z).numpy() - log_pi[sampled.numpy()])
         gaps.append(gap.mean())
         if tau == 0.001:
             # Measured: about 0.5% of samples (near ties of the top two perturbed logits)
@@ -500,6 +501,30 @@ def test_soft_log_pmf_tends_to_log_pmf_of_sampled_outcome():
             assert np.mean(gap > 1e-3) < 0.02
     # Measured 0.33, 0.04, 0.005, 0.0005.
     assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False))
+
+
+def test_a_hard_sample_is_scored_by_the_log_pmf_at_its_outcome():
+    # A hard sample was scored by the soft log-PMF of its relaxed one-hot: the same count
+    # scored otherwise with its record than without (Importance weights, Trace_ELBO's value).
+    rate = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    log_pi = torch.as_tensor(scipy_truncated_log_probs(scipy.stats.poisson(3.0), 15))
+    torch.manual_seed(5)
+    hard = GenGSPoisson(rate, 0.5, 15, hard=True)
+    z = hard.rsample((400,))
+    score = hard.log_prob(z)
+    torch.testing.assert_close(score, log_pi[z.long()], rtol=1e-12, atol=0)
+    torch.testing.assert_close(score, hard.log_prob(z.detach().clone()), rtol=0, atol=0)
+    # The gradient: straight through the relaxed one-hot w (the same noise, drawn soft), with
+    # the log-PMF's own derivative taken at the hard outcome,
+    # sum_k (dw_k) log pi_k + d log pi_z.
+    (gradient,) = torch.autograd.grad(score.sum(), rate)
+    torch.manual_seed(5)
+    soft = GenGSPoisson(rate, 0.5, 15)
+    w = pr.relaxation_of(soft.rsample((400,))).weights
+    chosen = torch.nn.functional.one_hot(w.argmax(-1), 15).to(w.dtype)
+    expected = (w - w.detach() + chosen) @ soft.logits.unsqueeze(-1)
+    (reference,) = torch.autograd.grad(expected.sum(), rate)
+    torch.testing.assert_close(gradient, reference)
 
 
 @pytest.mark.parametrize(
@@ -916,7 +941,9 @@ def test_learned_outcomes_get_the_gradient_of_the_relaxed_value(shape, hard):
     logits = torch.randn(3, 5, dtype=torch.float64)
     torch.manual_seed(1)
     value = TruncatedGenGS(0.5, logits=logits, outcomes=outcomes, hard=hard).rsample()
-    weights = pr.relaxation_of(value).weights
+    torch.manual_seed(1)  # the relaxed one-hot of the same noise (a hard sample's is one-hot)
+    relaxed = TruncatedGenGS(0.5, logits=logits, outcomes=outcomes.detach()).rsample()
+    weights = pr.relaxation_of(relaxed).weights
     upstream = torch.randn_like(value)
     (grad,) = torch.autograd.grad((upstream * value).sum(), outcomes)
     expected = torch.einsum("bk,b...->k...", weights, upstream)

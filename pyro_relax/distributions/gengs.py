@@ -28,6 +28,7 @@ from pyro_relax._numerics import (
     log_of_probs,
     log_weights,
     nonnegative_rows,
+    one_hot,
     parse_parameters,
     probability_vector,
     relaxed_enumerate_support,
@@ -192,7 +193,10 @@ class TruncatedGenGS(TorchDistribution):
     - for a value drawn by :meth:`rsample` (it carries its relaxed one-hot :math:`w`),
       the *soft log-PMF* :math:`\sum_k w_k \log \pi_k`, which tends to :math:`\log \pi_k` of
       the sampled outcome as :math:`\tau \to 0`. With GenGS distributions in model and guide,
-      ``Trace_ELBO`` then estimates the ELBO of the discrete model;
+      ``Trace_ELBO`` then estimates the ELBO of the discrete model. A hard sample
+      (``hard=True``) carries the one-hot vector of its outcome in place of :math:`w` in the
+      forward pass, with the gradient of :math:`w`: its score is :math:`\log \pi_k` of the
+      outcome it is, as a plain count's;
     - for a plain value (an observed count, a tensor built by hand), the value must be one of
       the outcomes and the result is its log-PMF :math:`\log \pi_k`;
     - anything else (a relaxed value whose weights were lost by ``clone``, ``detach`` or
@@ -224,7 +228,7 @@ class TruncatedGenGS(TorchDistribution):
         outcomes (Tensor): the outcomes :math:`c`, shape ``(n,)`` or ``(n, d)`` for vector
             outcomes; default :math:`0, 1, \dots, n - 1`.
         hard (bool): return the hard outcome :math:`c_{\arg\max w}` in the forward
-            pass, with the gradient of the relaxed :math:`z`.
+            pass, with the gradient of the relaxed :math:`z`, and score it by its log-PMF.
 
     Example:
         >>> d = TruncatedGenGS(0.5, logits=torch.zeros(4))
@@ -362,7 +366,11 @@ class TruncatedGenGS(TorchDistribution):
             perturbed, self._score_floor, self.outcomes, *self._outcome_range
         )
         if self.hard:
-            value = straight_through(self.outcomes[perturbed.argmax(-1)], value)
+            # The weights too are the hard one-hot in the forward pass: log_prob is then the
+            # log-PMF at the outcome returned, as for a plain count.
+            index = perturbed.argmax(-1)
+            weights = straight_through(one_hot(index, self.num_outcomes, weights), weights)
+            value = straight_through(self.outcomes[index], value)
         carry(value, weights=weights)
         return value
 

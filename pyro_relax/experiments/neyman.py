@@ -335,8 +335,9 @@ class SymmetricStraightThroughPoisson(GenGSPoisson):
     score :math:`\partial_\rho \log q(z)` (mean zero) plus
     :math:`(\log\rho - \psi(z + 1))\, \partial \tilde z`: the same linearization that the
     prior's :math:`(\log\lambda - \psi(z + 1))\, \partial \tilde z` gets, so the two cancel
-    where guide and prior agree. The library's soft log-PMF
-    :math:`\sum_k w_k \log \pi_k` has no such counterpart in a plain Poisson prior.
+    where guide and prior agree. The library's score of a hard sample, :math:`\log \pi_z`
+    with the gradient straight through :math:`w` (:math:`\sum_k \partial w_k \log \pi_k`),
+    has no such counterpart in a plain Poisson prior.
 
     A value without the relaxed path (observed counts) is scored as by the parent class.
 
