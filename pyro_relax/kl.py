@@ -50,19 +50,37 @@ def _kl_truncatedgengs_truncatedgengs(p, q):
             f"outcomes of shape {tuple(p.event_shape)} and {q.num_outcomes} of shape "
             f"{tuple(q.event_shape)}"
         )
-    return categorical_kl(p.logits, q.logits)
+    if p._outcomes_are_counts and q._outcomes_are_counts:
+        return categorical_kl(p.logits, q.logits)
+    return categorical_kl(p.logits, _log_probs_at_outcomes_of(p, q))
 
 
 @register_kl(FiniteDiscrete, FiniteDiscrete)
 def _kl_finitediscrete_finitediscrete(p, q):
-    """The categorical KL between two distributions over the same outcomes (the KL of the
-    discrete distributions two GenGS relax)."""
-    if p.outcomes.shape != q.outcomes.shape:
+    r"""The KL :math:`\sum_k \pi^p_k (\log \pi^p_k - \log q(c_k))` over the outcomes
+    :math:`c_k` of ``p``, each found among those of ``q`` by value (the KL of the discrete
+    distributions two GenGS relax)."""
+    if p.outcomes.shape[1:] != q.outcomes.shape[1:]:
         raise ValueError(
-            f"KL between FiniteDiscrete distributions needs the same outcomes; got shapes "
-            f"{tuple(p.outcomes.shape)} and {tuple(q.outcomes.shape)}"
+            f"KL between FiniteDiscrete distributions needs outcomes of one shape; got "
+            f"{tuple(p.outcomes.shape[1:])} and {tuple(q.outcomes.shape[1:])}"
         )
-    return categorical_kl(p.logits, q.logits)
+    return categorical_kl(p.logits, _log_probs_at_outcomes_of(p, q))
+
+
+def _log_probs_at_outcomes_of(p, q):
+    """The log-probabilities of ``q`` at the outcomes of ``p``, in their order (``-inf`` where
+    ``q`` has no such outcome): outcomes are paired by value, not by position (two tables may
+    list them in different orders), unless they are one tensor. Elementwise, no host read."""
+    if p.outcomes is q.outcomes:
+        return q.logits
+    same = p.outcomes.unsqueeze(1) == q.outcomes.unsqueeze(0)  # (n_p, n_q), or (n_p, n_q, d)
+    if same.dim() == 3:
+        same = same.all(-1)
+    # q's outcomes are distinct, so at most one matches: the sum picks its log-probability.
+    log_probs = torch.where(same, q.logits.unsqueeze(-2), torch.zeros_like(q.logits[..., :1]))
+    log_probs = log_probs.sum(-1)
+    return torch.where(same.any(-1), log_probs, torch.full_like(log_probs, -math.inf))
 
 
 def _kl_finitediscrete_count(p, q):

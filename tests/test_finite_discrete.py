@@ -94,6 +94,65 @@ def test_kl_and_the_enumerated_elbo():
     assert enumerated == pytest.approx(exact, rel=1e-6)
 
 
+def _kl_by_values(q, p):
+    """sum over q's outcomes c of q(c) (log q(c) - log p(c)), p's probability found by value."""
+    total = 0.0
+    for c, q_c in zip(q.outcomes.tolist(), q.probs.tolist(), strict=True):
+        p_c = sum(
+            p_k for d, p_k in zip(p.outcomes.tolist(), p.probs.tolist(), strict=True) if d == c
+        )
+        if q_c > 0:
+            total += q_c * (math.log(q_c) - (math.log(p_c) if p_c > 0 else -math.inf))
+    return total
+
+
+@pytest.mark.parametrize(
+    "build",
+    [pr.FiniteDiscrete, lambda outcomes, **kw: pr.TruncatedGenGS(0.5, outcomes=outcomes, **kw)],
+    ids=["FiniteDiscrete", "TruncatedGenGS"],
+)
+@pytest.mark.parametrize(
+    "q_outcomes, p_outcomes",
+    [
+        ([0.0, 1.0, 2.0], [2.0, 1.0, 0.0]),  # the same outcomes in another order
+        ([0.0, 1.0, 2.0], [1.0, 2.0, 5.0]),  # some in common
+        ([0.0, 1.0, 2.0], [10.0, 11.0, 12.0]),  # none in common
+        ([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]], [[2.0, 2.0], [0.0, 1.0], [1.0, 0.0]]),  # vectors
+    ],
+    ids=["permuted", "overlapping", "disjoint", "vectors"],
+)
+def test_the_kl_pairs_outcomes_by_value(build, q_outcomes, p_outcomes):
+    # The KL compared probabilities by position: two equal laws listed in different orders had
+    # a positive KL, and laws on disjoint outcomes a KL of 0.
+    q_outcomes, p_outcomes = torch.tensor(q_outcomes), torch.tensor(p_outcomes)
+    q = build(q_outcomes, probs=torch.tensor([0.2, 0.3, 0.5]))
+    p = build(p_outcomes, probs=torch.tensor([0.5, 0.2, 0.3]))
+    scalar = lambda d: pr.FiniteDiscrete(torch.arange(3.0), probs=d.probs)  # noqa: E731
+    if q_outcomes.dim() == 1:
+        expected = _kl_by_values(q, p)
+    else:  # vector outcomes: compare rows through their index in a common list
+        rows = [tuple(r) for r in q_outcomes.tolist()]
+        index = torch.tensor([float(rows.index(tuple(r))) for r in p_outcomes.tolist()])
+        expected = _kl_by_values(scalar(q), pr.FiniteDiscrete(index, probs=p.probs))
+    kl = kl_divergence(q, p)
+    assert float(kl) == pytest.approx(expected, rel=1e-6)
+    if q_outcomes.tolist() == [0.0, 1.0, 2.0] and p_outcomes.tolist() == [2.0, 1.0, 0.0]:
+        permuted = build(p_outcomes, probs=torch.tensor([0.5, 0.3, 0.2]))  # q's law
+        assert float(kl_divergence(q, permuted)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_kl_by_value_has_finite_gradients_where_outcomes_are_missing():
+    # q gives no mass to 2, which p lacks: a finite KL with finite gradients.
+    logits = torch.tensor([0.5, -1.0], requires_grad=True)
+    q_logits = torch.cat([logits.log_softmax(-1), torch.tensor([-math.inf])])
+    q = pr.FiniteDiscrete(torch.tensor([0.0, 1.0, 2.0]), logits=q_logits)
+    p = pr.FiniteDiscrete(torch.tensor([1.0, 0.0, 7.0]), probs=torch.tensor([0.4, 0.4, 0.2]))
+    kl = kl_divergence(q, p)
+    assert torch.isfinite(kl)
+    (gradient,) = torch.autograd.grad(kl, logits)
+    assert torch.isfinite(gradient).all()
+
+
 # --- KL to an untruncated count distribution -------------------------------------------------
 
 

@@ -288,6 +288,24 @@ def test_automatic_truncation_is_smallest_capturing_mass(family, params, mass):
     assert d.truncation == expected and d.num_outcomes == expected
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_automatic_truncation_is_refused_under_a_jit_trace_and_the_cap_follows_the_rate():
+    # The number of outcomes was read on the host and frozen into the trace: traced at rate 1
+    # (7 outcomes), a rate of 30 put all its mass in the tail bin (JitTrace_ELBO then trained
+    # on it), with TracerWarnings only.
+    with pytest.raises(ValueError, match="max_truncation"):
+        torch.jit.trace(lambda rate: GenGSPoisson(rate, 0.5).logits, (torch.tensor(1.0),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        capped = torch.jit.trace(
+            lambda rate: GenGSPoisson(rate, 0.5, max_truncation=60).logits, (torch.tensor(1.0),)
+        )
+    rate = torch.tensor(30.0)
+    expected = GenGSPoisson(rate, 0.5, max_truncation=60).logits
+    torch.testing.assert_close(capped(rate), expected)
+    assert float(expected.exp()[-1]) < 1e-3
+
+
 def test_automatic_truncation_grows_beyond_initial_size():
     # Rate 200 needs about 250 outcomes, more than the first guess.
     expected = automatic_rule(scipy.stats.poisson(200.0), 0.999)
@@ -719,6 +737,53 @@ def test_kl_to_count_distribution_is_truncated_categorical_kl(guide, prior, froz
         scipy_truncated_log_probs(frozen_q, n), scipy_truncated_log_probs(frozen_p, n)
     )
     assert abs(float(kl) - expected) < 1e-10
+
+
+_EDGE_CASES = {
+    # (relaxation, the count distribution alike, the outcomes 0..5 it makes impossible)
+    "binomial-p0": (
+        lambda p: GenGSBinomial(5, 0.5, probs=p),
+        lambda p: dist.Binomial(5, probs=p),
+        0.0,
+        [1, 2, 3, 4, 5],
+    ),
+    "binomial-p1": (
+        lambda p: GenGSBinomial(5, 0.5, probs=p),
+        lambda p: dist.Binomial(5, probs=p),
+        1.0,
+        [0, 1, 2, 3, 4],
+    ),
+    "geometric-p1": (
+        lambda p: GenGSGeometric(0.5, 6, probs=p, tail_tolerance=None),
+        lambda p: dist.Geometric(probs=p),
+        1.0,
+        [1, 2, 3, 4, 5],
+    ),
+    "negative-binomial-p0": (
+        lambda p: GenGSNegativeBinomial(2.0, 0.5, 6, probs=p, tail_tolerance=None),
+        lambda p: dist.NegativeBinomial(2.0, probs=p),
+        0.0,
+        [1, 2, 3, 4, 5],
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(_EDGE_CASES))
+def test_a_probability_of_0_or_1_gives_its_impossible_outcomes_no_mass(case, dtype):
+    # The log-odds of p = 0 or 1 are clamped at the smallest normal number: an impossible outcome
+    # scored about -87 k (float32) or -708 k (float64) in place of -inf, and a KL to such a
+    # prior was finite, its value set by the dtype.
+    relaxed, count, edge, impossible = _EDGE_CASES[case]
+    d = relaxed(torch.tensor(edge, dtype=dtype))
+    possible = [k for k in range(d.num_outcomes) if k not in impossible]
+    assert torch.isneginf(d.logits[impossible]).all()
+    assert torch.isfinite(d.logits[possible]).all()
+    torch.testing.assert_close(d.logits[possible].logsumexp(-1), torch.zeros((), dtype=dtype))
+    other = relaxed(torch.tensor(0.5, dtype=dtype))
+    assert kl_divergence(other, count(torch.tensor(edge, dtype=dtype))) == math.inf
+    assert kl_divergence(other, d) == math.inf
+    assert math.isfinite(kl_divergence(d, other))
 
 
 def test_kl_rejects_mismatched_outcomes():

@@ -802,7 +802,7 @@ def test_empty_batches_build_and_sample(make):
         assert d.log_prob(value).shape == (2, 0)
 
 
-@pytest.mark.parametrize("name", ["truncation", "max_truncation", "mass"])
+@pytest.mark.parametrize("name", ["truncation", "max_truncation", "mass", "tail_tolerance"])
 def test_binomial_names_the_truncation_options_it_does_not_take(name):
     # Was: TypeError "GenGS.__init__() got multiple values for argument 'truncation'".
     with pytest.raises(TypeError, match=f"GenGSBinomial takes no `{name}`"):

@@ -772,7 +772,7 @@ class GenGSBinomial(GenGS):
     def __init__(
         self, total_count, temperature, *, probs=None, logits=None, validate_args=None, **kwargs
     ):
-        for name in ("truncation", "max_truncation", "mass"):
+        for name in ("truncation", "max_truncation", "mass", "tail_tolerance"):
             if name in kwargs:
                 raise TypeError(
                     f"GenGSBinomial takes no `{name}`: its outcomes are 0..total_count, exactly"

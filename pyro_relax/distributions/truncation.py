@@ -16,6 +16,7 @@ from torch.distributions import (
 )
 
 from pyro_relax._numerics import (
+    built_from_probs,
     check_constraint,
     check_count,
     fast_apply,
@@ -420,10 +421,31 @@ def log_probs_truncated(base: Distribution, truncation, size: int) -> torch.Tens
     if not torch.is_tensor(truncation) and truncation == size:
         # No outcome is masked: a concatenation is cheaper than two selects and their backward.
         head = log_pmf(base, k[:-1])
-        return torch.cat([head, tail.expand(head.shape[:-1] + (1,))], -1)
-    head = log_pmf(base, k)
-    minus_inf = torch.full_like(head, -float("inf"))
-    return torch.where(k < last, head, torch.where(k == last, tail, minus_inf))
+        row = torch.cat([head, tail.expand(head.shape[:-1] + (1,))], -1)
+    else:
+        head = log_pmf(base, k)
+        minus_inf = torch.full_like(head, -float("inf"))
+        row = torch.where(k < last, head, torch.where(k == last, tail, minus_inf))
+    impossible = _impossible_at_the_edges(base, k, last)
+    return row if impossible is None else row.masked_fill(impossible, -float("inf"))
+
+
+def _impossible_at_the_edges(base: Distribution, k: torch.Tensor, last):
+    """Where a success probability of exactly 0 or 1 leaves outcome ``k`` (the tail
+    ``P(X >= last)`` at ``last``) no mass, or ``None``: the log-odds that the log-PMFs take
+    are clamped at the smallest normal number, which leaves those outcomes finite (about
+    -708 per count in float64), and a KL to such a distribution would be finite."""
+    if isinstance(base, Poisson) or not built_from_probs(base):
+        return None
+    p = base.probs.unsqueeze(-1)
+    if isinstance(base, Binomial):
+        n = base.total_count.unsqueeze(-1)
+        # p = 1: X = n, so a count below n has no mass; the tail bin P(X >= last) has all of it
+        # when last <= n (and none otherwise, which its survival function already says).
+        return ((p == 0) & (k > 0)) | ((p == 1) & (k < n) & (k < last))
+    if isinstance(base, NegativeBinomial):
+        return (p == 0) & (k > 0)  # no success before the r failures: X = 0
+    return (p == 1) & (k > 0)  # Geometric: success at the first trial, X = 0
 
 
 def automatic_truncation(base: Distribution, mass: float, max_truncation: int | None = None):
@@ -476,6 +498,12 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
             f"automatic_truncation: `mass` {mass} is closer to 1 than {like.dtype} resolves "
             f"(at most 1 - {16 * torch.finfo(like.dtype).eps:.2g}); use float64 parameters or "
             "pass `truncation`"
+        )
+    if max_truncation is None and torch.jit.is_tracing():
+        raise ValueError(
+            "automatic truncation without `max_truncation` reads the parameters on the host to "
+            "choose the number of outcomes, which torch.jit.trace (JitTrace_ELBO) would freeze "
+            "at its traced value; pass `max_truncation` or a fixed `truncation`"
         )
     if base.batch_shape.numel() == 0:  # an empty batch: nothing to capture
         if max_truncation is None:
