@@ -20,6 +20,8 @@ from torch.distributions import (
 from torch.distributions.kl import kl_divergence, register_kl
 
 from pyro_relax._numerics import (
+    all_last,
+    any_last,
     binary_log_probs,
     broadcast_shapes,
     categorical_kl,
@@ -76,11 +78,10 @@ def _log_probs_at_outcomes_of(p, q):
         return q.logits
     same = p.outcomes.unsqueeze(1) == q.outcomes.unsqueeze(0)  # (n_p, n_q), or (n_p, n_q, d)
     if same.dim() == 3:
-        same = same.all(-1)
+        same = all_last(same)
     # q's outcomes are distinct, so at most one matches: the sum picks its log-probability.
-    log_probs = torch.where(same, q.logits.unsqueeze(-2), torch.zeros_like(q.logits[..., :1]))
-    log_probs = log_probs.sum(-1)
-    return torch.where(same.any(-1), log_probs, torch.full_like(log_probs, -math.inf))
+    log_probs = torch.where(same, q.logits.unsqueeze(-2), q.logits.new_zeros(())).sum(-1)
+    return torch.where(any_last(same), log_probs, torch.full_like(log_probs, -math.inf))
 
 
 def _kl_finitediscrete_count(p, q):
