@@ -60,6 +60,10 @@ class Relaxation:
         simplex (Tensor): the simplex point a relaxed count was mapped from (``IGRCount``).
         shape (torch.Size): the shape of the value the record describes (set when attached);
             :func:`with_relaxation` refuses the record for a value of another shape.
+        version (int): the value's version counter when the record was attached: an in-place
+            operation on the value (``add_``, ``clamp_``, an assignment to a slice) advances
+            it, and the record no longer describes the value (:func:`relaxation_of` then gives
+            ``None``). A copy of the sample, or one loaded from a file, keeps its record.
 
     Example:
         >>> import pyro_relax as pr
@@ -77,6 +81,7 @@ class Relaxation:
     kept_sticks: torch.Tensor | None = None
     simplex: torch.Tensor | None = None
     shape: torch.Size | None = None
+    version: int | None = None
 
     def current_source(self) -> tuple | None:
         """``(family, map parameters)`` of :attr:`source`, or ``None`` where a parameter was
@@ -98,6 +103,7 @@ class Relaxation:
         state = dict(self.__dict__)
         current = self.current_source()
         state["source"] = None if current is None else (*current, None)
+        state["version"] = None  # the copy's counter is its own
         return state
 
 
@@ -107,13 +113,18 @@ def tensor_versions(objects: tuple) -> tuple | None:
     ``None`` under ``torch.compile``."""
     if torch.compiler.is_compiling():
         return None
-    versions = []
-    for value in objects:
-        try:
-            versions.append(value._version if torch.is_tensor(value) else None)
-        except RuntimeError:  # an inference tensor
-            versions.append(None)
-    return tuple(versions)
+    return tuple(_version(value) if torch.is_tensor(value) else None for value in objects)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The version counter of ``tensor``, ``None`` for an inference tensor (which keeps none)
+    and under ``torch.compile`` (where it is symbolic)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor
+        return None
 
 
 def allow_in_torch_load(*classes) -> None:
@@ -131,8 +142,9 @@ allow_in_torch_load(Relaxation)
 def relaxation_of(value) -> Relaxation | None:
     r"""The :class:`Relaxation` record a relaxed sample carries, or ``None``.
 
-    ``None`` for a value that no relaxed distribution drew, or whose record was dropped by an
-    operation that makes a new tensor (``clone``, ``detach``, ``.to``, arithmetic). The record
+    ``None`` for a value that no relaxed distribution drew, whose record was dropped by an
+    operation that makes a new tensor (``clone``, ``detach``, ``.to``, arithmetic), or that
+    was changed in place since (its record no longer describes it). The record
     holds what ``log_prob`` needs to score the sample exactly, such as the relaxed one-hot
     :math:`w` of a GenGS sample
 
@@ -150,7 +162,11 @@ def relaxation_of(value) -> Relaxation | None:
         >>> pr.relaxation_of(z).preimage.shape
         torch.Size([3])
     """
-    return getattr(value, _ATTRIBUTE, None)
+    record = getattr(value, _ATTRIBUTE, None)
+    if record is None or record.version is None:
+        return record
+    current = _version(value)
+    return record if current is None or current == record.version else None
 
 
 def with_relaxation(value: torch.Tensor, relaxation: Relaxation | None) -> torch.Tensor:
@@ -192,7 +208,7 @@ def with_relaxation(value: torch.Tensor, relaxation: Relaxation | None) -> torch
             f"with_relaxation: the record describes a value of shape {tuple(relaxation.shape)}, "
             f"not this value's {tuple(value.shape)}: a record must describe the same draw"
         )
-    setattr(value, _ATTRIBUTE, relaxation)
+    setattr(value, _ATTRIBUTE, dataclasses.replace(relaxation, version=_version(value)))
     return value
 
 
@@ -200,7 +216,7 @@ def carry(value: torch.Tensor, **fields) -> torch.Tensor:
     """Sets ``fields`` of the record ``value`` carries (adding one if it has none), in place,
     and returns ``value``."""
     record = relaxation_of(value)
-    fields["shape"] = value.shape
+    fields.update(shape=value.shape, version=_version(value))
     record = Relaxation(**fields) if record is None else dataclasses.replace(record, **fields)
     setattr(value, _ATTRIBUTE, record)
     return value

@@ -779,6 +779,19 @@ def common_dtype_and_device(owner: str, params: dict):
     return (_compute_dtype(floating[0]) if floating else torch.get_default_dtype()), device
 
 
+def _copied_for_good(original, value) -> bool:
+    """Whether ``value`` is a floating tensor ``original`` converted to another floating dtype
+    (a copy, which in-place updates of ``original`` do not reach), not one taking gradients
+    (which flow through the conversion) nor half precision (computed in float32 by design)."""
+    return (
+        torch.is_tensor(original)
+        and value is not original
+        and original.is_floating_point()
+        and original.dtype not in _HALF
+        and not original.requires_grad
+    )
+
+
 def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: bool):
     """Converts a distribution's parameters to tensors of one dtype on one device, checks them
     and finds their batch shape.
@@ -801,10 +814,21 @@ def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: 
     parsed, batch_shape, shaped_by = {}, torch.Size(), None
     for name, value in params.items():
         if value is None:
+            if name == "temperature":  # every relaxation's one required parameter
+                raise TypeError(
+                    f"{owner}: `temperature` must be a positive number or tensor, got None"
+                )
             parsed[name] = None
             continue
         original = value
         value = as_float(owner, name, value, dtype, device)
+        if name == "temperature" and _copied_for_good(original, value):
+            warnings.warn(
+                f"{owner}: the temperature tensor ({original.dtype}) is copied to "
+                f"{value.dtype}, the parameters' dtype, so that updating it in place (annealing) "
+                "does not reach this distribution; give it the parameters' dtype",
+                stacklevel=caller_stacklevel(),
+            )
         constraint = arg_constraints.get(name)
         event_dim = constraint.event_dim if constraint is not None else 0
         if value.dim() < event_dim:

@@ -117,6 +117,26 @@ def test_a_sample_scores_alike_whether_its_parameters_change_in_place_or_are_rep
             torch.testing.assert_close(in_place, replaced, **tolerance)
 
 
+@every_example
+def test_a_sample_changed_in_place_is_scored_as_a_plain_value(example):
+    # In-place operations keep a tensor's attributes: a sample overwritten with another draw
+    # (or shifted by add_) was scored silently by its old record, as the draw it no longer is.
+    d = example.build()
+    torch.manual_seed(6)
+    value, other = d.rsample((2,)), d.rsample((2,))
+    d.log_prob(value)
+    with torch.no_grad():
+        value.copy_(other)
+    assert relaxation_of(value) is None
+    in_place, plain = _score(d, value), _score(d, other.detach().clone())
+    if isinstance(plain, str):
+        assert in_place == plain
+    else:
+        torch.testing.assert_close(in_place, plain)
+    moved = with_relaxation(value, relaxation_of(other))  # attached again: the draw's own score
+    torch.testing.assert_close(d.log_prob(moved), d.log_prob(other))
+
+
 def _saved_and_loaded(value):
     """``value`` after ``torch.save`` and ``torch.load`` (its default, ``weights_only``)."""
     buffer = io.BytesIO()
@@ -134,10 +154,28 @@ def _score(d, value):
 
 
 @every_example
+def test_a_temperature_annealed_in_place_reaches_the_distribution_or_a_warning_says_why(example):
+    # A temperature of another dtype than the parameters' is converted, a copy: annealing the
+    # tensor in place then left the distribution at its first temperature, silently.
+    params = example.parameters()
+    d = example.build(params)
+    params["temperature"].mul_(0.5)
+    torch.testing.assert_close(
+        d.temperature, params["temperature"].expand_as(d.temperature), rtol=0, atol=0
+    )
+    other = torch.float32 if example.dtype == torch.float64 else torch.float64
+    with pytest.warns(UserWarning, match="updating it in place .annealing. does not reach"):
+        example.build(params, temperature=params["temperature"].to(other))
+
+
+@every_example
 def test_bad_temperature_is_rejected(example):
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="temperature"):
             example.build(temperature=torch.tensor(bad, dtype=example.dtype))
+    for bad in (None, "hot"):  # None gave AttributeError: 'NoneType' object has no attribute
+        with pytest.raises(TypeError, match="`temperature` must be a"):
+            example.build(temperature=bad)
 
 
 @every_example

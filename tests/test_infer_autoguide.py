@@ -311,6 +311,8 @@ def test_reinterpreted_batch_dimensions_get_parameters_per_element():
 # --- Temperature and initialization --------------------------------------------------------------
 
 
+# The model's own float64 distributions hold copies of the float32 temperature, and say so.
+@pytest.mark.filterwarnings("ignore:.*updating it in place .annealing. does not reach")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_guides_share_the_model_temperature_tensor(dtype):
     # A float32 schedule with parameters of either dtype: with float64 parameters, each

@@ -222,7 +222,7 @@ class TruncatedGenGS(TorchDistribution):
 
     Arguments:
         temperature (float or Tensor): the temperature :math:`\tau > 0`, broadcasting with the
-            batch shape. A tensor can be annealed in place.
+            batch shape. A tensor of the parameters' dtype can be annealed in place.
         probs (Tensor): the PMF :math:`\pi`, shape ``batch_shape + (n,)``, ``n >= 2``.
         logits (Tensor): unnormalized :math:`\log \pi` (pass ``probs`` or ``logits``).
         outcomes (Tensor): the outcomes :math:`c`, shape ``(n,)`` or ``(n, d)`` for vector
@@ -419,7 +419,8 @@ class TruncatedGenGS(TorchDistribution):
 # What a value that is not an outcome usually is, and what to do about it.
 _NOT_AN_OUTCOME = (
     " nor a relaxed sample drawn by rsample (which carries its relaxed one-hot weights; clone, "
-    "detach and .to drop them). An autoguide such as AutoNormal or AutoDelta proposes such "
+    "detach and .to drop them, and an in-place change voids them). An autoguide such as "
+    "AutoNormal or AutoDelta proposes such "
     "values: a relaxed site needs a guide of its own (pyro_relax.infer.AutoRelaxed, or a GenGS "
     "over the same outcomes; combine it with the autoguide of the other sites through "
     "AutoGuideList, or block it from the autoguide with poutine.block)"

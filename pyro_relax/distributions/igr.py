@@ -953,7 +953,8 @@ class IGRCount(TorchDistribution):
         if z is None:
             raise ValueError(
                 "IGRCount.log_prob scores relaxed counts drawn by rsample (they carry their "
-                "simplex point; clone, detach and .to drop it); a plain count has no density"
+                "simplex point; clone, detach and .to drop it, an in-place change voids it); a "
+                "plain count has no density"
             )
         return self.simplex_dist.log_prob(z)
 

@@ -117,7 +117,8 @@ def _carried_log_weights(value, validate: bool, name: str) -> torch.Tensor:
     if validate and not bool((value > 0).all()):
         raise ValueError(
             f"{name}.log_prob got a relaxed value with a coordinate 0 and without the "
-            "log-weights that rsample attaches (clone, detach and .to drop them): its Concrete "
+            "log-weights that rsample attaches (clone, detach and .to drop them, an in-place "
+            "change voids them): its Concrete "
             "density cannot be evaluated"
         )
     # A coordinate that underflowed to 0 has lost its log-weight; the smallest normal number
@@ -286,7 +287,8 @@ class STCategorical(_StraightThroughCategorical):
 
     Arguments:
         temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
+            broadcasting with the batch shape. A tensor of the parameters' dtype can be
+            annealed in place.
         logits (Tensor): unnormalized log-probabilities :math:`l`, shape
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
@@ -342,7 +344,8 @@ class STGSCategorical(_StraightThroughCategorical):
 
     Arguments:
         temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
+            broadcasting with the batch shape. A tensor of the parameters' dtype can be
+            annealed in place.
         logits (Tensor): unnormalized log-probabilities :math:`l`, shape
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
@@ -398,7 +401,8 @@ class GRMCKCategorical(_StraightThroughCategorical):
 
     Arguments:
         temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
+            broadcasting with the batch shape. A tensor of the parameters' dtype can be
+            annealed in place.
         logits (Tensor): unnormalized log-probabilities :math:`l`, shape
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
@@ -482,7 +486,8 @@ class GappedSTCategorical(_StraightThroughCategorical):
 
     Arguments:
         temperature (float or Tensor): the temperature :math:`\tau > 0` of the surrogate,
-            broadcasting with the batch shape. A tensor can be annealed in place.
+            broadcasting with the batch shape. A tensor of the parameters' dtype can be
+            annealed in place.
         logits (Tensor): unnormalized log-probabilities :math:`l`, shape
             ``batch_shape + (K,)``, ``K >= 2`` (pass ``logits`` or ``probs``).
         probs (Tensor): the probabilities :math:`\pi = \operatorname{softmax}(l)`.
