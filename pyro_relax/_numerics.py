@@ -785,7 +785,7 @@ def _copied_for_good(original, value) -> bool:
     (which flow through the conversion) nor half precision (computed in float32 by design)."""
     return (
         torch.is_tensor(original)
-        and value is not original
+        and value.dtype != original.dtype
         and original.is_floating_point()
         and original.dtype not in _HALF
         and not original.requires_grad

@@ -453,7 +453,7 @@ def _tiny_scoring_problem():
 
     def guide(images):  # a relaxed guide: the scorer must score its discrete distribution
         with pyro.plate("data", len(images)):
-            relaxed = TruncatedGenGS(torch.tensor(0.5), logits=q_logits)
+            relaxed = TruncatedGenGS(torch.tensor(0.5, dtype=torch.float64), logits=q_logits)
             pyro.sample("z", relaxed.expand([len(images), latents]).to_event(1))
 
     prior = dist.Poisson(torch.tensor(1.5, dtype=torch.float64))
