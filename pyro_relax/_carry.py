@@ -58,6 +58,8 @@ class Relaxation:
             :meth:`current_source`).
         kept_sticks (Tensor): how many sticks each sample kept (IGR-SB with ``precision``).
         simplex (Tensor): the simplex point a relaxed count was mapped from (``IGRCount``).
+        outcomes (Tensor): the outcomes :math:`c` the weights are over, where they are not the
+            counts :math:`0, \dots, n - 1` (GenGS): a scorer pairs them with its own by value.
         shape (torch.Size): the shape of the value the record describes (set when attached);
             :func:`with_relaxation` refuses the record for a value of another shape.
         version (int): the value's version counter when the record was attached: an in-place
@@ -80,6 +82,7 @@ class Relaxation:
     source: tuple | None = None
     kept_sticks: torch.Tensor | None = None
     simplex: torch.Tensor | None = None
+    outcomes: torch.Tensor | None = None
     shape: torch.Size | None = None
     version: int | None = None
 

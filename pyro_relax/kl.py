@@ -20,8 +20,6 @@ from torch.distributions import (
 from torch.distributions.kl import kl_divergence, register_kl
 
 from pyro_relax._numerics import (
-    all_last,
-    any_last,
     binary_log_probs,
     broadcast_shapes,
     categorical_kl,
@@ -29,7 +27,7 @@ from pyro_relax._numerics import (
     same_values,
     static_shape,
 )
-from pyro_relax.distributions.finite_discrete import FiniteDiscrete
+from pyro_relax.distributions.finite_discrete import FiniteDiscrete, log_probs_at
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
 from pyro_relax.distributions.straight_through import (
@@ -54,7 +52,7 @@ def _kl_truncatedgengs_truncatedgengs(p, q):
         )
     if p._outcomes_are_counts and q._outcomes_are_counts:
         return categorical_kl(p.logits, q.logits)
-    return categorical_kl(p.logits, _log_probs_at_outcomes_of(p, q))
+    return categorical_kl(p.logits, log_probs_at(p.outcomes, q.outcomes, q.logits))
 
 
 @register_kl(FiniteDiscrete, FiniteDiscrete)
@@ -67,21 +65,7 @@ def _kl_finitediscrete_finitediscrete(p, q):
             f"KL between FiniteDiscrete distributions needs outcomes of one shape; got "
             f"{tuple(p.outcomes.shape[1:])} and {tuple(q.outcomes.shape[1:])}"
         )
-    return categorical_kl(p.logits, _log_probs_at_outcomes_of(p, q))
-
-
-def _log_probs_at_outcomes_of(p, q):
-    """The log-probabilities of ``q`` at the outcomes of ``p``, in their order (``-inf`` where
-    ``q`` has no such outcome): outcomes are paired by value, not by position (two tables may
-    list them in different orders), unless they are one tensor. Elementwise, no host read."""
-    if p.outcomes is q.outcomes:
-        return q.logits
-    same = p.outcomes.unsqueeze(1) == q.outcomes.unsqueeze(0)  # (n_p, n_q), or (n_p, n_q, d)
-    if same.dim() == 3:
-        same = all_last(same)
-    # q's outcomes are distinct, so at most one matches: the sum picks its log-probability.
-    log_probs = torch.where(same, q.logits.unsqueeze(-2), q.logits.new_zeros(())).sum(-1)
-    return torch.where(any_last(same), log_probs, torch.full_like(log_probs, -math.inf))
+    return categorical_kl(p.logits, log_probs_at(p.outcomes, q.outcomes, q.logits))
 
 
 def _kl_finitediscrete_count(p, q):

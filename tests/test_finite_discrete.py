@@ -141,6 +141,30 @@ def test_the_kl_pairs_outcomes_by_value(build, q_outcomes, p_outcomes):
         assert float(kl_divergence(q, permuted)) == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_a_relaxed_sample_is_scored_by_the_outcomes_it_was_drawn_over(vector):
+    # log_prob paired the sample's weights with the scorer's outcomes by position: a prior
+    # listing the guide's outcomes in another order scored each weight by another outcome's
+    # probability, silently (the KL pairs them by value).
+    table = [[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]] if vector else [0.0, 1.0, 2.0]
+    table, order = torch.tensor(table), torch.tensor([2, 0, 1])
+    probs = torch.tensor([0.2, 0.3, 0.5])
+    q = pr.TruncatedGenGS(0.5, probs=probs, outcomes=table)
+    torch.manual_seed(0)
+    z = q.rsample((50,))
+    weights = pr.relaxation_of(z).weights
+    same_law = pr.TruncatedGenGS(0.5, probs=probs[order], outcomes=table[order])
+    torch.testing.assert_close(same_law.log_prob(z), q.log_prob(z))
+    torch.testing.assert_close(q.log_prob(z), weights @ probs.log())
+    # A scorer without the first outcome (replaced by another) gives it probability 0: the
+    # score is about -1e30 times its weight, as in the KL (infinite).
+    other_table = table.clone()
+    other_table[0] = -1.0  # the support still holds the sample
+    other = pr.TruncatedGenGS(0.5, probs=probs[order], outcomes=other_table[order])
+    expected = weights[:, 1:] @ probs[1:].log() - 1e30 * weights[:, 0]
+    torch.testing.assert_close(other.log_prob(z), expected)
+
+
 def test_the_kl_by_value_has_finite_gradients_where_outcomes_are_missing():
     # q gives no mass to 2, which p lacks: a finite KL with finite gradients.
     logits = torch.tensor([0.5, -1.0], requires_grad=True)

@@ -1,11 +1,15 @@
 """A categorical distribution over given outcomes: the discrete distribution a GenGS relaxes."""
 
+import math
+
 import torch
 from pyro.distributions import Categorical, TorchDistribution, constraints
 from torch.distributions.utils import lazy_property, logits_to_probs
 
 from pyro_relax._numerics import (
     LOG_ZERO,
+    all_last,
+    any_last,
     as_float,
     check_constraint,
     check_devices,
@@ -80,6 +84,21 @@ def check_outcomes(owner: str, outcomes: torch.Tensor) -> None:
             "probabilities"
         )
     setattr(outcomes, _DISTINCT, outcomes._version)
+
+
+def log_probs_at(outcomes, other_outcomes, other_logits):
+    """The log-probabilities ``other_logits`` over ``other_outcomes`` (distinct) at each of
+    ``outcomes``, in their order, ``-inf`` where the other table has no such outcome: outcomes
+    are paired by value, not by position (two tables may list them in different orders),
+    unless they are one tensor. Elementwise, no host read."""
+    if outcomes is other_outcomes:
+        return other_logits
+    same = outcomes.unsqueeze(1) == other_outcomes.unsqueeze(0)  # (n, m), or (n, m, d)
+    if same.dim() == 3:
+        same = all_last(same)
+    # The other outcomes are distinct, so at most one matches: the sum picks its logit.
+    log_probs = torch.where(same, other_logits.unsqueeze(-2), other_logits.new_zeros(())).sum(-1)
+    return torch.where(any_last(same), log_probs, torch.full_like(log_probs, -math.inf))
 
 
 def outcome_log_prob(owner: str, value, outcomes, logits, validate: bool, hint=""):

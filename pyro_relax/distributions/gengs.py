@@ -44,6 +44,7 @@ from pyro_relax._numerics import (
 from pyro_relax.distributions.finite_discrete import (
     FiniteDiscrete,
     check_outcomes,
+    log_probs_at,
     outcome_log_prob,
 )
 from pyro_relax.distributions.truncation import (
@@ -211,9 +212,9 @@ class TruncatedGenGS(TorchDistribution):
     :attr:`mean` and :attr:`variance` are the moments of that discrete distribution, the limit of
     the relaxed moments as :math:`\tau \to 0` and exactly those of straight-through samples.
 
-    Warning:
-        A relaxed value is scored with the weights it carries, so model and guide must share
-        the same outcomes in the same order; only their number is checked.
+    A relaxed value is scored with the weights it carries over the outcomes of the
+    distribution that drew it, paired with this one's by value (in any order; an outcome this
+    one lacks has probability 0), as the KLs pair them.
 
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
@@ -371,7 +372,9 @@ class TruncatedGenGS(TorchDistribution):
             index = perturbed.argmax(-1)
             weights = straight_through(one_hot(index, self.num_outcomes, weights), weights)
             value = straight_through(self.outcomes[index], value)
-        carry(value, weights=weights)
+        # The outcomes the weights are over, for a scorer that lists them otherwise (counts:
+        # 0..n - 1 for every GenGS over counts, so none is kept).
+        carry(value, weights=weights, outcomes=None if self._outcomes_are_counts else self.outcomes)
         return value
 
     def sample(self, sample_shape=torch.Size()):
@@ -406,8 +409,23 @@ class TruncatedGenGS(TorchDistribution):
         # 0 * -inf = NaN: LOG_ZERO stands for log 0. (The most negative float did until a
         # second derivative, which multiplies it again, overflowed to -inf against a zero
         # weight.)
-        log_probs = self.logits.clamp(min=LOG_ZERO)
-        return (weights * log_probs).sum(-1)
+        log_probs = self._log_probs_at(carried(value, "outcomes"), weights)
+        return (weights * log_probs.clamp(min=LOG_ZERO)).sum(-1)
+
+    def _log_probs_at(self, drawn, weights):
+        """The log-PMF at the outcomes a sample's weights are over (``drawn``, ``None`` for the
+        counts 0..n - 1), paired with this distribution's by value."""
+        if drawn is None and self._outcomes_are_counts:
+            return self.logits
+        if drawn is None:
+            drawn = torch.arange(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+        if drawn.shape[1:] != self.outcomes.shape[1:]:
+            raise ValueError(
+                f"the value was drawn over outcomes of shape {tuple(drawn.shape[1:])} and cannot "
+                f"be scored by {type(self).__name__} over outcomes of shape "
+                f"{tuple(self.outcomes.shape[1:])}"
+            )
+        return log_probs_at(drawn, self.outcomes, self.logits)
 
     def discrete(self) -> FiniteDiscrete:
         r"""The discrete distribution this relaxes, the limit :math:`\tau \to 0`: the PMF
