@@ -173,6 +173,46 @@ def test_proposition_2_matches_monte_carlo_with_unequal_scales():
     )
 
 
+@pytest.mark.parametrize(
+    "loc, scale",
+    [([0.0], [1.0]), ([0.3, 0.3], [1.0, 1.0]), ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]), (None, None)],
+    ids=["one-at-0", "tied", "three-at-0", "uniform-prior"],
+)
+def test_proposition_2_gradients_hold_where_break_points_coincide(loc, scale):
+    # The quadrature's break points moved with the parameters: where they coincided (equal
+    # means, means at 0), zero-width panels cut the terms by which the edges' motion cancels,
+    # and the gradient was wrong: 0.399 for d log P(H=0) / d loc at loc 0 (exact 0.798), and
+    # asymmetric in symmetric coordinates at the uniform prior (off by 0.11 of 0.29).
+    if loc is None:
+        loc, scale = pr.uniform_igr_prior(4, dtype=_f64)
+    loc = torch.as_tensor(loc, dtype=_f64).clone().requires_grad_()
+    scale = torch.as_tensor(scale, dtype=_f64).clone().requires_grad_()
+    assert torch.autograd.gradcheck(pr.igr_log_probs, (loc, scale), atol=1e-7, rtol=1e-6)
+    if loc.shape == (1,):  # K = 2: P(H = 0) = Phi(mu / sigma), d/dmu log = phi / (sigma Phi)
+        (gradient,) = torch.autograd.grad(pr.igr_log_probs(loc, scale)[0], loc)
+        torch.testing.assert_close(gradient, torch.tensor([math.sqrt(2 / math.pi)], dtype=_f64))
+
+
+@pytest.mark.parametrize("mean", [-11.5, -13.0, -40.0, -300.0])
+def test_proposition_2_holds_for_means_far_below_0(mean):
+    # Once every mean was below -12 scales, every break point clamped to 0: the panels had
+    # width 0 and log P(H = 0) was hundreds of nats off (-784.2 for log Phi(-12.5) = -81.6).
+    # For K = 2, P(H = 0) = Phi(mu / sigma) exactly.
+    for scale in (1.0, 0.25):
+        log_probs = pr.igr_log_probs(_t(mean), _t(scale))
+        expected = torch.special.log_ndtr(_t(mean / scale))[0]
+        torch.testing.assert_close(log_probs[0], expected, rtol=1e-10, atol=0)
+    # One coordinate far below, others not: that coordinate's share against scipy.
+    loc, scale = [1.0, -9.0], [1.0, 0.5]
+    log_probs = pr.igr_log_probs(_t(*loc), _t(*scale))
+
+    def density(t):
+        return scipy.stats.norm.pdf(t, loc[1], scale[1]) * scipy.stats.norm.cdf(t, loc[0], scale[0])
+
+    reference, _ = scipy.integrate.quad(density, 0, 5, epsabs=0, epsrel=1e-12, limit=500)
+    assert float(log_probs[1]) == pytest.approx(math.log(reference), rel=1e-9)
+
+
 def test_quadrature_integrates_the_batch_in_bounded_chunks(monkeypatch):
     # igr_log_probs held the whole batch's rows x coordinates x nodes at once: 2 GiB for
     # 100 x 20 latents of 10 categories, out of memory at 10,000 x 20 (IGR.discrete(), hence
@@ -635,6 +675,21 @@ def test_the_fast_construction_and_sampler_agree_with_the_transformed_distributi
         if getattr(dist_, "hard", False):
             expected = torch.nn.functional.one_hot(expected.argmax(-1), expected.shape[-1])
         torch.testing.assert_close(value, expected.to(value.dtype))
+
+
+def test_stick_breaking_without_precision_keeps_every_stick_of_a_plain_value():
+    # A coordinate that underflowed to 0 (float32, temperature 0.001) was read as a dropped
+    # stick: a copy of the distribution's own sample raised "cut at other sticks than this
+    # distribution's precision" (it has none), and scored -inf with validation off.
+    torch.manual_seed(0)
+    d = pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.001)
+    z = d.sample((1000,))
+    plain = z.clone()
+    assert bool((plain == 0).any())  # the setting the test is about
+    assert (d.truncation_of(plain) == 3).all()
+    assert torch.isfinite(d.log_prob(plain)).all()
+    lax = pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.001, validate_args=False)
+    assert torch.isfinite(lax.log_prob(plain)).all()
 
 
 def test_stick_breaking_scores_values_outside_its_image_as_impossible():

@@ -63,6 +63,9 @@ __all__ = ["IGR", "IGRCount", "IGRPlanar", "IGRStickBreaking", "igr_log_probs"]
 # CDF step gets panels of its own width, whatever the other scales. Beyond 12 scales a normal
 # density is below 1e-31 of its peak.
 _BREAKS = (-12.0, -4.0, -1.5, 0.0, 1.5, 4.0, 12.0)
+# Those that fall below 0 move to these multiples of the coordinate's decay length from 0
+# (see _break_point_rule), one for one.
+_DECAY_BREAKS = (1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0, 256.0)
 
 # The numbers one piece of the discrete distribution's computation holds per tensor: the Monte
 # Carlo estimate's draws x batch x categories, the quadrature's rows x coordinates x nodes
@@ -78,12 +81,26 @@ def _legendre(num_points: int):
 
 def _break_point_rule(loc, scale, num_panels: int, points_per_panel: int):
     """Nodes ``t`` and log-weights of a composite Gauss-Legendre rule on ``[0, max(loc + 12
-    scale)]`` whose panels break at ``loc + c scale`` (``c`` in ``_BREAKS``) of every coordinate,
-    each interval between break points split into ``num_panels`` equal panels; shape
-    ``batch_shape + (nodes,)``."""
+    scale)]`` whose panels break at ``loc + c scale`` (``c`` in ``_BREAKS``) of every
+    coordinate, or where that is not positive, at the matching multiple in ``_DECAY_BREAKS`` of
+    ``scale^2 / (scale + max(-loc, 0))``; each interval between break points split into
+    ``num_panels`` equal panels; shape ``batch_shape + (nodes,)``. No gradient reaches the
+    nodes."""
+    # The rule is a discretization, not a function of the parameters: with break points in the
+    # autograd graph, coinciding ones (equal means, or several clamped at 0) left zero-width
+    # panels whose clamped width cut the terms by which the edges' motion cancels, and the
+    # gradient was wrong (by 0.4 of 0.8 at loc 0, scale 1); the gradient of the rule at fixed
+    # nodes is the rule applied to the integrand's gradient.
+    loc, scale = loc.detach(), scale.detach()
     offsets = torch.tensor(_BREAKS, dtype=loc.dtype, device=loc.device)
-    breaks = torch.addcmul(loc.unsqueeze(-1), scale.unsqueeze(-1), offsets).flatten(-2)
-    breaks = torch.cat([torch.zeros_like(breaks[..., :1]), breaks.clamp(min=0)], -1)
+    breaks = torch.addcmul(loc.unsqueeze(-1), scale.unsqueeze(-1), offsets)
+    # A break point below 0 is replaced by one near 0: the density over t > 0 of a mean below
+    # 0 decays from the origin over sigma^2 / |mu| (clamped at 0, they left panels of width 0,
+    # and once every mean was 12 scales below 0, log-probabilities hundreds of nats off).
+    decay = scale.square() / (scale + (-loc).clamp(min=0))
+    multiples = torch.tensor(_DECAY_BREAKS, dtype=loc.dtype, device=loc.device)
+    breaks = torch.where(breaks > 0, breaks, decay.unsqueeze(-1) * multiples).flatten(-2)
+    breaks = torch.cat([torch.zeros_like(breaks[..., :1]), breaks], -1)
     breaks = breaks.sort(-1).values
     fractions = torch.linspace(0, 1, num_panels + 1, dtype=loc.dtype, device=loc.device)
     lower, width = breaks[..., :-1], breaks[..., 1:] - breaks[..., :-1]
@@ -122,9 +139,13 @@ def igr_log_probs(loc, scale, *, num_panels: int = 1, points_per_panel: int = 16
     coordinate :math:`j`: each density peak and CDF step is integrated on panels of its own
     width, so the error stays near float64's resolution whatever the ratio of the scales (a
     rule in each coordinate's standardized variable missed the steps of much narrower
-    coordinates: 3e-3 at a ratio of 1000). Time grows as :math:`K^2` times the nodes per panel
-    per batch element; the batch is integrated a few hundred elements at a time, so that the
-    memory does not grow with it (except for what autograd keeps where a gradient is
+    coordinates: 3e-3 at a ratio of 1000). A mean below 0 puts its density's mass over
+    :math:`t > 0` at the origin, decaying over :math:`\sigma_j^2 / |\mu_j|`: a break point
+    that would fall below 0 sits instead at a multiple (1/16 to 256) of
+    :math:`\sigma_j^2 / (\sigma_j + \max(-\mu_j, 0))`. The gradient is the rule applied to
+    the integrand's gradient (the nodes are fixed). Time grows as :math:`K^2` times the nodes
+    per panel per batch element; the batch is integrated a few hundred elements at a time, so
+    that the memory does not grow with it (except for what autograd keeps where a gradient is
     recorded). The result is differentiable in :math:`\mu` and :math:`\sigma`.
 
     References:
@@ -646,11 +667,15 @@ class IGRStickBreaking(_IGRBase):
     def truncation_of(self, value):
         """The number :math:`n` of sticks each sample kept (all of them without ``precision``).
 
-        Read from the sample; for a value built by hand, the last non-zero stick coordinate.
+        Read from the sample; for a value built by hand, all of them without ``precision``
+        (a coordinate that underflowed to 0 is a kept stick, read as the smallest normal
+        number), else the last non-zero stick coordinate.
         """
         count = carried(value, "kept_sticks")
         if count is not None:
             return count
+        if self.precision is None:
+            return torch.full(value.shape[:-1], value.shape[-1] - 1, device=value.device)
         positions = torch.arange(1, value.shape[-1], device=value.device)
         return torch.where(value[..., :-1] > 0, positions, 0).amax(-1).clamp(min=1)
 
