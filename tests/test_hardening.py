@@ -637,6 +637,23 @@ def test_detach_perturbations_is_a_flag():
         pr.GappedSTCategorical(1.0, logits=logits, detach_perturbations="no")
 
 
+@pytest.mark.parametrize(
+    "cls, option, bad, error",
+    [
+        (pr.GRMCKBernoulli, "num_draws", 0, ValueError),
+        (pr.GRMCKCategorical, "num_draws", 0, ValueError),
+        (pr.GappedSTBernoulli, "gap", -1.0, ValueError),
+        (pr.GappedSTCategorical, "gap", "large", ValueError),
+        (pr.GappedSTBernoulli, "detach_perturbations", "no", TypeError),
+    ],
+)
+def test_an_estimator_option_is_refused_in_the_name_of_the_class_built(cls, option, bad, error):
+    # The Bernoulli versions handed their options to the categorical class, whose name the
+    # error gave (GRMCKCategorical for a GRMCKBernoulli); `gap` named no class at all.
+    with pytest.raises(error, match=f"^{cls.__name__}: `{option}` must be"):
+        cls(1.0, logits=torch.zeros(3), **{option: bad})
+
+
 def test_schedules_refuse_temperatures_their_dtype_cannot_hold():
     with pytest.raises(ValueError, match="normal numbers of float16"):
         pr.ExponentialDecay(1e5, 0.1, dtype=torch.float16)  # was an infinite temperature

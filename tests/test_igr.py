@@ -1,5 +1,6 @@
 """Checks unique to the IGR family: normalization, Proposition 2, priors, SVI, stick-breaking."""
 
+import copy
 import dataclasses
 import math
 
@@ -11,6 +12,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 from examples_igr import IGR_EXAMPLES
+from pyro.distributions.transforms import Planar
 from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
@@ -797,6 +799,31 @@ def test_planar_log_prob_of_a_drawn_sample_differentiates_the_flows():
     for actual, reference in zip(gradients, expected, strict=True):
         torch.testing.assert_close(actual, reference)
         assert bool((reference != 0).any())
+
+
+def test_planar_can_be_copied_after_scoring_and_names_a_flow_of_another_size():
+    # A planar layer kept its last output, in the autograd graph, in its cache: copy.deepcopy
+    # of the distribution (or of its flows) then raised "Only Tensors created explicitly by
+    # the user support the deepcopy protocol". A layer of another size failed at rsample with
+    # torch's "mat1 and mat2 shapes cannot be multiplied".
+    loc = torch.zeros(3, requires_grad=True)
+    d = pr.IGRPlanar(loc, torch.ones(3), 0.5, flows=1)
+    d.log_prob(d.rsample((2,)))
+    copied = copy.deepcopy(d)
+    torch.manual_seed(1)
+    value = copied.rsample((2,))
+    torch.manual_seed(1)
+    original = d.rsample((2,))
+    torch.testing.assert_close(value, original)
+    torch.testing.assert_close(copied.log_prob(value), d.log_prob(original))
+    with pytest.raises(ValueError, match=r"`flows\[1\]` maps 5 coordinates.*K - 1 = 3"):
+        pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.5, flows=[Planar(3), Planar(5)])
+
+
+def test_softmax_plus_plus_inverse_needs_two_coordinates():
+    # One coordinate was inverted silently to an empty tensor.
+    with pytest.raises(ValueError, match="at least 2 coordinates"):
+        pr.SoftmaxPlusPlusTransform(1.0).inv(torch.ones(1))
 
 
 def test_softmax_plus_plus_computes_in_the_dtype_of_its_input():

@@ -281,6 +281,19 @@ def test_each_family_gets_its_guide(prior, guide_class, parameters, options, kl)
             kl_divergence(guide_site["fn"], model_site["fn"])
 
 
+@pytest.mark.parametrize("prior, guide_class, parameters, options, kl", FAMILIES)
+def test_discrete_posteriors_carry_no_gradient(prior, guide_class, parameters, options, kl):
+    # discrete() runs without gradients, but a Bernoulli built from the parameter leaf computed
+    # its probs later, with one: .numpy() on them raised.
+    guide = AutoRelaxed(_plated(prior))
+    guide()
+    posterior = guide.discrete()["z"]
+    while isinstance(posterior, dist.Independent):
+        posterior = posterior.base_dist
+    for name in ("probs", "logits"):
+        assert not getattr(posterior, name).requires_grad, name
+
+
 @pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
 @pytest.mark.parametrize("prior, guide_class, parameters, options, kl", FAMILIES)
 def test_each_family_trains(prior, guide_class, parameters, options, kl, elbo):

@@ -295,6 +295,13 @@ def test_more_particles_tighten_the_bound_towards_the_evidence():
     assert evidence - bound.value < 0.05
 
 
+def test_a_data_plate_of_no_plate_is_named_as_such():
+    # A misspelled name was reported as site 'z' outside it, "a global latent", which there
+    # is not.
+    with pytest.raises(ValueError, match=r"`data_plate` 'dta' names no plate.*\['data'\]"):
+        discrete_log_likelihood(model, guide, X, num_particles=10, data_plate="dta")
+
+
 def test_a_global_latent_cannot_take_a_per_item_bound():
     def global_model(x):
         scale = pyro.sample("s", pr.GenGSPoisson(torch.tensor(2.0, dtype=f64), 0.5, 12))

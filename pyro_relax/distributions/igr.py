@@ -801,7 +801,14 @@ class IGRPlanar(_IGRBase):
         """The flows' parameters must be floating tensors of the computation's dtype, on the
         parameters' device (a planar layer multiplies them with the Gaussian draws), and, with
         validation on, finite."""
-        for flow in self.flows:
+        coordinates = static_size(self.loc.shape[-1])
+        for index, flow in enumerate(self.flows):
+            dimension = _flow_dimension(flow)
+            if dimension is not None and dimension != coordinates:
+                raise ValueError(
+                    f"IGRPlanar: `flows[{index}]` maps {dimension} coordinates, and the Gaussian "
+                    f"draws have K - 1 = {coordinates} (the last dimension of `loc`)"
+                )
             for tensor in _flow_tensors(flow):
                 if not torch.is_tensor(tensor):
                     continue
@@ -828,13 +835,9 @@ class IGRPlanar(_IGRBase):
         x, log_det = y, 0.0
         with without_autocast(y.device.type):  # Pyro's planar layers multiply matrices
             for flow in self.flows:
-                # A layer caches its last output; one computed without gradients (by `sample`)
-                # would give log_prob no derivative by the layer's parameters.
-                cached = flow._cached_x_y[1] if flow._cache_size else None
-                if cached is not None and torch.is_grad_enabled() and not cached.requires_grad:
-                    flow._cached_x_y = None, None
                 out = flow(x)
                 log_det = log_det + flow.log_abs_det_jacobian(x, out)
+                _clear_cache(flow)
                 x = out
         if self._validate_args and not bool(torch.isfinite(x).all()):
             # Pyro's planar layer divides by |w|^2: a layer with w = 0 gives NaN.
@@ -877,6 +880,27 @@ class IGRPlanar(_IGRBase):
 
 # A record names the family that drew its pre-image (Relaxation.source).
 allow_in_torch_load(IGR, IGRStickBreaking, IGRPlanar)
+
+
+def _clear_cache(flow):
+    """Empties a layer's cache of its last call: a later call on the same input (the carried
+    pre-image) would get an output computed with another gradient (none, after ``sample``),
+    and a cached output in a graph makes the layer, hence the distribution, refuse
+    ``copy.deepcopy``. The library never inverts through the cache (it carries pre-images)."""
+    if getattr(flow, "_cache_size", 0):
+        flow._cached_x_y = None, None
+    if getattr(flow, "_cached_logDetJ", None) is not None:
+        flow._cached_logDetJ = None
+
+
+def _flow_dimension(flow):
+    """The number of coordinates a planar layer maps (``None`` for another layer)."""
+    if isinstance(flow, Planar):
+        return static_size(flow.u.shape[-1])
+    params = getattr(flow, "_params", None)
+    if isinstance(params, tuple) and len(params) == 3 and torch.is_tensor(params[1]):
+        return static_size(params[1].shape[-1])  # ConditionedPlanar's (bias, u, w)
+    return None
 
 
 def _flow_tensors(flow):

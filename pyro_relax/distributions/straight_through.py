@@ -46,11 +46,13 @@ __all__ = [
 ]
 
 
-def _check_gap(gap):
+def _check_gap(owner: str, gap):
     if isinstance(gap, str) and gap == "expected":
         return gap
     if isinstance(gap, bool) or not isinstance(gap, Real) or not 0 <= gap < math.inf:
-        raise ValueError(f'`gap` must be a finite non-negative number or "expected", got {gap!r}')
+        raise ValueError(
+            f'{owner}: `gap` must be a finite non-negative number or "expected", got {gap!r}'
+        )
     return float(gap)
 
 
@@ -154,6 +156,13 @@ class _StraightThroughCategorical(OneHotCategorical):
     has_rsample = True
     # Estimator options, copied by `expand` (and used by the Bernoulli versions).
     _option_names = ()
+
+    @classmethod
+    def _checked_options(cls, owner: str, options: dict) -> dict:
+        """The estimator's ``options`` (given ones of ``_option_names``), checked and
+        normalized, with errors naming ``owner``: this class, or its Bernoulli version."""
+        return {}
+
     # Whether log_prob of a soft sample is a density (in the temperature too): then the
     # temperature may be learned (see warn_if_learned_temperature).
     _soft_density = False
@@ -419,6 +428,10 @@ class GRMCKCategorical(_StraightThroughCategorical):
 
     _option_names = ("num_draws",)
 
+    @classmethod
+    def _checked_options(cls, owner, options):
+        return {name: check_count(owner, name, value) for name, value in options.items()}
+
     def __init__(
         self,
         temperature,
@@ -429,7 +442,8 @@ class GRMCKCategorical(_StraightThroughCategorical):
         hard=True,
         validate_args=None,
     ):
-        self.num_draws = check_count(type(self).__name__, "num_draws", num_draws)
+        options = self._checked_options(type(self).__name__, {"num_draws": num_draws})
+        self.num_draws = options["num_draws"]
         super().__init__(
             temperature, probs=probs, logits=logits, hard=hard, validate_args=validate_args
         )
@@ -509,6 +523,14 @@ class GappedSTCategorical(_StraightThroughCategorical):
 
     _option_names = ("gap", "detach_perturbations")
 
+    @classmethod
+    def _checked_options(cls, owner, options):
+        checks = {
+            "gap": lambda value: _check_gap(owner, value),
+            "detach_perturbations": lambda value: check_flag(owner, "detach_perturbations", value),
+        }
+        return {name: checks[name](value) for name, value in options.items()}
+
     def __init__(
         self,
         temperature,
@@ -520,10 +542,9 @@ class GappedSTCategorical(_StraightThroughCategorical):
         detach_perturbations=True,
         validate_args=None,
     ):
-        self.gap = _check_gap(gap)
-        self.detach_perturbations = check_flag(
-            type(self).__name__, "detach_perturbations", detach_perturbations
-        )
+        options = {"gap": gap, "detach_perturbations": detach_perturbations}
+        options = self._checked_options(type(self).__name__, options)
+        self.gap, self.detach_perturbations = options["gap"], options["detach_perturbations"]
         super().__init__(
             temperature, probs=probs, logits=logits, hard=hard, validate_args=validate_args
         )
@@ -640,6 +661,7 @@ class _StraightThroughBernoulli(Bernoulli):
             raise TypeError(
                 f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
             )
+        options = self._categorical_class._checked_options(type(self).__name__, options)
         if not temperature.requires_grad:
             self._relaxed = self._build_relaxed(options)
         else:

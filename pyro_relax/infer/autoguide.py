@@ -308,14 +308,17 @@ class AutoRelaxed(AutoGuide):
         container, constraint = _PARAMETERS[argument]
         deep_setattr(self, f"{container}.{name}", PyroParam(value, constraint, event_dim))
 
-    def _relaxed_guide(self, name):
+    def _relaxed_guide(self, name, detach=False):
         """The relaxed guide of site ``name`` (before ``to_event``), with the parameters of the
-        subsample of the enclosing plates."""
+        subsample of the enclosing plates (``detach``: without their gradient, also for what a
+        distribution computes from them later, such as a Bernoulli's ``probs``)."""
         site_guide = self._site_guides[name]
         parameters = {
             argument: attrgetter(f"{_PARAMETERS[argument][0]}.{name}")(self)
             for argument in site_guide.parameters
         }
+        if detach:
+            parameters = {argument: value.detach() for argument, value in parameters.items()}
         return site_guide.build(**parameters)
 
     def forward(self, *args, **kwargs):
@@ -404,7 +407,7 @@ class AutoRelaxed(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         result = {}
         for name, site_guide in self._site_guides.items():
-            posterior = self._relaxed_guide(name).discrete()
+            posterior = self._relaxed_guide(name, detach=True).discrete()
             if site_guide.reinterpreted:
                 posterior = posterior.to_event(site_guide.reinterpreted)
             result[name] = posterior

@@ -323,6 +323,7 @@ def _log_weights(
                 ) from error
             if not done:
                 _check_guide_covers_model(model_trace, guide_trace)
+                _check_data_plate(data_plate, model_trace, guide_trace)
                 subsampled = _subsampled_plates(model_trace, guide_trace)
             weights = _pass_weights(model_trace, guide_trace, nesting, data_plate, scaled, scales)
             chunks.append(torch.as_tensor(weights, dtype=torch.float64).expand(size, -1))
@@ -375,6 +376,26 @@ def _subsampled_plates(*traces) -> dict:
         for frame in site["cond_indep_stack"]
         if frame.full_size is not None and frame.size < frame.full_size
     }
+
+
+def _check_data_plate(data_plate, *traces) -> None:
+    """Refuses a ``data_plate`` that names no plate of the model or the guide (a misspelled
+    name would otherwise be reported as a site outside it)."""
+    if data_plate is None:
+        return
+    plates = {
+        frame.name
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.name != _PARTICLES
+    }
+    if data_plate not in plates:
+        raise ValueError(
+            f"`data_plate` {data_plate!r} names no plate of the model or the guide; their plates: "
+            f"{sorted(plates)}"
+        )
 
 
 def _check_guide_covers_model(model_trace, guide_trace) -> None:

@@ -229,6 +229,11 @@ class SoftmaxPlusPlusTransform(Transform):
         return carry(z, log_weights=log_z)
 
     def _inverse(self, z):
+        if z.dim() < 1 or static_size(z.shape[-1]) < 2:
+            raise ValueError(
+                f"SoftmaxPlusPlusTransform.inv: a point of the simplex needs at least 2 "
+                f"coordinates, got shape {tuple(z.shape)}"
+            )
         log_z = carried(z, "log_weights")
         if log_z is None:
             # A coordinate that underflowed to zero has no finite logarithm; the smallest normal
