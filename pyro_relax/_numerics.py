@@ -57,6 +57,17 @@ __all__ = [
 LOG_ZERO = -1e30
 
 
+def linear_log_prob(value: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """``sum(value * log_probs, -1)`` for a value (one-hot, or a pair of Bernoulli weights)
+    scored linearly, ``-inf`` log-probabilities standing as :data:`LOG_ZERO` in the result. The
+    value's own gradient sees the log of the smallest normal number there instead: a
+    straight-through draw of an outcome the scorer excludes got a gradient 1e30 times the
+    surrogate's, whose square overflowed Adam's moments and froze the guide for good."""
+    forward = log_probs.clamp(min=LOG_ZERO)
+    slope = log_probs.clamp(min=math.log(torch.finfo(log_probs.dtype).tiny))
+    return (value * slope).sum(-1) + (value.detach() * (forward - slope)).sum(-1)
+
+
 def gumbel_like(logits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     r"""Standard Gumbel noise :math:`g = -\log(-\log u)` of the given shape.
 

@@ -586,3 +586,51 @@ def test_registered_kls_replace_torchs_masked_ones():
             kl_divergence(cls(logits=bits, temperature=0.5), prior),
             kl_divergence(dist.Bernoulli(logits=bits), prior),
         )
+
+
+@pytest.mark.parametrize(
+    "prior, guide",
+    [
+        (
+            lambda: pr.STBernoulli(1.0, probs=torch.tensor([0.0, 0.5])),
+            lambda logits: pr.STBernoulli(1.0, logits=logits[:, 0]),
+        ),
+        (
+            lambda: pr.STCategorical(1.0, probs=torch.tensor([[0.5, 0.0, 0.5]] * 2)),
+            lambda logits: pr.STCategorical(
+                1.0, logits=torch.stack([-logits[:, 0], logits[:, 0], torch.zeros(2)], -1)
+            ),  # fmt: skip
+        ),
+    ],
+    ids=["bernoulli", "categorical"],
+)
+def test_a_guide_drawing_an_outcome_the_prior_excludes_learns_to_avoid_it(prior, guide):
+    # log 0 stood as -1e30 in the straight-through gradient too: 7e28 on the guide's weights,
+    # whose square overflowed Adam's second moment in float32 and froze the guide for good
+    # (the impossible outcome kept probability 0.63 after 200 steps).
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    x = torch.tensor([[0.3], [1.0]])
+    net = torch.nn.Linear(1, 1)
+
+    def model(x):
+        with pyro.plate("d", 2):
+            value = pyro.sample("b", prior())
+            location = value if value.dim() == 1 else value[:, 1]
+            pyro.sample("x", dist.Normal(location, 1.0), obs=x[:, 0])
+
+    def guide_fn(x):
+        pyro.module("net", net)
+        with pyro.plate("d", 2):
+            pyro.sample("b", guide(net(x)))
+
+    def impossible():  # the guide's probability of the first item's excluded outcome
+        with torch.no_grad():
+            probs = guide(net(x)).probs
+        return float(probs[0] if probs.dim() == 1 else probs[0, 1])
+
+    start = impossible()
+    svi = SVI(model, guide_fn, Adam({"lr": 0.05}), Trace_ELBO())
+    losses = [svi.step(x) for _ in range(200)]
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
+    assert impossible() < min(0.05, start / 5), (start, impossible(), losses[-3:])

@@ -362,6 +362,13 @@ def test_temperature_argument_replaces_the_models():
     guide = AutoRelaxed(_plated(prior), temperature=0.2)
     fn = relaxed_base(poutine.trace(guide).get_trace().nodes["z"]["fn"])
     torch.testing.assert_close(fn.temperature, torch.full((4,), 0.2))
+    # A tensor (say, a schedule's, annealed in place) raised AttributeError '_pyro_params'.
+    schedule = pr.ExponentialDecay(1.0, 0.1, steps=2)
+    guide = AutoRelaxed(_plated(prior), temperature=schedule.temperature)
+    guide()
+    schedule.step()
+    fn = relaxed_base(poutine.trace(guide).get_trace().nodes["z"]["fn"])
+    torch.testing.assert_close(fn.temperature, torch.full((4,), schedule.value_at(1)))
 
 
 def test_guides_start_at_the_prior():

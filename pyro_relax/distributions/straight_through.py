@@ -11,7 +11,6 @@ from torch.distributions import Categorical, Distribution
 
 from pyro_relax._carry import carried, carry, relaxation_of
 from pyro_relax._numerics import (
-    LOG_ZERO,
     binary_log_probs,
     built_from_probs,
     categorical_log_probs,
@@ -20,6 +19,7 @@ from pyro_relax._numerics import (
     check_flag,
     finite_real,
     gumbel_like,
+    linear_log_prob,
     log1mexp,
     log_weights,
     one_hot,
@@ -265,8 +265,7 @@ class _StraightThroughCategorical(OneHotCategorical):
         # (so Trace_ELBO gets the straight-through estimate of the KL's gradient). An excluded
         # category (logit -inf) would make 0 * -inf = NaN: LOG_ZERO stands for log 0 (a
         # finite number that a second derivative can multiply again without overflowing).
-        log_probs = self.logits.clamp(min=LOG_ZERO)
-        return (value * log_probs).sum(-1)
+        return linear_log_prob(value, self.logits)
 
 
 class STCategorical(_StraightThroughCategorical):
@@ -721,8 +720,7 @@ class _StraightThroughBernoulli(Bernoulli):
         # LOG_ZERO standing for log 0 as in the categorical versions.
         if self._validate_args:
             self._validate_sample(value)
-        log_fail, log_success = self._relaxed.logits.clamp(min=LOG_ZERO).unbind(-1)
-        return value * log_success + (1 - value) * log_fail
+        return linear_log_prob(torch.stack([1 - value, value], -1), self._relaxed.logits)
 
     def discrete(self) -> Bernoulli:
         """The discrete distribution whose samples this estimator draws (in every temperature):

@@ -262,9 +262,11 @@ class AutoRelaxed(AutoGuide):
             raise ValueError(
                 f"AutoRelaxed: `init_scale` must be finite and positive, got {init_scale}"
             )
+        super().__init__(model, create_plates=create_plates)
+        # After the module's set-up: a tensor assigned before it raised AttributeError
+        # ('_pyro_params').
         self._init_scale = float(init_scale)
         self._temperature = temperature
-        super().__init__(model, create_plates=create_plates)
 
     @staticmethod
     def relaxed_sites(model, *args, **kwargs) -> list:
