@@ -118,6 +118,13 @@ def _check_categories(p, q):
             f"KL({type(p).__name__} || {type(q).__name__}) needs the same number of categories; "
             f"got {p.event_shape[-1]} and {q.event_shape[-1]}"
         )
+    try:
+        broadcast_shapes(p.batch_shape, q.batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"KL({type(p).__name__} || {type(q).__name__}): batch shapes "
+            f"{tuple(p.batch_shape)} and {tuple(q.batch_shape)} do not broadcast"
+        ) from None
 
 
 def _igr_gaussian_kl(p, q):

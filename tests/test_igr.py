@@ -12,7 +12,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 from examples_igr import IGR_EXAMPLES
-from pyro.distributions.transforms import Planar
+from pyro.distributions.transforms import Planar, Spline
 from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
@@ -818,6 +818,28 @@ def test_planar_can_be_copied_after_scoring_and_names_a_flow_of_another_size():
     torch.testing.assert_close(copied.log_prob(value), d.log_prob(original))
     with pytest.raises(ValueError, match=r"`flows\[1\]` maps 5 coordinates.*K - 1 = 3"):
         pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.5, flows=[Planar(3), Planar(5)])
+
+
+def test_planar_sums_an_elementwise_flows_log_jacobian_over_the_coordinates():
+    # A flow acting coordinate by coordinate (a spline) gave log_prob an extra dimension of
+    # K - 1 (torch's broadcasting error for other sample shapes).
+    torch.manual_seed(0)
+    spline = Spline(3)
+    d = pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.5, flows=[spline])
+    value = d.rsample((2,))
+    reference = dist.TransformedDistribution(
+        dist.Normal(torch.zeros(3), torch.ones(3)).to_event(1),
+        [spline, pr.SoftmaxPlusPlusTransform(0.5)],
+    )
+    torch.testing.assert_close(d.log_prob(value), reference.log_prob(value.detach().clone()))
+
+
+def test_kl_of_batch_shapes_that_do_not_broadcast_is_refused_by_name():
+    for family in (pr.IGR, pr.IGRStickBreaking):
+        p = family(torch.zeros(2, 3), torch.ones(3), 0.5)
+        q = family(torch.zeros(5, 3), torch.ones(3), 0.5)
+        with pytest.raises(ValueError, match=r"batch shapes \(2,\) and \(5,\) do not broadcast"):
+            kl_divergence(p, q)
 
 
 def test_softmax_plus_plus_inverse_needs_two_coordinates():

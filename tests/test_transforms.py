@@ -165,3 +165,13 @@ def test_softmax_plus_plus_validation_follows_its_argument_then_the_global_setti
         SoftmaxPlusPlusTransform(-1.0)
         with pytest.raises(ValueError, match="delta"):
             SoftmaxPlusPlusTransform(0.5, delta=float("nan"), validate_args=True)
+
+
+def test_sticks_inverse_of_an_input_changed_in_place_is_computed():
+    # The forward kept its input by reference as the pre-image: changed in place afterwards,
+    # the inverse returned the new values, which do not map to w.
+    t = SigmoidSticksTransform()
+    x = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    w = t(x)
+    x.add_(1.0)
+    torch.testing.assert_close(t.inv(w), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
-from pyro_relax._carry import carried, carry, drawn_by
+from pyro_relax._carry import carried, carry, drawn_by, tensor_versions
 
 __all__ = ["SigmoidSticksTransform"]
 
@@ -67,8 +67,10 @@ class SigmoidSticksTransform(Transform):
 
     def _call(self, x):
         w = self.log_sticks(x).exp()
-        # The map has no parameters: the pre-image is valid for every instance.
-        carry(w, preimage=x, source=(SigmoidSticksTransform, (), ()))
+        # The map has no parameters: the pre-image is valid for every instance, while it holds
+        # the input's values (its version counter, as a map parameter's: an input changed in
+        # place since is not the pre-image any more, and w is inverted).
+        carry(w, preimage=x, source=(SigmoidSticksTransform, (x,), tensor_versions((x,))))
         return w
 
     def _inverse(self, w):
