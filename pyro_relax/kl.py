@@ -60,7 +60,7 @@ def _kl_finitediscrete_finitediscrete(p, q):
     r"""The KL :math:`\sum_k \pi^p_k (\log \pi^p_k - \log q(c_k))` over the outcomes
     :math:`c_k` of ``p``, each found among those of ``q`` by value (the KL of the discrete
     distributions two GenGS relax)."""
-    if p.outcomes.shape[1:] != q.outcomes.shape[1:]:
+    if static_shape(p.outcomes.shape[1:]) != static_shape(q.outcomes.shape[1:]):
         raise ValueError(
             f"KL between FiniteDiscrete distributions needs outcomes of one shape; got "
             f"{tuple(p.outcomes.shape[1:])} and {tuple(q.outcomes.shape[1:])}"

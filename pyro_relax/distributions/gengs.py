@@ -419,7 +419,7 @@ class TruncatedGenGS(TorchDistribution):
             return self.logits
         if drawn is None:
             drawn = torch.arange(weights.shape[-1], dtype=weights.dtype, device=weights.device)
-        if drawn.shape[1:] != self.outcomes.shape[1:]:
+        if static_shape(drawn.shape[1:]) != static_shape(self.outcomes.shape[1:]):
             raise ValueError(
                 f"the value was drawn over outcomes of shape {tuple(drawn.shape[1:])} and cannot "
                 f"be scored by {type(self).__name__} over outcomes of shape "
