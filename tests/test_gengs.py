@@ -1036,3 +1036,21 @@ def test_geometric_gradients_stay_finite_where_the_probability_rounds_to_0_or_1(
     expected = scipy.stats.geom.logpmf(np.arange(1, 15), p) if 0 < p < 1 else None
     if expected is not None and np.isfinite(expected).all():
         np.testing.assert_allclose(guide.logits[0, :14].detach().double(), expected, rtol=1e-4)
+
+
+def test_a_relaxed_sample_weighing_an_outcome_the_scorer_excludes_has_a_moderate_gradient():
+    # The weights' gradient took log 0 as -1e30: a guide giving weight to an outcome its prior
+    # excludes got gradients near 1e30 times the weights' (inf once squared by Adam in
+    # float32). The value keeps -1e30 (an infinite KL); the gradient takes log(tiny).
+    logits = torch.zeros(3, requires_grad=True)
+    guide = TruncatedGenGS(0.5, logits=logits)
+    prior = TruncatedGenGS(0.5, logits=torch.tensor([0.0, -math.inf, 0.0]))
+    torch.manual_seed(0)
+    z = guide.rsample((100,))
+    score = prior.log_prob(z)
+    weights = pr.relaxation_of(z).weights
+    assert (score < -1e20).all()  # log 0 in the value, times weights of 1e-10 and more
+    expected = -1e30 * weights[:, 1] + (weights[:, [0, 2]] * prior.logits[[0, 2]]).sum(-1)
+    torch.testing.assert_close(score, expected)
+    (gradient,) = torch.autograd.grad(score.sum(), logits)
+    assert torch.isfinite(gradient).all() and gradient.abs().max() < 1e5

@@ -13,7 +13,6 @@ from torch.distributions.utils import lazy_property, logits_to_probs
 
 from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
-    LOG_ZERO,
     as_float,
     caller_stacklevel,
     categorical_log_probs,
@@ -25,6 +24,7 @@ from pyro_relax._numerics import (
     finite_positive,
     gumbel_like,
     is_integer,
+    linear_log_prob,
     log_of_probs,
     log_weights,
     nonnegative_rows,
@@ -409,8 +409,9 @@ class TruncatedGenGS(TorchDistribution):
         # 0 * -inf = NaN: LOG_ZERO stands for log 0. (The most negative float did until a
         # second derivative, which multiplies it again, overflowed to -inf against a zero
         # weight.)
-        log_probs = self._log_probs_at(carried(value, "outcomes"), weights)
-        return (weights * log_probs.clamp(min=LOG_ZERO)).sum(-1)
+        # The weights' own gradient takes log(tiny) there (see linear_log_prob): a guide that
+        # weighs an outcome the scorer excludes is pushed off it at a pace an optimizer holds.
+        return linear_log_prob(weights, self._log_probs_at(carried(value, "outcomes"), weights))
 
     def _log_probs_at(self, drawn, weights):
         """The log-PMF at the outcomes a sample's weights are over (``drawn``, ``None`` for the

@@ -156,16 +156,15 @@ class _StraightThroughCategorical(OneHotCategorical):
     has_rsample = True
     # Estimator options, copied by `expand` (and used by the Bernoulli versions).
     _option_names = ()
+    # Whether log_prob of a soft sample is a density (in the temperature too): then the
+    # temperature may be learned (see warn_if_learned_temperature).
+    _soft_density = False
 
     @classmethod
     def _checked_options(cls, owner: str, options: dict) -> dict:
         """The estimator's ``options`` (given ones of ``_option_names``), checked and
         normalized, with errors naming ``owner``: this class, or its Bernoulli version."""
         return {}
-
-    # Whether log_prob of a soft sample is a density (in the temperature too): then the
-    # temperature may be learned (see warn_if_learned_temperature).
-    _soft_density = False
 
     @classmethod
     def _temperature_may_be_learned(cls, hard: bool) -> bool:
