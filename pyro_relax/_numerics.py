@@ -65,7 +65,7 @@ def linear_log_prob(value: torch.Tensor, log_probs: torch.Tensor) -> torch.Tenso
     surrogate's, whose square overflowed Adam's moments and froze the guide for good."""
     forward = log_probs.clamp(min=LOG_ZERO)
     slope = log_probs.clamp(min=math.log(torch.finfo(log_probs.dtype).tiny))
-    return (value * slope).sum(-1) + (value.detach() * (forward - slope)).sum(-1)
+    return (value * slope + value.detach() * (forward - slope)).sum(-1)
 
 
 def gumbel_like(logits: torch.Tensor, shape: torch.Size) -> torch.Tensor:

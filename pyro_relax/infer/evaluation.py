@@ -365,15 +365,20 @@ def _pass_weights(model_trace, guide_trace, nesting, data_plate, scaled, scales:
     return weights
 
 
+def _plate_frames(*traces):
+    """The plate frames of every sample site of ``traces`` (with repeats)."""
+    for trace in traces:
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                yield from site["cond_indep_stack"]
+
+
 def _subsampled_plates(*traces) -> dict:
     """The full size of each plate that scores a subsample of its items, by name, in the
     model's trace or the guide's (a plate may subsample in one of them only)."""
     return {
         frame.name: frame.full_size
-        for trace in traces
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
+        for frame in _plate_frames(*traces)
         if frame.full_size is not None and frame.size < frame.full_size
     }
 
@@ -383,14 +388,7 @@ def _check_data_plate(data_plate, *traces) -> None:
     name would otherwise be reported as a site outside it)."""
     if data_plate is None:
         return
-    plates = {
-        frame.name
-        for trace in traces
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.name != _PARTICLES
-    }
+    plates = {frame.name for frame in _plate_frames(*traces) if frame.name != _PARTICLES}
     if data_plate not in plates:
         raise ValueError(
             f"`data_plate` {data_plate!r} names no plate of the model or the guide; their plates: "
@@ -478,12 +476,6 @@ def _plate_nesting(model, guide, args, kwargs) -> int:
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
-    dims = [
-        frame.dim
-        for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace))
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
+    traces = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    dims = [frame.dim for frame in _plate_frames(*traces) if frame.vectorized]
     return -min(dims) if dims else 0
