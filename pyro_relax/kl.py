@@ -4,6 +4,7 @@ Importing :mod:`pyro_relax` registers them with :func:`torch.distributions.kl.re
 ``TraceMeanField_ELBO`` uses them in place of a Monte-Carlo estimate.
 """
 
+import functools
 import math
 
 import torch
@@ -29,7 +30,7 @@ from pyro_relax._numerics import (
 )
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete, log_probs_at
 from pyro_relax.distributions.gengs import GenGSMultinomial, TruncatedGenGS, _multinomial_log_probs
-from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
+from pyro_relax.distributions.igr import IGR, IGRCount, IGRPlanar, IGRStickBreaking, _IGRBase
 from pyro_relax.distributions.straight_through import (
     _StraightThroughBernoulli,
     _StraightThroughCategorical,
@@ -39,32 +40,59 @@ from pyro_relax.distributions.truncation import log_probs_truncated
 __all__ = []
 
 
-@register_kl(TruncatedGenGS, TruncatedGenGS)
+def _check_shapes(p, q):
+    """Every pair registered here relates distributions over one event space: ``ValueError``
+    naming both classes for event shapes that differ (categories, outcomes' shapes) or batch
+    shapes that do not broadcast, in place of a raw broadcasting error from the arithmetic."""
+    pair = f"KL({type(p).__name__} || {type(q).__name__})"
+    if static_shape(p.event_shape) != static_shape(q.event_shape):
+        raise ValueError(
+            f"{pair} needs one event shape (the same number of categories or outcome shape); "
+            f"got {tuple(p.event_shape)} and {tuple(q.event_shape)}"
+        )
+    try:
+        broadcast_shapes(p.batch_shape, q.batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{pair}: batch shapes {tuple(p.batch_shape)} and {tuple(q.batch_shape)} do not "
+            f"broadcast"
+        ) from None
+
+
+def _registered(type_p, type_q):
+    """``register_kl`` of a function that gets the pair's shapes checked first."""
+
+    def register(kl):
+        @functools.wraps(kl)
+        def checked(p, q):
+            _check_shapes(p, q)
+            return kl(p, q)
+
+        return register_kl(type_p, type_q)(checked)
+
+    return register
+
+
+@_registered(TruncatedGenGS, TruncatedGenGS)
 def _kl_truncatedgengs_truncatedgengs(p, q):
     r"""The categorical KL :math:`\sum_k \pi^p_k (\log \pi^p_k - \log \pi^q_k)` (Joo et al.,
     2020, Proposition 6): the relaxations share their outcomes, so their KL is that of the
     truncated discrete distributions they stand for."""
-    if p.num_outcomes != q.num_outcomes or p.event_shape != q.event_shape:
+    if p.num_outcomes != q.num_outcomes:
         raise ValueError(
             f"KL between GenGS distributions needs the same outcomes; got {p.num_outcomes} "
-            f"outcomes of shape {tuple(p.event_shape)} and {q.num_outcomes} of shape "
-            f"{tuple(q.event_shape)}"
+            f"and {q.num_outcomes} outcomes"
         )
     if p._outcomes_are_counts and q._outcomes_are_counts:
         return categorical_kl(p.logits, q.logits)
     return categorical_kl(p.logits, log_probs_at(p.outcomes, q.outcomes, q.logits))
 
 
-@register_kl(FiniteDiscrete, FiniteDiscrete)
+@_registered(FiniteDiscrete, FiniteDiscrete)
 def _kl_finitediscrete_finitediscrete(p, q):
     r"""The KL :math:`\sum_k \pi^p_k (\log \pi^p_k - \log q(c_k))` over the outcomes
     :math:`c_k` of ``p``, each found among those of ``q`` by value (the KL of the discrete
     distributions two GenGS relax)."""
-    if static_shape(p.outcomes.shape[1:]) != static_shape(q.outcomes.shape[1:]):
-        raise ValueError(
-            f"KL between FiniteDiscrete distributions needs outcomes of one shape; got "
-            f"{tuple(p.outcomes.shape[1:])} and {tuple(q.outcomes.shape[1:])}"
-        )
     return categorical_kl(p.logits, log_probs_at(p.outcomes, q.outcomes, q.logits))
 
 
@@ -72,9 +100,7 @@ def _kl_finitediscrete_count(p, q):
     r"""The KL :math:`\sum_k \pi_k (\log \pi_k - \log q(c_k))` from a distribution over scalar
     outcomes :math:`c_k` to an (untruncated) count distribution: exact, a finite sum. An
     outcome outside the count distribution's support has probability zero there (the KL is
-    infinite if ``p`` gives it mass)."""
-    if p.outcomes.dim() != 1:
-        raise NotImplementedError("KL to a count distribution needs scalar outcomes")
+    infinite if ``p`` gives it mass); the outcomes are scalars (the event shapes are checked)."""
     batch_dims = max(len(p.batch_shape), len(q.batch_shape))
     values = p.outcomes.view((-1,) + (1,) * batch_dims)
     inside = q.support.check(values)
@@ -94,11 +120,11 @@ def _kl_truncatedgengs_count(p, q):
 
 
 for _count in (Poisson, Geometric, NegativeBinomial, Binomial):
-    register_kl(TruncatedGenGS, _count)(_kl_truncatedgengs_count)
-    register_kl(FiniteDiscrete, _count)(_kl_finitediscrete_count)
+    _registered(TruncatedGenGS, _count)(_kl_truncatedgengs_count)
+    _registered(FiniteDiscrete, _count)(_kl_finitediscrete_count)
 
 
-@register_kl(GenGSMultinomial, Multinomial)
+@_registered(GenGSMultinomial, Multinomial)
 def _kl_gengsmultinomial_multinomial(p, q):
     """KL from a relaxed multinomial to a multinomial with the same number of trials."""
     if p.total_count != q.total_count:
@@ -112,35 +138,22 @@ def _kl_gengsmultinomial_multinomial(p, q):
 # --- IGR -----------------------------------------------------------------------------------
 
 
-def _check_categories(p, q):
-    if static_shape(p.event_shape) != static_shape(q.event_shape):
-        raise ValueError(
-            f"KL({type(p).__name__} || {type(q).__name__}) needs the same number of categories; "
-            f"got {p.event_shape[-1]} and {q.event_shape[-1]}"
-        )
-    try:
-        broadcast_shapes(p.batch_shape, q.batch_shape)
-    except RuntimeError:
-        raise ValueError(
-            f"KL({type(p).__name__} || {type(q).__name__}): batch shapes "
-            f"{tuple(p.batch_shape)} and {tuple(q.batch_shape)} do not broadcast"
-        ) from None
-
-
 def _igr_gaussian_kl(p, q):
     """The KL between two Gaussians pushed through the same bijection: that of the Gaussians."""
-    _check_categories(p, q)
-    same_map = p._map_parameters(), q._map_parameters()
-    if not all(same_values(a, b) for a, b in zip(*same_map, strict=True)):
+    mine, theirs = p._map_parameters(), q._map_parameters()
+    if len(mine) != len(theirs) or not all(
+        same_values(a, b) for a, b in zip(mine, theirs, strict=True)
+    ):
         raise NotImplementedError(
-            f"KL({type(p).__name__} || {type(q).__name__}) is in closed form only for equal "
-            "temperature and delta (TraceMeanField_ELBO then falls back to Monte Carlo)"
+            f"KL({type(p).__name__} || {type(q).__name__}) is in closed form only for the "
+            "same map: equal temperature and delta, and the same flows (TraceMeanField_ELBO "
+            "then falls back to Monte Carlo)"
         )
     kl = kl_divergence(p.base_dist, q.base_dist)
     return kl.expand(broadcast_shapes(kl.shape, p.batch_shape))
 
 
-@register_kl(IGR, IGR)
+@_registered(IGR, IGR)
 def _kl_igr_igr(p, q):
     r"""The Gaussian KL in closed form, for any temperatures and deltas.
 
@@ -150,7 +163,6 @@ def _kl_igr_igr(p, q):
     unchanged: :math:`\mathrm{KL}(p \| q) = \mathrm{KL}(\mathcal{N}(a \mu_p + b,
     a \sigma_p) \| \mathcal{N}(\mu_q, \sigma_q))`. No parameter is compared, so no
     value is read on the host."""
-    _check_categories(p, q)
     a = (q.temperature / p.temperature).unsqueeze(-1)
     b = q.temperature.unsqueeze(-1) * (q.delta.log() - p.delta.log()).unsqueeze(-1)
     mapped = Normal(a * p.loc + b, a * p.scale, validate_args=False)
@@ -158,7 +170,7 @@ def _kl_igr_igr(p, q):
     return kl.expand(broadcast_shapes(kl.shape, p.batch_shape))
 
 
-@register_kl(IGRStickBreaking, IGRStickBreaking)
+@_registered(IGRStickBreaking, IGRStickBreaking)
 def _kl_igrstickbreaking_igrstickbreaking(p, q):
     r"""The Gaussian KL in closed form for equal temperatures and deltas and all sticks kept;
     ``NotImplementedError`` otherwise (with a ``precision``, a sample drops the Gaussian
@@ -171,10 +183,32 @@ def _kl_igrstickbreaking_igrstickbreaking(p, q):
     return _igr_gaussian_kl(p, q)
 
 
-@register_kl(IGRCount, IGRCount)
+@_registered(IGRCount, IGRCount)
 def _kl_igrcount_igrcount(p, q):
     """The KL of the simplex points the counts carry (the augmented latents)."""
+    if static_shape(p.simplex_dist.event_shape) != static_shape(q.simplex_dist.event_shape):
+        raise ValueError(
+            f"KL(IGRCount || IGRCount) needs the same number of categories; got "
+            f"{p.simplex_dist.event_shape[-1]} and {q.simplex_dist.event_shape[-1]}"
+        )
     return kl_divergence(p.simplex_dist, q.simplex_dist)
+
+
+@_registered(IGRPlanar, IGRPlanar)
+def _kl_igrplanar_igrplanar(p, q):
+    """The Gaussian KL in closed form for the same flows (the very layers), temperature and
+    delta; ``NotImplementedError`` otherwise."""
+    return _igr_gaussian_kl(p, q)
+
+
+@_registered(_IGRBase, _IGRBase)
+def _kl_igr_families(p, q):
+    """No closed form between two IGR families; a message in place of torch's empty one for
+    transformed distributions."""
+    raise NotImplementedError(
+        f"KL({type(p).__name__} || {type(q).__name__}) has no closed form: the closed forms "
+        "are within one IGR family (TraceMeanField_ELBO falls back to Monte Carlo)"
+    )
 
 
 # --- The straight-through family (GST, ST, STGS, GR-MCK) ----------------------------------
@@ -184,13 +218,13 @@ def _kl_igrcount_igrcount(p, q):
 # TraceMeanField_ELBO step. The same KLs without it:
 
 
-@register_kl(_StraightThroughCategorical, OneHotCategorical)
+@_registered(_StraightThroughCategorical, OneHotCategorical)
 def _kl_straightthroughcategorical_onehotcategorical(p, q):
     """The categorical KL, from a straight-through categorical to a one-hot categorical."""
     return categorical_kl(categorical_log_probs(p), categorical_log_probs(q))
 
 
-@register_kl(_StraightThroughBernoulli, Bernoulli)
+@_registered(_StraightThroughBernoulli, Bernoulli)
 def _kl_straightthroughbernoulli_bernoulli(p, q):
     """The Bernoulli KL, from a straight-through Bernoulli to a Bernoulli."""
     return categorical_kl(binary_log_probs(p), binary_log_probs(q))

@@ -6,6 +6,7 @@ from numbers import Real
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pyro.distributions import (
     Categorical,
     Independent,
@@ -41,6 +42,7 @@ from pyro_relax._numerics import (
     is_integer,
     known_same_shape,
     location,
+    log1mexp,
     one_hot,
     parse_parameters,
     probability_vector,
@@ -72,6 +74,13 @@ _DECAY_BREAKS = (1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0, 256.0)
 # (about 16 MiB in float32, 32 in float64). The whole batch at once took gigabytes for a VAE's.
 _PIECE_ELEMENTS = 2**22
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+# IGR-SB scores a value it must invert from its coordinates only where each kept stick, and
+# the remainder after it, exceeds this many times its rounding error (a relative error of at
+# most 1%): there the density of a float32 copy was within 0.04 nats of the sample's own on
+# the grid of test_igr's test_stick_breaking_scores_an_inverted_value_accurately_or_not_at_all;
+# beyond it the error grew to thousands of nats.
+_DETERMINED = 100.0
 
 
 @functools.lru_cache(maxsize=8)
@@ -359,7 +368,13 @@ class _IGRBase(TransformedDistribution):
         with torch.no_grad():
             return self.rsample(sample_shape)
 
+    def _floating(self, value):
+        """An integer or boolean value (a vertex typed by hand) in the parameters' dtype; a
+        floating value as it is (with its record)."""
+        return value if value.is_floating_point() else value.to(self.loc.dtype)
+
     def log_prob(self, value):
+        value = self._floating(value)
         if self._validate_args:
             self._validate_sample(value)
         return self._log_density(self._preimage(value))
@@ -415,8 +430,11 @@ class IGR(_IGRBase):
 
     A sample carries its Gaussian pre-image and its log-space twin :math:`\log z`, so
     :meth:`log_prob` scores the distribution's own samples (and those of another IGR) without
-    the underflow of inverting :math:`z` in float32. A value built by hand is inverted from
-    :math:`z`.
+    the underflow of inverting :math:`z` in float32. A value built by hand (or a copy) is
+    inverted from :math:`z`; one with a coordinate at 0 (the simplex's boundary, where the
+    density is 0, or a coordinate that underflowed, whose pre-image is lost: the value does not
+    say which) raises ``ValueError`` under validation and scores NaN without. An integer or
+    boolean value is read in the parameters' dtype.
 
     With ``hard=True`` the forward value is the vertex :math:`e_H` of
     Proposition 1 (a one-hot vector) and the gradient is that of :math:`z`. Such a sample
@@ -495,11 +513,23 @@ class IGR(_IGRBase):
             return one_hot(_limit_category(y), self.num_categories, y)
 
     def log_prob(self, value):
+        value = self._floating(value)
         plain = carried(value, "preimage") is None and carried(value, "log_weights") is None
         if self.hard and plain:
             return self._log_prob_of_vertex(value)
         if self._validate_args:
             self._validate_sample(value)
+        # A plain value's coordinate at 0 is on the simplex's boundary (density 0) or a
+        # sample's that underflowed (pre-image lost): which one, the value does not say.
+        lost = any_last(value <= torch.finfo(value.dtype).tiny) if plain else None
+        if lost is not None and self._validate_args and bool(lost.any()):
+            raise ValueError(
+                "IGR.log_prob got a value without its record with a coordinate at 0: a point "
+                "on the simplex's boundary, where the density is 0, or a sample whose "
+                "coordinate underflowed, whose pre-image is lost. Score the sample itself, "
+                "attach its record again (pyro_relax.with_relaxation), or work in float64; "
+                "with validation off such values score NaN"
+            )
         y = self._preimage(value)
         # The log-coordinates of the value, whichever softmax++ produced it: no second
         # log_softmax for a sample.
@@ -515,6 +545,8 @@ class IGR(_IGRBase):
             # Another family's value may lie on the boundary (a dropped stick: log z = -inf),
             # where the density is 0, not -inf - -inf.
             log_density = log_density.masked_fill(any_last(log_z.isneginf()), -math.inf)
+        if lost is not None:
+            log_density = log_density.masked_fill(lost, math.nan)
         return log_density
 
     def _log_prob_of_vertex(self, value):
@@ -567,13 +599,19 @@ class IGRStickBreaking(_IGRBase):
     that of the kept coordinates (on the face of the simplex they span); the KL divergence has
     no closed form in this mode.
 
-    A value without its record (a copy, observed simplex data) is inverted: each stick is
-    divided by the remainder :math:`1 - \sum_{j<k} w_j` of those before it, which cancels for
-    deep sticks (many categories, low temperatures), and the density is then far off (thousands
-    of nats for a copy of a K = 20 sample at :math:`\tau = 0.5`). Score the samples themselves,
-    or attach their records again (:func:`~pyro_relax.with_relaxation`). Without ``precision``
-    every stick of such a value is kept; with it, a kept stick that underflowed to 0 reads as
-    dropped.
+    A sample of another stick-breaking map (a guide of another temperature or delta, or of a
+    learned temperature) is scored through the pre-image it carries: the two maps' sticks are
+    related by an affine map, computed in log space. A value without such a record (a copy,
+    observed simplex data, another family's draw) is inverted from its coordinates: each stick
+    is divided by the remainder :math:`1 - \sum_{j<k} w_j` of those before it, which float32
+    coordinates do not resolve for deep sticks (many categories, low temperatures; a copy of a
+    :math:`K = 20` sample at :math:`\tau = 0.5` was scored thousands of nats off). Such a
+    value is scored only where each stick and the remainder after it exceed a hundred times
+    their rounding error (then within about 0.05 nats); elsewhere ``log_prob`` raises
+    ``ValueError`` under validation and gives NaN without, as for a value with an underflowed
+    coordinate. Score the samples themselves, attach their records again
+    (:func:`~pyro_relax.with_relaxation`), or work in float64. Without ``precision`` every
+    stick of such a value is kept.
 
     References:
         Invertible Gaussian Reparameterization: Revisiting the Gumbel-Softmax.
@@ -635,22 +673,72 @@ class IGRStickBreaking(_IGRBase):
         z, log_z, kept = self._simplex(y)
         return self._tag(z, y, log_weights=log_z, kept_sticks=kept.sum(-1))
 
+    def _preimage(self, value):
+        return self._preimage_and_checks(value)[0]
+
+    def _preimage_and_checks(self, value):
+        """The pre-image of ``value``, whether the value lies in the image of the map and
+        whether it determines its pre-image (both ``None`` for this map's own draw)."""
+        y = self._carried_preimage(value)
+        if y is not None:
+            return y, None, None
+        theirs = drawn_by(value, IGRStickBreaking)
+        if theirs is not None:
+            return (*self._preimage_from(value, *theirs[:2]), None)
+        return self._invert_and_check(value)
+
+    def _preimage_from(self, value, other_temperature, other_delta):
+        r"""The pre-image of a value another stick-breaking map (temperature :math:`\tau'`,
+        delta :math:`\delta'`) drew, from the pre-image :math:`y'` it carries, and whether the
+        value lies in this map's image.
+
+        Softmax++ gives :math:`\log z_k - \log z_K = w_k / \tau - \log \delta`, so this map's
+        sticks are :math:`w_k = a w'_k + b` with :math:`a = \tau / \tau'` and
+        :math:`b = \tau (\log \delta - \log \delta')`, and the remainders after them
+        :math:`r_{k+1} = 1 - \sum_{j \leq k} w_j = (1 - a - k b) + a r'_{k+1}`. With
+        :math:`w'` and :math:`r'` in log space from :math:`y'`, the pre-image
+        :math:`y_k = \log w_k - \log r_{k+1}` is as accurate as the map allows; inverting the
+        value's coordinates instead loses the deep sticks to rounding (the remainders cancel).
+        The identity when the maps are equal."""
+        y_other = carried(value, "preimage")
+        kept = self._kept_of(value)
+        log_rest = F.logsigmoid(-y_other)
+        log_after = log_rest.cumsum(-1)  # log r'_{k+1}
+        log_sticks = F.logsigmoid(y_other) + (log_after - log_rest)  # log w'_k
+        tau, log_delta = self.temperature.unsqueeze(-1), self.delta.log().unsqueeze(-1)
+        log_a = tau.log() - _log_column(other_temperature)
+        b = tau * (log_delta - _log_column(other_delta))
+        count = torch.arange(1, y_other.shape[-1] + 1, device=y_other.device, dtype=y_other.dtype)
+        log_w, valid_w = _log_affine(log_sticks, log_a, b)
+        log_r, valid_r = _log_affine(log_after, log_a, 1 - log_a.exp() - count * b)
+        inside = all_last((valid_w & valid_r) | ~kept)
+        y = torch.where(kept & valid_w & valid_r, log_w - log_r, torch.zeros_like(y_other))
+        return y, inside
+
     def _invert(self, value):
         return self._invert_and_check(value)[0]
 
     def _invert_and_check(self, value):
-        r"""The pre-image of ``value`` and whether the value lies in the image of the map: its
-        sticks :math:`w_k = \tau (\log z_k - \log z_K + \log \delta)` must be positive and
-        sum to less than one, up to the rounding of their computation (a value made by a map
-        of another temperature or delta may not; its density here is 0)."""
+        r"""The pre-image of ``value``, whether the value lies in the image of the map, and
+        whether it determines its pre-image.
+
+        In the image, the sticks :math:`w_k = \tau (\log z_k - \log z_K + \log \delta)` are
+        positive and sum to less than one, up to the rounding of their computation (a value
+        made by a map of another temperature or delta may not; its density here is 0).
+
+        Determined: each kept stick and the remainder :math:`1 - \sum_{j \leq k} w_j` after it
+        exceed the rounding error of their computation a hundredfold (``_DETERMINED``). The
+        pre-image divides each stick by that remainder, which for deep sticks is far smaller
+        than the coordinates of :math:`z` can resolve in float32; there the inverse, and the
+        density with it, is noise (thousands of nats off, measured), also from the exact
+        :math:`\log z` another family's draw carries. A value with an underflowed kept
+        coordinate is never determined. (Another stick-breaking map's draw is not inverted:
+        see :meth:`_preimage_from`.)"""
         kept = self._kept_of(value)
         log_z = carried(value, "log_weights")
-        # Only exact log-coordinates can place a value outside the image; a row with an
-        # underflowed coordinate is read approximately (the documented fallback) and kept.
-        exact = None
-        if log_z is None:
+        exact = log_z is not None
+        if not exact:
             tiny = torch.finfo(value.dtype).tiny
-            exact = all_last(value > tiny)
             # The smallest normal number stands for a coordinate that underflowed to zero.
             log_z = value.clamp(min=tiny).log()
         tau = self.temperature.unsqueeze(-1)
@@ -659,12 +747,22 @@ class IGRStickBreaking(_IGRBase):
         sticks = torch.where(kept, sticks, torch.zeros_like(sticks))
         # Each stick is a difference of logarithms: its rounding error scales with them.
         magnitude = tau * (log_z[..., :-1].abs() + log_z[..., -1:].abs() + log_delta.abs() + 1)
-        slack = 64 * torch.finfo(value.dtype).eps * torch.where(kept, magnitude, 0)
+        error = torch.finfo(value.dtype).eps * torch.where(kept, magnitude, 0)
+        slack = 64 * error
         inside = all_last(sticks >= -slack) & (sticks.sum(-1) <= 1 + slack.sum(-1))
-        if exact is not None:
-            inside = inside | ~exact
+        remainders = 1 - sticks.cumsum(-1)
+        resolved = (sticks >= _DETERMINED * error) & (remainders >= _DETERMINED * error.cumsum(-1))
+        determined = all_last(resolved | ~kept)
+        if not exact:
+            # A kept stick's coordinate is at least z_K / delta (its logit w_k / tau >= 0), so
+            # a zero is a dropped stick, not an underflowed one, unless z_K / delta underflows.
+            underflowed = any_last((value[..., :-1] <= tiny) & kept)
+            underflowed = underflowed | (value[..., -1] <= tiny * self.delta.clamp(min=1))
+            determined = determined & ~underflowed
+            # Approximate sticks cannot place a row outside the image.
+            inside = inside | underflowed
         y = self.transforms[0].inv(sticks)
-        return torch.where(kept, y, torch.zeros_like(y)), inside
+        return torch.where(kept, y, torch.zeros_like(y)), inside, determined
 
     def _kept_of(self, value):
         count = carried(value, "kept_sticks")
@@ -695,33 +793,55 @@ class IGRStickBreaking(_IGRBase):
         return torch.where(kept, sticks, torch.zeros_like(sticks)).sum(-1)
 
     def log_prob(self, value):
+        value = self._floating(value)
         if self._validate_args:
             self._validate_sample(value)
-        y, in_image = self._carried_preimage(value), None
-        if y is None:  # inverted, not drawn by this map: the value may lie outside its image
-            y, in_image = self._invert_and_check(value)
+        y, in_image, determined = self._preimage_and_checks(value)
+        if determined is not None:  # only an outside value's density is known (0)
+            determined = determined | ~in_image
         # A value cut at other sticks than this distribution cuts its pre-image (a guide with
         # another precision, or a finite one) is not in this distribution's image: its density
-        # is 0 here, not that of the point this distribution would map the pre-image to.
-        inside = all_last(self._kept_of(value) == self._kept(self.transforms[0].log_sticks(y)))
-        if self._validate_args and not bool(inside.all()):
+        # is 0 here, not that of the point this distribution would map the pre-image to. The
+        # cut of an undetermined value is not known either (a zero may be a kept stick that
+        # underflowed).
+        same_cut = all_last(self._kept_of(value) == self._kept(self.transforms[0].log_sticks(y)))
+        if determined is not None:
+            same_cut = same_cut | ~determined
+        if self._validate_args:
+            self._check_scored_value(value, in_image, determined, same_cut)
+        possible = same_cut if in_image is None else same_cut & in_image
+        log_density = self._log_density(y)
+        log_density = torch.where(possible, log_density, torch.full_like(log_density, -math.inf))
+        if determined is None:
+            return log_density
+        return torch.where(determined, log_density, torch.full_like(log_density, math.nan))
+
+    @staticmethod
+    def _check_scored_value(value, in_image, determined, same_cut):
+        """The errors ``log_prob`` raises under validation, in place of densities of 0 (a
+        value outside the image, or cut at other sticks) and NaN (an undetermined value)."""
+        if in_image is not None and not bool(in_image.all()):
+            raise ValueError(
+                "IGRStickBreaking.log_prob got a value outside the image of its map (the "
+                "sticks it implies are negative or sum to more than one), where its density "
+                "is 0: a map of another temperature or delta made it. Give model and guide "
+                "the same temperature and delta"
+            )
+        if determined is not None and not bool(determined.all()):
+            raise ValueError(
+                f"IGRStickBreaking.log_prob got a value it must invert (one without the record "
+                f"of a stick-breaking draw) that does not determine its pre-image in "
+                f"{value.dtype}: a coordinate underflowed to 0, or its deep sticks (or what "
+                f"remains of the stick after them) are below the rounding error of their "
+                f"inversion, and its density would be noise (thousands of nats off). Score the "
+                f"sample itself, attach its record again (pyro_relax.with_relaxation), or work "
+                f"in float64; with validation off such values score NaN"
+            )
+        if not bool(same_cut.all()):
             raise ValueError(
                 "IGRStickBreaking.log_prob got a value cut at other sticks than this "
-                "distribution's precision cuts it (model and guide need the same `precision`; "
-                "a value without its record whose last kept stick underflowed to 0 reads as cut "
-                "before it)"
+                "distribution's precision cuts it: model and guide need the same `precision`"
             )
-        if in_image is not None:
-            inside = inside & in_image
-            if self._validate_args and not bool(inside.all()):
-                raise ValueError(
-                    "IGRStickBreaking.log_prob got a value outside the image of its map (the "
-                    "sticks it implies are negative or sum to more than one), where its density "
-                    "is 0: a map of another temperature or delta made it. Give model and guide "
-                    "the same temperature and delta"
-                )
-        log_density = self._log_density(y)
-        return torch.where(inside, log_density, torch.full_like(log_density, -math.inf))
 
     def _log_density(self, y):
         _, log_z, kept = self._simplex(y)
@@ -745,6 +865,38 @@ class IGRStickBreaking(_IGRBase):
         :math:`\tau \to 0`), estimated from ``num_samples`` draws: standard error
         :math:`\sqrt{p (1 - p) / N}` per category."""
         return self._monte_carlo_categorical(num_samples)
+
+
+def _log_column(parameter):
+    """The logarithm of a map parameter as the user passed it (a Python number or a tensor of
+    the batch shape), as a column against the last dimension; no host transfer."""
+    if torch.is_tensor(parameter):
+        return parameter.log().unsqueeze(-1)
+    return math.log(parameter)
+
+
+def _log_affine(log_x, log_a, b):
+    r""":math:`\log(a e^{x} + b)` for :math:`a > 0` and real :math:`b` (tensors), and where
+    the argument is positive (elsewhere the logarithm is 0, its gradient too): without forming
+    :math:`e^{x}`, which underflows for a deep stick, and smooth in :math:`b` through 0 (equal
+    maps give :math:`b = 0`, where a learned parameter still needs the derivative
+    :math:`1 / (a e^{x})`)."""
+    term = log_a + log_x
+    b = b.expand_as(term)
+    nonzero = b != 0
+    log_b = torch.where(nonzero, torch.where(nonzero, b, 1).abs().log(), -math.inf)
+    small = log_b - term < -math.log(2)  # |b| below half the other term, 0 included
+    valid = small | (b > 0) | (log_b < term)
+    # Near: term + log1p(b e^-term); the exponent is capped where b is 0 and e^-term would
+    # overflow (0 * inf), so the gradient there is the largest finite one.
+    cap = math.log(torch.finfo(log_x.dtype).max) - 1
+    near = term + torch.log1p(torch.where(small, b, 0) * (-term).clamp(max=cap).exp())
+    # Far: logaddexp for b > 0, log1mexp for b < 0, each fed a safe input where unselected
+    # (see _numerics.log1mexp).
+    below = torch.where(valid & ~small & (b < 0), log_b - term, -1.0)
+    far = torch.where(b > 0, torch.logaddexp(term, log_b), term + log1mexp(below))
+    value = torch.where(small, near, far)
+    return torch.where(valid, value, torch.zeros_like(value)), valid
 
 
 class IGRPlanar(_IGRBase):
@@ -872,7 +1024,8 @@ class IGRPlanar(_IGRBase):
         except KeyError:
             raise ValueError(
                 "IGRPlanar.log_prob scores only samples drawn from an IGRPlanar with the same "
-                "flows, temperature and delta (the same tensors where one requires a gradient): "
+                "flows, temperature and delta (the same tensors where one requires a gradient; "
+                "equal values under torch.no_grad(), as for a sample saved and loaded): "
                 "planar layers have no closed-form inverse"
             ) from None
 
