@@ -424,6 +424,22 @@ def all_last(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(-1) == mask.shape[-1]
 
 
+class VectorOf(constraints.independent):
+    """torch's ``independent(constraint, 1)`` (a vector of entries that each satisfy it),
+    whose ``check`` also takes an empty batch: torch's reshapes the entries' results with a
+    ``-1``, ambiguous for 0 elements (a validated ``log_prob`` of a sample of shape ``(0, d)``
+    raised "cannot reshape tensor of 0 elements")."""
+
+    def __init__(self, base_constraint):
+        super().__init__(base_constraint, 1)
+
+    def check(self, value):
+        result = self.base_constraint.check(value)
+        if result.dim() < 1:
+            return super().check(value)  # torch's error for a value without the dimension
+        return all_last(result)
+
+
 def any_last(mask: torch.Tensor) -> torch.Tensor:
     """Whether each row (last dimension) of ``mask`` has a true entry: a positive count."""
     return mask.sum(-1) > 0
@@ -792,20 +808,22 @@ def common_dtype_and_device(owner: str, params: dict):
 
 def _copied_for_good(original, value) -> bool:
     """Whether ``value`` is a floating tensor ``original`` converted to another floating dtype
-    (a copy, which in-place updates of ``original`` do not reach), not one taking gradients
-    (which flow through the conversion) nor half precision (computed in float32 by design)."""
+    (a copy, which in-place updates of ``original`` do not reach, half precision's to float32
+    included), not one taking gradients (which flow through the conversion)."""
     return (
         torch.is_tensor(original)
         and value.dtype != original.dtype
         and original.is_floating_point()
-        and original.dtype not in _HALF
         and not original.requires_grad
     )
 
 
-def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: bool):
+def parse_parameters(
+    owner: str, params: dict, arg_constraints: dict, validate: bool, *, warn_copy: bool = True
+):
     """Converts a distribution's parameters to tensors of one dtype on one device, checks them
-    and finds their batch shape.
+    and finds their batch shape; warns where a temperature tensor is copied to another dtype
+    (unless ``warn_copy`` is false: a first pass that the constructor's own parse repeats).
 
     The first tensor in ``params`` (in order) sets the device and, if it is floating, the dtype
     (half precision becomes float32, the dtype the library computes in); otherwise the first
@@ -833,7 +851,7 @@ def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: 
             continue
         original = value
         value = as_float(owner, name, value, dtype, device)
-        if name == "temperature" and _copied_for_good(original, value):
+        if warn_copy and name == "temperature" and _copied_for_good(original, value):
             warnings.warn(
                 f"{owner}: the temperature tensor ({original.dtype}) is copied to "
                 f"{value.dtype}, the parameters' dtype, so that updating it in place (annealing) "
@@ -863,13 +881,22 @@ def parse_parameters(owner: str, params: dict, arg_constraints: dict, validate: 
 
 
 def categorical_parameters(
-    owner: str, probs, logits, temperature, validate: bool, what: str = "", event_dim: int = 1
+    owner: str,
+    probs,
+    logits,
+    temperature,
+    validate: bool,
+    what: str = "",
+    event_dim: int = 1,
+    *,
+    warn_copy: bool = True,
 ):
     """Parses the ``probs`` xor ``logits`` and the ``temperature`` of a relaxed distribution.
 
     Checks that exactly one of ``probs`` and ``logits`` is given (with ``event_dim=1``, with a
     last dimension of at least 2 ``what``: "outcomes", "categories"; with ``event_dim=0``, a
-    Bernoulli's scalar parameter), then parses them with :func:`parse_parameters`.
+    Bernoulli's scalar parameter), then parses them with :func:`parse_parameters` (which
+    ``warn_copy`` is passed to).
 
     Returns:
         ``(name, param, temperature, batch_shape)``: the name of the parameter given, it as a
@@ -891,5 +918,7 @@ def categorical_parameters(
             raw[name] = as_float(owner, name, raw[name], *common_dtype_and_device(owner, raw))
         if raw[name].dim() < 1 or static_size(raw[name].shape[-1]) < 2:
             raise ValueError(f"{owner}: `{name}` needs a last dimension of at least 2 {what}")
-    parsed, batch_shape = parse_parameters(owner, raw, arg_constraints, validate)
+    parsed, batch_shape = parse_parameters(
+        owner, raw, arg_constraints, validate, warn_copy=warn_copy
+    )
     return name, parsed[name], parsed["temperature"].expand(batch_shape), batch_shape

@@ -31,7 +31,9 @@ class ExponentialDecay:
         floor (float): :math:`\tau_{\min}`, with :math:`0 < \tau_{\min} \leq \tau_0`.
         steps (int): :math:`T \geq 1`, the number of steps to reach the floor.
         device (torch.device): where the temperature tensor lives (the parameters' device).
-        dtype (torch.dtype): the temperature tensor's dtype (the parameters' dtype).
+        dtype (torch.dtype): the temperature tensor's dtype: the parameters' dtype, float32
+            for half-precision ones (the distributions compute those in float32, and a
+            temperature of another dtype is copied, where :meth:`step` does not reach it).
 
     Attributes:
         temperature (Tensor): the current :math:`\tau_t`, a 0-dimensional tensor that
@@ -62,8 +64,16 @@ class ExponentialDecay:
         if not 0 < floor <= initial:
             raise ValueError(f"ExponentialDecay: `floor` must lie in (0, initial], got {floor}")
         steps = check_count("ExponentialDecay", "steps", steps)
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"ExponentialDecay: `dtype` must be a floating dtype, got {dtype}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(
+                f"ExponentialDecay: `dtype` must be a floating torch.dtype, got {dtype!r}"
+            )
+        if dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"ExponentialDecay: `dtype` {dtype}: the distributions compute half-precision "
+                "parameters in float32 and would copy such a temperature, where step() does not "
+                "reach it; pass torch.float32"
+            )
         info = torch.finfo(dtype or torch.get_default_dtype())
         if not info.tiny <= floor <= initial <= info.max:
             raise ValueError(
@@ -75,9 +85,17 @@ class ExponentialDecay:
         self.step_count = 0
         self.temperature = torch.tensor(self.initial, device=device, dtype=dtype)
 
+    def __repr__(self):
+        return (
+            f"ExponentialDecay(initial={self.initial}, floor={self.floor}, steps={self.steps}, "
+            f"step_count={self.step_count})"
+        )
+
     def value_at(self, step: int) -> float:
         """The temperature after ``step >= 0`` steps."""
         step = check_count("ExponentialDecay.value_at", "step", step, minimum=0)
+        if step >= self.steps:  # exactly the floor (the exponential rounds near it)
+            return self.floor
         return max(self.floor, self.initial * math.exp(-self.rate * step))
 
     def step(self) -> torch.Tensor:
@@ -99,6 +117,11 @@ class ExponentialDecay:
         """Resumes from a :meth:`state_dict`: sets the steps taken and the temperature (in place,
         so distributions built from it see the value). Raises ``ValueError`` for the state of a
         schedule with other parameters, which would resume on another curve."""
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"ExponentialDecay.load_state_dict: `state` must be the dict state_dict() "
+                f"returns, got {type(state).__name__}"
+            )
         mine = self.state_dict()
         differing = [
             name for name in ("initial", "floor", "steps") if state.get(name) != mine[name]

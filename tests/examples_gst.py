@@ -241,8 +241,8 @@ GST_EXAMPLES = [
         learnable=_SIMPLEX,
         prior=_onehot_uniform(4),
         kl_partners=(_onehot_uniform(4),),
-        # torch's OneHotCategorical validates its inner Categorical on the host at every build,
-        # whatever validate_args says.
+        # torch's OneHotCategorical validates its inner Categorical on the host at every build
+        # while validation is on globally (the tests' setting), whatever validate_args says.
         static_shapes=False,
         **_ONE_HOT,
         through={"probs": "base_dist"},

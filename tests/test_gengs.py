@@ -269,12 +269,17 @@ AUTO_CASES = [
     ("geometric", ([0.6, 0.25],)),
     ("negative_binomial", ([3.0, 5.0], [0.5, 0.3])),
     ("binomial", ([20.0, 5.0], [0.3, 0.9])),
+    # The rule alone would add the outcome 4, which has no mass.
+    ("binomial", ([3.0, 0.0], [0.99, 0.5])),
 ]
 
 
 def elementwise_rule(family, params, mass):
     size = len(params[0])
-    return [automatic_rule(scipy_base(family, [x[i] for x in params]), mass) for i in range(size)]
+    rule = [automatic_rule(scipy_base(family, [x[i] for x in params]), mass) for i in range(size)]
+    if family == "binomial":  # at most the N + 1 exact outcomes 0..N
+        rule = [min(n, max(int(total) + 1, 2)) for n, total in zip(rule, params[0], strict=True)]
+    return rule
 
 
 @pytest.mark.parametrize("mass", [0.9, 0.999])
@@ -319,7 +324,7 @@ def test_automatic_truncation_grows_beyond_initial_size():
 def test_capped_truncation_is_elementwise_rule(family, params):
     base = torch_base(family, params)
     rule = elementwise_rule(family, params, 0.999)
-    for cap in (max(rule), max(rule) - 3):
+    for cap in (max(rule), max(max(rule) - 3, 2)):
         capped = automatic_truncation(base, 0.999, max_truncation=cap)
         assert torch.is_tensor(capped) and capped.shape == base.batch_shape
         assert capped.tolist() == [min(n, cap) for n in rule]
@@ -1054,3 +1059,14 @@ def test_a_relaxed_sample_weighing_an_outcome_the_scorer_excludes_has_a_moderate
     torch.testing.assert_close(score, expected)
     (gradient,) = torch.autograd.grad(score.sum(), logits)
     assert torch.isfinite(gradient).all() and gradient.abs().max() < 1e5
+
+
+def test_vector_outcomes_score_an_empty_batch_under_validation():
+    # torch's independent constraint reshapes with -1, ambiguous for 0 elements: a validated
+    # log_prob of an empty sample of vector outcomes raised "cannot reshape tensor of 0
+    # elements" (every scalar-outcome class returned an empty result).
+    outcomes = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])
+    d = TruncatedGenGS(0.5, logits=torch.zeros(3), outcomes=outcomes, validate_args=True)
+    assert d.log_prob(d.rsample((0,))).shape == (0,)
+    assert d.expand((0,)).log_prob(d.expand((0,)).rsample()).shape == (0,)
+    assert d.support.check(torch.tensor([[0.5, 1.0], [3.0, 0.0]])).tolist() == [True, False]

@@ -574,6 +574,10 @@ def test_repeated_outcomes_are_refused(name, vector):
         build(outcomes)
     with pytest.raises(ValueError, match="`outcomes` must be distinct"):
         build(outcomes.clone())
+    # Distinct as given, equal once converted to the logits' float32: the message says so.
+    close = torch.tensor([1.0, 1.0 + 1e-9, 2.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="only 2 are distinct in torch.float32"):
+        pr.FiniteDiscrete(close, logits=torch.zeros(3))
 
 
 # --- Count and flag arguments ------------------------------------------------------------------
@@ -655,10 +659,40 @@ def test_an_estimator_option_is_refused_in_the_name_of_the_class_built(cls, opti
 
 
 def test_schedules_refuse_temperatures_their_dtype_cannot_hold():
-    with pytest.raises(ValueError, match="normal numbers of float16"):
-        pr.ExponentialDecay(1e5, 0.1, dtype=torch.float16)  # was an infinite temperature
+    with pytest.raises(ValueError, match="normal numbers of float32"):
+        pr.ExponentialDecay(1e39, 0.1, dtype=torch.float32)  # was an infinite temperature
     with pytest.raises(ValueError, match="`step` must be an integer of at least 0"):
         pr.ExponentialDecay(1.0, 0.1).value_at(-3)
+
+
+def test_a_half_precision_temperature_is_not_silently_left_behind():
+    # The distributions compute half-precision parameters in float32 and copy a float16
+    # temperature: a schedule of dtype float16 (which the docstring suggested for such
+    # parameters) annealed nothing built before its step, without a word (a float64 one
+    # warned). Now the schedule refuses half precision, and the copy warns as for any dtype.
+    with pytest.raises(ValueError, match="pass torch.float32"):
+        pr.ExponentialDecay(1.0, 0.1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="floating torch.dtype"):
+        pr.ExponentialDecay(1.0, 0.1, dtype="float64")
+    rate = torch.full((3,), 2.0, dtype=torch.float16)
+    for temperature in (torch.tensor(0.5, dtype=torch.float16), torch.tensor(0.5, dtype=_f64)):
+        with pytest.warns(UserWarning, match="the temperature tensor .* is copied"):
+            pr.GenGSPoisson(rate, temperature, 10)
+    schedule = pr.ExponentialDecay(1.0, 0.1, steps=5, dtype=torch.float32)
+    d = pr.GenGSPoisson(rate, schedule.temperature, 10)
+    for _ in range(5):
+        schedule.step()
+    torch.testing.assert_close(d.temperature, torch.full_like(d.temperature, 0.1))
+
+
+def test_a_schedule_reaches_its_floor_exactly_and_says_what_it_is():
+    for initial, floor, steps in ((1.0, 0.1, 7), (3.7, 0.013, 1000), (2.0, 2.0, 3)):
+        schedule = pr.ExponentialDecay(initial, floor, steps=steps, dtype=_f64)
+        assert schedule.value_at(steps) == floor and schedule.value_at(steps + 5) == floor
+    assert repr(schedule) == "ExponentialDecay(initial=2.0, floor=2.0, steps=3, step_count=0)"
+    for state in (None, [1, 2]):
+        with pytest.raises(TypeError, match=r"the dict state_dict\(\) returns"):
+            schedule.load_state_dict(state)
 
 
 @pytest.mark.parametrize(
@@ -791,6 +825,13 @@ def test_automatic_truncation_refuses_a_mass_its_dtype_cannot_resolve():
     d = pr.GenGSPoisson(torch.tensor(3.0, dtype=_f64), 0.5, None, mass=1 - 1e-9)
     captured = scipy.stats.poisson(3.0).cdf(d.truncation - 2)
     assert captured >= 1 - 1e-9
+    # Half precision is computed in float32 by the distributions: the public function refused
+    # the default mass for a float16 or bfloat16 base that GenGSPoisson accepts.
+    rate = torch.tensor([0.5, 3.0])
+    expected = automatic_truncation(torch.distributions.Poisson(rate), 0.999)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = torch.distributions.Poisson(rate.to(dtype))
+        assert automatic_truncation(half, 0.999) == expected
 
 
 @pytest.mark.parametrize(

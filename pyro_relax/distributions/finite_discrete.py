@@ -80,8 +80,9 @@ def check_outcomes(owner: str, outcomes: torch.Tensor) -> None:
     if distinct != static_size(outcomes.shape[0]):
         raise ValueError(
             f"{owner}: `outcomes` must be distinct, got {static_size(outcomes.shape[0])} "
-            f"outcomes of which {distinct} differ; merge repeated outcomes and add their "
-            "probabilities"
+            f"outcomes of which only {distinct} are distinct in {outcomes.dtype} (the dtype the "
+            "distribution computes in, to which they are converted); merge repeated outcomes "
+            "and add their probabilities, or give the parameters a dtype that tells them apart"
         )
     setattr(outcomes, _DISTINCT, outcomes._version)
 

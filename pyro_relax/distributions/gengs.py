@@ -13,6 +13,7 @@ from torch.distributions.utils import lazy_property, logits_to_probs
 
 from pyro_relax._carry import carried, carry
 from pyro_relax._numerics import (
+    VectorOf,
     as_float,
     caller_stacklevel,
     categorical_log_probs,
@@ -127,9 +128,11 @@ class _RelaxedOneHotMap(torch.autograd.Function):
         if grad_value is not None and ctx.needs_input_grad[2]:
             grad_outcomes = _outcomes_gradient(weights, grad_value, outcomes)
         if grad_weights is None and grad_value is not None and outcomes.dim() == 1:
-            # g w (c - z): three passes over the weights instead of four.
-            grad_scores = weights * (outcomes - value.unsqueeze(-1))
-            return grad_scores.mul_(grad_value.unsqueeze(-1)), None, grad_outcomes, None, None
+            # g w (c - z): three passes over the weights instead of four. Updated in place is
+            # the product with the upstream gradient, which torch.func may batch (jacrev's
+            # cotangents) where the saved tensors are not.
+            grad_scores = grad_value.unsqueeze(-1) * weights
+            return grad_scores.mul_(outcomes - value.unsqueeze(-1)), None, grad_outcomes, None, None
         upstream = grad_weights
         if grad_value is not None:
             mapped = (
@@ -213,8 +216,9 @@ class TruncatedGenGS(TorchDistribution):
     the relaxed moments as :math:`\tau \to 0` and exactly those of straight-through samples.
 
     A relaxed value is scored with the weights it carries over the outcomes of the
-    distribution that drew it, paired with this one's by value (in any order; an outcome this
-    one lacks has probability 0), as the KLs pair them.
+    distribution that drew it, paired with this one's by value, as the KLs pair them: the two
+    need the same number of outcomes (else ``ValueError``), in any order, and an outcome of the
+    drawing distribution that this one lacks has probability 0 here.
 
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
@@ -345,7 +349,7 @@ class TruncatedGenGS(TorchDistribution):
     @property
     def support(self):
         box = constraints.interval(*self._outcome_range)
-        return constraints.independent(box, 1) if self.event_shape else box
+        return VectorOf(box) if self.event_shape else box
 
     @property
     def mean(self):
@@ -455,7 +459,9 @@ def _count_base(family, owner, temperature, **params):
     if params.get("probs") is not None and params.get("logits") is not None:
         raise ValueError(f"{owner}: pass exactly one of `probs` and `logits`")
     given = {name: value for name, value in params.items() if value is not None}
-    parsed, _ = parse_parameters(owner, {**given, "temperature": temperature}, {}, False)
+    parsed, _ = parse_parameters(
+        owner, {**given, "temperature": temperature}, {}, False, warn_copy=False
+    )
     del parsed["temperature"]
     try:
         return family(**parsed, validate_args=False)
@@ -919,8 +925,15 @@ class GenGSMultinomial(TruncatedGenGS):
     ):
         owner = type(self).__name__
         total_count = check_count(owner, "total_count", total_count)
+        # TruncatedGenGS parses the temperature again, and warns of a copy then.
         name, param, _, _ = categorical_parameters(
-            owner, probs, logits, temperature, validation_enabled(validate_args), "classes"
+            owner,
+            probs,
+            logits,
+            temperature,
+            validation_enabled(validate_args),
+            "classes",
+            warn_copy=False,
         )
         # A Categorical normalizes the class parameters; torch's Multinomial would validate its
         # inner Categorical even with validate_args=False (a host read per step).

@@ -457,7 +457,10 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
         n = k^* + 2, \qquad k^* = \min\{k : P(X \leq k) \geq \eta\},
 
     so outcomes :math:`0..k^*` are exact and the last one absorbs the rest (the "GenGS NP" rule
-    of Joo et al., 2020, Algorithm 2).
+    of Joo et al., 2020, Algorithm 2); a Binomial's is at most :math:`N + 1`, its exact
+    outcomes :math:`0..N`. ``mass`` must be resolvable in the dtype the truncated PMF is
+    computed in (the base's, float32 for half precision): at most :math:`1 - 1.9 \cdot
+    10^{-6}` in float32.
 
     Without ``max_truncation`` the result is the maximum over the batch, a Python ``int``; finding
     it reads tensors on the host (a device synchronization). With ``max_truncation`` the result is
@@ -491,12 +494,14 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
             "automatic_truncation", "max_truncation", max_truncation, minimum=2
         )
     like = _like(base).detach()
-    if 1 - mass < 16 * torch.finfo(like.dtype).eps:
+    # The distributions compute a half-precision base's PMF in float32.
+    row_dtype = torch.promote_types(like.dtype, torch.float32)
+    if 1 - mass < 16 * torch.finfo(row_dtype).eps:
         # A row of this dtype cannot tell such a mass from 1 (the search below runs in float64,
         # the truncated PMF it chooses for does not).
         raise ValueError(
-            f"automatic_truncation: `mass` {mass} is closer to 1 than {like.dtype} resolves "
-            f"(at most 1 - {16 * torch.finfo(like.dtype).eps:.2g}); use float64 parameters or "
+            f"automatic_truncation: `mass` {mass} is closer to 1 than {row_dtype} resolves "
+            f"(at most 1 - {16 * torch.finfo(row_dtype).eps:.2g}); use float64 parameters or "
             "pass `truncation`"
         )
     if max_truncation is None and torch.jit.is_tracing():
@@ -520,10 +525,16 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
         with torch.no_grad():
             head = torch.logcumsumexp(family.log_pmf(search, _counts(size, like).double()), -1)
         below = (head < threshold).sum(-1)
+        truncation = below + 2
+        if isinstance(base, Binomial):
+            # N + 1 outcomes are exact (the last absorbs P(X >= N) = P(X = N)): none beyond N,
+            # which would have no mass.
+            exact = (base.total_count.detach().to(below.dtype) + 1).clamp(min=2)
+            truncation = torch.minimum(truncation, exact.expand_as(truncation))
         if max_truncation is not None:
-            return (below + 2).clamp(max=max_truncation)
+            return truncation.clamp(max=max_truncation)
         if bool((below < size).all()):
-            return int(below.max()) + 2
+            return int(truncation.max())
         if size >= 2**16:
             raise ValueError(
                 f"automatic truncation needs more than {size} outcomes to capture mass {mass} of "
