@@ -9,6 +9,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pyro.ops.provenance import ProvenanceTensor, extract_provenance, track_provenance
 from torch.distributions import Distribution, biject_to, constraints, transform_to
 
 __all__ = [
@@ -289,12 +290,23 @@ def fast_apply(function: type[torch.autograd.Function]):
     )
     Twin.__name__ = Twin.__qualname__ = function.__name__
     if _TRANSFORMS_ACTIVE is None:  # a torch without the check: the Function itself
-        return function.apply
+        run = function.apply
+    else:
+
+        def run(*args):
+            if _TRANSFORMS_ACTIVE():
+                return function.apply(*args)
+            return (traceable if torch.compiler.is_compiling() else Twin).apply(*args)
 
     def apply(*args):
-        if _TRANSFORMS_ACTIVE():
-            return function.apply(*args)
-        return (traceable if torch.compiler.is_compiling() else Twin).apply(*args)
+        # Pyro's TraceGraph_ELBO (and TraceRLOO_ELBO) wrap what depends on a score-function
+        # site in ProvenanceTensor, whose __torch_function__ cuts a custom Function's outputs
+        # from the graph: the Function runs on the plain tensors and its outputs get the
+        # provenance back, as any torch operator's do.
+        if not any(isinstance(arg, ProvenanceTensor) for arg in args):
+            return run(*args)
+        plain, provenance = extract_provenance(args)
+        return track_provenance(run(*plain), provenance)
 
     return apply
 

@@ -285,6 +285,52 @@ def test_torch_func_grad_and_vmap_agree_with_autograd(example):
     torch.testing.assert_close(vmapped, looped, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.learnable], ids=lambda e: e.id)
+def test_parameters_that_carry_provenance_keep_their_gradient_and_provenance(example):
+    # Pyro's TraceGraph_ELBO wraps what depends on a score-function site in ProvenanceTensor,
+    # which cut the library's autograd Functions' outputs from the graph: a relaxed site
+    # downstream of such a site got no gradient at all. The sample, its score and the KLs must
+    # keep both the gradient (equal to the plain parameters') and the provenance.
+    from pyro.ops.provenance import ProvenanceTensor, get_provenance
+
+    name = next(iter(example.learnable))
+
+    def run(wrap):
+        params = example.parameters(requires_grad=True)
+        leaf = params[name]
+        if wrap:
+            params[name] = ProvenanceTensor(leaf * 1, frozenset({"k"}))
+        d = example.build(params)
+        torch.manual_seed(3)
+        z = d.rsample((2,))
+        terms = [z, d.log_prob(z)] + [
+            kl_divergence(d, partner()) for partner in example.kl_partners
+        ]
+        if wrap:
+            assert all(get_provenance(term) == {"k"} for term in terms)
+        total = sum(term.sum() for term in terms)
+        return torch.autograd.grad(total, leaf)[0]
+
+    torch.testing.assert_close(run(True), run(False))
+
+
+@every_example
+def test_an_integral_sample_is_scored_alike_in_an_integer_dtype(example):
+    # Observed data come as integer or boolean tensors: the straight-through Bernoulli classes
+    # raised from torch's Bernoulli (which scores floating values only) where the categorical
+    # and count classes scored them as the same floating value.
+    torch.manual_seed(0)
+    d = example.build()
+    value = d.sample((3,))
+    if not bool((value == value.round()).all()):  # a relaxed value: no integer twin
+        assert not (getattr(d, "hard", False) and example.categories is not None)
+        return
+    expected = d.log_prob(value.clone())
+    dtypes = [torch.long] + ([torch.bool] if bool(((value == 0) | (value == 1)).all()) else [])
+    for dtype in dtypes:
+        torch.testing.assert_close(d.log_prob(value.to(dtype)), expected)
+
+
 @pytest.mark.parametrize(
     "example",
     [e for e in EXAMPLES if torch.is_tensor(e.params.get("temperature"))],

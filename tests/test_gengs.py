@@ -1070,3 +1070,15 @@ def test_vector_outcomes_score_an_empty_batch_under_validation():
     assert d.log_prob(d.rsample((0,))).shape == (0,)
     assert d.expand((0,)).log_prob(d.expand((0,)).rsample()).shape == (0,)
     assert d.support.check(torch.tensor([[0.5, 1.0], [3.0, 0.0]])).tolist() == [True, False]
+
+
+def test_another_familys_relaxed_sample_is_named_as_such():
+    # An IGRCount guide's count scored by a GenGS prior was called "not a relaxed sample drawn
+    # by rsample" and blamed on AutoNormal or AutoDelta: it is a relaxed sample, of another
+    # family.
+    torch.manual_seed(0)
+    count = pr.IGRCount(torch.zeros(2, 9), torch.ones(2, 9), 0.5).rsample()
+    prior = GenGSPoisson(torch.ones(2), 0.5, 10, validate_args=True)
+    with pytest.raises(ValueError, match="a relaxed sample of another family") as error:
+        prior.log_prob(count)
+    assert "AutoNormal" not in str(error.value)

@@ -11,7 +11,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Binomial, Categorical, Geometric, NegativeBinomial, Poisson
 from torch.distributions.utils import lazy_property, logits_to_probs
 
-from pyro_relax._carry import carried, carry
+from pyro_relax._carry import carried, carry, relaxation_of
 from pyro_relax._numerics import (
     VectorOf,
     as_float,
@@ -406,9 +406,8 @@ class TruncatedGenGS(TorchDistribution):
             self._validate_sample(value)
         if weights is None:
             owner, validate = type(self).__name__, self._validate_args
-            return outcome_log_prob(
-                owner, value, self.outcomes, self.logits, validate, _NOT_AN_OUTCOME
-            )
+            hint = _NOT_AN_OUTCOME if relaxation_of(value) is None else _ANOTHER_FAMILY
+            return outcome_log_prob(owner, value, self.outcomes, self.logits, validate, hint)
         # Outcomes excluded here (logit -inf) that the sample gives no weight would make
         # 0 * -inf = NaN: LOG_ZERO stands for log 0. (The most negative float did until a
         # second derivative, which multiplies it again, overflowed to -inf against a zero
@@ -438,6 +437,14 @@ class TruncatedGenGS(TorchDistribution):
         holding the tail)."""
         return FiniteDiscrete(self.outcomes, logits=self.logits, validate_args=self._validate_args)
 
+
+# A relaxed sample of another family (an IGRCount's count, a soft straight-through's point):
+# its record carries no GenGS weights.
+_ANOTHER_FAMILY = (
+    ": it is a relaxed sample of another family (IGR, a soft straight-through estimator), "
+    "which carries no GenGS weights. A GenGS scores its own family's samples: give the site's "
+    "model and guide the same family (a GenGS over the same outcomes)"
+)
 
 # What a value that is not an outcome usually is, and what to do about it.
 _NOT_AN_OUTCOME = (

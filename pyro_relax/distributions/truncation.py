@@ -510,7 +510,9 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
             "choose the number of outcomes, which torch.jit.trace (JitTrace_ELBO) would freeze "
             "at its traced value; pass `max_truncation` or a fixed `truncation`"
         )
-    if base.batch_shape.numel() == 0:  # an empty batch: nothing to capture
+    # An empty batch: nothing to capture. (torch.Size again: a parameter that carries Pyro's
+    # provenance makes the batch shape a plain tuple.)
+    if torch.Size(base.batch_shape).numel() == 0:
         if max_truncation is None:
             return 2
         return torch.full(base.batch_shape, 2, dtype=torch.long, device=like.device)
