@@ -452,6 +452,25 @@ class VectorOf(constraints.independent):
         return all_last(result)
 
 
+def distribution_repr(d, *names: str, **shown: str) -> str:
+    """``Class(name: value, ...)`` for the attributes ``names`` that ``d`` has (``None`` ones
+    left out), then the ``shown`` descriptions: a one-element tensor by its value (its shape
+    on the meta device), a larger one by its shape, anything else by its own repr. torch's
+    repr lists only the ``arg_constraints`` entries of the instance's ``__dict__``, so a
+    GenGSPoisson showed its temperature and not its rate."""
+    parts = []
+    for name in names:
+        value = getattr(d, name, None)
+        if value is None:
+            continue
+        if torch.is_tensor(value):
+            one = value.numel() == 1 and value.device.type != "meta"
+            value = value.item() if one else value.size()
+        parts.append(f"{name}: {value!r}" if isinstance(value, str) else f"{name}: {value}")
+    parts += [f"{name}: {text}" for name, text in shown.items()]
+    return f"{type(d).__name__}({', '.join(parts)})"
+
+
 def any_last(mask: torch.Tensor) -> torch.Tensor:
     """Whether each row (last dimension) of ``mask`` has a true entry: a positive count."""
     return mask.sum(-1) > 0

@@ -314,6 +314,22 @@ def test_parameters_that_carry_provenance_keep_their_gradient_and_provenance(exa
     torch.testing.assert_close(run(True), run(False))
 
 
+# Where a repr shows a parameter under another name than the factory's.
+_SHOWN_AS = {"GenGSMultinomial": {"probs": "class_logits"}}
+
+
+@every_example
+def test_the_repr_shows_the_parameters(example):
+    # torch's repr lists only arg_constraints entries in the instance's __dict__: a
+    # GenGSPoisson showed its temperature and not its rate, an IGRCount nothing at all.
+    d = example.build()
+    text = repr(d)
+    assert text.startswith(type(d).__name__ + "(")
+    for name in example.learnable:
+        shown = [name, example.through.get(name), _SHOWN_AS.get(example.id, {}).get(name)]
+        assert any(n is not None and f"{n}:" in text for n in shown), (name, text)
+
+
 @every_example
 def test_an_integral_sample_is_scored_alike_in_an_integer_dtype(example):
     # Observed data come as integer or boolean tensors: the straight-through Bernoulli classes

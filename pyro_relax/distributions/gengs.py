@@ -21,6 +21,7 @@ from pyro_relax._numerics import (
     check_count,
     check_devices,
     check_flag,
+    distribution_repr,
     fast_apply,
     finite_positive,
     gumbel_like,
@@ -339,6 +340,15 @@ class TruncatedGenGS(TorchDistribution):
         """The number of outcomes the distribution is truncated to (here all of them)."""
         return self.num_outcomes
 
+    # What a repr shows, in this order (the count classes show their base's parameters).
+    _repr_names = ("logits", "outcomes", "temperature", "hard")
+
+    def __repr__(self):
+        parameter = "probs" if "probs" in self.__dict__ else "logits"
+        return distribution_repr(
+            self, *(parameter if n == "logits" else n for n in self._repr_names)
+        )
+
     @lazy_property
     def _outcome_range(self):
         if self._outcomes_are_counts:
@@ -521,6 +531,7 @@ class GenGS(TruncatedGenGS):
     """
 
     _logits_are_normalized = True  # log_probs_truncated returns normalized rows
+    _repr_names = ("base_dist", "truncation", "temperature", "hard")
 
     def __init__(
         self,
@@ -919,6 +930,8 @@ class GenGSMultinomial(TruncatedGenGS):
         >>> d.num_outcomes, round(float(d.rsample().sum()), 4)
         (10, 3.0)
     """
+
+    _repr_names = ("total_count", "class_logits", "temperature", "hard")
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ from pyro_relax._numerics import (
     check_flag,
     clamp_with_identity_gradient,
     common_dtype_and_device,
+    distribution_repr,
     finite_positive,
     finite_real,
     is_integer,
@@ -289,6 +290,12 @@ class _IGRBase(TransformedDistribution):
         # temperature divides a sample without broadcasting an expanded view.
         softmax = SoftmaxPlusPlusTransform.of_parsed(params["temperature"], params["delta"])
         return validate, softmax
+
+    def __repr__(self):
+        names = ("loc", "scale", "temperature", "delta", "hard", "precision")
+        flows = getattr(self, "flows", None)
+        shown = {"flows": f"{len(flows)} x {type(flows[0]).__name__}"} if flows else {}
+        return distribution_repr(self, *names, **shown)
 
     def _set_distribution(self, transforms, validate):
         """Sets the maps to the simplex (``transforms``, softmax++ last) and the shapes, as
@@ -1126,6 +1133,9 @@ class IGRCount(TorchDistribution):
         )
         super().__init__(self.simplex_dist.batch_shape, validate_args=False)
         self._validate_args = self.simplex_dist._validate_args
+
+    def __repr__(self):
+        return distribution_repr(self, "simplex_dist")
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IGRCount, _instance)

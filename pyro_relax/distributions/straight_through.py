@@ -17,6 +17,7 @@ from pyro_relax._numerics import (
     categorical_parameters,
     check_count,
     check_flag,
+    distribution_repr,
     finite_real,
     gumbel_like,
     linear_log_prob,
@@ -193,6 +194,10 @@ class _StraightThroughCategorical(OneHotCategorical):
             self._categorical.logits = categorical_log_probs(self._categorical)
         Distribution.__init__(self, batch_shape, param.shape[-1:], validate_args=False)
         self._validate_args = validate
+
+    def __repr__(self):
+        parameter = "probs" if built_from_probs(self._categorical) else "logits"
+        return distribution_repr(self, parameter, "temperature", "hard", *self._option_names)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(_StraightThroughCategorical, _instance)
@@ -671,6 +676,11 @@ class _StraightThroughBernoulli(Bernoulli):
                 self._relaxed = self._build_relaxed(options)
         for name in names:
             setattr(self, name, getattr(self._relaxed, name))
+
+    def __repr__(self):
+        parameter = "probs" if built_from_probs(self) else "logits"
+        options = self._categorical_class._option_names
+        return distribution_repr(self, parameter, "temperature", "hard", *options)
 
     def _build_relaxed(self, options):
         if built_from_probs(self):
