@@ -309,6 +309,12 @@ def test_automatic_truncation_is_refused_under_a_jit_trace_and_the_cap_follows_t
     expected = GenGSPoisson(rate, 0.5, max_truncation=60).logits
     torch.testing.assert_close(capped(rate), expected)
     assert float(expected.exp()[-1]) < 1e-3
+    # The same class of host read: a tensor total_count chooses GenGSBinomial's outcomes.
+    with pytest.raises(ValueError, match="pass an int"):
+        torch.jit.trace(
+            lambda counts, p: pr.GenGSBinomial(counts, 0.5, probs=p).logits,
+            (torch.tensor([3.0, 5.0]), torch.tensor([0.2, 0.4])),
+        )
 
 
 def test_automatic_truncation_grows_beyond_initial_size():

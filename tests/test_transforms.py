@@ -175,3 +175,14 @@ def test_sticks_inverse_of_an_input_changed_in_place_is_computed():
     w = t(x)
     x.add_(1.0)
     torch.testing.assert_close(t.inv(w), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+
+
+def test_softmax_plus_plus_names_a_batch_its_parameters_do_not_broadcast_with():
+    # A temperature of batch shape (3,) and an input of batch (2,) raised torch's "The size of
+    # tensor a (2) must match ..." from the division, forward and inverse alike.
+    transform = SoftmaxPlusPlusTransform(torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match=r"an input of batch shape \(2,\) does not broadcast"):
+        transform(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"a point of batch shape \(2,\) does not broadcast"):
+        transform.inv(torch.full((2, 5), 0.2))
+    assert transform(torch.zeros(3, 4)).shape == (3, 5)

@@ -835,6 +835,12 @@ class GenGSBinomial(GenGS):
         else:
             # The outcomes run to the largest total count: read on the host, once per
             # construction, after the values are checked (GenGS checks them again, cheaply).
+            if torch.jit.is_tracing():
+                raise ValueError(
+                    "GenGSBinomial: a tensor `total_count` is read on the host to choose the "
+                    "number of outcomes, which torch.jit.trace (JitTrace_ELBO) would freeze at "
+                    "its traced value; pass an int"
+                )
             base = check_base(type(self).__name__, base, validation_enabled(validate_args))[0]
             counts = base.total_count
             truncation = max(int(counts.max()) + 1 if counts.numel() else 0, 2)

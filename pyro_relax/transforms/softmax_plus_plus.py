@@ -224,7 +224,21 @@ class SoftmaxPlusPlusTransform(Transform):
         """The forward map in log space, :math:`\\log z`; finite wherever :math:`x` is."""
         return self.simplex_and_log(x)[1]
 
+    def _check_batch(self, x, what):
+        """``ValueError`` where the batch of ``x`` does not broadcast with the parameters'
+        (a raw broadcasting error from the division by the temperature otherwise). The IGR
+        distributions, whose shapes are checked at construction, call the map directly."""
+        try:
+            broadcast_shapes(x.shape[:-1], self._parameter_shape())
+        except RuntimeError:
+            raise ValueError(
+                f"SoftmaxPlusPlusTransform: {what} of batch shape {tuple(x.shape[:-1])} does not "
+                f"broadcast with the temperature and delta, of shape "
+                f"{tuple(self._parameter_shape())}"
+            ) from None
+
     def _call(self, x):
+        self._check_batch(x, "an input")
         z, log_z = self.simplex_and_log(x)
         return carry(z, log_weights=log_z)
 
@@ -234,6 +248,7 @@ class SoftmaxPlusPlusTransform(Transform):
                 f"SoftmaxPlusPlusTransform.inv: a point of the simplex needs at least 2 "
                 f"coordinates, got shape {tuple(z.shape)}"
             )
+        self._check_batch(z, "a point")
         log_z = carried(z, "log_weights")
         if log_z is None:
             # A coordinate that underflowed to zero has no finite logarithm; the smallest normal
