@@ -1,6 +1,7 @@
 """The one record a relaxed sample carries to ``log_prob``, and its public accessor."""
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -9,6 +10,9 @@ __all__ = ["Relaxation", "relaxation_of", "with_relaxation"]
 
 # The one attribute by which a tensor carries its record.
 _ATTRIBUTE = "_pyro_relax"
+# The version of a copied record whose value had changed in place before the copy: counters
+# are never negative, so relaxation_of finds the copy's record void.
+_VOID = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,8 @@ class Relaxation:
         version (int): the value's version counter when the record was attached: an in-place
             operation on the value (``add_``, ``clamp_``, an assignment to a slice) advances
             it, and the record no longer describes the value (:func:`relaxation_of` then gives
-            ``None``). A copy of the sample, or one loaded from a file, keeps its record.
+            ``None``). A copy of the sample, or one loaded from a file, keeps its record
+            (not one made after such a change).
 
     Example:
         >>> import pyro_relax as pr
@@ -106,7 +111,12 @@ class Relaxation:
         state = dict(self.__dict__)
         current = self.current_source()
         state["source"] = None if current is None else (*current, None)
-        state["version"] = None  # the copy's counter is its own
+        # The copy's counter is its own: it trusts the record, unless the value it describes
+        # was changed in place before the copy (a version no counter has marks it void).
+        described = state.pop("_described", None)
+        value = None if described is None else described()
+        stale = value is not None and self.version is not None and _version(value) != self.version
+        state["version"] = _VOID if stale else None
         return state
 
 
@@ -211,8 +221,16 @@ def with_relaxation(value: torch.Tensor, relaxation: Relaxation | None) -> torch
             f"with_relaxation: the record describes a value of shape {tuple(relaxation.shape)}, "
             f"not this value's {tuple(value.shape)}: a record must describe the same draw"
         )
-    setattr(value, _ATTRIBUTE, dataclasses.replace(relaxation, version=_version(value)))
+    _attach(value, dataclasses.replace(relaxation, version=_version(value)))
     return value
+
+
+def _attach(value: torch.Tensor, record: Relaxation) -> None:
+    """Sets ``record`` on ``value``, with a weak reference back to it while its version counter
+    is kept (so that a copy made after an in-place change knows the record is stale)."""
+    if record.version is not None:
+        object.__setattr__(record, "_described", weakref.ref(value))
+    setattr(value, _ATTRIBUTE, record)
 
 
 def carry(value: torch.Tensor, **fields) -> torch.Tensor:
@@ -221,7 +239,7 @@ def carry(value: torch.Tensor, **fields) -> torch.Tensor:
     record = relaxation_of(value)
     fields.update(shape=value.shape, version=_version(value))
     record = Relaxation(**fields) if record is None else dataclasses.replace(record, **fields)
-    setattr(value, _ATTRIBUTE, record)
+    _attach(value, record)
     return value
 
 

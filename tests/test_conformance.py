@@ -129,6 +129,13 @@ def test_a_sample_changed_in_place_is_scored_as_a_plain_value(example):
     with torch.no_grad():
         value.copy_(other)
     assert relaxation_of(value) is None
+    # A copy made after the change, in memory or through a file, does not revive the record
+    # (the copy's counter is its own, and it took the stale record on trust).
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(value), torch.load(buffer)):
+        assert relaxation_of(copied) is None
     in_place, plain = _score(d, value), _score(d, other.detach().clone())
     if isinstance(plain, str):
         assert in_place == plain
