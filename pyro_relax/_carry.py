@@ -4,6 +4,7 @@ import dataclasses
 import weakref
 
 import torch
+from pyro.ops.provenance import ProvenanceTensor, extract_provenance
 
 # The public names; `carry` and `carried` serve the distributions.
 __all__ = ["Relaxation", "relaxation_of", "with_relaxation"]
@@ -176,6 +177,11 @@ def relaxation_of(value) -> Relaxation | None:
         torch.Size([3])
     """
     record = getattr(value, _ATTRIBUTE, None)
+    if record is None and isinstance(value, ProvenanceTensor):
+        # Pyro's dependency tracking (pyro.infer.inspect, TraceGraph_ELBO) wraps sample values
+        # in a new tensor object; the record is on the value it wraps, sharing its data.
+        value = extract_provenance(value)[0]
+        record = getattr(value, _ATTRIBUTE, None)
     if record is None or record.version is None:
         return record
     current = _version(value)
@@ -231,6 +237,10 @@ def _attach(value: torch.Tensor, record: Relaxation) -> None:
     if record.version is not None:
         object.__setattr__(record, "_described", weakref.ref(value))
     setattr(value, _ATTRIBUTE, record)
+    if isinstance(value, ProvenanceTensor):
+        # Pyro wraps such a value again in a new object (tracking its dependencies): the record
+        # goes on the tensor it wraps too, where relaxation_of looks through the wrapper.
+        setattr(extract_provenance(value)[0], _ATTRIBUTE, record)
 
 
 def carry(value: torch.Tensor, **fields) -> torch.Tensor:

@@ -214,3 +214,31 @@ def test_kl_to_a_count_distribution_is_infinite_outside_its_support():
     vectors = pr.FiniteDiscrete(torch.eye(3), probs=torch.ones(3) / 3)
     with pytest.raises(ValueError, match=r"KL\(FiniteDiscrete \|\| Poisson\) needs one event"):
         kl_divergence(vectors, dist.Poisson(torch.tensor(1.0)))
+
+
+def test_a_value_that_is_no_outcome_scores_nan_without_validation():
+    # Without validation such a value took the log-probability of its nearest outcome: a step
+    # function of the value, which NUTS (Pyro's MCMC turns validation off) sampled as if it were
+    # a density, drawing non-integer counts. It has no probability: NaN, loud where it lands.
+    lax = {"validate_args": False}
+    counts = pr.GenGSPoisson(torch.tensor([2.0, 3.0]), 0.5, 10, **lax)
+    scores = counts.log_prob(torch.tensor([2.0, 2.4]))
+    assert bool(torch.isfinite(scores[0])) and bool(torch.isnan(scores[1]))
+    outcomes = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    finite = pr.FiniteDiscrete(outcomes, probs=torch.tensor([0.3, 0.7]), **lax)
+    scores = finite.log_prob(torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    assert bool(torch.isfinite(scores[0])) and bool(torch.isnan(scores[1]))
+    hard = pr.IGR(torch.zeros(2), torch.ones(2), 0.5, hard=True, **lax)
+    scores = hard.log_prob(torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.5, 0.3]]))
+    assert bool(torch.isfinite(scores[0])) and bool(torch.isnan(scores[1]))
+
+
+def test_a_value_of_the_wrong_shape_is_refused_by_name():
+    # torch's broadcasting error came from the gather, which Pyro does not attribute to a site.
+    d = pr.FiniteDiscrete(torch.arange(3.0), probs=torch.ones(2, 3) / 3, validate_args=True)
+    with pytest.raises(ValueError, match=r"shape \(3,\), which does not broadcast"):
+        d.log_prob(torch.zeros(3))
+    vectors = pr.FiniteDiscrete(torch.eye(3), probs=torch.ones(3) / 3, validate_args=True)
+    with pytest.raises(ValueError, match=r"event shape \(3,\)"):
+        vectors.log_prob(torch.zeros(2))
+    assert d.log_prob(torch.zeros(4, 1)).shape == (4, 2)

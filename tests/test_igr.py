@@ -1043,3 +1043,20 @@ def test_kl_without_a_closed_form_names_the_pair():
     small, large = pr.IGRCount(zeros, ones, 0.5), pr.IGRCount(torch.zeros(4), torch.ones(4), 0.5)
     with pytest.raises(ValueError, match=r"KL\(IGRCount \|\| IGRCount\) needs the same number"):
         kl_divergence(small, large)
+
+
+@pytest.mark.parametrize("family", [pr.IGRStickBreaking, pr.IGRCount])
+def test_an_autoguide_of_the_whole_support_is_told_what_the_site_needs(family):
+    # AutoNormal proposes points of the whole simplex (or plain counts), outside the image of
+    # an IGR-SB map: the errors blamed another temperature or delta, or said nothing of guides.
+    from pyro.infer.autoguide import AutoNormal
+
+    def model():
+        pyro.sample("z", family(torch.zeros(2), torch.ones(2), 0.5))
+
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="AutoRelaxed"):
+        for _ in range(20):  # AutoNormal's point may fall inside the image
+            Trace_ELBO().loss(model, AutoNormal(model))
+            pyro.clear_param_store()

@@ -410,3 +410,25 @@ def test_a_relaxed_site_downstream_of_a_score_function_site_keeps_its_pathwise_g
         rloo = TraceRLOO_ELBO(num_particles=3, max_plate_nesting=1)
         vectorized = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
         torch.testing.assert_close(gradient(rloo, seed), gradient(vectorized, seed))
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.learnable], ids=lambda e: e.id)
+def test_pyros_dependency_tracking_reads_every_relaxed_site(example):
+    # pyro.infer.inspect (get_dependencies, get_model_relations, render_model) wraps sample
+    # values in ProvenanceTensor, a new object without the sample's record: IGRCount and
+    # IGRPlanar sites whose parameters depend on another site raised "a plain count has no
+    # density" and "scores only samples drawn from an IGRPlanar".
+    from pyro.infer.inspect import get_model_relations
+
+    name = next(iter(example.learnable))
+
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        params = example.parameters()
+        params[name] = params[name] + 0 * a
+        z = pyro.sample("z", example.build(params))
+        pyro.sample("x", dist.Normal(z.sum(), 1.0), obs=torch.tensor(0.0))
+
+    relations = get_model_relations(model)
+    assert relations["sample_sample"]["z"] == ["a"]
+    assert relations["sample_sample"]["x"] == ["z"]

@@ -11,6 +11,7 @@ from pyro_relax._numerics import (
     all_last,
     any_last,
     as_float,
+    broadcast_shapes,
     check_constraint,
     check_devices,
     finite_real,
@@ -103,14 +104,18 @@ def log_probs_at(outcomes, other_outcomes, other_logits):
 
 
 def outcome_log_prob(owner: str, value, outcomes, logits, validate: bool, hint=""):
-    """The log-probability in ``logits`` of the outcome each value is; with ``validate``,
-    ``ValueError`` (naming ``owner``, followed by ``hint``) for a value that is none of the
-    ``outcomes``. Excluded outcomes have logit -inf, which is their log-probability."""
+    """The log-probability in ``logits`` of the outcome each value is; for a value that is
+    none of the ``outcomes``, ``ValueError`` with ``validate`` (naming ``owner``, followed by
+    ``hint``), else NaN (it has no probability here; the nearest outcome's would be a step
+    function of the value, which samplers such as NUTS, running without validation, took for
+    a density). Excluded outcomes have logit -inf, which is their log-probability."""
     distance, index = nearest_outcome(value, outcomes)
-    if validate and not bool((distance <= _tolerance(value, outcomes.dim() - 1)).all()):
+    is_outcome = distance <= _tolerance(value, outcomes.dim() - 1)
+    if validate and not bool(is_outcome.all()):
         raise ValueError(f"{owner}.log_prob got a value that is not one of the outcomes{hint}")
     index, logits = torch.broadcast_tensors(index.unsqueeze(-1), logits)
-    return logits.gather(-1, index[..., :1]).squeeze(-1)
+    log_prob = logits.gather(-1, index[..., :1]).squeeze(-1)
+    return log_prob if validate else torch.where(is_outcome, log_prob, math.nan)
 
 
 class FiniteDiscrete(TorchDistribution):
@@ -223,6 +228,21 @@ class FiniteDiscrete(TorchDistribution):
         if not value.is_floating_point():
             value = value.to(self.logits.dtype)  # integer counts score as the outcomes they are
         owner = type(self).__name__
+        if self._validate_args:
+            # The shape (Pyro names the site of a ValueError, not of torch's broadcasting
+            # error); whether the value is an outcome is checked next.
+            event_dims = len(self.event_shape)
+            batch = value.shape[: value.dim() - event_dims]
+            try:
+                if value.shape[value.dim() - event_dims :] != self.event_shape:
+                    raise RuntimeError
+                broadcast_shapes(batch, self.batch_shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"{owner}.log_prob got a value of shape {tuple(value.shape)}, which does "
+                    f"not broadcast with batch shape {tuple(self.batch_shape)} and event shape "
+                    f"{tuple(self.event_shape)}"
+                ) from None
         return outcome_log_prob(owner, value, self.outcomes, self.logits, self._validate_args)
 
     def enumerate_support(self, expand=True):

@@ -557,15 +557,18 @@ class IGR(_IGRBase):
         return log_density
 
     def _log_prob_of_vertex(self, value):
+        vertex = all_last((value == 0) | (value == 1))
         if self._validate_args:
             self._validate_sample(value)
-            if not bool(((value == 0) | (value == 1)).all()):
+            if not bool(vertex.all()):
                 raise ValueError(
                     "IGR(hard=True).log_prob got a value that is neither a sample "
                     "drawn by rsample (which carries its relaxation) nor a one-hot vector"
                 )
         logits = self.categorical().logits
-        return (value * logits).sum(-1)
+        # Elsewhere NaN: sum_k z_k log P(H = k) at an interior point is no density, and a
+        # sampler running without validation (NUTS) took it for one.
+        return torch.where(vertex, (value * logits).sum(-1), math.nan)
 
     def categorical(self) -> Categorical:
         """The discrete distribution of :math:`H`, by quadrature (Proposition 2); see
@@ -831,8 +834,10 @@ class IGRStickBreaking(_IGRBase):
             raise ValueError(
                 "IGRStickBreaking.log_prob got a value outside the image of its map (the "
                 "sticks it implies are negative or sum to more than one), where its density "
-                "is 0: a map of another temperature or delta made it. Give model and guide "
-                "the same temperature and delta"
+                "is 0: a map of another temperature or delta made it (give model and guide "
+                "the same temperature and delta), or a guide of the whole simplex proposed it "
+                "(an autoguide such as AutoNormal or AutoDelta, or NUTS: the site needs "
+                "pyro_relax.infer.AutoRelaxed or an IGRStickBreaking guide)"
             )
         if determined is not None and not bool(determined.all()):
             raise ValueError(
@@ -1179,7 +1184,9 @@ class IGRCount(TorchDistribution):
             raise ValueError(
                 "IGRCount.log_prob scores relaxed counts drawn by rsample (they carry their "
                 "simplex point; clone, detach and .to drop it, an in-place change voids it); a "
-                "plain count has no density"
+                "plain count has no density. An autoguide such as AutoNormal or AutoDelta "
+                "proposes plain values: the site needs pyro_relax.infer.AutoRelaxed or an "
+                "IGRCount guide"
             )
         return self.simplex_dist.log_prob(z)
 
