@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -880,36 +881,38 @@ def test_loc_without_coordinates_is_refused():
 def test_stick_breaking_scores_an_inverted_value_accurately_or_not_at_all(num_sticks, precision):
     # A copy of a float32 sample is inverted from its coordinates, which do not resolve the
     # deep sticks: the density was off by thousands of nats (K = 20, temperature 0.5: median
-    # error 7,000 nats). Now a row is scored only where its sticks and their remainders exceed
-    # their rounding error a hundredfold, and then within 0.05 nats of the sample's own
-    # density (measured worst 0.04 over such a grid); the other rows score NaN, or raise under
-    # validation.
+    # error 7,000 nats). Now a row is scored only where the rounding of its sticks, carried to
+    # its density, is estimated below 0.1 nats, and then within 0.1 nats of the sample's own
+    # density (narrow scales amplify the pre-image's error: 0.8 nats at scale 0.01 under a rule
+    # on the sticks alone); the other rows score NaN, or raise under validation.
     torch.manual_seed(num_sticks)
     scored = refused = 0
-    for temperature in (0.1, 0.5, 2.0):
-        for delta in (0.3, 1.0, 30.0):
-            loc, scale = 2 * torch.randn(num_sticks), 0.1 + 2 * torch.rand(num_sticks)
-            d = pr.IGRStickBreaking(
-                loc, scale, temperature, delta=delta, precision=precision, validate_args=False
-            )
-            value = d.rsample((500,))
-            own, copy_ = d.log_prob(value), d.log_prob(value.clone())
-            ok = ~torch.isnan(copy_)
-            assert torch.isfinite(own).all() and not torch.isinf(copy_).any()
-            assert max((own - copy_)[ok].abs().tolist(), default=0.0) < 0.05
-            scored, refused = scored + int(ok.sum()), refused + int((~ok).sum())
-            if bool(ok.all()):
-                continue
-            strict = pr.IGRStickBreaking(
-                loc, scale, temperature, delta=delta, precision=precision, validate_args=True
-            )
-            with pytest.raises(ValueError, match="does not determine its pre-image"):
-                strict.log_prob(value.clone())
-    # Few sticks, or few kept ones, are resolved; K = 20 with all sticks kept is not.
+    for temperature, delta, width in itertools.product(
+        (0.1, 0.5, 2.0), (0.3, 1.0, 30.0), (0.002, 0.01, 2.0)
+    ):
+        loc, scale = 2 * torch.randn(num_sticks), width * (0.5 + torch.rand(num_sticks))
+        d = pr.IGRStickBreaking(
+            loc, scale, temperature, delta=delta, precision=precision, validate_args=False
+        )
+        value = d.rsample((500,))
+        own, copy_ = d.log_prob(value), d.log_prob(value.clone())
+        ok = ~torch.isnan(copy_)
+        assert torch.isfinite(own).all() and not torch.isinf(copy_).any()
+        assert max((own - copy_)[ok].abs().tolist(), default=0.0) < 0.1
+        scored, refused = scored + int(ok.sum()), refused + int((~ok).sum())
+        if bool(ok.all()):
+            continue
+        strict = pr.IGRStickBreaking(
+            loc, scale, temperature, delta=delta, precision=precision, validate_args=True
+        )
+        with pytest.raises(ValueError, match="does not determine its pre-image"):
+            strict.log_prob(value.clone())
+    # Few sticks, or few kept ones, are mostly resolved (narrow scales refuse more); K = 20
+    # with all sticks kept is not.
     if num_sticks == 19 and precision is None:
         assert refused == scored + refused
     elif num_sticks < 9 or precision is not None:
-        assert scored > 0.9 * (scored + refused)
+        assert scored > 0.6 * (scored + refused)
     else:
         assert 0 < scored < refused
 
