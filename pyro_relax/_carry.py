@@ -71,7 +71,10 @@ class Relaxation:
             operation on the value (``add_``, ``clamp_``, an assignment to a slice) advances
             it, and the record no longer describes the value (:func:`relaxation_of` then gives
             ``None``). A copy of the sample, or one loaded from a file, keeps its record
-            (not one made after such a change).
+            (not one made after such a change), and takes the copy's counter when first read:
+            an in-place change of the copy after that voids it too. Inference tensors
+            (``torch.inference_mode``) keep no counter: there an in-place change goes
+            unnoticed.
 
     Example:
         >>> import pyro_relax as pr
@@ -182,9 +185,16 @@ def relaxation_of(value) -> Relaxation | None:
         # in a new tensor object; the record is on the value it wraps, sharing its data.
         value = extract_provenance(value)[0]
         record = getattr(value, _ATTRIBUTE, None)
-    if record is None or record.version is None:
-        return record
+    if record is None:
+        return None
     current = _version(value)
+    if record.version is None:
+        if current is not None:
+            # A copy's record (deepcopy, torch.load) meets its value's counter at the first
+            # read: from then on an in-place change voids it, as the original's.
+            object.__setattr__(record, "version", current)
+            object.__setattr__(record, "_described", weakref.ref(value))
+        return record
     return record if current is None or current == record.version else None
 
 
@@ -239,8 +249,9 @@ def _attach(value: torch.Tensor, record: Relaxation) -> None:
     setattr(value, _ATTRIBUTE, record)
     if isinstance(value, ProvenanceTensor):
         # Pyro wraps such a value again in a new object (tracking its dependencies): the record
-        # goes on the tensor it wraps too, where relaxation_of looks through the wrapper.
-        setattr(extract_provenance(value)[0], _ATTRIBUTE, record)
+        # goes on the tensor it wraps too (a copy of its own, whose weak reference outlives the
+        # wrapper), where relaxation_of looks through the wrapper.
+        _attach(extract_provenance(value)[0], dataclasses.replace(record))
 
 
 def carry(value: torch.Tensor, **fields) -> torch.Tensor:

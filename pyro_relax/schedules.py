@@ -68,9 +68,10 @@ class ExponentialDecay:
             raise ValueError(
                 f"ExponentialDecay: `dtype` must be a floating torch.dtype, got {dtype!r}"
             )
-        if dtype in (torch.float16, torch.bfloat16):
+        if (dtype or torch.get_default_dtype()) in (torch.float16, torch.bfloat16):
             raise ValueError(
-                f"ExponentialDecay: `dtype` {dtype}: the distributions compute half-precision "
+                f"ExponentialDecay: `dtype` {dtype or torch.get_default_dtype()}: the "
+                "distributions compute half-precision "
                 "parameters in float32 and would copy such a temperature, where step() does not "
                 "reach it; pass torch.float32"
             )

@@ -118,6 +118,13 @@ def test_a_sample_scores_alike_whether_its_parameters_change_in_place_or_are_rep
             torch.testing.assert_close(in_place, replaced, **tolerance)
 
 
+def _reloaded(value):
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
 @every_example
 def test_a_sample_changed_in_place_is_scored_as_a_plain_value(example):
     # In-place operations keep a tensor's attributes: a sample overwritten with another draw
@@ -136,6 +143,12 @@ def test_a_sample_changed_in_place_is_scored_as_a_plain_value(example):
     buffer.seek(0)
     for copied in (copy.deepcopy(value), torch.load(buffer)):
         assert relaxation_of(copied) is None
+    # A copy read once, then changed in place, is void as the original is; so is a copy of it.
+    for copied in (copy.deepcopy(other), _reloaded(other)):
+        assert relaxation_of(copied) is not None
+        with torch.no_grad():
+            copied.add_(1)
+        assert relaxation_of(copied) is None and relaxation_of(copy.deepcopy(copied)) is None
     in_place, plain = _score(d, value), _score(d, other.detach().clone())
     if isinstance(plain, str):
         assert in_place == plain

@@ -674,6 +674,13 @@ def test_a_half_precision_temperature_is_not_silently_left_behind():
         pr.ExponentialDecay(1.0, 0.1, dtype=torch.float16)
     with pytest.raises(ValueError, match="floating torch.dtype"):
         pr.ExponentialDecay(1.0, 0.1, dtype="float64")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # the default dtype decides when none is given
+    try:
+        with pytest.raises(ValueError, match="pass torch.float32"):
+            pr.ExponentialDecay(1.0, 0.1)
+    finally:
+        torch.set_default_dtype(default)
     rate = torch.full((3,), 2.0, dtype=torch.float16)
     for temperature in (torch.tensor(0.5, dtype=torch.float16), torch.tensor(0.5, dtype=_f64)):
         with pytest.warns(UserWarning, match="the temperature tensor .* is copied"):

@@ -432,3 +432,24 @@ def test_pyros_dependency_tracking_reads_every_relaxed_site(example):
     relations = get_model_relations(model)
     assert relations["sample_sample"]["z"] == ["a"]
     assert relations["sample_sample"]["x"] == ["z"]
+
+
+def test_a_record_attached_through_a_provenance_wrapper_outlives_it():
+    # The wrapped tensor shared the wrapper's record, whose weak reference pointed at the
+    # wrapper: once Pyro dropped the wrapper, a copy of the inner tensor made after an in-place
+    # change revived the stale record.
+    import copy
+    import gc
+
+    from pyro.ops.provenance import ProvenanceTensor, extract_provenance
+
+    rate = ProvenanceTensor(torch.full((2,), 2.0), frozenset({"k"}))
+    z = pr.GenGSPoisson(rate, 0.5, 10).rsample()
+    inner = extract_provenance(z)[0]
+    assert pr.relaxation_of(inner) is not None
+    del z
+    gc.collect()
+    with torch.no_grad():
+        inner.add_(1)
+    assert pr.relaxation_of(inner) is None
+    assert pr.relaxation_of(copy.deepcopy(inner)) is None
