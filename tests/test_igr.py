@@ -1063,3 +1063,21 @@ def test_an_autoguide_of_the_whole_support_is_told_what_the_site_needs(family):
         for _ in range(20):  # AutoNormal's point may fall inside the image
             Trace_ELBO().loss(model, AutoNormal(model))
             pyro.clear_param_store()
+
+
+def test_a_numpy_temperature_identifies_its_map():
+    # A numpy-array temperature was kept as passed to identify the map: scoring a sample of
+    # another map compared two arrays with == ("truth value ... ambiguous").
+    torch.manual_seed(0)
+    temperatures = np.array([0.5, 1.0, 2.0])
+    loc, scale = torch.zeros(3, 4), torch.ones(3, 4)
+    for family in (pr.IGRStickBreaking, pr.IGRPlanar, pr.IGR):
+        kwargs = {"flows": 0} if family is pr.IGRPlanar else {}
+        d = family(loc, scale, temperatures, **kwargs)
+        z = d.rsample((2,))
+        torch.testing.assert_close(
+            family(loc, scale, temperatures, **kwargs).log_prob(z), d.log_prob(z)
+        )
+        if family is not pr.IGRPlanar:
+            other = family(loc, scale, 0.3, validate_args=False).log_prob(z)
+            assert other.shape == (2, 3) and not bool(torch.isnan(other).any())

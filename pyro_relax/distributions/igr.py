@@ -287,8 +287,12 @@ class _IGRBase(TransformedDistribution):
         self.temperature = _expanded(params["temperature"], batch_shape)
         self.delta = _expanded(params["delta"], batch_shape)
         # As passed: the same tensor object or equal Python numbers identify the same map
-        # without reading a device (the expanded views above are new objects every time).
-        self._map_arguments = (temperature, delta)
+        # without reading a device (the expanded views above are new objects every time). A
+        # numpy array stands as its parsed tensor (== of two arrays is no truth value).
+        self._map_arguments = tuple(
+            params[name] if isinstance(value, np.ndarray) else value
+            for name, value in (("temperature", temperature), ("delta", delta))
+        )
         # The map keeps them as parsed: they broadcast with the batch shape, and a scalar
         # temperature divides a sample without broadcasting an expanded view.
         softmax = SoftmaxPlusPlusTransform.of_parsed(params["temperature"], params["delta"])
