@@ -436,6 +436,12 @@ def all_last(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(-1) == mask.shape[-1]
 
 
+def floating(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in ``dtype`` if it is an integer or boolean tensor (observed counts, bits or a
+    one-hot vector typed by hand), else as it is, with the record it may carry."""
+    return value if value.is_floating_point() else value.to(dtype)
+
+
 class VectorOf(constraints.independent):
     """torch's ``independent(constraint, 1)`` (a vector of entries that each satisfy it),
     whose ``check`` also takes an empty batch: torch's reshapes the entries' results with a

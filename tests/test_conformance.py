@@ -260,13 +260,41 @@ def test_gradients_match_finite_differences_to_the_second_order(example, wrt):
     assert torch.autograd.gradgradcheck(outputs, inputs)
 
 
-@pytest.mark.parametrize(
-    "example", [e for e in EXAMPLES if e.learnable and e.static_shapes], ids=lambda e: e.id
-)
-# functorch runs the relaxed one-hot's in-place addcmul_ (its backward) through a slower loop;
-# torch's forward mode scripts its decompositions at first use (torch 2.13).
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet")
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def _torch_func_examples(test):
+    """Every example with a learnable parameter and static shapes (automatic truncation reads
+    the host to build and cannot be vmapped). functorch runs the relaxed one-hot's in-place
+    addcmul_ (its backward) through a slower loop; torch's forward mode scripts its
+    decompositions at first use (torch 2.13)."""
+    examples = [e for e in EXAMPLES if e.learnable and e.static_shapes]
+    for ignored in (
+        "ignore:There is a performance drop because we have not yet",
+        "ignore:`torch.jit.script` is deprecated:DeprecationWarning",
+    ):
+        test = pytest.mark.filterwarnings(ignored)(test)
+    return pytest.mark.parametrize("example", examples, ids=lambda e: e.id)(test)
+
+
+def _draw_at(example):
+    """The example's first learnable parameter in float64, and a function that builds the
+    distribution at a value of it and draws two samples under a fixed seed."""
+    base = {name: value.detach().double() for name, value in example.params.items()}
+    name = next(iter(example.learnable))
+
+    def draw(x):
+        d = example.build({**base, name: x}, validate_args=False)
+        torch.manual_seed(3)
+        return d, d.rsample((2,))
+
+    return base[name], draw
+
+
+def _sample_score_and_kls(example, draw, x):
+    d, z = draw(x)
+    kls = sum(kl_divergence(d, partner()).sum() for partner in example.kl_partners)
+    return z.sum() + d.log_prob(z).sum() + kls
+
+
+@_torch_func_examples
 def test_torch_func_grad_and_vmap_agree_with_autograd(example):
     # torch.func runs through the library's autograd Functions (setup_context, a vmap rule, a
     # jvp): its gradient of an rsample value, its log_prob and the KLs, by the first learnable
@@ -274,21 +302,15 @@ def test_torch_func_grad_and_vmap_agree_with_autograd(example):
     # vmap over three copies of that parameter (the noise shared,
     # randomness="same") equals autograd on each copy with the same noise. Examples that read
     # the host to build (automatic truncation) cannot be vmapped, by design.
-    base = {name: value.detach().double() for name, value in example.params.items()}
-    name = next(iter(example.learnable))
+    x, draw = _draw_at(example)
 
     def loss(x):
-        d = example.build({**base, name: x}, validate_args=False)
-        torch.manual_seed(3)
-        z = d.rsample((2,))
-        total = z.sum() + d.log_prob(z).sum()
-        return total + sum(kl_divergence(d, partner()).sum() for partner in example.kl_partners)
+        return _sample_score_and_kls(example, draw, x)
 
     def autograd_grad(x):
         x = x.clone().requires_grad_()
         return torch.autograd.grad(loss(x), x)[0]
 
-    x = base[name]
     gradient = autograd_grad(x)
     torch.testing.assert_close(torch.func.grad(loss)(x), gradient, rtol=1e-10, atol=1e-12)
     # Forward mode: the derivative along a direction is the gradient's inner product with it.
@@ -397,11 +419,7 @@ def test_a_kl_of_batch_shapes_that_do_not_broadcast_is_refused_by_name(example):
             kl_divergence(p, q)
 
 
-@pytest.mark.parametrize(
-    "example", [e for e in EXAMPLES if e.learnable and e.static_shapes], ids=lambda e: e.id
-)
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet")
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@_torch_func_examples
 def test_torch_func_jacobians_and_hessians_agree_with_autograd(example):
     # jacrev batches the cotangents that reach the library's backward formulas while the
     # tensors they saved are not batched: an in-place update of a saved-size tensor by a
@@ -409,23 +427,14 @@ def test_torch_func_jacobians_and_hessians_agree_with_autograd(example):
     # the sample, and the Hessians the README prescribes (forward over reverse with the noise
     # shared, reverse over reverse) of the sample alone and of sample + log_prob + KLs, equal
     # autograd's.
-    base = {name: value.detach().double() for name, value in example.params.items()}
-    name = next(iter(example.learnable))
-
-    def draw(x):
-        d = example.build({**base, name: x}, validate_args=False)
-        torch.manual_seed(3)
-        return d, d.rsample((2,))
+    x, draw = _draw_at(example)
 
     def value(x):
         return draw(x)[1].reshape(-1)
 
     def total(x):
-        d, z = draw(x)
-        kls = sum(kl_divergence(d, partner()).sum() for partner in example.kl_partners)
-        return z.sum() + d.log_prob(z).sum() + kls
+        return _sample_score_and_kls(example, draw, x)
 
-    x = base[name]
     expected = torch.autograd.functional.jacobian(value, x)
     torch.testing.assert_close(torch.func.jacrev(value)(x), expected, rtol=1e-10, atol=1e-12)
     for f in (lambda x: value(x).sum(), total):

@@ -15,6 +15,7 @@ from pyro_relax._numerics import (
     check_constraint,
     check_devices,
     finite_real,
+    floating,
     log_of_probs,
     log_weights,
     parse_parameters,
@@ -224,25 +225,28 @@ class FiniteDiscrete(TorchDistribution):
             index = Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
             return self.outcomes[index]
 
+    def _fits(self, shape) -> bool:
+        """Whether a value of ``shape`` has this event shape and a batch that broadcasts."""
+        batch_dims = len(shape) - len(self.event_shape)
+        if batch_dims < 0 or shape[batch_dims:] != self.event_shape:
+            return False
+        try:
+            broadcast_shapes(shape[:batch_dims], self.batch_shape)
+        except RuntimeError:
+            return False
+        return True
+
     def log_prob(self, value):
-        if not value.is_floating_point():
-            value = value.to(self.logits.dtype)  # integer counts score as the outcomes they are
+        value = floating(value, self.logits.dtype)  # integer counts: the outcomes they are
         owner = type(self).__name__
-        if self._validate_args:
-            # The shape (Pyro names the site of a ValueError, not of torch's broadcasting
-            # error); whether the value is an outcome is checked next.
-            event_dims = len(self.event_shape)
-            batch = value.shape[: value.dim() - event_dims]
-            try:
-                if value.shape[value.dim() - event_dims :] != self.event_shape:
-                    raise RuntimeError
-                broadcast_shapes(batch, self.batch_shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"{owner}.log_prob got a value of shape {tuple(value.shape)}, which does "
-                    f"not broadcast with batch shape {tuple(self.batch_shape)} and event shape "
-                    f"{tuple(self.event_shape)}"
-                ) from None
+        if self._validate_args and not self._fits(value.shape):
+            # Pyro names the site of a ValueError, not of torch's broadcasting error; whether
+            # the value is an outcome is checked next.
+            raise ValueError(
+                f"{owner}.log_prob got a value of shape {tuple(value.shape)}, which does not "
+                f"broadcast with batch shape {tuple(self.batch_shape)} and event shape "
+                f"{tuple(self.event_shape)}"
+            )
         return outcome_log_prob(owner, value, self.outcomes, self.logits, self._validate_args)
 
     def enumerate_support(self, expand=True):

@@ -11,7 +11,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Binomial, Categorical, Geometric, NegativeBinomial, Poisson
 from torch.distributions.utils import lazy_property, logits_to_probs
 
-from pyro_relax._carry import carried, carry, relaxation_of
+from pyro_relax._carry import carry, relaxation_of
 from pyro_relax._numerics import (
     VectorOf,
     as_float,
@@ -24,6 +24,7 @@ from pyro_relax._numerics import (
     distribution_repr,
     fast_apply,
     finite_positive,
+    floating,
     gumbel_like,
     is_integer,
     linear_log_prob,
@@ -401,7 +402,8 @@ class TruncatedGenGS(TorchDistribution):
         return math.log(torch.finfo(self.logits.dtype).tiny) + math.log(self.num_outcomes) + 1
 
     def log_prob(self, value):
-        weights = carried(value, "weights")
+        record = relaxation_of(value)
+        weights = None if record is None else record.weights
         # Before the support check: a sample of a GenGS over more outcomes can lie outside this
         # one's support, and the mismatch is what the user needs to hear about.
         if weights is not None and static_size(weights.shape[-1]) != self.num_outcomes:
@@ -410,13 +412,12 @@ class TruncatedGenGS(TorchDistribution):
                 f"be scored by {type(self).__name__} over {self.num_outcomes} outcomes (model "
                 "and guide need the same outcomes)"
             )
-        if not value.is_floating_point():
-            value = value.to(self.logits.dtype)  # integer counts score as the outcomes they are
+        value = floating(value, self.logits.dtype)  # integer counts: the outcomes they are
         if self._validate_args:
             self._validate_sample(value)
         if weights is None:
             owner, validate = type(self).__name__, self._validate_args
-            hint = _NOT_AN_OUTCOME if relaxation_of(value) is None else _ANOTHER_FAMILY
+            hint = _NOT_AN_OUTCOME if record is None else _ANOTHER_FAMILY
             return outcome_log_prob(owner, value, self.outcomes, self.logits, validate, hint)
         # Outcomes excluded here (logit -inf) that the sample gives no weight would make
         # 0 * -inf = NaN: LOG_ZERO stands for log 0. (The most negative float did until a
@@ -424,7 +425,7 @@ class TruncatedGenGS(TorchDistribution):
         # weight.)
         # The weights' own gradient takes log(tiny) there (see linear_log_prob): a guide that
         # weighs an outcome the scorer excludes is pushed off it at a pace an optimizer holds.
-        return linear_log_prob(weights, self._log_probs_at(carried(value, "outcomes"), weights))
+        return linear_log_prob(weights, self._log_probs_at(record.outcomes, weights))
 
     def _log_probs_at(self, drawn, weights):
         """The log-PMF at the outcomes a sample's weights are over (``drawn``, ``None`` for the

@@ -40,6 +40,7 @@ from pyro_relax._numerics import (
     distribution_repr,
     finite_positive,
     finite_real,
+    floating,
     is_integer,
     known_same_shape,
     location,
@@ -382,13 +383,8 @@ class _IGRBase(TransformedDistribution):
         with torch.no_grad():
             return self.rsample(sample_shape)
 
-    def _floating(self, value):
-        """An integer or boolean value (a vertex typed by hand) in the parameters' dtype; a
-        floating value as it is (with its record)."""
-        return value if value.is_floating_point() else value.to(self.loc.dtype)
-
     def log_prob(self, value):
-        value = self._floating(value)
+        value = floating(value, self.loc.dtype)
         if self._validate_args:
             self._validate_sample(value)
         return self._log_density(self._preimage(value))
@@ -527,7 +523,7 @@ class IGR(_IGRBase):
             return one_hot(_limit_category(y), self.num_categories, y)
 
     def log_prob(self, value):
-        value = self._floating(value)
+        value = floating(value, self.loc.dtype)
         plain = carried(value, "preimage") is None and carried(value, "log_weights") is None
         if self.hard and plain:
             return self._log_prob_of_vertex(value)
@@ -816,7 +812,7 @@ class IGRStickBreaking(_IGRBase):
         return torch.where(kept, sticks, torch.zeros_like(sticks)).sum(-1)
 
     def log_prob(self, value):
-        value = self._floating(value)
+        value = floating(value, self.loc.dtype)
         if self._validate_args:
             self._validate_sample(value)
         y, in_image, determined = self._preimage_and_checks(value)

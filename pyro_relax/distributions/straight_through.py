@@ -19,6 +19,7 @@ from pyro_relax._numerics import (
     check_flag,
     distribution_repr,
     finite_real,
+    floating,
     gumbel_like,
     linear_log_prob,
     log1mexp,
@@ -721,13 +722,8 @@ class _StraightThroughBernoulli(Bernoulli):
         pair = self._relaxed.rsample(sample_shape)
         return carry(pair[..., 1], log_weights=carried(pair, "log_weights"))
 
-    def _floating(self, value):
-        """An integer or boolean value (an observed bit) in the parameters' dtype: torch's
-        Bernoulli scores only floating values."""
-        return value if value.is_floating_point() else value.to(self._param.dtype)
-
     def log_prob(self, value):
-        value = self._floating(value)
+        value = floating(value, self._param.dtype)  # torch scores floats
         if not built_from_probs(self):
             return super().log_prob(value)
         # Bernoulli's, from the probability as given (torch's would clamp it at epsilon): the
@@ -830,7 +826,7 @@ class STGSBernoulli(_StraightThroughBernoulli):
     def log_prob(self, value):
         if self.hard:
             return super().log_prob(value)
-        value = self._floating(value)
+        value = floating(value, self._param.dtype)  # torch scores floats
         if self._validate_args:
             self._validate_sample(value)
         log_weights = carried(value, "log_weights")
