@@ -34,6 +34,9 @@ def _run_demo(args) -> int:
     except MissingDependencyError as error:
         print(f"pyro-relax demo: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("pyro-relax demo: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -93,7 +96,7 @@ def _add_experiments(subparsers, argv) -> None:
 
 def _run_experiment(args) -> int:
     """Runs the chosen experiment. A problem the user can fix (a damaged or missing file) is
-    one line on stderr and exit status 1, not a traceback."""
+    one line on stderr and exit status 1, not a traceback; so is Ctrl-C, with status 130."""
     from pyro_relax.experiments.common import ExperimentError
 
     try:
@@ -111,6 +114,20 @@ def _run_experiment(args) -> int:
     except ExperimentError as error:
         print(f"pyro-relax experiment {args.experiment}: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C is how a run is stopped: the checkpoints and the merged results are written
+        # atomically, so what was saved is whole.
+        checkpoints = Path(args.results) / "checkpoints"
+        if any(checkpoints.glob("*.pt")):
+            resume = f"resume from the checkpoints in {checkpoints}"
+        else:
+            resume = "start again (no checkpoint was saved yet)"
+        print(
+            f"pyro-relax experiment {args.experiment}: interrupted; run the same command "
+            f"again to {resume}",
+            file=sys.stderr,
+        )
+        return 130  # the shell's status for a process stopped by SIGINT
 
 
 def build_parser(argv=()) -> argparse.ArgumentParser:

@@ -276,11 +276,17 @@ def _error_lines(capsys) -> list:
 
 @pytest.mark.parametrize(
     "content",
-    # A record the report cannot show (a number edited by hand into words, here in a record of
+    # A record the reports cannot show (a number edited by hand into words, here in a record of
     # nothing else) passed the check, and stopped the run with a traceback after it trained,
     # at every rerun.
-    ['[{"finished": ', '[{"test_neg_elbo": "48.85 (checked)"}]'],
-    ids=["bad-json", "record-the-report-cannot-show"],
+    # A record that only a figure reads the curves of (a hand-made record, or one from another
+    # version) passed the check of the tables alone, and stopped the run the same way.
+    [
+        '[{"finished": ',
+        '[{"test_neg_elbo": "48.85 (checked)"}]',
+        '[{"history": [{"loss": 1.0}]}]',
+    ],
+    ids=["bad-json", "record-the-report-cannot-show", "curves-the-figure-cannot-show"],
 )
 @pytest.mark.parametrize("name, file", DAMAGED)
 def test_a_damaged_results_file_stops_a_run_before_it_trains(
@@ -294,6 +300,29 @@ def test_a_damaged_results_file_stops_a_run_before_it_trains(
     assert error.count("\n") == 1 and str(path) in error and "left untouched" in error
     assert path.read_text() == content
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["nothing-saved", "checkpoint-saved"])
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_ctrl_c_is_one_line_saying_how_to_go_on(tmp_path, monkeypatch, capsys, name, saved):
+    # Ctrl-C, the way a run is stopped, printed a traceback from deep inside Pyro and exited
+    # with status 1, as for a failure.
+    module = importlib.import_module(EXPERIMENTS[name][0])
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, RUNS[name][2], interrupt)
+    if saved:  # a checkpoint of an earlier interrupted run
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "run.pt").write_bytes(b"")
+    assert _smoke(name, tmp_path) == 130
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"pyro-relax experiment {name}: interrupted; run the same command")
+    # (igr-vae is interrupted in its scoring, after it saved its trained model.)
+    kept = any((tmp_path / "checkpoints").glob("*.pt"))
+    assert ("resume from the checkpoints in" in line) == kept and kept >= saved
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))

@@ -41,7 +41,7 @@ def one_thread():
         yield
 
 
-def test_smoke_run_writes_results(tmp_path):
+def test_smoke_run_writes_results(tmp_path, capsys):
     argv = ["experiment", "neyman", "--smoke", "--results", str(tmp_path)]
     assert cli.main(argv) == 0
 
@@ -71,6 +71,19 @@ def test_smoke_run_writes_results(tmp_path):
     # A second run replaces its rows rather than adding to them.
     assert cli.main([*argv, "--estimators", "GLM", "--gradient-points"]) == 0
     assert len(json.loads((tmp_path / "neyman.json").read_text())) == len(records)
+
+    # A record whose curves only the figure reads (here without their steps) stops the next run
+    # before it trains, in one line, and is left as it is: it passed the check of the tables
+    # alone and stopped the run with a traceback once it had finished, at every rerun.
+    damaged = next(r for r in records if r["study"] == "training" and r.get("history"))
+    damaged["history"] = [{"loss": 1.0}]
+    (tmp_path / "neyman.json").write_text(json.dumps(records))
+    before = (tmp_path / "neyman.json").read_text()
+    capsys.readouterr()
+    assert cli.main([*argv, "--estimators", "GLM", "--gradient-points"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "neyman.json" in error and "left untouched" in error
+    assert (tmp_path / "neyman.json").read_text() == before
 
 
 def test_missing_statsmodels_names_the_install_command(monkeypatch, tmp_path, capsys):

@@ -199,16 +199,18 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def read_records(path, report=None) -> list:
+def read_records(path, write_reports=None) -> list:
     """The records stored in the results file ``path`` (a JSON list of objects), or an empty
     list if there is no such file.
 
     A file that is not such a list raises :class:`CorruptFileError` and is left as it is: it
-    may hold the only copy of finished runs. So does a file whose records ``report`` (a
-    function of the records that renders them, such as an experiment's Markdown page) cannot
-    show: a value edited by hand into a string, say, which would otherwise stop the run after
-    it trained. The experiments read their results files before they train, so that a damaged
-    file stops a run before it costs anything.
+    may hold the only copy of finished runs. So does a file whose records
+    ``write_reports(folder, records)`` (the function that writes an experiment's reports of its
+    merged records after it trains: tables, figures) cannot show: a value edited by hand into a
+    string, or a record without a field that only the figure reads, which would otherwise stop
+    the run after it trained, at every rerun. The reports are written into a scratch folder
+    here and thrown away. The experiments read their results files so before they train, so
+    that a damaged file stops a run before it costs anything.
     """
     path = Path(path)
     if not path.exists():
@@ -222,13 +224,14 @@ def read_records(path, report=None) -> list:
         ) from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise CorruptFileError(f"{path} is not a JSON list of records; {advice}")
-    if report is not None:
-        try:
-            report(records)
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
-            raise CorruptFileError(
-                f"{path} holds a record its report cannot show ({describe(error)}); {advice}"
-            ) from None
+    if write_reports is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                write_reports(Path(scratch), records)
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+                raise CorruptFileError(
+                    f"{path} holds a record its reports cannot show ({describe(error)}); {advice}"
+                ) from None
     return records
 
 

@@ -788,7 +788,7 @@ def run(args) -> int:
     code."""
     results = Path(args.results)
     path = results / f"{RESULTS_NAME}.json"
-    common.read_records(path, _markdown)  # a damaged results file stops the run at once
+    common.read_records(path, write_reports)  # a damaged file stops the run at once
     data = image_vae.dataset(args)
     runs = itertools.product(
         dict.fromkeys(args.temperature),

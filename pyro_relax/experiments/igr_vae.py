@@ -879,7 +879,7 @@ def run(args) -> int:
     code."""
     results = Path(args.results)
     path = results / f"{RESULTS_NAME}.json"
-    common.read_records(path, _markdown)  # a damaged results file stops the run at once
+    common.read_records(path, write_reports)  # a damaged file stops the run at once
     data = image_vae.dataset(args)
     with common.torch_threads(args.threads), pyro.validation_enabled(not args.no_validation):
         for pair in image_vae.expand(args.temperature_pair, TEMPERATURE_PAIRS):

@@ -1281,9 +1281,15 @@ def _checkpoint(results, data, estimator, config, device) -> common.Checkpoint:
     return common.Checkpoint(common.checkpoint_path(results, name, settings), settings)
 
 
+def write_reports(results: Path, records) -> None:
+    """Writes the Markdown tables and the figure of ``records`` next to the JSON."""
+    common.atomic_write_text(results / "neyman.md", _markdown(records))
+    _write_plot(results / "neyman.png", records)
+
+
 def _run(args) -> int:
     results = Path(args.results)
-    common.read_records(results / "neyman.json", _markdown)  # a damaged file stops the run
+    common.read_records(results / "neyman.json", write_reports)  # a damaged file stops the run
     config = _config(args)
     data = load_visits(config.seed, config.test_fraction, config.people)
     if args.smoke:
@@ -1332,11 +1338,12 @@ def _run(args) -> int:
     for record in records:
         record |= {"machine": common.machine(), "command": args.command_line}
 
-    def write_reports(merged):
-        common.atomic_write_text(results / "neyman.md", _markdown(merged))
-        _write_plot(results / "neyman.png", merged)
-
-    common.update_records(results / "neyman.json", records, _record_settings, write_reports)
+    common.update_records(
+        results / "neyman.json",
+        records,
+        _record_settings,
+        lambda merged: write_reports(results, merged),
+    )
     for checkpoint in checkpoints:  # only now: until the merge, they hold the finished records
         checkpoint.remove()
     print(_markdown(records))

@@ -1128,9 +1128,10 @@ def run(args) -> int:
 def _run(args) -> int:
     config = _config(args)
     results = Path(args.results)
-    # A damaged results file stops the run at once.
-    common.read_records(results / _RESULTS, _markdown)
-    common.read_records(results / _SWEEP_RESULTS, lambda sweep: _markdown([], sweep))
+    # A damaged results file stops the run at once (its tables are the only reports of stored
+    # records: the figures show this run's).
+    common.read_records(results / _RESULTS, lambda _, records: _markdown(records))
+    common.read_records(results / _SWEEP_RESULTS, lambda _, sweep: _markdown([], sweep))
     problems = [PROBLEMS[name](config.dims, args.device) for name in args.distributions]
     grid = [
         (problem, estimator) for problem in problems for estimator in estimators(problem, config)

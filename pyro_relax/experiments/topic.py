@@ -943,9 +943,15 @@ def _checkpoint(results, corpus, label, config, device) -> common.Checkpoint:
     return common.Checkpoint(common.checkpoint_path(results, name, settings), settings)
 
 
+def _write_table(results: Path, records) -> None:
+    """Writes the Markdown table of ``records`` next to the JSON (the figure shows this run's
+    records only)."""
+    common.atomic_write_text(results / "topic.md", _table(records))
+
+
 def _run(args) -> int:
     results = Path(args.results)
-    common.read_records(results / "topic.json", _table)  # a damaged file stops the run at once
+    common.read_records(results / "topic.json", _write_table)  # a damaged file stops the run
     config, corpus = _config(args), _corpus(args)
     runs = [(estimator, None, config) for estimator in args.estimators]
     if corpus.truth is not None:
@@ -972,7 +978,7 @@ def _run(args) -> int:
         results / "topic.json",
         records,
         _record_settings,
-        lambda merged: common.atomic_write_text(results / "topic.md", _table(merged)),
+        lambda merged: _write_table(results, merged),
     )
     for checkpoint in checkpoints:  # only now: until the merge, they hold the finished records
         checkpoint.remove()

@@ -816,7 +816,7 @@ def run(args) -> int:
     """Trains and scores every requested prior and estimator; returns the exit code."""
     results = Path(args.results)
     path = results / f"{RESULTS_NAME}.json"
-    common.read_records(path, _markdown)  # a damaged results file stops the run at once
+    common.read_records(path, write_reports)  # a damaged file stops the run at once
     pairs = _pairs(args)
     data = image_vae.dataset(args)
     finished = []

@@ -95,7 +95,8 @@ def discrete_elbo(
 
     Arguments:
         model, guide: a Pyro model and guide (relaxed or not); the guide samples every
-            latent site of the model (a site enumerated in the model only is refused).
+            latent site of the model (a site enumerated in the model only is refused, and so
+            is a guide that runs the model itself, a ``GuideMessenger``).
         *args: passed to ``model`` and ``guide``.
         num_samples (int): guide draws, at least 2.
         max_plate_nesting (int): the number of plate dimensions (guessed by tracing once if
@@ -184,7 +185,8 @@ def discrete_log_likelihood(
 
     Arguments:
         model, guide: a Pyro model and guide (relaxed or not); the guide samples every
-            latent site of the model (a site enumerated in the model only is refused).
+            latent site of the model (a site enumerated in the model only is refused, and so
+            is a guide that runs the model itself, a ``GuideMessenger``).
         *args: passed to ``model`` and ``guide``.
         num_particles (int): importance samples :math:`K` per item.
         data_plate (str): the name of the plate over independent items, or ``None``.
@@ -281,6 +283,7 @@ def _log_weights(
     particles of one, are independent draws of it; the first pass, drawn before that is known,
     is that small in any case."""
     chunk_size = check_count(None, "chunk_size", chunk_size)
+    _check_guide_is_traced(guide)
     small = math.ceil(total / min_passes)
     model, guide = discretize(model), discretize(guide)
     if nesting is None:
@@ -314,6 +317,11 @@ def _log_weights(
             except (ValueError, RuntimeError, TypeError) as error:
                 if not vectorize:
                     raise
+                # An error of the model or guide themselves (a bad parameter, the user's own
+                # raise) is theirs whatever the particles: it is raised as it is, from one
+                # particle; only one that a single particle does not meet is the vectorization's.
+                one = poutine.replay(guide, trace=subsamples) if data_plate is not None else guide
+                get_importance_trace("flat", nesting, model, one, args, kwargs)
                 raise ValueError(
                     f"drawing {size} particles at once (a plate at dim {-(nesting + 1)}, left of "
                     f"the model's {nesting} plate dimension(s)) failed: {error}\nA model or guide "
@@ -349,6 +357,19 @@ def _log_weights(
         population=subsampled.get(data_plate),
         pass_sizes=pass_sizes,
     )
+
+
+def _check_guide_is_traced(guide) -> None:
+    """``TypeError`` for a guide that runs the model itself (a ``GuideMessenger`` such as
+    ``AutoNormalMessenger``): discretize cannot reach the model it runs, and traced beside the
+    model, as the estimates trace a guide, it would score the model's own sites (the data
+    included) as guide sites."""
+    if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
+        raise TypeError(
+            f"the guide is a {type(poutine.unwrap(guide)).__name__}, a guide that runs the model "
+            "itself, which the discrete estimates cannot discretize and trace: use a guide "
+            "function or an AutoGuide (AutoNormal, pyro_relax.infer.AutoRelaxed, AutoGuideList)"
+        )
 
 
 def _pass_weights(model_trace, guide_trace, nesting, data_plate, scaled, scales: set):
