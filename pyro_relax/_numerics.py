@@ -31,6 +31,7 @@ __all__ = [
     "finite_real",
     "gumbel_like",
     "is_integer",
+    "lacks",
     "log1mexp",
     "log_of_probs",
     "location",
@@ -475,6 +476,34 @@ def distribution_repr(d, *names: str, **shown: str) -> str:
         parts.append(f"{name}: {value!r}" if isinstance(value, str) else f"{name}: {value}")
     parts += [f"{name}: {text}" for name, text in shown.items()]
     return f"{type(d).__name__}({', '.join(parts)})"
+
+
+_PROPERTIES = ("mean", "variance", "mode")
+
+
+def lacks(*names: str):
+    """A class decorator: the statistics ``names`` (``mean``, ``variance``, ``mode``,
+    ``entropy``, ``cdf``, ``icdf``) raise ``NotImplementedError`` saying that the relaxed
+    distribution has none in closed form and where to look instead, where torch's base classes
+    raise it with no message, or compute something that is not the relaxation's (a
+    ``TransformedDistribution``'s ``cdf`` of a simplex point)."""
+
+    def unavailable(d, name):
+        raise NotImplementedError(
+            f"{type(d).__name__}.{name}: the relaxed distribution has none in closed form; "
+            f"estimate it from samples, or take that of the discrete distribution it stands "
+            f"for, d.discrete().{name}, where that one has it"
+        )
+
+    def decorate(cls):
+        for name in names:
+            if name in _PROPERTIES:
+                setattr(cls, name, property(lambda d, name=name: unavailable(d, name)))
+            else:
+                setattr(cls, name, lambda d, *args, name=name, **kwargs: unavailable(d, name))
+        return cls
+
+    return decorate
 
 
 def any_last(mask: torch.Tensor) -> torch.Tensor:

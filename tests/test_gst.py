@@ -634,3 +634,23 @@ def test_a_guide_drawing_an_outcome_the_prior_excludes_learns_to_avoid_it(prior,
     losses = [svi.step(x) for _ in range(200)]
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
     assert impossible() < min(0.05, start / 5), (start, impossible(), losses[-3:])
+
+
+def test_the_gst_gradient_vanishes_as_the_temperature_falls_below_the_gap():
+    # The class's documented limit: the weights of h off the sampled category are at most
+    # exp(-gap / tau), so the surrogate gradient of a linear function shrinks like
+    # exp(-gap / tau) / tau, while STGS keeps a gradient of the exact one's size.
+    torch.manual_seed(0)
+    costs = torch.tensor([0.0, -1.0, 1.0])
+    logits = torch.tensor([0.0, 0.5, -0.5], requires_grad=True)
+
+    def gradient(cls, tau):
+        d = cls(tau, logits=logits.expand(20000, 3), hard=True)
+        (grad,) = torch.autograd.grad((d.rsample() * costs).sum(-1).mean(), logits)
+        return grad.norm()
+
+    exact = torch.autograd.grad((logits.softmax(-1) * costs).sum(), logits)[0].norm()
+    bound = 3 * math.exp(-1.0 / 0.1) / 0.1  # a few times exp(-gap / tau) / tau
+    assert gradient(pr.GappedSTCategorical, 1.0) > 0.5 * exact
+    assert gradient(pr.GappedSTCategorical, 0.1) < bound < 0.01 * exact
+    assert gradient(pr.STGSCategorical, 0.1) > 0.5 * exact

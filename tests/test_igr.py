@@ -482,6 +482,11 @@ def test_planar_rejects_values_it_did_not_draw():
     d = pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.3, flows=1)
     with pytest.raises(ValueError, match="planar layers have no closed-form inverse"):
         d.log_prob(torch.full((4,), 0.25))
+    # A model that builds its layers at every call (flows=<number>, the docstring's form) could
+    # not score its guide's samples, and the message did not say why or what to do.
+    other = pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.3, flows=1)
+    with pytest.raises(ValueError, match="build the layers once, outside it, and pass them"):
+        d.log_prob(other.rsample())
 
 
 # --- countably infinite stick-breaking ------------------------------------------------------

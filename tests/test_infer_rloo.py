@@ -380,6 +380,15 @@ def test_num_particles_must_be_an_int():
         TraceRLOO_ELBO(num_particles=4.0)
 
 
+def test_takes_trace_elbos_vectorize_particles_keyword():
+    # A user swapping Trace_ELBO(num_particles=K, vectorize_particles=True) for this class got
+    # "unexpected keyword argument 'vectorize_particles'".
+    elbo = TraceRLOO_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    assert elbo.vectorize_particles and elbo.num_particles == 4
+    with pytest.raises(ValueError, match="vectorize_particles must be True, got False"):
+        TraceRLOO_ELBO(num_particles=4, vectorize_particles=False)
+
+
 @pytest.mark.parametrize("enumerate_", ["parallel", "sequential"])
 def test_enumerated_guide_site_raises(enumerate_):
     params = {"logits": LOGITS.expand(3, 4)}

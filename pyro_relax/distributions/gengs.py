@@ -27,6 +27,7 @@ from pyro_relax._numerics import (
     floating,
     gumbel_like,
     is_integer,
+    lacks,
     linear_log_prob,
     log_of_probs,
     log_weights,
@@ -176,6 +177,7 @@ def _outcomes_gradient(weights, grad_value, outcomes):
 _relaxed_one_hot_map = fast_apply(_RelaxedOneHotMap)
 
 
+@lacks("mode", "entropy", "cdf", "icdf")
 class TruncatedGenGS(TorchDistribution):
     r"""Generalized Gumbel-Softmax relaxation of a distribution over finitely many outcomes.
 
@@ -738,6 +740,9 @@ class GenGSNegativeBinomial(GenGS):
     There is no incomplete beta function in torch: the tail is the complement of the head
     where it is large and an explicit sum with a geometric bound where it is small.
 
+    Pass ``probs`` :math:`p` or ``logits``; the attributes :attr:`probs` and :attr:`logits` are
+    those of the truncated PMF, and :attr:`base_dist` holds the negative binomial parameters.
+
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
         Weonyoung Joo, Dongjun Kim, Seungjae Shin, Il-Chul Moon, 2020.
@@ -796,6 +801,9 @@ class GenGSBinomial(GenGS):
 
     No truncation is needed. With a tensor of total counts the outcomes run to the largest one
     (read once on the host) and each element gives zero mass beyond its own :math:`N`.
+
+    Pass ``probs`` :math:`p` or ``logits``; the attributes :attr:`probs` and :attr:`logits` are
+    those of the PMF over the outcomes, and :attr:`base_dist` holds the binomial parameters.
 
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.

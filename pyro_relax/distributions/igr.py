@@ -43,6 +43,7 @@ from pyro_relax._numerics import (
     floating,
     is_integer,
     known_same_shape,
+    lacks,
     location,
     log1mexp,
     one_hot,
@@ -248,6 +249,7 @@ def _expanded(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return tensor if known_same_shape(tensor, shape) else tensor.expand(shape)
 
 
+@lacks("mean", "variance", "mode", "entropy", "cdf", "icdf")
 class _IGRBase(TransformedDistribution):
     """Gaussian noise pushed onto the simplex: shared parameters, shapes and scoring."""
 
@@ -392,8 +394,11 @@ class _IGRBase(TransformedDistribution):
     def discrete(self) -> OneHotCategorical:
         r"""The discrete distribution this relaxes, the limit :math:`\tau \to 0`: the one-hot
         categorical of :meth:`categorical` (exact for :class:`IGR`, a Monte Carlo estimate of
-        10,000 draws for the others, where a category no draw reached gets probability 0; the
-        draws are taken in passes of about four million numbers, whatever the batch)."""
+        10,000 draws for the others, drawn anew at each call; the draws are taken in passes of
+        about four million numbers, whatever the batch). Its logits are those of
+        :meth:`categorical`'s probabilities, which torch clamps at the dtype's ``eps``: a
+        category no draw reached gets probability ``eps`` (1.2e-7 in float32), whatever its
+        own, and a rare category's logarithm is that of a count of a few draws."""
         logits = self.categorical().logits
         return OneHotCategorical(logits=logits, validate_args=self._validate_args)
 
@@ -955,7 +960,8 @@ class IGRPlanar(_IGRBase):
         delta (float or Tensor): the weight :math:`\delta > 0` of the last category.
         flows (int or list): the layers :math:`f_l` (``Planar`` or ``ConditionedPlanar``
             transforms on :math:`\mathbb{R}^{K-1}`), or their number, to build new ``Planar``
-            layers.
+            layers (random, new at each construction: in a model or guide, build the layers
+            once outside it and pass the list).
 
     Example:
         >>> d = IGRPlanar(torch.zeros(3), torch.ones(3), 0.1, flows=2)
@@ -1047,7 +1053,9 @@ class IGRPlanar(_IGRBase):
                 "IGRPlanar.log_prob scores only samples drawn from an IGRPlanar with the same "
                 "flows, temperature and delta (the same tensors where one requires a gradient; "
                 "equal values under torch.no_grad(), as for a sample saved and loaded): "
-                "planar layers have no closed-form inverse"
+                "planar layers have no closed-form inverse. In a model, build the layers once, "
+                "outside it, and pass them as flows= (pyro.module them to learn them): "
+                "flows=<number> makes new random layers at every call"
             ) from None
 
     def _log_density(self, y):
@@ -1099,6 +1107,7 @@ def _flow_tensors(flow):
     return (flow,)  # compared by identity
 
 
+@lacks("mean", "variance", "mode", "entropy", "cdf", "icdf")
 class IGRCount(TorchDistribution):
     r"""IGR relaxation of a count variable: stick-breaking IGR over the outcomes
     :math:`0, \dots, K - 1`, mapped to a count.

@@ -21,6 +21,7 @@ from pyro_relax._numerics import (
     finite_real,
     floating,
     gumbel_like,
+    lacks,
     linear_log_prob,
     log1mexp,
     log_weights,
@@ -145,6 +146,7 @@ def _score_parts(self, value):
     return ScoreParts(log_prob=log_prob, score_function=score_function, entropy_term=log_prob)
 
 
+@lacks("cdf", "icdf")
 class _StraightThroughCategorical(OneHotCategorical):
     """Base of the straight-through one-hot categoricals: exact one-hot samples of
     ``Categorical(softmax(logits))`` whose gradient is that of a surrogate :math:`h`, which each
@@ -344,7 +346,10 @@ class STGSCategorical(_StraightThroughCategorical):
         ``kl_divergence`` and ``TraceMeanField_ELBO`` use the KL of the categorical
         distributions, also for soft samples, not that of the Concrete ones: the latter is
         dominated by categories that both distributions give almost no mass and pins a guide
-        to its prior. ``mean``, ``variance`` and ``entropy`` are the categorical's too.
+        to its prior. So ``TraceMeanField_ELBO`` and ``Trace_ELBO`` (the Concrete
+        densities) are different objectives for soft samples, and the KL gives a learned
+        temperature no gradient: learn it with ``Trace_ELBO``. ``mean``, ``variance`` and
+        ``entropy`` are the categorical's too.
 
     References:
         Categorical Reparameterization with Gumbel-Softmax.
@@ -489,6 +494,12 @@ class GappedSTCategorical(_StraightThroughCategorical):
     Gumbel-perturbed logits given :math:`D` (it tends to 1 as :math:`\pi_D \to 0`). As
     :math:`\tau \to 0`, :math:`h \to D`; as :math:`\tau \to \infty`, :math:`h` tends to uniform.
 
+    The gradient vanishes with the temperature: the weights of :math:`h` off :math:`D` are at
+    most :math:`e^{-\kappa / \tau}`, so the gradient through them shrinks like
+    :math:`e^{-\kappa / \tau} / \tau` once :math:`\tau` falls well below the gap (STGS's
+    noisy gaps keep some of it). Keep :math:`\tau` of the order of :math:`\kappa` (the
+    paper's 0.5 and 1 with :math:`\kappa = 1`) rather than annealing it towards 0.
+
     Ablations of the paper: ``gap=0`` (no gap; consistency can fail on ties) and
     ``detach_perturbations=False`` (gradients also flow through :math:`m_1, m_2`).
 
@@ -629,6 +640,7 @@ class GappedST(GappedSTCategorical):
         return new
 
 
+@lacks("cdf", "icdf")
 class _StraightThroughBernoulli(Bernoulli):
     """Base of the binary versions: the estimator of ``_categorical_class`` applied to the
     categorical over ``(0, 1)`` with logits ``(0, logits)``."""

@@ -141,6 +141,23 @@ def _relaxed_prior(name, site):
     return base, family
 
 
+def _check_repeatable(name, frame, argument, value) -> None:
+    """``ValueError`` where the initial ``value`` of a site's guide parameter, which differs
+    from item to item of the subsampled plate ``frame``, excludes outcomes (``-inf`` logits):
+    repeated to the items outside the first subsample, an exclusion would stay on items it does
+    not hold for (a guide that can never reach their outcomes), and theirs would be missing."""
+    if bool(torch.isneginf(value).any()):
+        raise ValueError(
+            f"AutoRelaxed: site {name!r} lies in the subsampled plate {frame.name!r} and its "
+            f"prior excludes outcomes item by item (-inf {argument}, as a Binomial with a "
+            "total count per item has): the guide's parameters start from the first "
+            "subsample's prior, and its exclusions would be copied to the other items. Write "
+            "this site's guide by hand (the prior's class with learnable parameters per item, "
+            "e.g. GenGSBinomial(total_count[index], tau, logits=...)), or do not subsample "
+            "the plate"
+        )
+
+
 class AutoRelaxed(AutoGuide):
     r"""A mean-field guide that gives each relaxed latent site of a model a learnable
     relaxation of the model's own family, one per element inside plates.
@@ -206,7 +223,12 @@ class AutoRelaxed(AutoGuide):
     **Plates and subsampling.** As for ``AutoNormal``: the parameters have the site's full
     batch shape, with the full size of each subsampled plate (initialized by repeating the
     subsample's prior periodically), and each call uses the rows of the subsample drawn by
-    the plates the guide creates (or ``create_plates`` returns).
+    the plates the guide creates (or ``create_plates`` returns). A prior that excludes
+    outcomes item by item (``-inf`` logits varying along a subsampled plate, as a Binomial
+    with a total count per item) raises ``ValueError`` where the first subsample shows it: its
+    exclusions cannot be repeated to the other items. (Where that subsample excludes nothing,
+    the items that do exclude outcomes start with mass on them, and the model scores those
+    draws about -1e30: write such a site's guide by hand.)
 
     **Other latent sites.** A latent site that is not relaxed raises ``ValueError``. Guide it
     with another autoguide and combine the two, hiding the relaxed sites from the other one
@@ -257,7 +279,7 @@ class AutoRelaxed(AutoGuide):
 
     def __init__(self, model, *, init_scale=1.0, temperature=None, create_plates=None):
         if isinstance(init_scale, bool) or not isinstance(init_scale, Real):
-            raise ValueError(f"AutoRelaxed: `init_scale` must be a number, got {init_scale!r}")
+            raise TypeError(f"AutoRelaxed: `init_scale` must be a number, got {init_scale!r}")
         if not 0 < init_scale < math.inf:
             raise ValueError(
                 f"AutoRelaxed: `init_scale` must be finite and positive, got {init_scale}"
@@ -300,12 +322,19 @@ class AutoRelaxed(AutoGuide):
         return _SiteGuide(build, tuple(initial), reinterpreted)
 
     def _register(self, name, site, argument, value):
+        # (Strides read before the copy: an expanded value is the same for every item.)
+        shared = [
+            size == 1 or stride == 0
+            for size, stride in zip(value.shape, value.stride(), strict=True)
+        ]
         value = value.detach().clone(memory_format=torch.contiguous_format)
         event_dim = value.dim() - len(site["fn"].batch_shape)
         # As AutoNormal: a subsampled plate's parameters get the plate's full size.
         for frame in site["cond_indep_stack"]:
             full_size = frame.full_size or frame.size
             if full_size != frame.size:
+                if not shared[frame.dim - event_dim]:
+                    _check_repeatable(name, frame, argument, value)
                 value = periodic_repeat(value, full_size, frame.dim - event_dim).contiguous()
         container, constraint = _PARAMETERS[argument]
         deep_setattr(self, f"{container}.{name}", PyroParam(value, constraint, event_dim))
@@ -371,9 +400,10 @@ class AutoRelaxed(AutoGuide):
     def quantiles(self, quantiles, *args, **kwargs) -> dict:
         """The quantiles of each site's discrete distribution (:meth:`discrete`): for each
         level :math:`q`, the smallest outcome whose cumulative probability reaches :math:`q`.
-        Sites with vector values (one-hot categories, count vectors) have no quantiles and
-        raise ``NotImplementedError``; the model's arguments are needed only before the
-        guide's first call. This is what Pyro's ``AutoGuideList.quantiles`` asks of each part.
+        Sites with vector values (one-hot categories, count vectors) have no quantiles: as in
+        :meth:`median`, they get their most probable outcome at every level (so that Pyro's
+        ``AutoGuideList.quantiles``, which asks every part, gives the other parts' quantiles).
+        The model's arguments are needed only before the guide's first call.
 
         Arguments:
             quantiles (list or Tensor): levels in :math:`[0, 1]`.
@@ -390,13 +420,11 @@ class AutoRelaxed(AutoGuide):
         result = {}
         for name, posterior in self.discrete(*args, **kwargs).items():
             discrete = _unwrapped(posterior)
-            if not _has_scalar_values(discrete):
-                raise NotImplementedError(
-                    f"AutoRelaxed.quantiles: site {name!r} takes vector values "
-                    f"({type(discrete).__name__}), which have no quantiles; median() gives "
-                    "its most probable outcome"
-                )
-            result[name] = _quantiles(discrete, levels)
+            if _has_scalar_values(discrete):
+                result[name] = _quantiles(discrete, levels)
+            else:
+                mode = _mode(discrete)
+                result[name] = mode.expand((len(levels),) + mode.shape).clone()
         return result
 
     @torch.no_grad()

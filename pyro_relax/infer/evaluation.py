@@ -86,6 +86,13 @@ def discrete_elbo(
     them): divide by the number of items for a per-item figure. No gradient is recorded.
     Draws come from Pyro's random state (seed it with ``pyro.set_rng_seed``).
 
+    The discrete distribution of an ``IGRStickBreaking``, ``IGRCount`` or ``IGRPlanar`` site is
+    itself a Monte Carlo estimate (10,000 draws, anew at each pass; see
+    ``IGRStickBreaking.discrete``): where a guide draws categories that are rare under the
+    model, their log-probabilities are those of counts of a few draws (or of ``eps``), the
+    estimate is biased, and the standard error does not count that noise. The other families'
+    discrete distributions are exact.
+
     Extra keyword arguments go to the model and guide; the options below take their names.
 
     References:
@@ -174,7 +181,9 @@ def discrete_log_likelihood(
     of the subsample, that of :math:`N` times the mean of :math:`b` items drawn without
     replacement from :math:`N`, estimated from the spread :math:`s^2` of the :math:`b`
     per-item bounds: :math:`N^2 (1 - b / N)\, s^2 / b` (``NaN`` for one item). No gradient is
-    recorded.
+    recorded. As for :func:`discrete_elbo`, the discrete distributions of ``IGRStickBreaking``,
+    ``IGRCount`` and ``IGRPlanar`` sites are Monte Carlo estimates, whose noise the standard
+    error does not count.
 
     Extra keyword arguments go to the model and guide; the options below take their names.
 
@@ -366,8 +375,8 @@ def _check_guide_is_traced(guide) -> None:
     included) as guide sites."""
     if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
         raise TypeError(
-            f"the guide is a {type(poutine.unwrap(guide)).__name__}, a guide that runs the model "
-            "itself, which the discrete estimates cannot discretize and trace: use a guide "
+            f"the guide ({type(poutine.unwrap(guide)).__name__}) runs the model itself, which "
+            "the discrete estimates cannot discretize and trace: use a guide "
             "function or an AutoGuide (AutoNormal, pyro_relax.infer.AutoRelaxed, AutoGuideList)"
         )
 
@@ -470,8 +479,9 @@ def _site_terms(site, nesting: int, data_plate, scaled: bool):
     if not frames:
         raise ValueError(
             f"site {site['name']!r} is not inside the plate {data_plate!r}: the per-item bound "
-            "needs every sample site inside it (a global latent couples the items; leave "
-            "`data_plate` out for the bound over the whole call)"
+            "needs every sample site inside it (a global site, latent, observed or a factor, "
+            "couples the items or is not theirs; leave `data_plate` out for the bound over the "
+            "whole call)"
         )
     if frames[0].dim is None:
         raise ValueError(

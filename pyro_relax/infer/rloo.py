@@ -81,6 +81,8 @@ class TraceRLOO_ELBO(ELBO):
         num_particles (int): the number of particles :math:`K \geq 2`.
         max_plate_nesting (int): the number of plate dimensions of model and guide, without the
             particles' plate. Guessed by tracing model and guide once if omitted.
+        vectorize_particles (bool): always ``True`` (accepted, as ``Trace_ELBO`` takes it, so
+            that the classes swap); ``False`` raises ``ValueError``.
         retain_graph (bool): keep the autograd graph after :meth:`loss_and_grads`.
 
     Example:
@@ -104,7 +106,19 @@ class TraceRLOO_ELBO(ELBO):
         [False, True]
     """
 
-    def __init__(self, num_particles=4, max_plate_nesting=float("inf"), retain_graph=None):
+    def __init__(
+        self,
+        num_particles=4,
+        max_plate_nesting=float("inf"),
+        vectorize_particles=True,
+        retain_graph=None,
+    ):
+        if vectorize_particles is not True:
+            raise ValueError(
+                "TraceRLOO_ELBO draws its particles in one vectorized pass (each one's baseline "
+                f"is the mean of the others): vectorize_particles must be True, got "
+                f"{vectorize_particles!r}"
+            )
         if not is_integer(num_particles):
             raise TypeError(f"num_particles must be an int, got {num_particles!r}")
         num_particles = int(num_particles)
