@@ -20,13 +20,15 @@ _DEFAULT_RESULTS = "pyro-relax-results"
 
 def _run_demo(args) -> int:
     output = Path(args.output)
-    if output.suffix.lower() != ".png" or not output.parent.is_dir():
-        # Checked before training: the plot is written at the end.
-        print(
-            f"pyro-relax demo: --output {args.output}: must be a .png file in an existing "
-            "directory",
-            file=sys.stderr,
-        )
+    # Checked before training: the plot is written at the end.
+    if output.suffix.lower() != ".png" or not output.parent.is_dir() or output.is_dir():
+        problem = "must be a .png file in an existing directory"
+    elif not os.access(output.parent, os.W_OK):
+        problem = "is in a folder this user cannot write"
+    else:
+        problem = None
+    if problem:
+        print(f"pyro-relax demo: --output {args.output}: {problem}", file=sys.stderr)
         return 1
     settings = _SMOKE if args.smoke else {"epochs": args.epochs}
     try:

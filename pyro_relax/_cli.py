@@ -4,7 +4,16 @@ value gives argparse's one-line usage error instead of a traceback later."""
 import argparse
 import math
 
-__all__ = ["device", "fraction", "integer_at_least", "positive_float", "positive_int", "seed"]
+__all__ = [
+    "decay",
+    "device",
+    "fraction",
+    "integer_at_least",
+    "positive_float",
+    "positive_int",
+    "seed",
+    "temperature_value",
+]
 
 
 def integer_at_least(minimum: int):
@@ -52,6 +61,30 @@ def fraction(text: str) -> float:
     value = positive_float(text)
     if not value < 1:
         raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def decay(text: str) -> float:
+    """An argparse type: a factor in (0, 1] by which something decays (1: it does not)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (1: no decay), got {text}")
+    return value
+
+
+# The temperatures the relaxations accept in float32, the experiments' dtype: within [eps,
+# 1 / eps] (beyond, a relaxation is numerically its hard or uniform limit).
+_FLOAT32_EPS = 2.0**-23
+
+
+def temperature_value(text: str) -> float:
+    """An argparse type: a temperature the relaxations accept in float32."""
+    value = positive_float(text)
+    if not _FLOAT32_EPS <= value <= 1 / _FLOAT32_EPS:
+        raise argparse.ArgumentTypeError(
+            f"must lie within float32's [{_FLOAT32_EPS:.2g}, {1 / _FLOAT32_EPS:.2g}], the "
+            f"temperatures the relaxations accept, got {text}"
+        )
     return value
 
 

@@ -92,7 +92,9 @@ def test_output_paths_are_checked_before_training(tmp_path, capsys):
     # They failed only when the plot or the first results were written, after the training.
     assert cli.main(["demo", "--smoke", "--output", str(tmp_path / "missing" / "x.png")]) == 1
     assert cli.main(["demo", "--smoke", "--output", str(tmp_path / "x.txt")]) == 1
-    assert capsys.readouterr().err.count("must be a .png file in an existing directory") == 2
+    (tmp_path / "d.png").mkdir()  # a folder named like a figure: IsADirectoryError at the end
+    assert cli.main(["demo", "--smoke", "--output", str(tmp_path / "d.png")]) == 1
+    assert capsys.readouterr().err.count("must be a .png file in an existing directory") == 3
     results = tmp_path / "a_file"
     results.write_text("")
     # A folder inside a file failed only when the first checkpoint was saved, after an epoch.

@@ -4,6 +4,7 @@ and the guarantees every experiment keeps: a finished result is never lost or ov
 import fcntl
 import importlib
 import json
+import math
 import multiprocessing
 import random
 import subprocess
@@ -41,6 +42,23 @@ def test_update_records_replaces_a_rerun_and_keeps_the_others(tmp_path):
     merged = update_records(path, [{"prior": "a", "estimator": "x", "value": 3}], KEY)
     assert json.loads(path.read_text()) == merged
     assert sorted((r["prior"], r["value"]) for r in merged) == [("a", 3), ("b", 2)]
+
+
+def test_numbers_json_cannot_hold_are_written_as_null(tmp_path):
+    # A mean signal-to-noise ratio of a zero variance went into a results file as `Infinity`,
+    # which Python's json writes and strict JSON readers refuse (the committed gst_vae.json
+    # held 537), and so would any NaN.
+    path = tmp_path / "runs.json"
+    record = {"lr": 0.1, "snr": math.inf, "history": [{"loss": math.nan, "x": -math.inf}]}
+    update_records(path, [record], key=["lr"])
+    text = path.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == [
+        {"lr": 0.1, "snr": None, "history": [{"loss": None, "x": None}]}
+    ]
+    committed = Path(__file__).resolve().parents[1] / "results"
+    for results in committed.glob("*.json"):
+        assert "Infinity" not in results.read_text() and "NaN" not in results.read_text()
 
 
 def test_update_records_keeps_the_records_of_other_settings(tmp_path):
@@ -365,6 +383,14 @@ def test_a_finished_run_survives_a_failed_merge(tmp_path, monkeypatch, capsys, n
         ["experiment", "topic", "--truncation", "1"],
         ["experiment", "topic", "--lr", "abc"],
         ["demo", "--epochs", "-3"],
+        # A temperature beyond float32's [eps, 1 / eps] failed inside the first step with a
+        # traceback (gst-vae), or wrote a row of a zero gradient (synthetic); a learning rate
+        # "decay" above 1 grew the rate until the run failed.
+        ["experiment", "gst-vae", "--temperature", "1e-9"],
+        ["experiment", "gst-vae", "--temperature", "1e9"],
+        ["experiment", "synthetic", "--temperatures", "1e-9"],
+        ["experiment", "neyman", "--gradient-temperatures", "1e8"],
+        ["experiment", "synthetic", "--lr-decay", "1.5"],
     ],
 )
 def test_bad_numbers_on_the_command_line_are_usage_errors(argv, capsys):

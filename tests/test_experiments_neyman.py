@@ -94,6 +94,19 @@ def test_missing_statsmodels_names_the_install_command(monkeypatch, tmp_path, ca
     assert "pip install statsmodels" in capsys.readouterr().err
 
 
+def test_more_people_than_the_data_holds_is_the_whole_data_and_its_run():
+    # --people above the 20,190 was capped silently but kept in the settings and the data's
+    # name: runs on the same data became separate rows claiming ten million people.
+    data = neyman.load_visits(0)
+    assert len(data.y_train) + len(data.y_test) == neyman.PEOPLE
+    assert neyman.load_visits(0, people=10**7).name == data.name == "randhie"
+    for people in ("20190", "99999"):
+        argv = ["experiment", "neyman", "--people", people]
+        assert neyman._config(cli.build_parser(argv).parse_args(argv)).people is None
+    argv = ["experiment", "neyman", "--people", "20189"]
+    assert neyman._config(cli.build_parser(argv).parse_args(argv)).people == 20189
+
+
 def test_split_is_fixed_by_the_seed_and_standardized():
     first, again, other = (neyman.load_visits(seed, people=500) for seed in (3, 3, 4))
     assert torch.equal(first.y_test, again.y_test) and torch.equal(first.x_train, again.x_train)

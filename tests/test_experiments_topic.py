@@ -378,6 +378,25 @@ def test_a_damaged_corpus_file_is_one_clear_line(tmp_path, capsys, content):
     assert error.count("\n") == 1 and str(path) in error and "write it again" in error
 
 
+@pytest.mark.parametrize(
+    "count", [np.inf, -1.0, 0.5, np.nan], ids=["inf", "negative", "half", "nan"]
+)
+def test_counts_that_are_not_nonnegative_integers_are_refused(tmp_path, count):
+    # An infinite count passed the check (inf == round(inf)) and failed in the first step.
+    path = tmp_path / "mine.npz"
+    np.savez(path, counts=np.array([[count, 1.0], [1.0, 2.0], [3.0, 4.0]]))
+    with pytest.raises(common.CorruptFileError, match="nonnegative integers"):
+        topic.load_corpus(path)
+
+
+def test_a_corpus_of_another_format_says_which_are_read(tmp_path):
+    # A .csv file was read as .npz, and the message quoted NumPy's advice to unpickle it.
+    path = tmp_path / "mine.csv"
+    path.write_text("1,2\n3,4\n")
+    with pytest.raises(common.ExperimentError, match="a corpus is a .npz file of counts"):
+        topic.load_corpus(path)
+
+
 @pytest.mark.parametrize("content", [None, "the and of\nis it\n"], ids=["empty", "stop-words"])
 def test_a_corpus_without_words_is_one_clear_line(tmp_path, content):
     # scikit-learn's "empty vocabulary" ValueError reached the user as a traceback.

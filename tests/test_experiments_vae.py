@@ -274,10 +274,23 @@ def _without_the_schedule(path):
     torch.save(state, path)
 
 
+def _other_networks(path):
+    # A mid-run checkpoint of a version whose networks have other layers: load_state_dict's
+    # RuntimeError reached the user as a traceback.
+    state = torch.load(path, weights_only=False)
+    params = state["params"]["params"]
+    state["params"]["params"] = {name + ".renamed": value for name, value in params.items()}
+    torch.save(state, path)
+
+
 @pytest.mark.parametrize(
     "damage, message",
-    [(_truncated, "delete it"), (_without_the_schedule, "lacks the entry 'schedule'")],
-    ids=["truncated", "another-version"],
+    [
+        (_truncated, "delete it"),
+        (_without_the_schedule, "lacks the entry 'schedule'"),
+        (_other_networks, "does not fit this run"),
+    ],
+    ids=["truncated", "another-version", "other-networks"],
 )
 def test_a_damaged_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys, damage, message):
     options = ["--prior", "Pois(2)", "--estimator", "GenGS", "--epochs", "2"]

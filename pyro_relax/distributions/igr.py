@@ -606,6 +606,14 @@ class IGRStickBreaking(_IGRBase):
     :meth:`categorical` estimates its PMF by Monte Carlo. As :math:`\tau \to \infty`, :math:`z`
     tends to :math:`(1, \dots, 1, \delta) / (K - 1 + \delta)`.
 
+    The limit comes much later than IGR-I's: the sticks lie in :math:`(0, 1)`, so the
+    softmax++ scores :math:`w_k / \tau` differ by less than :math:`1 / \tau`, and at the
+    temperatures where IGR-I's samples are near a vertex (0.1 to 0.5) a sample of IGR-SB (and
+    of :class:`IGRCount`, whose counts it weights) still spreads its mass over many
+    categories: its relaxed model is then far from the discrete one :meth:`discrete` gives.
+    Anneal it further than IGR-I's, and compare the two (the mean of samples against that of
+    :meth:`discrete`) before trusting a temperature.
+
     **Countably infinite support** (``precision`` :math:`\rho` given): ``loc`` holds the first
     :math:`K_{\max} - 1` sticks, and each sample keeps the smallest number :math:`n` of sticks
     whose cumulative mass reaches :math:`\rho` (the crossing stick included; :math:`n = 1`

@@ -6,6 +6,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -242,10 +243,12 @@ def update_records(path, records, key, report=None) -> list:
     names of the record's fields that hold them. A stored record with the same settings as a
     new one is replaced, so a rerun updates its row; records of other settings are kept.
     Concurrent runs are serialized by a lock file next to ``path`` and the file is replaced
-    atomically. ``report(merged)``, which writes the reports of the merged records (tables,
-    figures), runs under the same lock: a run that finished first cannot overwrite them
-    afterwards with a list that lacks the other's record. A damaged file raises
-    :class:`CorruptFileError` and is left as it is.
+    atomically. A number JSON cannot hold (NaN, an infinity: a ratio of a zero variance, say)
+    is written as ``null``: Python's ``json`` would write ``NaN`` or ``Infinity``, which no
+    strict JSON reader accepts. ``report(merged)``, which writes the reports of the merged
+    records (tables, figures), runs under the same lock: a run that finished first cannot
+    overwrite them afterwards with a list that lacks the other's record. A damaged file
+    raises :class:`CorruptFileError` and is left as it is.
     """
     if not callable(key):
         names = tuple(key)
@@ -259,10 +262,22 @@ def update_records(path, records, key, report=None) -> list:
         new_keys = {_canonical(key(record)) for record in records}
         merged = [r for r in stored if _canonical(key(r)) not in new_keys]
         merged.extend(records)
-        atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(_json_numbers(merged), indent=2, allow_nan=False) + "\n")
         if report is not None:
             report(merged)
     return merged
+
+
+def _json_numbers(value):
+    """``value`` (JSON data: dicts, lists, numbers, strings) with every float that is not finite
+    replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_numbers(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_numbers(item) for item in value]
+    return value
 
 
 def differing_settings(records, settings_of, shown=()) -> list:
@@ -395,6 +410,21 @@ class _SavedState(dict):
             f"{self.path} lacks the entry {key!r} that this version of pyro-relax restores (it "
             "was written by another version); delete it to start this run over"
         )
+
+    @contextlib.contextmanager
+    def restoring(self):
+        """Where a run restores itself from this state: an entry that does not fit it (a
+        network's weights of other names or shapes, written by another version of the
+        library) raises :class:`CorruptFileError` naming the file, not a traceback."""
+        try:
+            yield self
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as error:
+            if isinstance(error, ExperimentError):
+                raise
+            raise CorruptFileError(
+                f"{self.path} does not fit this run ({describe(error)}; written by another "
+                "version of pyro-relax?); delete it to start this run over"
+            ) from None
 
 
 def _rng_state():

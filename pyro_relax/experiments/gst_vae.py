@@ -68,7 +68,7 @@ import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 
-from pyro_relax._cli import integer_at_least, positive_float, positive_int
+from pyro_relax._cli import integer_at_least, positive_int, temperature_value
 from pyro_relax.distributions import (
     GappedSTCategorical,
     GRMCKCategorical,
@@ -439,8 +439,9 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
         state = None  # a record alone (written before finished runs kept their model): train
     start, history, seconds = 0, [], 0.0
     if state is not None:
-        run.load_state_dict(state["run"])
-        start, history, seconds = state["epoch"], state["history"], state["seconds"]
+        with state.restoring():
+            run.load_state_dict(state["run"])
+            start, history, seconds = state["epoch"], state["history"], state["seconds"]
     steps = settings.steps_per_epoch
     desc = f"{settings.estimator} tau={settings.temperature} {settings.loop}"
     bar = common.progress(
@@ -724,7 +725,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--temperature",
         nargs="+",
-        type=positive_float,
+        type=temperature_value,
         default=list(DEFAULT_TEMPERATURES),
         help="temperature(s) of the surrogates (default: 1.0 0.5; the paper also tried 0.1)",
     )

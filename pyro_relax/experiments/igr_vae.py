@@ -489,10 +489,11 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
         # computes, is scored again.
         if record is not None and all(key in record for key in _SCORES):
             return record
-        image_vae.restore_params(state["params"], estimator.modules)
-        optimizer.set_state(state["optimizer"])
-        generator.set_state(state["generator"])
-        start, history, seconds = state["epoch"], state["history"], state["seconds"]
+        with state.restoring():
+            image_vae.restore_params(state["params"], estimator.modules)
+            optimizer.set_state(state["optimizer"])
+            generator.set_state(state["generator"])
+            start, history, seconds = state["epoch"], state["history"], state["seconds"]
         if start < settings.epochs:
             print(f"resuming {checkpoint.path} after epoch {start}", file=sys.stderr)
         else:

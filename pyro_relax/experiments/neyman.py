@@ -85,7 +85,7 @@ from pyro.optim import Adam
 from torch import nn
 
 from pyro_relax import ExponentialDecay, GenGSPoisson, TruncatedGenGS, truncated_log_probs
-from pyro_relax._cli import integer_at_least, positive_float, positive_int
+from pyro_relax._cli import integer_at_least, positive_float, positive_int, temperature_value
 from pyro_relax.experiments import common
 
 __all__ = [
@@ -174,6 +174,10 @@ class Visits:
     y_test: torch.Tensor
 
 
+# The people of the RAND HIE data statsmodels bundles.
+PEOPLE = 20_190
+
+
 def load_visits(seed: int = 0, test_fraction: float = 0.2, people: int | None = None) -> Visits:
     """The RAND HIE doctor visits (``mdvis``) and their nine covariates from statsmodels, split
     into training and test people by a permutation drawn from ``seed`` (the first ``people``
@@ -197,7 +201,7 @@ def load_visits(seed: int = 0, test_fraction: float = 0.2, people: int | None = 
     def tensor(array):
         return torch.as_tensor(array, dtype=torch.float32)
 
-    name = "randhie" if people is None else f"randhie-{len(order)}"
+    name = "randhie" if people is None or people >= len(y) else f"randhie-{len(order)}"
     return Visits(
         name,
         list(frame.exog.columns),
@@ -500,11 +504,12 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
                 regression.load_state_dict(state["networks"]["regression"])
                 record |= _untruncated(regression, data, config)
             return record, state["networks"]
-        regression.load_state_dict(state["networks"]["regression"])
-        encoder.load_state_dict(state["networks"]["encoder"])
-        svi.optim.set_state(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        history, start, seconds = state["history"], state["step"], state["seconds"]
+        with state.restoring():
+            regression.load_state_dict(state["networks"]["regression"])
+            encoder.load_state_dict(state["networks"]["encoder"])
+            svi.optim.set_state(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            history, start, seconds = state["history"], state["step"], state["seconds"]
 
     def networks():
         return {"regression": regression.state_dict(), "encoder": encoder.state_dict()}
@@ -1227,7 +1232,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--gradient-temperatures",
-        type=positive_float,
+        type=temperature_value,
         nargs="+",
         default=[1.0, 0.5, 0.3, 0.1, 0.05],
         metavar="TAU",
@@ -1254,7 +1259,12 @@ def add_arguments(parser) -> None:
 def _config(args) -> NeymanConfig:
     fields = {"steps": "steps", "truncation": "truncation", "hidden": "hidden"}
     fields.update(learning_rate="lr", people="people")
-    return common.given_options(SMOKE_CONFIG if args.smoke else NeymanConfig(), args, fields)
+    config = common.given_options(SMOKE_CONFIG if args.smoke else NeymanConfig(), args, fields)
+    if config.people is not None and config.people >= PEOPLE:
+        # Everyone: the same run as without --people, with the same record (its name and
+        # settings said 10000000 people where there are 20,190).
+        config = dataclasses.replace(config, people=None)
+    return config
 
 
 def run(args) -> int:

@@ -116,7 +116,7 @@ import torch
 from pyro.infer import TraceGraph_ELBO
 
 from pyro_relax import GenGSBinomial, GenGSMultinomial, GenGSNegativeBinomial, GenGSPoisson
-from pyro_relax._cli import integer_at_least, positive_float, positive_int
+from pyro_relax._cli import decay, integer_at_least, positive_float, positive_int, temperature_value
 from pyro_relax.experiments import common
 from pyro_relax.infer import TraceRLOO_ELBO
 
@@ -689,7 +689,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--lr-decay",
-        type=positive_float,
+        type=decay,
         help="factor by which the learning rate decays, exponentially, over the steps "
         f"(default {FULL.lr_decay})",
     )
@@ -706,13 +706,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--temperatures",
-        type=positive_float,
+        type=temperature_value,
         nargs="+",
         help=f"GenGS temperatures (default {' '.join(map(str, FULL.temperatures))})",
     )
     parser.add_argument(
         "--bias-temperatures",
-        type=positive_float,
+        type=temperature_value,
         nargs="+",
         help="temperatures of the Poisson bias sweep (default "
         f"{' '.join(map(str, FULL.bias_temperatures))})",

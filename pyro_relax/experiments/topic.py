@@ -382,8 +382,13 @@ def load_corpus(path, *, seed=0, test_fraction=0.2, vocab_size=2000) -> Corpus:
         raise common.ExperimentError(f"{path}: no such corpus file or directory")
     if path.is_dir() or path.suffix == ".txt":
         counts, vocabulary = _tokenize(path, vocab_size)
-    else:
+    elif path.suffix == ".npz":
         counts, vocabulary = _read_npz(path)
+    else:
+        raise common.ExperimentError(
+            f"{path}: a corpus is a .npz file of counts, a .txt file of documents (one per "
+            "line) or a folder of .txt files"
+        )
     counts = counts[counts.sum(-1) > 0]
     if len(counts) < 2:
         raise common.CorruptFileError(
@@ -430,7 +435,13 @@ def _read_npz(path):
     if counts is None:
         raise common.CorruptFileError(f"{path}: expected a sparse matrix or the key 'counts'")
     counts = np.asarray(counts, dtype=float)
-    if counts.ndim != 2 or (counts < 0).any() or (counts != np.round(counts)).any():
+    # (An infinite count passes the other two tests: inf == round(inf).)
+    if (
+        counts.ndim != 2
+        or not np.isfinite(counts).all()
+        or (counts < 0).any()
+        or (counts != np.round(counts)).any()
+    ):
         raise common.CorruptFileError(f"{path}: counts must be a 2-D array of nonnegative integers")
     if vocabulary is None:
         vocabulary = [f"w{v}" for v in range(counts.shape[1])]
@@ -663,14 +674,15 @@ def train(
     if state is not None:
         if "record" in state:
             return state["record"]
-        decoder.load_state_dict(state["decoder"])
-        encoder.load_state_dict(state["encoder"])
-        for name, value in state["baselines"].items():
-            pyro.get_param_store()[name] = value
-        svi.optim.set_state(state["optimizer"])
-        shuffle.set_state(state["shuffle"])
-        schedule.load_state_dict(state["schedule"])
-        history, start_epoch, seconds = state["history"], state["epoch"], state["seconds"]
+        with state.restoring():
+            decoder.load_state_dict(state["decoder"])
+            encoder.load_state_dict(state["encoder"])
+            for name, value in state["baselines"].items():
+                pyro.get_param_store()[name] = value
+            svi.optim.set_state(state["optimizer"])
+            shuffle.set_state(state["shuffle"])
+            schedule.load_state_dict(state["schedule"])
+            history, start_epoch, seconds = state["history"], state["epoch"], state["seconds"]
 
     with common.progress(total=config.epochs, initial=start_epoch, desc=label, unit="epoch") as bar:
         for epoch in range(start_epoch, config.epochs):

@@ -514,11 +514,12 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     if state is not None and "epoch" not in state:
         state = None  # a record alone (written before finished runs kept their model): train
     if state is not None:
-        image_vae.restore_params(state["params"], {"encoder": encoder, "decoder": decoder})
-        optimizer.set_state(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        start, history, seconds = state["epoch"], state["history"], state["seconds"]
+        with state.restoring():
+            image_vae.restore_params(state["params"], {"encoder": encoder, "decoder": decoder})
+            optimizer.set_state(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"])
+            start, history, seconds = state["epoch"], state["history"], state["seconds"]
         if start < settings.epochs:
             print(f"resuming {checkpoint.path} after epoch {start}", file=sys.stderr)
         else:
