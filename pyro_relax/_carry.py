@@ -39,9 +39,9 @@ class Relaxation:
     its record, attach it again with :func:`with_relaxation`.
 
     Every field is ``None`` unless the family that drew the sample sets it. A straight-through
-    draw carries a record with no field set (soft STGS: its log-weights): the record itself
-    tells Pyro's estimators that the value was drawn by ``rsample``, also where no gradient
-    was recorded (``SVI.evaluate_loss``), as opposed to a value Pyro enumerated.
+    draw carries a record with no field set (soft STGS: its log-weights and scores): the
+    record itself tells Pyro's estimators that the value was drawn by ``rsample``, also where
+    no gradient was recorded (``SVI.evaluate_loss``), as opposed to a value Pyro enumerated.
 
     References:
         Generalized Gumbel-Softmax Gradient Estimator for Generic Discrete Random Variables.
@@ -57,7 +57,8 @@ class Relaxation:
         log_weights (Tensor): :math:`\log` of the relaxed one-hot or simplex point the value
             stands for (soft STGS, softmax++ and the IGR family).
         preimage (Tensor): the pre-image :math:`y` of the map that made the value (the
-            Gaussian draw of the IGR family; the input of a sigmoid stick-breaking).
+            Gaussian draw of the IGR family; the input of a sigmoid stick-breaking; the
+            tempered scores :math:`(l + g) / \tau` whose softmax a soft STGS sample is).
         source (tuple): what made the pre-image, ``(family, map parameters, versions)``
             (IGR family); ``versions`` are the parameters' version counters at the draw (see
             :meth:`current_source`).

@@ -439,7 +439,10 @@ def all_last(mask: torch.Tensor) -> torch.Tensor:
 
 def floating(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``value`` in ``dtype`` if it is an integer or boolean tensor (observed counts, bits or a
-    one-hot vector typed by hand), else as it is, with the record it may carry."""
+    one-hot vector typed by hand), else as it is, with the record it may carry. Anything but a
+    tensor raises torch's ``ValueError`` for a ``log_prob`` value."""
+    if not torch.is_tensor(value):
+        raise ValueError("The value argument to log_prob must be a Tensor")
     return value if value.is_floating_point() else value.to(dtype)
 
 
@@ -786,18 +789,20 @@ def is_integer(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def check_count(owner: str | None, name: str, value, minimum: int = 1) -> int:
-    """``value`` as a Python ``int`` if it is an integral number of at least ``minimum``, else
-    ``ValueError`` naming ``name`` (and ``owner``, if given). The library's one check of a
-    count argument."""
-    if not is_integer(value) or value < minimum:
-        prefix = f"{owner}: " if owner else ""
+def check_count(owner: str, name: str, value, minimum: int = 1) -> int:
+    """``value`` as a Python ``int`` if it is an integral number of at least ``minimum``; else
+    ``TypeError`` for anything but an integer (a float, a string, ``None``, a tensor: Python's
+    rule, ``range(2.0)``) and ``ValueError`` for a smaller one, both naming ``owner`` and
+    ``name``. The library's one check of a count argument."""
+    if not is_integer(value):
         # A count fixes shapes or loops: a tensor is refused, even of one integer (reading it
         # would wait on its device), and told apart from a bad number.
         hint = " (a tensor: pass a Python int, such as int(t))" if torch.is_tensor(value) else ""
-        raise ValueError(
-            f"{prefix}`{name}` must be an integer of at least {minimum}, got {value!r}{hint}"
+        raise TypeError(
+            f"{owner}: `{name}` must be an integer of at least {minimum}, got {value!r}{hint}"
         )
+    if value < minimum:
+        raise ValueError(f"{owner}: `{name}` must be an integer of at least {minimum}, got {value}")
     return int(value)
 
 
@@ -893,7 +898,7 @@ def parse_parameters(
 
     The first tensor in ``params`` (in order) sets the device and, if it is floating, the dtype
     (half precision becomes float32, the dtype the library computes in); otherwise the first
-    floating tensor does, else the default dtype. ``None`` entries are passed through.
+    floating tensor does, else the default dtype. A ``None`` raises ``TypeError``.
 
     Raises:
         ValueError: naming both parameters, for tensors on different devices or shapes that do
@@ -909,12 +914,7 @@ def parse_parameters(
     parsed, batch_shape, shaped_by = {}, torch.Size(), None
     for name, value in params.items():
         if value is None:
-            if name == "temperature":  # every relaxation's one required parameter
-                raise TypeError(
-                    f"{owner}: `temperature` must be a positive number or tensor, got None"
-                )
-            parsed[name] = None
-            continue
+            raise TypeError(f"{owner}: `{name}` must be a number or a tensor, got None")
         original = value
         value = as_float(owner, name, value, dtype, device)
         if warn_copy and name == "temperature" and _copied_for_good(original, value):

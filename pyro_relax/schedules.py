@@ -56,7 +56,7 @@ class ExponentialDecay:
     def __init__(self, initial=1.0, floor=0.1, steps=1000, *, device=None, dtype=None):
         for name, value in (("initial", initial), ("floor", floor)):
             if isinstance(value, bool) or not isinstance(value, Real):
-                raise ValueError(f"ExponentialDecay: `{name}` must be a number, got {value!r}")
+                raise TypeError(f"ExponentialDecay: `{name}` must be a number, got {value!r}")
         if not 0 < initial < math.inf:
             raise ValueError(
                 f"ExponentialDecay: `initial` must be finite and positive, got {initial}"
@@ -64,7 +64,9 @@ class ExponentialDecay:
         if not 0 < floor <= initial:
             raise ValueError(f"ExponentialDecay: `floor` must lie in (0, initial], got {floor}")
         steps = check_count("ExponentialDecay", "steps", steps)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"ExponentialDecay: `dtype` must be a torch.dtype, got {dtype!r}")
+        if dtype is not None and not dtype.is_floating_point:
             raise ValueError(
                 f"ExponentialDecay: `dtype` must be a floating torch.dtype, got {dtype!r}"
             )

@@ -655,3 +655,14 @@ def test_a_saved_sample_loads_with_its_record(example):
     loaded = _saved_and_loaded(value)
     assert (relaxation_of(loaded) is None) == (relaxation_of(value) is None)
     torch.testing.assert_close(d.log_prob(loaded), d.log_prob(value))
+
+
+@every_example
+def test_log_prob_of_anything_but_a_tensor_is_torchs_value_error(example):
+    # A list or a Python number reached `value.is_floating_point()` in most classes: an
+    # AttributeError, where torch (and the straight-through categoricals) raise ValueError.
+    d = example.build()
+    value = d.sample()
+    for plain in (value.tolist(), 1.0):
+        with pytest.raises(ValueError, match="must be a Tensor"):
+            d.log_prob(plain)

@@ -242,3 +242,39 @@ def test_a_value_of_the_wrong_shape_is_refused_by_name():
     with pytest.raises(ValueError, match=r"event shape \(3,\)"):
         vectors.log_prob(torch.zeros(2))
     assert d.log_prob(torch.zeros(4, 1)).shape == (4, 2)
+
+
+def test_mode_cdf_and_icdf_follow_their_definitions():
+    # The relaxations send a user to d.discrete().mode / .cdf / .icdf, which raised torch's
+    # bare NotImplementedError. Outcomes in no order, a batch of two PMFs, an outcome of
+    # probability 0.
+    outcomes = torch.tensor([5.0, 0.0, 1.0, 3.0])
+    probs = torch.tensor([[0.1, 0.4, 0.0, 0.5], [0.3, 0.3, 0.2, 0.2]], dtype=torch.float64)
+    d = pr.FiniteDiscrete(outcomes.double(), probs=probs)
+    assert d.mode.tolist() == [3.0, 5.0]  # the first of the two most probable: 5
+    for x in (-1.0, 0.0, 0.5, 1.0, 3.0, 4.9, 5.0, 9.0):
+        expected = [
+            sum(p for c, p in zip(outcomes.tolist(), row, strict=True) if c <= x)
+            for row in probs.tolist()
+        ]
+        torch.testing.assert_close(
+            d.cdf(torch.tensor(x)), torch.tensor(expected, dtype=torch.float64)
+        )
+    for q in (0.0, 0.1, 0.4, 0.45, 0.5, 0.9, 1.0):
+        expected = []
+        for row in probs.tolist():
+            ranked = sorted(zip(outcomes.tolist(), row, strict=True))
+            # The smallest outcome whose cumulative probability reaches q (of positive mass at 0).
+            total, found = 0.0, None
+            for c, p in ranked:
+                total += p
+                if total >= q and (q > 0 or p > 0):
+                    found = c
+                    break
+            expected.append(found)
+        assert d.icdf(torch.tensor(q, dtype=torch.float64)).tolist() == expected, q
+    assert d.icdf(torch.tensor([[0.2], [0.7]])).shape == (2, 2)
+    vectors = pr.FiniteDiscrete(torch.eye(3), probs=torch.tensor([0.2, 0.3, 0.5]))
+    assert vectors.mode.tolist() == [0.0, 0.0, 1.0]
+    with pytest.raises(NotImplementedError, match="FiniteDiscrete.cdf: outcomes that are vectors"):
+        vectors.cdf(torch.zeros(3))

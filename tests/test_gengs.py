@@ -643,10 +643,7 @@ BAD_INPUTS = [
     ("total_count", lambda: GenGSNegativeBinomial(0.0, 0.5, 10, probs=0.5)),
     ("total_count", lambda: GenGSMultinomial(0, 0.5, probs=torch.tensor([0.5, 0.5]))),
     ("truncation", lambda: GenGSPoisson(2.0, 0.5, 1)),
-    ("truncation", lambda: GenGSPoisson(2.0, 0.5, 1.5)),
-    ("truncation", lambda: GenGSPoisson(2.0, 0.5, True)),
     ("max_truncation", lambda: GenGSPoisson(2.0, 0.5, max_truncation=1)),
-    ("max_truncation", lambda: GenGSPoisson(2.0, 0.5, max_truncation=True)),
     ("temperature", lambda: GenGSPoisson(torch.ones(3), torch.full((2,), 0.5), 10)),
     ("temperature", lambda: TruncatedGenGS(torch.full((2,), 0.5), logits=torch.zeros(3, 4))),
     (
@@ -672,16 +669,35 @@ def test_bad_input_raises_value_error_naming_parameter(name, make):
         make()
 
 
-@pytest.mark.parametrize("truncation", [0, 1, 1.5, True])
-def test_truncated_log_probs_rejects_bad_truncation(truncation):
-    # DESIGN 1: truncation < 2 raises ValueError naming the parameter, never a silent result.
-    with pytest.raises(ValueError, match="truncation"):
+# A count that is not an integer is a TypeError, as in Python (range(1.5)); one too small a
+# ValueError.
+BAD_TYPES = [
+    ("truncation", lambda: GenGSPoisson(2.0, 0.5, 1.5)),
+    ("truncation", lambda: GenGSPoisson(2.0, 0.5, True)),
+    ("max_truncation", lambda: GenGSPoisson(2.0, 0.5, max_truncation=True)),
+]
+
+
+@pytest.mark.parametrize("name, make", BAD_TYPES)
+def test_bad_type_raises_type_error_naming_parameter(name, make):
+    with pytest.raises(TypeError, match=name):
+        make()
+
+
+@pytest.mark.parametrize(
+    "truncation, error", [(0, ValueError), (1, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_truncated_log_probs_rejects_bad_truncation(truncation, error):
+    # DESIGN 1: a truncation below 2 raises naming the parameter, never a silent result.
+    with pytest.raises(error, match="truncation"):
         truncated_log_probs(Poisson(torch.tensor(2.0)), truncation)
 
 
-@pytest.mark.parametrize("max_truncation", [1, 1.5, True])
-def test_automatic_truncation_rejects_bad_cap(max_truncation):
-    with pytest.raises(ValueError, match="max_truncation"):
+@pytest.mark.parametrize(
+    "max_truncation, error", [(1, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_automatic_truncation_rejects_bad_cap(max_truncation, error):
+    with pytest.raises(error, match="max_truncation"):
         automatic_truncation(Poisson(torch.tensor(2.0)), 0.9, max_truncation)
 
 
@@ -914,12 +930,19 @@ def test_exponential_decay_refuses_the_state_of_another_schedule(state, message)
         ("floor", {"initial": 1.0, "floor": 0.0}),
         ("floor", {"initial": 1.0, "floor": 2.0}),
         ("steps", {"steps": 0}),
-        ("steps", {"steps": 1.5}),
-        ("steps", {"steps": True}),
     ],
 )
 def test_exponential_decay_rejects_bad_arguments(name, kwargs):
     with pytest.raises(ValueError, match=name):
+        ExponentialDecay(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("steps", {"steps": 1.5}), ("steps", {"steps": True}), ("initial", {"initial": "1.0"})],
+)
+def test_exponential_decay_rejects_bad_types(name, kwargs):
+    with pytest.raises(TypeError, match=name):
         ExponentialDecay(**kwargs)
 
 

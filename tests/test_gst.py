@@ -530,13 +530,15 @@ def test_bad_arguments_are_rejected():
         pr.GappedSTBernoulli(1.0, logits=logits, gap="largest")
     with pytest.raises(ValueError, match="num_draws"):
         pr.GRMCKCategorical(1.0, logits=logits, num_draws=0)
-    with pytest.raises(ValueError, match="num_draws"):
+    with pytest.raises(TypeError, match="num_draws"):
         pr.GRMCKBernoulli(1.0, logits=logits, num_draws=2.5)
+    with pytest.raises(TypeError, match="gap"):
+        pr.GappedSTCategorical(1.0, logits=logits, gap=None)
     with pytest.raises(ValueError, match="probs"):
         pr.STCategorical(1.0, logits=logits, probs=logits.softmax(-1))
     with pytest.raises(ValueError, match="temperature"):
         pr.STGSCategorical(torch.ones(3), logits=torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="base_dist"):
+    with pytest.raises(TypeError, match="GappedST: `base_dist`"):
         pr.GappedST(dist.Bernoulli(0.5), 1.0)
 
 
@@ -547,6 +549,19 @@ def test_wrapper_keeps_the_parameterization_and_expands():
     expanded = d.expand((3, 2))
     assert type(expanded) is pr.GappedST and expanded.base_dist.batch_shape == (3, 2)
     assert expanded.gap == "expected" and expanded.temperature.shape == (3, 2)
+
+
+def test_wrapper_of_a_one_hot_categorical_built_from_logits_keeps_its_logits():
+    # torch's OneHotCategorical computes its probabilities at construction, and the wrapper took
+    # them as what the base was built from: a logit 200 below the others underflowed to an
+    # excluded category (log_prob -1e30 where the base gives -200.7).
+    logits = torch.tensor([-200.0, 0.0, 0.0])
+    d = pr.GappedST(dist.OneHotCategorical(logits=logits), 0.5)
+    vertex = torch.tensor([1.0, 0.0, 0.0])
+    expected = dist.OneHotCategorical(logits=logits).log_prob(vertex)
+    torch.testing.assert_close(d.log_prob(vertex), expected)
+    probs = torch.tensor([0.2, 0.3, 0.5])
+    assert torch.equal(pr.GappedST(dist.OneHotCategorical(probs=probs), 0.5).probs, probs)
 
 
 def test_soft_mode_has_no_enumerate_support():
@@ -654,3 +669,40 @@ def test_the_gst_gradient_vanishes_as_the_temperature_falls_below_the_gap():
     assert gradient(pr.GappedSTCategorical, 1.0) > 0.5 * exact
     assert gradient(pr.GappedSTCategorical, 0.1) < bound < 0.01 * exact
     assert gradient(pr.STGSCategorical, 0.1) > 0.5 * exact
+
+
+@pytest.mark.parametrize("temperature", [100.0, 1e5])
+def test_soft_stgs_density_stays_exact_at_high_temperatures_in_float32(monkeypatch, temperature):
+    # The density was evaluated from tau times the rounded log-weights: in float32 with 500
+    # categories 72 nats off at tau = 1e5 (0.08 at 100). The reference is the Concrete
+    # log-density in float64 from the very Gumbel noise drawn: with y = log_softmax((l + g) /
+    # tau), log p = log (K-1)! + (K-1) log tau - sum g - K logsumexp(-g) - sum y.
+    import pyro_relax.distributions.straight_through as st
+
+    drawn = []
+    original = st.gumbel_like
+
+    def spy(logits, shape):
+        noise = original(logits, shape)
+        drawn.append(noise.detach().double())
+        return noise
+
+    monkeypatch.setattr(st, "gumbel_like", spy)
+    torch.manual_seed(0)
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    d = pr.STGSCategorical(temperature, logits=logits, hard=False)
+    value = d.rsample((200,))
+    base, g = logits.double(), drawn[-1]
+    y = torch.log_softmax((base + g) / temperature, -1)
+    exact = (
+        math.lgamma(500) + 499 * math.log(temperature) - g.sum(-1)
+        - 500 * torch.logsumexp(-g, -1) - y.sum(-1)
+    )  # fmt: skip
+    assert (d.log_prob(value).double() - exact).abs().max() < 1e-2
+    # The binary version shares the density.
+    b = pr.STGSBernoulli(temperature, logits=torch.tensor(0.3), hard=False)
+    value = b.rsample((200,))
+    pair, g = torch.tensor([0.0, 0.3], dtype=torch.float64), drawn[-1]
+    y = torch.log_softmax((pair + g) / temperature, -1)
+    exact = math.log(temperature) - g.sum(-1) - 2 * torch.logsumexp(-g, -1) - y.sum(-1)
+    assert (b.log_prob(value).double() - exact).abs().max() < 1e-3

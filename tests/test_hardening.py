@@ -602,18 +602,20 @@ COUNT_ARGUMENTS = {
 def test_count_arguments_take_any_integer_and_refuse_the_rest(name):
     # One check for every count argument (numpy integers were refused by some, accepted by
     # others): an integer of any kind gives what a Python int gives; a float, a bool or a
-    # string is refused, naming the argument.
+    # string is a TypeError (as in Python: range(4.5)), naming the argument; so is a tensor,
+    # except for the binomial's total_count and truncated_log_probs' truncation (tensors, one
+    # per element) and flows (layers or a list of transforms).
     build = COUNT_ARGUMENTS[name]
     assert build(np.int64(4)) == build(4)
     argument = name.split()[-1] if name != "truncated_log_probs" else "truncation"
     for bad in (4.5, True, "4"):
-        with pytest.raises((ValueError, TypeError), match=f"`{argument}` must be"):
+        # (A binomial's total count may be a float tensor: 4.5 is a value it refuses.)
+        error = ValueError if (name, bad) == ("total_count", 4.5) else TypeError
+        with pytest.raises(error, match=f"`{argument}` must be"):
             build(bad)
-    # Not the binomial's total_count nor truncated_log_probs' truncation (tensors, one per
-    # element), nor flows (layers or a list of transforms).
     if name not in ("total_count", "truncated_log_probs", "flows"):
         # "must be an integer of at least 1, got tensor(4)" read as a contradiction.
-        with pytest.raises(ValueError, match=r"got tensor\(4\) \(a tensor: pass a Python int"):
+        with pytest.raises(TypeError, match=r"got tensor\(4\) \(a tensor: pass a Python int"):
             build(torch.tensor(4))
 
 
@@ -672,8 +674,10 @@ def test_a_half_precision_temperature_is_not_silently_left_behind():
     # warned). Now the schedule refuses half precision, and the copy warns as for any dtype.
     with pytest.raises(ValueError, match="pass torch.float32"):
         pr.ExponentialDecay(1.0, 0.1, dtype=torch.float16)
-    with pytest.raises(ValueError, match="floating torch.dtype"):
+    with pytest.raises(TypeError, match="must be a torch.dtype"):
         pr.ExponentialDecay(1.0, 0.1, dtype="float64")
+    with pytest.raises(ValueError, match="floating torch.dtype"):
+        pr.ExponentialDecay(1.0, 0.1, dtype=torch.int64)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)  # the default dtype decides when none is given
     try:

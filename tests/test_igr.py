@@ -294,8 +294,8 @@ def test_monte_carlo_categoricals_draw_in_bounded_passes(family, monkeypatch):
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, dtype=_f64))
     counts = probs * 1234  # counts over the draws
     torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-9)
-    for bad in (0, 2.5):
-        with pytest.raises(ValueError, match="`num_samples` must be an integer"):
+    for bad, error in ((0, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="`num_samples` must be an integer"):
             d.categorical(num_samples=bad)
 
 

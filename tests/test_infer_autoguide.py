@@ -595,3 +595,42 @@ def test_quantile_levels_outside_the_unit_interval_are_refused(levels):
     guide = _prior_guide(pr.GenGSPoisson(torch.tensor(2.0), 0.5, 20))
     with pytest.raises(ValueError, match=r"levels must lie in \[0, 1\]"):
         guide.quantiles(levels)
+
+
+def test_a_run_resumed_as_the_readme_says_continues_exactly():
+    # The README's recipe: rebuild the guide, call it once (its first call traces the model and
+    # draws noise), then load the guide's, the schedule's and the optimizer's states and the
+    # random state. Loading the random state before that call changed every later draw.
+    x = ITEMS
+
+    def run(steps, saved=None):
+        pyro.clear_param_store()
+        schedule = pr.ExponentialDecay(1.0, 0.1, steps=20)
+        model = _plated_model(schedule, subsample_size=None)
+        guide = AutoRelaxed(model)
+        optim = Adam({"lr": 0.05})
+        svi = SVI(model, guide, optim, Trace_ELBO(max_plate_nesting=1))
+        if saved is not None:
+            guide(x)
+            guide.load_state_dict(saved["guide"])
+            schedule.load_state_dict(saved["schedule"])
+            optim.set_state(saved["optim"])  # (taken up by the optimizer's first step)
+            torch.set_rng_state(saved["rng"])
+        for _ in range(steps):
+            svi.step(x)
+            schedule.step()
+        state = {
+            "guide": {k: v.clone() for k, v in guide.state_dict().items()},
+            "schedule": schedule.state_dict(),
+            "optim": optim.get_state(),
+            "rng": torch.get_rng_state(),
+        }
+        return state
+
+    torch.manual_seed(0)
+    uninterrupted = run(10)
+    torch.manual_seed(0)
+    first = run(5)
+    resumed = run(5, saved=first)
+    for name, value in uninterrupted["guide"].items():
+        assert torch.equal(resumed["guide"][name], value), name

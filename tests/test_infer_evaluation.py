@@ -318,17 +318,27 @@ def test_a_global_latent_cannot_take_a_per_item_bound():
 
 
 @pytest.mark.parametrize(
-    "options, message",
+    "options, error, message",
     [
-        ({"num_samples": 1}, "num_samples"),
-        ({"num_samples": 2.5}, "num_samples"),
-        ({"chunk_size": 0}, "chunk_size"),
-        ({"max_plate_nesting": -1}, "max_plate_nesting"),
+        ({"num_samples": 1}, ValueError, "discrete_elbo: `num_samples`"),
+        ({"num_samples": 2.5}, TypeError, "discrete_elbo: `num_samples`"),
+        ({"chunk_size": 0}, ValueError, "discrete_elbo: `chunk_size`"),
+        ({"max_plate_nesting": -1}, ValueError, "discrete_elbo: `max_plate_nesting`"),
+        # bool("False") is true: a string switched vectorization on.
+        ({"vectorize_particles": "False"}, TypeError, "discrete_elbo: `vectorize_particles`"),
+        ({"progress": "yes"}, TypeError, "discrete_elbo: `progress`"),
     ],
 )
-def test_bad_options_are_named(options, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_options_are_named(options, error, message):
+    with pytest.raises(error, match=message):
         discrete_elbo(model, guide, X, **options)
+
+
+def test_a_model_that_is_not_callable_is_named():
+    # discretize(None) is a handler: the data were taken for the model ("tensor(5.) is not
+    # callable, did you mean to pass it as a keyword arg?").
+    with pytest.raises(TypeError, match="discrete_elbo: `model` must be a callable"):
+        discrete_elbo(None, guide, X)
 
 
 def test_bad_particle_counts_and_plate_names_are_named():

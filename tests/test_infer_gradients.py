@@ -367,9 +367,12 @@ def test_keyword_arguments_and_progress_bar(capsys):
     assert "gradient draws" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("num_draws", [1, 0, 2.5, True, "10"])
-def test_bad_num_draws(num_draws):
-    with pytest.raises(ValueError, match="num_draws"):
+@pytest.mark.parametrize(
+    "num_draws, error",
+    [(1, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError), ("10", TypeError)],
+)
+def test_bad_num_draws(num_draws, error):
+    with pytest.raises(error, match="gradient_moments: `num_draws`"):
         gradient_moments(_normal_model, _normal_guide, Trace_ELBO(), num_draws=num_draws)
 
 

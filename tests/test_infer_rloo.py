@@ -376,7 +376,7 @@ def test_needs_two_particles(num_particles):
 
 
 def test_num_particles_must_be_an_int():
-    with pytest.raises(TypeError, match="num_particles must be an int"):
+    with pytest.raises(TypeError, match="TraceRLOO_ELBO: `num_particles` must be an int"):
         TraceRLOO_ELBO(num_particles=4.0)
 
 

@@ -78,6 +78,8 @@ def test_shapes(transform, shape):
 def test_equality_and_pickling(transform, shape):
     clone = pickle.loads(pickle.dumps(transform))
     assert clone == transform and not clone != transform
+    # Equal transforms hash alike (softmax++ hashed its identity: a set held two equal ones).
+    assert hash(clone) == hash(transform) and len({clone, transform}) == 1
     assert transform != SoftmaxPlusPlusTransform(123.0)
     x = _inputs(shape)
     torch.testing.assert_close(clone(x), transform(x))

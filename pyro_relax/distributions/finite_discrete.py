@@ -220,6 +220,47 @@ class FiniteDiscrete(TorchDistribution):
     def variance(self):
         return self.probs @ self.outcomes.square() - self.mean.square()
 
+    @property
+    def mode(self):
+        """The most probable outcome (the first of equally probable ones)."""
+        return self.outcomes[self.logits.argmax(-1)]
+
+    def _scalar_outcomes(self, what: str) -> None:
+        if self.outcomes.dim() != 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}.{what}: outcomes that are vectors have no order to "
+                "accumulate probabilities along; sum the probabilities of the outcomes you "
+                "need (probs, enumerate_support)"
+            )
+
+    def cdf(self, value):
+        r""":math:`P(X \le x)` for scalar outcomes (in any order), ``x`` broadcasting with the
+        batch shape."""
+        self._scalar_outcomes("cdf")
+        value = torch.as_tensor(value, dtype=self.probs.dtype, device=self.probs.device)
+        below = self.outcomes <= value.unsqueeze(-1)
+        return (self.probs * below).sum(-1)
+
+    def icdf(self, value):
+        r"""For each level :math:`q` in ``value`` (broadcasting with the batch shape), the
+        smallest outcome :math:`x` with :math:`P(X \le x) \ge q`, for scalar outcomes; a level
+        of 0 gives the least outcome of positive probability."""
+        self._scalar_outcomes("icdf")
+        order = self.outcomes.argsort()
+        cdf = self.probs[..., order].cumsum(-1)
+        value = torch.as_tensor(value, dtype=cdf.dtype, device=cdf.device)
+        if self._validate_args and not bool(((value >= 0) & (value <= 1)).all()):
+            raise ValueError(f"{type(self).__name__}.icdf: the levels must lie in [0, 1]")
+        # Level 0 as the least positive number: the least outcome with mass, not one of
+        # probability 0 before it.
+        value = value.clamp(min=torch.finfo(cdf.dtype).tiny)
+        shape = broadcast_shapes(value.shape, cdf.shape[:-1])
+        targets = value.expand(shape).unsqueeze(-1).contiguous()
+        # The first position whose cumulative probability reaches the level; rounding may leave
+        # the total just under 1, so the last outcome takes what lies beyond.
+        index = torch.searchsorted(cdf.expand(shape + cdf.shape[-1:]).contiguous(), targets)
+        return self.outcomes[order][index.squeeze(-1).clamp_(max=cdf.shape[-1] - 1)]
+
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():
             index = Categorical(logits=self.logits, validate_args=False).sample(sample_shape)

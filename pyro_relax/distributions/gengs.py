@@ -208,8 +208,8 @@ class TruncatedGenGS(TorchDistribution):
     - for a plain value (an observed count, a tensor built by hand), the value must be one of
       the outcomes and the result is its log-PMF :math:`\log \pi_k`;
     - anything else (a relaxed value whose weights were lost by ``clone``, ``detach`` or
-      ``.to``) raises ``ValueError`` when validation is on; with validation off the value is
-      scored as its nearest outcome.
+      ``.to``) raises ``ValueError`` when validation is on and scores NaN with validation
+      off (Pyro's MCMC, which turns validation off, then stops at such a value).
 
     The Concrete density of :math:`w` is deliberately *not* used: its KL between two relaxed
     distributions is dominated by outcomes both give almost no mass and pins a guide to its
@@ -476,8 +476,12 @@ def _count_base(family, owner, temperature, **params):
     broadcast with it. :class:`GenGS` checks its values
     (:func:`~pyro_relax.distributions.truncation.check_base`)."""
     owner = type(owner).__name__
-    if params.get("probs") is not None and params.get("logits") is not None:
+    if "probs" in params and (params["probs"] is None) == (params.get("logits") is None):
         raise ValueError(f"{owner}: pass exactly one of `probs` and `logits`")
+    for name, value in params.items():
+        # (Left out, a parameter would take torch's default: a Binomial's total count of 1.)
+        if value is None and name not in ("probs", "logits"):
+            raise TypeError(f"{owner}: `{name}` must be a number or a tensor, got None")
     given = {name: value for name, value in params.items() if value is not None}
     parsed, _ = parse_parameters(
         owner, {**given, "temperature": temperature}, {}, False, warn_copy=False
@@ -738,7 +742,10 @@ class GenGSNegativeBinomial(GenGS):
         \pi_{n-1} = P(X \geq n - 1).
 
     There is no incomplete beta function in torch: the tail is the complement of the head
-    where it is large and an explicit sum with a geometric bound where it is small.
+    where it is large and an explicit sum with a geometric bound where it is small (below
+    1e-8). Where :math:`p` is close to 1, many terms lie beyond the sum, and where
+    :math:`r < 1` they decay faster than the bound's ratio :math:`p`: the bound then
+    overestimates such a tail by a few percent.
 
     Pass ``probs`` :math:`p` or ``logits``; the attributes :attr:`probs` and :attr:`logits` are
     those of the truncated PMF, and :attr:`base_dist` holds the negative binomial parameters.

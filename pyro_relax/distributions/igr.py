@@ -154,7 +154,10 @@ def igr_log_probs(loc, scale, *, num_panels: int = 1, points_per_panel: int = 16
     coordinate :math:`j`: each density peak and CDF step is integrated on panels of its own
     width, so the error stays near float64's resolution whatever the ratio of the scales (a
     rule in each coordinate's standardized variable missed the steps of much narrower
-    coordinates: 3e-3 at a ratio of 1000). A mean below 0 puts its density's mass over
+    coordinates: 3e-3 at a ratio of 1000). The exception is a category whose mean lies tens
+    of standard deviations below another's: the integrand of its (then astronomically small,
+    below 1e-200) probability peaks between the two means, where no break point is, and its
+    logarithm can be off by nats. A mean below 0 puts its density's mass over
     :math:`t > 0` at the origin, decaying over :math:`\sigma_j^2 / |\mu_j|`: a break point
     that would fall below 0 sits instead at a multiple (1/16 to 256) of
     :math:`\sigma_j^2 / (\sigma_j + \max(-\mu_j, 0))`. The gradient is the rule applied to
@@ -660,10 +663,12 @@ class IGRStickBreaking(_IGRBase):
     """
 
     def __init__(self, loc, scale, temperature, *, delta=1.0, precision=None, validate_args=None):
-        if precision is not None and not (
-            isinstance(precision, Real) and not isinstance(precision, bool) and 0 < precision < 1
-        ):
-            raise ValueError(f"IGRStickBreaking: `precision` must lie in (0, 1), got {precision!r}")
+        if precision is not None:
+            message = f"{type(self).__name__}: `precision` must lie in (0, 1), got {precision!r}"
+            if isinstance(precision, bool) or not isinstance(precision, Real):
+                raise TypeError(message)
+            if not 0 < precision < 1:
+                raise ValueError(message)
         validate, softmax = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.precision = precision
         self._set_distribution([SigmoidSticksTransform(cache_size=1), softmax], validate)
@@ -1159,9 +1164,21 @@ class IGRCount(TorchDistribution):
     has_rsample = True
 
     def __init__(self, loc, scale, temperature, *, delta=1.0, precision=None, validate_args=None):
-        self.simplex_dist = IGRStickBreaking(
-            loc, scale, temperature, delta=delta, precision=precision, validate_args=validate_args
-        )
+        try:
+            self.simplex_dist = IGRStickBreaking(
+                loc,
+                scale,
+                temperature,
+                delta=delta,
+                precision=precision,
+                validate_args=validate_args,
+            )
+        except (TypeError, ValueError) as error:
+            # The parameters are this class's: so is the message.
+            inner = "IGRStickBreaking: "
+            if str(error).startswith(inner):
+                raise type(error)("IGRCount: " + str(error)[len(inner) :]) from None
+            raise
         super().__init__(self.simplex_dist.batch_shape, validate_args=False)
         self._validate_args = self.simplex_dist._validate_args
 

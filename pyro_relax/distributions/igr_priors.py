@@ -55,8 +55,11 @@ def uniform_igr_prior(num_categories: int, scale=1.0, *, dtype=None, device=None
 
 
 def _check_positive_number(owner, name, value):
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
-        raise ValueError(f"{owner}: `{name}` must be a finite positive number, got {value!r}")
+    message = f"{owner}: `{name}` must be a finite positive number, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(message)
+    if not 0 < value < math.inf:
+        raise ValueError(message)
 
 
 def _target_pmf(target_probs):

@@ -466,17 +466,8 @@ def _quantiles(discrete, levels: torch.Tensor) -> torch.Tensor:
         levels = levels.to(probs.device, probs.dtype).reshape((-1,) + (1,) * probs.dim())
         levels = levels.clamp(min=torch.finfo(probs.dtype).tiny)  # as below: 1 where p = 1
         return ((1 - probs) < levels).to(probs.dtype)  # P(X <= 0) = 1 - p
-    order = discrete.outcomes.argsort()
-    cdf = discrete.probs[..., order].cumsum(-1)
-    batch_shape = cdf.shape[:-1]
-    # Level 0 as the least positive number: the quantile is then the least outcome with mass,
-    # not an outcome of probability 0 before it.
-    levels = levels.to(cdf.device, cdf.dtype).clamp(min=torch.finfo(cdf.dtype).tiny)
-    targets = levels.expand(batch_shape + levels.shape).contiguous()
-    # The first position whose cumulative probability reaches the level; rounding may leave
-    # the total just under 1, so the last outcome takes what lies beyond.
-    index = torch.searchsorted(cdf.contiguous(), targets).clamp_(max=cdf.shape[-1] - 1)
-    return discrete.outcomes[order][index].movedim(-1, 0)
+    levels = levels.to(discrete.probs.device, discrete.probs.dtype)
+    return discrete.icdf(levels.reshape((-1,) + (1,) * len(discrete.batch_shape)))
 
 
 def _mode(discrete) -> torch.Tensor:

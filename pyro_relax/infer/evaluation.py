@@ -13,7 +13,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from tqdm import tqdm
 
-from pyro_relax._numerics import check_count
+from pyro_relax._numerics import check_count, check_flag
 from pyro_relax.infer.handlers import discretize
 
 __all__ = ["Estimate", "discrete_elbo", "discrete_log_likelihood"]
@@ -129,11 +129,11 @@ def discrete_elbo(
         >>> -5 < estimate.value < 0
         True
     """
-    num_samples = check_count(None, "num_samples", num_samples, minimum=2)
+    num_samples = check_count("discrete_elbo", "num_samples", num_samples, minimum=2)
     weights = _log_weights(
         model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize_particles,
         chunk_size, data_plate=None, scaled=True, min_passes=_SUBSAMPLED_PASSES,
-        progress=progress,
+        progress=progress, owner="discrete_elbo",
     )  # fmt: skip
     totals = weights.log_weights.sum(-1)
     value = float(totals.mean())
@@ -226,12 +226,15 @@ def discrete_log_likelihood(
         >>> bound.value > elbo.value
         True
     """
-    num_particles = check_count(None, "num_particles", num_particles)
+    num_particles = check_count("discrete_log_likelihood", "num_particles", num_particles)
     if data_plate is not None and not isinstance(data_plate, str):
-        raise TypeError(f"`data_plate` must be the name of a plate, got {data_plate!r}")
+        raise TypeError(
+            f"discrete_log_likelihood: `data_plate` must be the name of a plate, got {data_plate!r}"
+        )
     weights = _log_weights(
         model, guide, args, kwargs, num_particles, max_plate_nesting, vectorize_particles,
         chunk_size, data_plate=data_plate, scaled=False, progress=progress,
+        owner="discrete_log_likelihood",
     )  # fmt: skip
     log_weights, scale = weights.log_weights, weights.scale
     bounds = log_weights.logsumexp(0) - math.log(num_particles)
@@ -281,6 +284,8 @@ def _log_weights(
     scaled,
     min_passes=1,
     progress=False,
+    *,
+    owner: str,
 ) -> _Weights:
     """The log importance weights :math:`\\log p(x, z) - \\log q(z)` of ``total`` discrete
     particles, shape ``(total, items)`` (one item without ``data_plate``), in float64, and the
@@ -291,14 +296,19 @@ def _log_weights(
     (or ``total`` passes of one) where a plate scores a subsample, so that the passes, not the
     particles of one, are independent draws of it; the first pass, drawn before that is known,
     is that small in any case."""
-    chunk_size = check_count(None, "chunk_size", chunk_size)
-    _check_guide_is_traced(guide)
+    chunk_size = check_count(owner, "chunk_size", chunk_size)
+    vectorize = check_flag(owner, "vectorize_particles", vectorize)
+    progress = check_flag(owner, "progress", progress)
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{owner}: `{name}` must be a callable, got {fn!r}")
+    _check_guide_is_traced(owner, guide)
     small = math.ceil(total / min_passes)
     model, guide = discretize(model), discretize(guide)
     if nesting is None:
         nesting = _plate_nesting(model, guide, args, kwargs)
     else:
-        nesting = check_count(None, "max_plate_nesting", nesting, minimum=0)
+        nesting = check_count(owner, "max_plate_nesting", nesting, minimum=0)
     # With a data plate, every pass replays the plates' subsamples from one run of the guide
     # (get_importance_trace drops them); the run leaves the CPU's random stream as it found
     # it, so seeded estimates keep their draws.
@@ -368,15 +378,15 @@ def _log_weights(
     )
 
 
-def _check_guide_is_traced(guide) -> None:
+def _check_guide_is_traced(owner, guide) -> None:
     """``TypeError`` for a guide that runs the model itself (a ``GuideMessenger`` such as
     ``AutoNormalMessenger``): discretize cannot reach the model it runs, and traced beside the
     model, as the estimates trace a guide, it would score the model's own sites (the data
     included) as guide sites."""
     if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
         raise TypeError(
-            f"the guide ({type(poutine.unwrap(guide)).__name__}) runs the model itself, which "
-            "the discrete estimates cannot discretize and trace: use a guide "
+            f"{owner}: the guide ({type(poutine.unwrap(guide)).__name__}) runs the model "
+            "itself, which the discrete estimates cannot discretize and trace: use a guide "
             "function or an AutoGuide (AutoNormal, pyro_relax.infer.AutoRelaxed, AutoGuideList)"
         )
 

@@ -8,7 +8,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 from tqdm import tqdm
 
-from pyro_relax._numerics import is_integer
+from pyro_relax._numerics import check_count, check_flag
 
 __all__ = ["GradientMoments", "gradient_moments"]
 
@@ -148,13 +148,13 @@ def _unconstrained(value):
     return value if tensor is None else tensor
 
 
-def _check_arguments(elbo, num_draws):
-    if not is_integer(num_draws) or num_draws < 2:
-        raise ValueError(f"`num_draws` must be an integer >= 2 (a variance), got {num_draws!r}")
+def _check_arguments(elbo, num_draws, progress):
+    check_count("gradient_moments", "num_draws", num_draws, minimum=2)  # (a variance)
+    check_flag("gradient_moments", "progress", progress)
     if isinstance(elbo, type) or not callable(getattr(elbo, "loss_and_grads", None)):
         raise TypeError(
-            "`elbo` must be an ELBO instance with a loss_and_grads method (such as "
-            f"pyro.infer.Trace_ELBO()), got {elbo!r}"
+            "gradient_moments: `elbo` must be an ELBO instance with a loss_and_grads method "
+            f"(such as pyro.infer.Trace_ELBO()), got {elbo!r}"
         )
 
 
@@ -308,7 +308,7 @@ def gradient_moments(
         (['loc'], torch.Size([]), 10)
         >>> pyro.clear_param_store()
     """
-    _check_arguments(elbo, num_draws)
+    _check_arguments(elbo, num_draws, progress)
     requested = None if params is None else _requested(params)
     saved = _SavedGradients()
     # The parameters known before the first draw; the watcher saves the others when read.

@@ -120,7 +120,9 @@ class TraceRLOO_ELBO(ELBO):
                 f"{vectorize_particles!r}"
             )
         if not is_integer(num_particles):
-            raise TypeError(f"num_particles must be an int, got {num_particles!r}")
+            raise TypeError(
+                f"TraceRLOO_ELBO: `num_particles` must be an int, got {num_particles!r}"
+            )
         num_particles = int(num_particles)
         if num_particles < 2:
             raise ValueError(

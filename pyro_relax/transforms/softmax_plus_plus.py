@@ -180,7 +180,9 @@ class SoftmaxPlusPlusTransform(Transform):
         )
 
     def __hash__(self):
-        return id(self)
+        # Equal transforms must hash alike, and values cannot be hashed without a host read:
+        # one hash for the class, as SigmoidSticksTransform has.
+        return hash(SoftmaxPlusPlusTransform)
 
     def with_cache(self, cache_size=1):
         if self._cache_size == cache_size:
