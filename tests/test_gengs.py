@@ -675,6 +675,15 @@ BAD_TYPES = [
     ("truncation", lambda: GenGSPoisson(2.0, 0.5, 1.5)),
     ("truncation", lambda: GenGSPoisson(2.0, 0.5, True)),
     ("max_truncation", lambda: GenGSPoisson(2.0, 0.5, max_truncation=True)),
+    # These reached torch's internals: "'list' object has no attribute 'mean'", "'<' not
+    # supported between instances of 'float' and 'NoneType'", "no truncation rule for NoneType".
+    ("automatic_truncation: `base`", lambda: automatic_truncation([1.0], 0.99)),
+    (
+        "automatic_truncation: `mass`",
+        lambda: automatic_truncation(Poisson(torch.tensor(2.0)), None),
+    ),
+    ("GenGS: `base_dist`", lambda: GenGS(None, 0.5, 10)),
+    ("GenGSBinomial: `total_count`", lambda: GenGSBinomial(None, 0.5, probs=0.3)),
 ]
 
 

@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Callable
+from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -306,6 +307,10 @@ def _family(base: Distribution) -> _Family:
         if isinstance(base, family.cls):
             return family
     names = ", ".join(family.cls.__name__ for family in _FAMILIES)
+    if not isinstance(base, Distribution):
+        raise TypeError(
+            f"GenGS: `base_dist` must be a distribution ({names}), got {type(base).__name__}"
+        )
     raise ValueError(
         f"GenGS has no truncation rule for {type(base).__name__}; supported bases are {names}. "
         "For another family pass its truncated log-probabilities as `logits` to TruncatedGenGS."
@@ -487,8 +492,13 @@ def automatic_truncation(base: Distribution, mass: float, max_truncation: int | 
         >>> automatic_truncation(Poisson(rate), 0.99), automatic_truncation(Poisson(rate), 0.99, 10)
         (19, tensor([ 5,  8, 10]))
     """
+    owner = "automatic_truncation"
+    if not isinstance(base, Distribution):
+        raise TypeError(f"{owner}: `base` must be a torch distribution, got {type(base).__name__}")
+    if isinstance(mass, bool) or not (isinstance(mass, Real) or torch.is_tensor(mass)):
+        raise TypeError(f"{owner}: `mass` must be a number in (0, 1), got {mass!r}")
     if not 0.0 < mass < 1.0:
-        raise ValueError(f"`mass` must lie in (0, 1), got {mass}")
+        raise ValueError(f"{owner}: `mass` must lie in (0, 1), got {mass}")
     if max_truncation is not None:
         max_truncation = check_count(
             "automatic_truncation", "max_truncation", max_truncation, minimum=2
