@@ -99,7 +99,7 @@ def _add_experiments(subparsers, argv) -> None:
 def _run_experiment(args) -> int:
     """Runs the chosen experiment. A problem the user can fix (a damaged or missing file) is
     one line on stderr and exit status 1, not a traceback; so is Ctrl-C, with status 130."""
-    from pyro_relax.experiments.common import ExperimentError
+    from pyro_relax.experiments.common import Checkpoint, ExperimentError
 
     try:
         # Made before training: results and checkpoints are written only after the first
@@ -112,6 +112,7 @@ def _run_experiment(args) -> int:
             ) from None
         if not os.access(args.results, os.W_OK):
             raise ExperimentError(f"--results {args.results}: a folder this user cannot write")
+        Checkpoint.touched.clear()  # this command's, for the message below
         return args.run_experiment(args)
     except ExperimentError as error:
         print(f"pyro-relax experiment {args.experiment}: {error}", file=sys.stderr)
@@ -119,9 +120,9 @@ def _run_experiment(args) -> int:
     except KeyboardInterrupt:
         # Ctrl-C is how a run is stopped: the checkpoints and the merged results are written
         # atomically, so what was saved is whole.
-        checkpoints = Path(args.results) / "checkpoints"
-        if any(checkpoints.glob("*.pt")):
-            resume = f"resume from the checkpoints in {checkpoints}"
+        kept = sorted(path for path in Checkpoint.touched if path.exists())
+        if kept:
+            resume = f"resume from {', '.join(map(str, kept))}"
         else:
             resume = "start again (no checkpoint was saved yet)"
         print(

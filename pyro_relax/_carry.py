@@ -57,8 +57,10 @@ class Relaxation:
         log_weights (Tensor): :math:`\log` of the relaxed one-hot or simplex point the value
             stands for (soft STGS, softmax++ and the IGR family).
         preimage (Tensor): the pre-image :math:`y` of the map that made the value (the
-            Gaussian draw of the IGR family; the input of a sigmoid stick-breaking; the
-            tempered scores :math:`(l + g) / \tau` whose softmax a soft STGS sample is).
+            Gaussian draw of the IGR family; the input of a sigmoid stick-breaking).
+        scores (Tensor): the tempered scores :math:`(l + g) / \tau` whose softmax a soft STGS
+            sample is (its density reads them, not :math:`\tau` times the rounded
+            log-weights).
         source (tuple): what made the pre-image, ``(family, map parameters, versions)``
             (IGR family); ``versions`` are the parameters' version counters at the draw (see
             :meth:`current_source`).
@@ -89,6 +91,7 @@ class Relaxation:
     weights: torch.Tensor | None = None
     log_weights: torch.Tensor | None = None
     preimage: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
     source: tuple | None = None
     kept_sticks: torch.Tensor | None = None
     simplex: torch.Tensor | None = None

@@ -278,3 +278,28 @@ def test_mode_cdf_and_icdf_follow_their_definitions():
     assert vectors.mode.tolist() == [0.0, 0.0, 1.0]
     with pytest.raises(NotImplementedError, match="FiniteDiscrete.cdf: outcomes that are vectors"):
         vectors.cdf(torch.zeros(3))
+
+
+def test_icdf_of_level_one_is_the_last_outcome_of_positive_probability():
+    # In float32 the cumulative sum may end just under 1: level 1 fell past every position and
+    # gave the largest outcome, of probability 0. Brute force over random float32 PMFs with
+    # excluded outcomes, against the definition (the least outcome whose cumulative
+    # probability, as summed, reaches min(q, total)).
+    generator = torch.Generator().manual_seed(0)
+    outcomes = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    for _ in range(300):
+        logits = torch.randn(5, generator=generator) * 3
+        logits[torch.rand(5, generator=generator) < 0.3] = -math.inf
+        if logits.isneginf().all():
+            continue
+        d = pr.FiniteDiscrete(outcomes, logits=logits)
+        probs = d.probs
+        for q in (0.0, 0.5, 1.0):
+            cumulative, expected = 0.0, None
+            for c, p in zip(outcomes.tolist(), probs.tolist(), strict=True):
+                cumulative += p
+                if p > 0 and cumulative >= min(q, float(probs.sum())) - 1e-6:
+                    expected = c
+                    break
+            got = float(d.icdf(torch.tensor(q)))
+            assert probs[int(got)] > 0 and got == expected, (logits, q)

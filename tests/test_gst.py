@@ -706,3 +706,15 @@ def test_soft_stgs_density_stays_exact_at_high_temperatures_in_float32(monkeypat
     y = torch.log_softmax((pair + g) / temperature, -1)
     exact = math.log(temperature) - g.sum(-1) - 2 * torch.logsumexp(-g, -1) - y.sum(-1)
     assert (b.log_prob(value).double() - exact).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("num_categories", [2, 4])
+def test_soft_stgs_scores_another_familys_sample_from_its_coordinates(num_categories):
+    # The Concrete density took the record's pre-image as its own tempered scores: an IGR
+    # sample (whose pre-image is its Gaussian draw, K - 1 coordinates) raised a size mismatch,
+    # and at K = 2 scored silently wrong. Only a soft STGS draw's own scores are read.
+    torch.manual_seed(0)
+    igr = pr.IGR(torch.zeros(num_categories - 1), torch.ones(num_categories - 1), 0.5)
+    value = igr.rsample((4,))
+    stgs = pr.STGSCategorical(0.5, logits=torch.zeros(num_categories), hard=False)
+    torch.testing.assert_close(stgs.log_prob(value), stgs.log_prob(value.clone()))

@@ -158,6 +158,18 @@ def test_an_exclusion_shared_by_every_item_is_repeated_to_the_whole_plate():
     assert logits.shape == (6, 4)
     assert logits[:, 2].isneginf().all() and logits[:, [0, 1, 3]].isfinite().all()
 
+    # The same exclusion held item by item (a table indexed by the subsample) cannot be told
+    # from one that differs between items outside the subsample: refused, saying how to pass it.
+    table = prior_logits.expand(6, 4).clone()
+
+    def per_item_model():
+        with pyro.plate("items", 6, subsample_size=2) as index:
+            pyro.sample("z", pr.TruncatedGenGS(0.5, logits=table[index], outcomes=outcomes))
+
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="give the prior its parameter unexpanded"):
+        AutoRelaxed(per_item_model)()
+
 
 # --- 3. Each family gets a guide of its own kind -------------------------------------------------
 

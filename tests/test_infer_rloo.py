@@ -387,6 +387,8 @@ def test_takes_trace_elbos_vectorize_particles_keyword():
     assert elbo.vectorize_particles and elbo.num_particles == 4
     with pytest.raises(ValueError, match="vectorize_particles must be True, got False"):
         TraceRLOO_ELBO(num_particles=4, vectorize_particles=False)
+    # Positional arguments keep their meaning (the keyword came in before retain_graph).
+    assert TraceRLOO_ELBO(4, 1, True).retain_graph is True
 
 
 @pytest.mark.parametrize("enumerate_", ["parallel", "sequential"])

@@ -255,11 +255,14 @@ class FiniteDiscrete(TorchDistribution):
         # probability 0 before it.
         value = value.clamp(min=torch.finfo(cdf.dtype).tiny)
         shape = broadcast_shapes(value.shape, cdf.shape[:-1])
-        targets = value.expand(shape).unsqueeze(-1).contiguous()
-        # The first position whose cumulative probability reaches the level; rounding may leave
-        # the total just under 1, so the last outcome takes what lies beyond.
-        index = torch.searchsorted(cdf.expand(shape + cdf.shape[-1:]).contiguous(), targets)
-        return self.outcomes[order][index.squeeze(-1).clamp_(max=cdf.shape[-1] - 1)]
+        cdf = cdf.expand(shape + cdf.shape[-1:])
+        # Rounding may leave the total just under 1: a level above it is the total, whose
+        # first position is the last outcome of positive probability (not a later one of
+        # probability 0).
+        targets = torch.minimum(value.expand(shape).unsqueeze(-1), cdf[..., -1:]).contiguous()
+        # The first position whose cumulative probability reaches the level.
+        index = torch.searchsorted(cdf.contiguous(), targets)
+        return self.outcomes[order][index.squeeze(-1)]
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():

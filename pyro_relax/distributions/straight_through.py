@@ -394,13 +394,13 @@ class STGSCategorical(_StraightThroughCategorical):
         log_weights = torch.log_softmax(scores, -1)
         # The scores themselves too: the density's terms l - tau log h are -g up to a shift,
         # which tau times the rounded log-weights would not give at high temperatures.
-        return log_weights.exp(), {"log_weights": log_weights, "preimage": scores}
+        return log_weights.exp(), {"log_weights": log_weights, "scores": scores}
 
     def _log_prob(self, value):
         if self.hard:
             return super()._log_prob(value)
         log_weights = _carried_log_weights(value, self._validate_args, type(self).__name__)
-        scores = carried(value, "preimage")
+        scores = carried(value, "scores")
         return _concrete_log_density(self.logits, self.temperature, log_weights, scores)
 
 
@@ -598,7 +598,11 @@ class GappedST(GappedSTCategorical):
 
     ``GappedST(base_dist, temperature, gap=...)`` is :class:`GappedSTCategorical` with the
     parameters of ``base_dist`` (its ``probs`` if it was built from them, else its
-    ``logits``); ``base_dist`` is kept as :attr:`base_dist`. The forward value is the one-hot
+    ``logits``); ``base_dist`` is kept as :attr:`base_dist`. A base that was expanded after
+    torch computed both (a ``OneHotCategorical`` computes its logits when validated) keeps
+    no trace of which it was built from, and its logits are taken: a probability 0 there is
+    torch's clamped ``log(eps)`` (1.2e-7 in float32). Pass the base unexpanded; the wrapper
+    expands with its batch. The forward value is the one-hot
     draw :math:`D` and the gradient is that of the gapped surrogate
 
     .. math::
@@ -747,7 +751,7 @@ class _StraightThroughBernoulli(Bernoulli):
 
     def rsample(self, sample_shape=torch.Size()):
         pair = self._relaxed.rsample(sample_shape)
-        fields = {name: carried(pair, name) for name in ("log_weights", "preimage")}
+        fields = {name: carried(pair, name) for name in ("log_weights", "scores")}
         return carry(pair[..., 1], **fields)
 
     def log_prob(self, value):
@@ -857,7 +861,7 @@ class STGSBernoulli(_StraightThroughBernoulli):
         value = floating(value, self._param.dtype)  # torch scores floats
         if self._validate_args:
             self._validate_sample(value)
-        log_weights, scores = carried(value, "log_weights"), carried(value, "preimage")
+        log_weights, scores = carried(value, "log_weights"), carried(value, "scores")
         if log_weights is None:
             pair = torch.stack([1 - value, value], -1)
             log_weights = _carried_log_weights(pair, self._validate_args, type(self).__name__)

@@ -6,7 +6,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import platform
 import random
@@ -243,9 +242,7 @@ def update_records(path, records, key, report=None) -> list:
     names of the record's fields that hold them. A stored record with the same settings as a
     new one is replaced, so a rerun updates its row; records of other settings are kept.
     Concurrent runs are serialized by a lock file next to ``path`` and the file is replaced
-    atomically. A number JSON cannot hold (NaN, an infinity: a ratio of a zero variance, say)
-    is written as ``null``: Python's ``json`` would write ``NaN`` or ``Infinity``, which no
-    strict JSON reader accepts. ``report(merged)``, which writes the reports of the merged
+    atomically. ``report(merged)``, which writes the reports of the merged
     records (tables, figures), runs under the same lock: a run that finished first cannot
     overwrite them afterwards with a list that lacks the other's record. A damaged file
     raises :class:`CorruptFileError` and is left as it is.
@@ -262,22 +259,10 @@ def update_records(path, records, key, report=None) -> list:
         new_keys = {_canonical(key(record)) for record in records}
         merged = [r for r in stored if _canonical(key(r)) not in new_keys]
         merged.extend(records)
-        atomic_write_text(path, json.dumps(_json_numbers(merged), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
         if report is not None:
             report(merged)
     return merged
-
-
-def _json_numbers(value):
-    """``value`` (JSON data: dicts, lists, numbers, strings) with every float that is not finite
-    replaced by ``None``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _json_numbers(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_numbers(item) for item in value]
-    return value
 
 
 def differing_settings(records, settings_of, shown=()) -> list:
@@ -344,6 +329,9 @@ class Checkpoint:
     :func:`checkpoint_path`); a file saved with other settings is refused, not overwritten.
     """
 
+    # The checkpoints this process saved or resumed from (what an interrupted command resumes).
+    touched: set = set()
+
     def __init__(self, path, settings=None):
         self.path = Path(path)
         self.settings = settings
@@ -364,6 +352,7 @@ class Checkpoint:
                 os.unlink(f.name)
                 raise
         os.replace(f.name, self.path)
+        Checkpoint.touched.add(self.path)
 
     def load(self):
         """The saved state (RNGs restored), or ``None`` when there is none.
@@ -389,10 +378,12 @@ class Checkpoint:
                 "start this run"
             )
         _set_rng_state(rng)
+        Checkpoint.touched.add(self.path)
         return _SavedState(self.path, state)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        Checkpoint.touched.discard(self.path)
 
 
 class _SavedState(dict):
@@ -419,7 +410,8 @@ class _SavedState(dict):
         try:
             yield self
         except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as error:
-            if isinstance(error, ExperimentError):
+            # (Running out of memory says nothing about the file.)
+            if isinstance(error, (ExperimentError, getattr(torch, "OutOfMemoryError", ()))):
                 raise
             raise CorruptFileError(
                 f"{self.path} does not fit this run ({describe(error)}; written by another "

@@ -142,19 +142,22 @@ def _relaxed_prior(name, site):
 
 
 def _check_repeatable(name, frame, argument, value) -> None:
-    """``ValueError`` where the initial ``value`` of a site's guide parameter, which differs
-    from item to item of the subsampled plate ``frame``, excludes outcomes (``-inf`` logits):
-    repeated to the items outside the first subsample, an exclusion would stay on items it does
-    not hold for (a guide that can never reach their outcomes), and theirs would be missing."""
+    """``ValueError`` where the initial ``value`` of a site's guide parameter is held item by
+    item along the subsampled plate ``frame`` (not broadcast) and excludes outcomes (``-inf``
+    logits): the exclusions of the items outside the first subsample are unknown, and
+    repeating the subsample's could leave an item with a guide that never reaches its own
+    outcomes. Even a pattern the subsample's items share may not be the others' (a Binomial
+    whose first subsample drew only items of one total count)."""
     if bool(torch.isneginf(value).any()):
         raise ValueError(
             f"AutoRelaxed: site {name!r} lies in the subsampled plate {frame.name!r} and its "
-            f"prior excludes outcomes item by item (-inf {argument}, as a Binomial with a "
-            "total count per item has): the guide's parameters start from the first "
-            "subsample's prior, and its exclusions would be copied to the other items. Write "
-            "this site's guide by hand (the prior's class with learnable parameters per item, "
-            "e.g. GenGSBinomial(total_count[index], tau, logits=...)), or do not subsample "
-            "the plate"
+            f"prior excludes outcomes (-inf {argument}) in a parameter held item by item (as "
+            "a Binomial with a total count per item has): the guide's parameters start from "
+            "the first subsample's prior, and the other items' exclusions are unknown. Where "
+            "every item excludes the same outcomes, give the prior its parameter unexpanded "
+            "(broadcast by the plate); else write this site's guide by hand (the prior's class "
+            "with learnable parameters per item, e.g. GenGSBinomial(total_count[index], tau, "
+            "logits=...)), or do not subsample the plate"
         )
 
 
@@ -224,10 +227,12 @@ class AutoRelaxed(AutoGuide):
     batch shape, with the full size of each subsampled plate (initialized by repeating the
     subsample's prior periodically), and each call uses the rows of the subsample drawn by
     the plates the guide creates (or ``create_plates`` returns). A prior that excludes
-    outcomes item by item (``-inf`` logits varying along a subsampled plate, as a Binomial
-    with a total count per item) raises ``ValueError`` where the first subsample shows it: its
-    exclusions cannot be repeated to the other items. (Where that subsample excludes nothing,
-    the items that do exclude outcomes start with mass on them, and the model scores those
+    outcomes (``-inf`` logits) in a parameter held item by item along a subsampled plate (a
+    Binomial with a total count per item; a shared mask applied to per-item logits) raises
+    ``ValueError``: the other items' exclusions are unknown, and repeating the subsample's
+    could leave an item unable to reach its own outcomes. Give a shared exclusion unexpanded
+    (broadcast by the plate). (Where the first subsample excludes nothing but other items do,
+    those items start with mass on outcomes their prior excludes, and the model scores those
     draws about -1e30: write such a site's guide by hand.)
 
     **Other latent sites.** A latent site that is not relaxed raises ``ValueError``. Guide it

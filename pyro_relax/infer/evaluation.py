@@ -339,8 +339,10 @@ def _log_weights(
                 # An error of the model or guide themselves (a bad parameter, the user's own
                 # raise) is theirs whatever the particles: it is raised as it is, from one
                 # particle; only one that a single particle does not meet is the vectorization's.
+                # (That run leaves the CPU's random stream as it found it.)
                 one = poutine.replay(guide, trace=subsamples) if data_plate is not None else guide
-                get_importance_trace("flat", nesting, model, one, args, kwargs)
+                with poutine.block(), torch.random.fork_rng(devices=[]):
+                    get_importance_trace("flat", nesting, model, one, args, kwargs)
                 raise ValueError(
                     f"drawing {size} particles at once (a plate at dim {-(nesting + 1)}, left of "
                     f"the model's {nesting} plate dimension(s)) failed: {error}\nA model or guide "

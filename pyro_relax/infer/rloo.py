@@ -81,9 +81,9 @@ class TraceRLOO_ELBO(ELBO):
         num_particles (int): the number of particles :math:`K \geq 2`.
         max_plate_nesting (int): the number of plate dimensions of model and guide, without the
             particles' plate. Guessed by tracing model and guide once if omitted.
+        retain_graph (bool): keep the autograd graph after :meth:`loss_and_grads`.
         vectorize_particles (bool): always ``True`` (accepted, as ``Trace_ELBO`` takes it, so
             that the classes swap); ``False`` raises ``ValueError``.
-        retain_graph (bool): keep the autograd graph after :meth:`loss_and_grads`.
 
     Example:
         >>> import pyro
@@ -110,8 +110,9 @@ class TraceRLOO_ELBO(ELBO):
         self,
         num_particles=4,
         max_plate_nesting=float("inf"),
-        vectorize_particles=True,
         retain_graph=None,
+        *,
+        vectorize_particles=True,
     ):
         if vectorize_particles is not True:
             raise ValueError(
