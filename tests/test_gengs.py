@@ -1120,3 +1120,19 @@ def test_another_familys_relaxed_sample_is_named_as_such():
     with pytest.raises(ValueError, match="a relaxed sample of another family") as error:
         prior.log_prob(count)
     assert "AutoNormal" not in str(error.value)
+
+
+def test_entropy_is_that_of_the_discrete_distribution():
+    # As mean and variance are (README): entropy raised a bare NotImplementedError, though the
+    # straight-through classes have theirs. Against scipy: a Poisson truncated far in its tail
+    # and an exact Binomial.
+    poisson = GenGSPoisson(torch.tensor(2.0, dtype=torch.float64), 0.5, 40)
+    assert float(poisson.entropy()) == pytest.approx(
+        float(scipy.stats.poisson(2.0).entropy()), abs=1e-9
+    )
+    binomial = GenGSBinomial(
+        torch.tensor(5.0, dtype=torch.float64), 0.5, probs=torch.tensor(0.3, dtype=torch.float64)
+    )
+    assert float(binomial.entropy()) == pytest.approx(
+        float(scipy.stats.binom(5, 0.3).entropy()), abs=1e-12
+    )

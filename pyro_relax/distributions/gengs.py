@@ -177,7 +177,7 @@ def _outcomes_gradient(weights, grad_value, outcomes):
 _relaxed_one_hot_map = fast_apply(_RelaxedOneHotMap)
 
 
-@lacks("mode", "entropy", "cdf", "icdf")
+@lacks("mode", "cdf", "icdf")
 class TruncatedGenGS(TorchDistribution):
     r"""Generalized Gumbel-Softmax relaxation of a distribution over finitely many outcomes.
 
@@ -217,7 +217,8 @@ class TruncatedGenGS(TorchDistribution):
 
     The attributes :attr:`probs` and :attr:`logits` are the (normalized) PMF over the outcomes;
     :attr:`mean` and :attr:`variance` are the moments of that discrete distribution, the limit of
-    the relaxed moments as :math:`\tau \to 0` and exactly those of straight-through samples.
+    the relaxed moments as :math:`\tau \to 0` and exactly those of straight-through samples;
+    :meth:`entropy` is its entropy too.
 
     A relaxed value is scored with the weights it carries over the outcomes of the
     distribution that drew it, paired with this one's by value, as the KLs pair them: the two
@@ -371,6 +372,10 @@ class TruncatedGenGS(TorchDistribution):
     @property
     def variance(self):
         return self.probs @ self.outcomes.square() - self.mean.square()
+
+    def entropy(self):
+        # That of the discrete distribution, as the moments and the KLs are.
+        return self.discrete().entropy()
 
     def rsample(self, sample_shape=torch.Size()):
         shape = torch.Size(sample_shape) + self.logits.shape
