@@ -242,10 +242,10 @@ def update_records(path, records, key, report=None) -> list:
     names of the record's fields that hold them. A stored record with the same settings as a
     new one is replaced, so a rerun updates its row; records of other settings are kept.
     Concurrent runs are serialized by a lock file next to ``path`` and the file is replaced
-    atomically. ``report(merged)``, which writes the reports of the merged
-    records (tables, figures), runs under the same lock: a run that finished first cannot
-    overwrite them afterwards with a list that lacks the other's record. A damaged file
-    raises :class:`CorruptFileError` and is left as it is.
+    atomically. ``report(merged)``, which writes the reports of the merged records (tables,
+    figures), runs under the same lock: a run that finished first cannot overwrite them
+    afterwards with a list that lacks the other's record. A damaged file raises
+    :class:`CorruptFileError` and is left as it is.
     """
     if not callable(key):
         names = tuple(key)
