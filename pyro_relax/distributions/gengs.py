@@ -483,11 +483,13 @@ def _count_base(family, owner, temperature, **params):
     owner = type(owner).__name__
     if "probs" in params and (params["probs"] is None) == (params.get("logits") is None):
         raise ValueError(f"{owner}: pass exactly one of `probs` and `logits`")
-    for name, value in params.items():
-        # (Left out, a parameter would take torch's default: a Binomial's total count of 1.)
-        if value is None and name not in ("probs", "logits"):
-            raise TypeError(f"{owner}: `{name}` must be a number or a tensor, got None")
-    given = {name: value for name, value in params.items() if value is not None}
+    # Only the one of probs and logits not given is left out: the parse refuses any other
+    # None, which torch's constructor would fill with its default (a Binomial's count of 1).
+    given = {
+        name: value
+        for name, value in params.items()
+        if value is not None or name not in ("probs", "logits")
+    }
     parsed, _ = parse_parameters(
         owner, {**given, "temperature": temperature}, {}, False, warn_copy=False
     )

@@ -9,7 +9,7 @@ from pyro.distributions import Bernoulli, OneHotCategorical, constraints
 from pyro.distributions.score_parts import ScoreParts
 from torch.distributions import Categorical, Distribution
 
-from pyro_relax._carry import carried, carry, relaxation_of
+from pyro_relax._carry import carry, relaxation_of
 from pyro_relax._numerics import (
     binary_log_probs,
     built_from_probs,
@@ -122,13 +122,16 @@ def _concrete_log_density(logits, temperature, log_weights, scores=None):
     )
 
 
-def _carried_log_weights(value, validate: bool, name: str) -> torch.Tensor:
-    """The log-weights a soft STGS sample carries or, without them, the logarithm of its
-    coordinates (see :class:`STGSCategorical` for this fallback)."""
-    log_weights = carried(value, "log_weights")
-    if log_weights is not None:
-        return log_weights
-    if validate and not bool((value > 0).all()):
+def _concrete_inputs(value, validate: bool, name: str, binary: bool = False):
+    """The log-weights and the tempered scores a soft STGS sample carries (one read of its
+    record) or, without them, the logarithm of its coordinates and ``None`` (see
+    :class:`STGSCategorical` for this fallback); ``binary``: ``value`` is the second coordinate
+    of a pair (the Bernoulli versions)."""
+    record = relaxation_of(value)
+    if record is not None and record.log_weights is not None:
+        return record.log_weights, record.scores
+    point = torch.stack([1 - value, value], -1) if binary else value
+    if validate and not bool((point > 0).all()):
         raise ValueError(
             f"{name}.log_prob got a relaxed value with a coordinate 0 and without the "
             "log-weights that rsample attaches (clone, detach and .to drop them, an in-place "
@@ -137,7 +140,7 @@ def _carried_log_weights(value, validate: bool, name: str) -> torch.Tensor:
         )
     # A coordinate that underflowed to 0 has lost its log-weight; the smallest normal number
     # keeps the density finite (the documented fallback).
-    return value.clamp(min=torch.finfo(value.dtype).tiny).log()
+    return point.clamp(min=torch.finfo(point.dtype).tiny).log(), None
 
 
 def _score_parts(self, value):
@@ -399,8 +402,7 @@ class STGSCategorical(_StraightThroughCategorical):
     def _log_prob(self, value):
         if self.hard:
             return super()._log_prob(value)
-        log_weights = _carried_log_weights(value, self._validate_args, type(self).__name__)
-        scores = carried(value, "scores")
+        log_weights, scores = _concrete_inputs(value, self._validate_args, type(self).__name__)
         return _concrete_log_density(self.logits, self.temperature, log_weights, scores)
 
 
@@ -751,8 +753,8 @@ class _StraightThroughBernoulli(Bernoulli):
 
     def rsample(self, sample_shape=torch.Size()):
         pair = self._relaxed.rsample(sample_shape)
-        fields = {name: carried(pair, name) for name in ("log_weights", "scores")}
-        return carry(pair[..., 1], **fields)
+        record = relaxation_of(pair)  # every draw carries one
+        return carry(pair[..., 1], log_weights=record.log_weights, scores=record.scores)
 
     def log_prob(self, value):
         value = floating(value, self._param.dtype)  # torch scores floats
@@ -861,10 +863,9 @@ class STGSBernoulli(_StraightThroughBernoulli):
         value = floating(value, self._param.dtype)  # torch scores floats
         if self._validate_args:
             self._validate_sample(value)
-        log_weights, scores = carried(value, "log_weights"), carried(value, "scores")
-        if log_weights is None:
-            pair = torch.stack([1 - value, value], -1)
-            log_weights = _carried_log_weights(pair, self._validate_args, type(self).__name__)
+        log_weights, scores = _concrete_inputs(
+            value, self._validate_args, type(self).__name__, binary=True
+        )
         return _concrete_log_density(self._relaxed.logits, self.temperature, log_weights, scores)
 
 
