@@ -6,6 +6,7 @@ import importlib
 import json
 import multiprocessing
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -459,3 +460,70 @@ def test_reports_are_written_under_the_results_lock(tmp_path):
     update_records(path, [{"run": 1}], ["run"], report)
     update_records(path, [{"run": 2}], ["run"], report)
     assert seen == [[1], [1, 2]]
+
+
+# --- Every experiment: a run that diverges stops with one line -------------------------------
+
+# Each experiment with one estimator and a learning rate far too high: every one of them crashed
+# with a traceback from deep inside a distribution's parameter check (a NaN or overflowing
+# parameter at the next step) or from an overflow in a score (the topic model's perplexity),
+# or went on with a NaN loss where validation was off.
+DIVERGING = {
+    "vae": ["--estimator", "GenGS-IMP"],
+    "synthetic": ["--distributions", "poisson"],
+    "topic": ["--estimators", "REINFORCE"],
+    "gst-vae": ["--estimator", "GST-1.0", "--temperature", "1.0"],
+    "igr-vae": ["--estimator", "IGR-I", "--temperature-pair", "0.5"],
+    "neyman": ["--estimators", "GenGS"],
+}
+
+
+@pytest.mark.parametrize(
+    "name, validation",
+    # With validation off (the image VAEs' --no-validation) the loss became NaN and training
+    # went on.
+    [(name, True) for name in sorted(DIVERGING)]
+    + [(name, False) for name in ("gst-vae", "igr-vae", "vae")],
+)
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path, capsys, name, validation):
+    options = [*DIVERGING[name], "--lr", "1e8"] + ([] if validation else ["--no-validation"])
+    assert main(["experiment", name, "--smoke", "--results", str(tmp_path), *options]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    [line] = [line for line in error.splitlines() if line.startswith("pyro-relax experiment")]
+    assert line.startswith(f"pyro-relax experiment {name}: ") and "training diverged" in line
+    assert "a learning rate below 1e+08 (--lr)" in line
+    assert not list(tmp_path.glob("*.json"))  # no record of a diverged run
+
+
+def test_diverging_names_what_diverged_and_lets_other_errors_through():
+    values = {"w": torch.ones(3)}
+
+    def quantities():
+        return values.items()
+
+    with pytest.raises(KeyError, match="a bug"):  # nothing diverged: the error as it was
+        with common.diverging("run A, epoch 2", quantities, 0.1):
+            raise KeyError("a bug")
+    for bad, what in [
+        (float("nan"), "w is not finite"),
+        (float("-inf"), "w is not finite"),
+        (1e7, "w has an entry of magnitude 1e+07, beyond 1/eps"),
+    ]:
+        values["w"] = torch.tensor([0.0, bad])
+        with pytest.raises(common.DivergedError) as caught:
+            with common.diverging("run A, epoch 2", quantities, 0.1):
+                raise ValueError("refused a parameter")
+        message = str(caught.value)
+        assert message.startswith(f"run A, epoch 2: training diverged: {what}")
+        assert "(ValueError: refused a parameter)" in message and "below 0.1 (--lr)" in message
+        assert isinstance(caught.value.__cause__, ValueError)
+        with pytest.raises(common.DivergedError, match=re.escape(what)):  # a quiet stretch
+            with common.diverging("run A, epoch 2", quantities, 0.1):
+                pass
+    values["w"] = torch.tensor([8e6, -8e6])  # below 1/eps of float32 (8.4e6): fine
+    with common.diverging("run A", quantities, 0.1):
+        pass
+    assert common.finite(torch.tensor(2.5), "the loss", "run A", 0.1) == 2.5
+    with pytest.raises(common.DivergedError, match="run A: training diverged: the loss is nan"):
+        common.finite(float("nan"), "the loss", "run A", 0.1)

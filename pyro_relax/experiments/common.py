@@ -6,6 +6,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -21,11 +22,13 @@ from tqdm import tqdm
 __all__ = [
     "Checkpoint",
     "CorruptFileError",
+    "DivergedError",
     "ExperimentError",
     "atomic_write_text",
     "checkpoint_path",
     "describe",
     "differing_settings",
+    "diverging",
     "machine",
     "markdown_table",
     "private_rng",
@@ -48,6 +51,70 @@ class ExperimentError(Exception):
 class CorruptFileError(ExperimentError, ValueError):
     """A file that an experiment reads is damaged: a results file, a checkpoint or data (a
     ``ValueError`` too, as any malformed input)."""
+
+
+class DivergedError(ExperimentError):
+    """Training diverged: a loss, a parameter or a quantity computed from the parameters became
+    infinite, NaN or too large to compute with (usually a learning rate too high for the run);
+    see :func:`diverging`."""
+
+
+@contextlib.contextmanager
+def diverging(where: str, quantities, lr: float):
+    """Around a stretch of training (an epoch, an evaluation interval): :class:`DivergedError`
+    naming ``where`` and the first diverged entry of ``quantities()`` (a callable giving
+    ``(name, tensor)`` pairs: the parameters, and what the model computes from them where that
+    can overflow while they stay finite), checked when the stretch ends and when it raises
+    (a distribution refusing a parameter, an overflow in a score; chained to that error). A
+    tensor has diverged when an entry is infinite, NaN or larger in magnitude than
+    ``1 / eps`` of its dtype (8.4e6 in float32, beyond which neighbouring floats lie more than 1
+    apart; IGR refuses a ``loc`` that large). An error raised while no quantity has diverged
+    passes through unchanged: a bug is not reported as a divergence. The message suggests a
+    learning rate below ``lr`` (``--lr``). Losses and scores, numbers rather than tensors, are
+    checked by :func:`finite`."""
+    try:
+        yield
+    except ExperimentError:
+        raise
+    except Exception as error:
+        what = _first_diverged(quantities())
+        if what is None:
+            raise
+        message = _diverged(where, f"{what} ({describe(error)})", lr)
+        raise DivergedError(message) from error
+    what = _first_diverged(quantities())
+    if what is not None:
+        raise DivergedError(_diverged(where, what, lr))
+
+
+def finite(value, what: str, where: str, lr: float) -> float:
+    """``value`` (a number or a one-element tensor; ``what``, such as "the loss") as a float,
+    or :class:`DivergedError` when it is infinite or NaN (see :func:`diverging`)."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise DivergedError(_diverged(where, f"{what} is {value}", lr))
+    return value
+
+
+def _diverged(where: str, what: str, lr: float) -> str:
+    return (
+        f"{where}: training diverged: {what}; a learning rate below {lr:g} (--lr) may keep it "
+        "finite"
+    )
+
+
+def _first_diverged(named_tensors):
+    """What is wrong with the first floating tensor of ``named_tensors`` with an infinite, NaN
+    or larger than ``1 / eps`` entry, or ``None``."""
+    for name, tensor in named_tensors:
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        largest = float(tensor.detach().abs().max())  # NaN when an entry is NaN
+        if not math.isfinite(largest):
+            return f"{name} is not finite"
+        if largest > 1 / torch.finfo(tensor.dtype).eps:
+            return f"{name} has an entry of magnitude {largest:.3g}, beyond 1/eps of its dtype"
+    return None
 
 
 def both_defaults(full, smoke, name: str) -> str:

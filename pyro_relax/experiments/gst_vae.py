@@ -396,6 +396,11 @@ class _Run:
         self.loop.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
 
+    def named_parameters(self):
+        """The networks' parameters, named."""
+        yield from self.encoder.named_parameters(prefix="encoder")
+        yield from self.decoder.named_parameters(prefix="decoder")
+
     def train_epoch(self, bar) -> float:
         """One epoch of training; the loss per image, averaged over the epoch."""
         s = self.settings
@@ -452,11 +457,15 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     )
     with bar:
         for epoch in range(start, settings.epochs):
-            began = time.perf_counter()
-            loss = run.train_epoch(bar)  # its float() waits for the device
-            seconds += time.perf_counter() - began
-            began = time.perf_counter()
-            entry = {"epoch": epoch + 1, "loss": loss, **run.measure(epoch + 1)}
+            where = f"{desc}, epoch {epoch + 1}"
+            with common.diverging(where, run.named_parameters, settings.lr):
+                began = time.perf_counter()
+                loss = run.train_epoch(bar)  # its float() waits for the device
+                seconds += time.perf_counter() - began
+                loss = common.finite(loss, "the loss", where, settings.lr)
+                began = time.perf_counter()
+                measured = run.measure(epoch + 1)
+            entry = {"epoch": epoch + 1, "loss": loss, **measured}
             entry.update(
                 temperature=settings.temperature,
                 seconds=seconds,

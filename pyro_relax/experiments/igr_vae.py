@@ -507,27 +507,30 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     with bar:
         for epoch in range(start, settings.epochs):
             began, total_loss = time.perf_counter(), 0.0
-            for step, x in enumerate(
-                batches(
-                    data.train_images,
-                    settings.batch_size,
-                    generator=generator,
-                    binarization=settings.binarization,
+            where = f"{desc}, epoch {epoch + 1}"
+            with common.diverging(where, pyro.get_param_store().named_parameters, settings.lr):
+                for step, x in enumerate(
+                    batches(
+                        data.train_images,
+                        settings.batch_size,
+                        generator=generator,
+                        binarization=settings.binarization,
+                    )
+                ):
+                    if step == steps:
+                        break
+                    total_loss += svi.step(x.to(device))
+                    bar.update()
+                seconds += time.perf_counter() - began
+                total_loss = common.finite(total_loss, "the loss", where, settings.lr)
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "loss": total_loss / (steps * settings.batch_size),
+                        "test_loss": _relaxed_loss(svi, test_images, settings.seed),
+                        "seconds": seconds,
+                    }
                 )
-            ):
-                if step == steps:
-                    break
-                total_loss += svi.step(x.to(device))
-                bar.update()
-            seconds += time.perf_counter() - began
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "loss": total_loss / (steps * settings.batch_size),
-                    "test_loss": _relaxed_loss(svi, test_images, settings.seed),
-                    "seconds": seconds,
-                }
-            )
             bar.set_postfix(test=f"{history[-1]['test_loss']:.2f}", refresh=False)
             state = {
                 "epoch": epoch + 1,

@@ -514,22 +514,37 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
     def networks():
         return {"regression": regression.state_dict(), "encoder": encoder.state_dict()}
 
+    def quantities():
+        yield from regression.named_parameters(prefix="regression")
+        yield from encoder.named_parameters(prefix="encoder")
+        # What overflows first: exp of the linear predictor, with parameters of moderate size.
+        with torch.no_grad():
+            yield "the prior's rate", regression.prior_rate(data.x_train)
+            yield "the scale phi", regression.scale
+
     x, y = data.x_train, data.y_train
     with common.progress(total=config.steps, initial=start, desc=estimator, unit="step") as bar:
-        losses = []
-        for step in range(start + 1, config.steps + 1):
-            began = time.perf_counter()
-            losses.append(svi.step(x, y) / len(y))
-            schedule.step()
-            seconds += time.perf_counter() - began
-            bar.update()
-            if step % config.eval_every and step != config.steps:
-                continue
-            point = {"step": step, "temperature": float(schedule.temperature)}
-            point |= {"train_loss": float(np.mean(losses))}
-            point |= _evaluate(estimator, regression, encoder, data, config)
+        step = start
+        while step < config.steps:
+            # One stretch of steps up to the next evaluation (every eval_every, and the last).
+            first, step = (
+                step + 1,
+                min(config.steps, (step // config.eval_every + 1) * config.eval_every),
+            )
+            where = f"{estimator}, steps {first} to {step}"
+            with common.diverging(where, quantities, config.learning_rate):
+                losses = []
+                for _ in range(first, step + 1):
+                    began = time.perf_counter()
+                    losses.append(svi.step(x, y) / len(y))
+                    schedule.step()
+                    seconds += time.perf_counter() - began
+                    bar.update()
+                point = {"step": step, "temperature": float(schedule.temperature)}
+                loss = common.finite(np.mean(losses), "the loss", where, config.learning_rate)
+                point |= {"train_loss": loss}
+                point |= _evaluate(estimator, regression, encoder, data, config)
             history.append(point | {"seconds": seconds})
-            losses = []
             bar.set_postfix(test=f"{point['test_log_likelihood']:.4f}", phi=f"{point['phi']:.3f}")
             if checkpoint is not None:
                 checkpoint.save(

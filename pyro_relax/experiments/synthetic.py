@@ -554,20 +554,31 @@ def optimize(problem: Problem, estimator: Estimator, config: Config, seed: int) 
     schedule = torch.optim.lr_scheduler.ExponentialLR(
         optimizer, config.lr_decay ** (1 / max(1, config.steps))
     )
-    curve = []
-    for step in range(config.steps + 1):
+    tau = "" if estimator.temperature is None else f" tau={estimator.temperature:g}"
+    where = f"{problem.name} {estimator.name}{tau}"
+
+    def quantities():
         with torch.no_grad():
-            # In float64: the gap to the minimum falls below float32's resolution.
-            curve.append(float(problem.exact_loss(problem.natural(theta).double())))
-        if step == config.steps:
-            break
-        optimizer.zero_grad()
-        if estimator.uses_pyro:
-            runner.loss_and_grads()
-        else:
-            _objective(problem, estimator, problem.natural(theta), config.samples).backward()
-        optimizer.step()
-        schedule.step()
+            return [("theta", theta), ("the natural parameter", problem.natural(theta))]
+
+    curve = []
+    with common.diverging(where, quantities, config.lr):
+        for step in range(config.steps + 1):
+            with torch.no_grad():
+                # In float64: the gap to the minimum falls below float32's resolution.
+                loss = problem.exact_loss(problem.natural(theta).double())
+            curve.append(
+                common.finite(loss, "the expected loss", f"{where}, step {step}", config.lr)
+            )
+            if step == config.steps:
+                break
+            optimizer.zero_grad()
+            if estimator.uses_pyro:
+                runner.loss_and_grads()
+            else:
+                _objective(problem, estimator, problem.natural(theta), config.samples).backward()
+            optimizer.step()
+            schedule.step()
     if estimator.uses_pyro:
         pyro.clear_param_store()
     return curve

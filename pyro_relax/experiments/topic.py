@@ -56,6 +56,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -507,7 +508,8 @@ def perplexity(
     :func:`~pyro_relax.infer.discrete_elbo` with ``num_samples`` draws; ``bound="iwae"``: the
     importance-weighted bound of Burda et al. per document, by
     :func:`~pyro_relax.infer.discrete_log_likelihood` with ``num_samples`` particles. Draws
-    come from a generator seeded with ``seed`` (the global random state is left alone)."""
+    come from a generator seeded with ``seed`` (the global random state is left alone).
+    ``inf`` where it exceeds the largest float (NaN where the bound is)."""
     if bound not in ("elbo", "iwae"):
         raise ValueError(f'unknown bound {bound!r}; use "elbo" or "iwae"')
     model, guide = _discrete_model_and_guide(decoder, encoder, truncation)
@@ -528,7 +530,9 @@ def perplexity(
                     max_plate_nesting=1, chunk_size=num_samples,
                 )  # fmt: skip
         total += estimate.value
-    return math.exp(-total / float(x.sum()))
+    nats_per_word = -total / float(x.sum())
+    # Beyond float64's range (a bound of over 709 nats a word: a model gone wrong) it is inf.
+    return math.exp(nats_per_word) if nats_per_word < math.log(sys.float_info.max) else math.inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,6 +644,20 @@ def _baselines():
     return {name: store[name].detach().clone() for name in store if name.startswith("__baseline")}
 
 
+def _named_parameters(encoder, decoder):
+    """The trained parameters, named: not the score-function baselines (running averages of a
+    cost, which may be large), nor a fixed true model's (whose excluded words are -inf)."""
+
+    def named():
+        networks = (("encoder", encoder), ("decoder", decoder))
+        for prefix, network in networks:
+            for name, parameter in network.named_parameters(prefix=prefix):
+                if parameter.requires_grad:
+                    yield name, parameter
+
+    return named
+
+
 def train(
     estimator, corpus, config, *, decoder=None, checkpoint=None, device="cpu", on_epoch_end=None
 ) -> dict:
@@ -687,30 +705,39 @@ def train(
     with common.progress(total=config.epochs, initial=start_epoch, desc=label, unit="epoch") as bar:
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
-            order = torch.randperm(len(train_x), generator=shuffle)
-            loss = 0.0
-            for index in order[: steps * config.batch_size].view(steps, -1):
-                batch = train_x[index.to(device)]
-                loss += svi.step(batch) / float(batch.sum())
-                schedule.step()
-            seconds += time.perf_counter() - started
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "temperature": float(schedule.temperature) if estimator == GENGS else None,
-                    "train_loss_per_word": loss / steps,
-                    "test_perplexity": perplexity(
-                        decoder,
-                        encoder,
-                        test_x,
-                        truncation=truncation,
-                        num_samples=config.curve_samples,
-                        seed=epoch,
-                    ),
-                    "max_tail_mass": _max_tail_mass(encoder, test_x, truncation),
-                    "seconds": seconds,
-                }
-            )
+            where = f"{label}, epoch {epoch + 1}"
+            quantities = _named_parameters(encoder, decoder)
+            with common.diverging(where, quantities, config.learning_rate):
+                order = torch.randperm(len(train_x), generator=shuffle)
+                loss = 0.0
+                for index in order[: steps * config.batch_size].view(steps, -1):
+                    batch = train_x[index.to(device)]
+                    loss += svi.step(batch) / float(batch.sum())
+                    schedule.step()
+                seconds += time.perf_counter() - started
+                loss = common.finite(loss, "the loss", where, config.learning_rate)
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "temperature": float(schedule.temperature) if estimator == GENGS else None,
+                        "train_loss_per_word": loss / steps,
+                        "test_perplexity": common.finite(
+                            perplexity(
+                                decoder,
+                                encoder,
+                                test_x,
+                                truncation=truncation,
+                                num_samples=config.curve_samples,
+                                seed=epoch,
+                            ),
+                            "the test perplexity",
+                            where,
+                            config.learning_rate,
+                        ),
+                        "max_tail_mass": _max_tail_mass(encoder, test_x, truncation),
+                        "seconds": seconds,
+                    }
+                )
             bar.set_postfix(perplexity=f"{history[-1]['test_perplexity']:.1f}")
             bar.update()
             if checkpoint is not None:

@@ -532,30 +532,33 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     with bar:
         for epoch in range(start, settings.epochs):
             began, total_loss = time.perf_counter(), 0.0
-            for step, x in enumerate(
-                batches(
-                    data.train_images,
-                    settings.batch_size,
-                    generator=generator,
-                    binarization=settings.binarization,
+            where = f"{desc}, epoch {epoch + 1}"
+            with common.diverging(where, pyro.get_param_store().named_parameters, settings.lr):
+                for step, x in enumerate(
+                    batches(
+                        data.train_images,
+                        settings.batch_size,
+                        generator=generator,
+                        binarization=settings.binarization,
+                    )
+                ):
+                    if step == steps:
+                        break
+                    total_loss += svi.step(x.to(device))
+                    schedule.step()
+                    bar.update()
+                seconds += time.perf_counter() - began
+                total_loss = common.finite(total_loss, "the loss", where, settings.lr)
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "loss": total_loss / (steps * settings.batch_size),
+                        "train_neg_elbo": score(eval_train[:_CURVE_TRAIN_IMAGES], 2)[0],
+                        "test_neg_elbo": score(eval_test, 2)[0],
+                        "temperature": float(schedule.temperature),
+                        "seconds": seconds,
+                    }
                 )
-            ):
-                if step == steps:
-                    break
-                total_loss += svi.step(x.to(device))
-                schedule.step()
-                bar.update()
-            seconds += time.perf_counter() - began
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "loss": total_loss / (steps * settings.batch_size),
-                    "train_neg_elbo": score(eval_train[:_CURVE_TRAIN_IMAGES], 2)[0],
-                    "test_neg_elbo": score(eval_test, 2)[0],
-                    "temperature": float(schedule.temperature),
-                    "seconds": seconds,
-                }
-            )
             bar.set_postfix(test=f"{history[-1]['test_neg_elbo']:.2f}", refresh=False)
             state = {
                 "epoch": epoch + 1,
