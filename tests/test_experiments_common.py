@@ -1,6 +1,7 @@
 """The experiments' shared machinery: results merged atomically, checkpoints, the command line,
 and the guarantees every experiment keeps: a finished result is never lost or overwritten."""
 
+import argparse
 import fcntl
 import importlib
 import json
@@ -227,6 +228,26 @@ def test_every_experiment_takes_the_shared_options(name):
     args = build_parser(argv).parse_args(argv)
     assert (args.smoke, args.seed, args.results, args.device) == (True, 3, "somewhere", "cpu")
     assert callable(args.run)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_option_of_every_experiment_has_help(name):
+    # topic's --estimators and neyman's --gradient-temperatures had none (--help listed them
+    # bare, without their choices or default).
+    argv = ["experiment", name]
+    parser = build_parser(argv)
+    experiment = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    ).choices["experiment"]
+    subparsers = next(
+        action for action in experiment._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    bare = [
+        action.option_strings[0]
+        for action in subparsers.choices[name]._actions
+        if action.option_strings and not action.help
+    ]
+    assert bare == []
 
 
 def test_torch_threads_are_restored_even_after_an_error():

@@ -814,7 +814,9 @@ class GenGSBinomial(GenGS):
         \pi_k = \binom{N}{k} p^k (1 - p)^{N - k}, \qquad k = 0, \dots, N.
 
     No truncation is needed. With a tensor of total counts the outcomes run to the largest one
-    (read once on the host) and each element gives zero mass beyond its own :math:`N`.
+    (read once on the host) and each element gives zero mass beyond its own :math:`N`. A
+    relaxation needs two outcomes: with :math:`N = 0` alone the outcomes are 0 and 1, the second
+    of mass zero (every sample is 0).
 
     Pass ``probs`` :math:`p` or ``logits``; the attributes :attr:`probs` and :attr:`logits` are
     those of the PMF over the outcomes, and :attr:`base_dist` holds the binomial parameters.

@@ -184,7 +184,9 @@ def add_training_arguments(
         default=default_batch_size,
         help=f"default: {default_batch_size}",
     )
-    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate")
+    parser.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default 0.001)"
+    )
     parser.add_argument(
         "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
     )

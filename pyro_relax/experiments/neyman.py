@@ -1251,6 +1251,7 @@ def add_arguments(parser) -> None:
         nargs="+",
         default=[1.0, 0.5, 0.3, 0.1, 0.05],
         metavar="TAU",
+        help="temperatures of the gradient bias study (default: 1.0 0.5 0.3 0.1 0.05)",
     )
     parser.add_argument(
         "--gradient-draws",

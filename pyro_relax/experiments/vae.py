@@ -763,7 +763,13 @@ def add_arguments(parser) -> None:
         choices=[*PRIORS, "all"],
         help="prior(s), or all (default: Pois(2))",
     )
-    parser.add_argument("--binarization", choices=BINARIZATIONS, default="dynamic")
+    parser.add_argument(
+        "--binarization",
+        choices=BINARIZATIONS,
+        default="dynamic",
+        help="dynamic: each pixel drawn as Bernoulli(gray level) for every batch (default); "
+        "fixed: gray level > 0.5",
+    )
     parser.add_argument(
         "--latents", type=positive_int, help=f"number of count latents (default {DEFAULT_LATENTS})"
     )

@@ -290,9 +290,10 @@ def gradient_moments(
         (unconstrained) parameter and in its dtype.
 
     Raises:
-        ValueError: if ``num_draws`` is not an integer of at least 2, a selected tensor is not
-            a leaf that requires grad, or a selected name is not found after the first draw.
-        TypeError: if ``elbo`` has no ``loss_and_grads`` method, or ``params`` has no names.
+        ValueError: if ``num_draws`` is an integer below 2, a selected tensor is not a leaf
+            that requires grad, or a selected name is not found after the first draw.
+        TypeError: if ``num_draws`` is not an integer, ``elbo`` has no ``loss_and_grads``
+            method, or ``params`` has no names.
 
     Example:
         >>> import pyro
