@@ -5,16 +5,19 @@ a symmetric decoder 300-256-512-784, batch 100, Adam 1e-3. One training step is:
 a straight-through sample ``z = d.rsample()`` of the estimator under test, decoder forward, the
 negative ELBO (Bernoulli reconstruction plus the categorical KL to the uniform prior, computed with
 the library's sync-free ``categorical_kl``), backward, Adam step. Inputs are dynamically binarized
-MNIST digits when ``--data`` holds the IDX files (default: ``../shared/data/mnist`` from the project
-root, else ``/work/shared/data/mnist``), else random binary images (the cost does not depend on
-the values).
+MNIST digits from the IDX files in ``--data`` (a folder without them is refused); without
+``--data``, from ``../shared/data/mnist`` from the project root, else ``/work/shared/data/mnist``,
+else random binary images (the cost does not depend on the values).
 
 Time: each variant has its own model (same initial weights) and optimizer; after warm-up steps
 the variants take turns, one step each, in a rotating order, for ``--steps`` rounds, so drifts of
 a shared machine hit all of them alike; the table reports the median and the interquartile range
 of the milliseconds per step (CUDA steps are synchronized before the clock is read).
 
-Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step. On CPU there is no allocator
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (its peak statistic reset
+before it) less what was allocated before the step, which holds every variant's model and all
+the preloaded batches; on CUDA as on CPU that is the step's peak, and "peak" adds this variant's
+own tensors to it (below). On CPU there is no allocator
 statistic, so the step runs under ``torch.profiler`` with ``profile_memory=True``: every
 allocation and free of torch's CPU allocator inside the step is an event with its byte count
 (self memory of each op, frees as ``[memory]`` events); their running sum in time order is the
@@ -30,7 +33,8 @@ Run from the project root::
     python benchmarks/bench_gst.py                  # CPU
     python benchmarks/bench_gst.py --device cuda    # GPU
 
-Targets (issue 4): GST/STGS time ratio and memory ratio at most 1.05; GR-MC100 costs more.
+Targets (benchmarks/README.md): GST/STGS time ratio and memory ratio at most 1.02; GR-MC100
+costs more.
 """
 
 import argparse
@@ -46,9 +50,12 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import pyro_relax as pr
+from pyro_relax._cli import device as device_name
+from pyro_relax._cli import integer_at_least, positive_int, seed, temperature_value
 from pyro_relax._numerics import categorical_kl
 
 NUM_LATENTS, NUM_CLASSES, BATCH = 30, 10, 100
+IMAGES = "train-images-idx3-ubyte.gz"
 
 
 def variants(temperature, num_draws):
@@ -85,7 +92,7 @@ class VAE(nn.Module):
 
 def load_batches(data, num_batches, device, seed):
     generator = torch.Generator().manual_seed(seed)
-    path = Path(data) / "train-images-idx3-ubyte.gz" if data else None
+    path = Path(data) / IMAGES if data else None
     if path is not None and path.exists():
         with gzip.open(path, "rb") as file:
             raw = np.frombuffer(file.read(), dtype=np.uint8, offset=16)
@@ -145,34 +152,63 @@ def measure_memory(model, optimizer, batch, make_posterior, device):
     optimizer.zero_grad(set_to_none=True)
     before = live_tensor_bytes(model, optimizer, batch)
     if device.type == "cuda":
+        # The device also holds the other variants' models and every preloaded batch: only
+        # the rise above what this step found allocated is its own.
         synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        peak = torch.cuda.max_memory_allocated(device)
-        return peak, peak - base
-    step_peak = max(cpu_step_peak(step) for _ in range(3))
+        step_peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        step_peak = max(cpu_step_peak(step) for _ in range(3))
     return before + step_peak, step_peak
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--steps", type=int, default=30, help="timed rounds (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--num-draws", type=int, default=100, help="K of GR-MCK (default 100)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--data", default=default_data(), help="directory of MNIST IDX files")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
+    )
+    # At least two: the interquartile range needs two times per variant.
+    parser.add_argument(
+        "--steps", type=integer_at_least(2), default=30, help="timed rounds (default 30)"
+    )
+    parser.add_argument(
+        "--warmup", type=integer_at_least(0), default=5, help="untimed steps per variant"
+    )
+    parser.add_argument("--temperature", type=temperature_value, default=1.0)
+    parser.add_argument(
+        "--num-draws", type=positive_int, default=100, help="K of GR-MCK (default 100)"
+    )
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    parser.add_argument(
+        "--data",
+        help="directory of MNIST IDX files (default: the project's copy if there is one, else "
+        "random binary images)",
+    )
+    parser.add_argument("--seed", type=seed, default=0)
     add_clock_option(parser)
     args = parser.parse_args(argv)
+    if args.data is None:
+        args.data = default_data()
+    elif not (Path(args.data) / IMAGES).exists():
+        parser.error(f"--data {args.data}: no {IMAGES} there")
 
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     clock_line = use_clock(args.clock, device)
     batches, source = load_batches(args.data, 20, device, args.seed)
+    # Before the runs: the load average is the one they start under, and a long run shows what
+    # it is doing.
+    print(machine(device))
+    print(clock_line)
+    print(
+        f"MNIST VAE 784-512-256 -> {NUM_LATENTS}x{NUM_CLASSES} categorical latents, batch "
+        f"{BATCH}, Adam; tau = {args.temperature}; data: {source}"
+    )
+    print(f"{args.steps} interleaved rounds after {args.warmup} warm-up steps per variant")
+    print(flush=True)
     runs = {}
     for name, make_posterior in variants(args.temperature, args.num_draws).items():
         torch.manual_seed(args.seed)  # the same initial weights for every variant
@@ -198,14 +234,6 @@ def main(argv=None):
         for name, (model, optimizer, make_posterior, _) in runs.items()
     }
 
-    print(machine(device))
-    print(clock_line)
-    print(
-        f"MNIST VAE 784-512-256 -> {NUM_LATENTS}x{NUM_CLASSES} categorical latents, batch "
-        f"{BATCH}, Adam; tau = {args.temperature}; data: {source}"
-    )
-    print(f"{args.steps} interleaved rounds after {args.warmup} warm-up steps per variant")
-    print()
     header = (
         f"{'estimator':<10} {'ms/step':>8} {'IQR':>13} {'time/STGS':>9} "
         f"{'peak MiB':>9} {'mem/STGS':>8} {'step MiB':>9} {'step/STGS':>9}"

@@ -56,6 +56,9 @@ on), which the library's distributions and torch's follow. Warnings raised durin
 steps are counted by origin and printed below the table (``TracerWarning`` from torch or Pyro
 is theirs; one from a ``pyro_relax`` file would be ours).
 
+Target (benchmarks/README.md): a count VAE step with explicit GenGS at most 1.2 times one with
+GenGS-IMP, in the same loop.
+
 Run from the project root::
 
     python benchmarks/bench_training.py --threads 1     # CPU
@@ -84,7 +87,8 @@ from pyro.infer import (
 )
 from torch.distributions import kl_divergence
 
-from pyro_relax._cli import integer_at_least
+from pyro_relax._cli import device as device_name
+from pyro_relax._cli import integer_at_least, positive_int, seed
 from pyro_relax.experiments import gst_vae, image_vae, vae
 
 PIXELS = 784
@@ -416,7 +420,9 @@ def run_case(model_name, estimator, sizes, args, device):
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)"
+    )
     parser.add_argument(
         "--steps", type=integer_at_least(2), help="timed rounds (default 30; smoke: 2)"
     )
@@ -426,11 +432,13 @@ def parse_arguments(argv):
         help="untimed steps per side, at least 3 for a JIT side to reach its steady state "
         "(default 5; smoke: 1)",
     )
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument(
         "--validation", action="store_true", help="Pyro's and torch's validation on (default off)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny networks and batch, 2 rounds: a check it runs"
     )

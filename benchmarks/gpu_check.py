@@ -15,8 +15,9 @@ Steps, each a subprocess with its own time limit (``--timeout``), run in this or
   ``--device``; ``bench_gengs`` adds its large sizes (up to 10^6 x 128) on CUDA;
 - ``kernel_counts``: the operators dispatched per call, counted on the CPU (the proxy of the
   GPU's kernel launches at small sizes);
-- ``compile``: ``bench_gengs --compile`` without its large sizes, the GenGS step compiled by
-  ``torch.compile`` against eager (fused kernels: what a launch-bound step may gain).
+- ``compile``: ``bench_gengs --compile`` without its large sizes and small-size tables (the
+  ``bench_gengs`` step prints those), the GenGS step compiled by ``torch.compile`` against
+  eager (fused kernels: what a launch-bound step may gain).
 
 With ``--budget`` the whole run keeps to that many seconds: each step's limit is cut to what is
 left, and a step that would start with less than ``MIN_STEP_SECONDS`` left is not run (the
@@ -24,14 +25,19 @@ report says so). A lent GPU machine holds one command for a few minutes only: th
 the run end inside that limit with every finished step reported.
 
 The report, ``OUT/report.md``, starts with the machine (GPU name, driver, torch and CUDA
-versions, the commit) and gives each step's command, seconds, exit status and output. It is
-rewritten after every step, so an interrupted run keeps the steps that finished. The exit
-status is 1 if a step failed or timed out. ``--device cpu --quick`` runs the same steps with
+versions, the commit) and a summary, which names the tests that pytest skipped (a GPU report
+whose sync checks skipped is not complete), and gives each step's command (quoted for a shell),
+seconds, exit status and output. It is rewritten after every step, so an interrupted run keeps
+the steps that finished; Ctrl-C (SIGINT) stops the running step, and the report says which it
+was and which steps never ran. The exit status is 1 if a step failed or timed out, 130 if the
+run was interrupted. ``--device cpu --quick`` runs the same steps with
 tiny settings on the CPU (the test suite does, so that this script cannot rot).
 """
 
 import argparse
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -39,6 +45,8 @@ from pathlib import Path
 
 import torch
 from bench_gengs import machine as describe_machine  # the benchmarks' one description
+
+from pyro_relax._cli import device as device_name
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -55,6 +63,10 @@ STEPS = (
 # A step is not started with less time than this left of --budget.
 MIN_STEP_SECONDS = 20
 NOT_RUN = "not run"  # the status of a step that the budget left out
+INTERRUPTED = "interrupted"  # the status of the step that Ctrl-C stopped
+NEVER_RUN = "never run"  # the status of the steps after it
+# pytest's line per skip reason under -rs: "SKIPPED [5] tests/test_x.py:56: needs CUDA".
+SKIPPED = re.compile(r"^SKIPPED \[(\d+)\] (.*)$", re.MULTILINE)
 
 # Tiny settings per step for --quick (seconds on a CPU; the figures mean nothing).
 QUICK = {
@@ -89,7 +101,7 @@ def commands(device: str, quick: bool, data: str | None) -> dict:
     if data is not None:
         result["bench_gst"] += ["--data", data]
     result["kernel_counts"] = [python, str(BENCHMARKS / "kernel_counts.py")]
-    result["compile"] = result["bench_gengs"] + ["--sizes", "--compile"]
+    result["compile"] = result["bench_gengs"] + ["--sizes", "--no-small", "--compile"]
     if quick:
         for name, options in QUICK.items():
             result[name] = result[name] + options
@@ -136,32 +148,68 @@ def run_step(command, timeout: float, env) -> tuple[int | None, float, str]:
 def _shown(status) -> str:
     if status == NOT_RUN:
         return "not run: the budget was spent"
+    if status == INTERRUPTED:
+        return "interrupted (Ctrl-C): its output is lost"
+    if status == NEVER_RUN:
+        return "never run: the check was interrupted before it"
     return "timed out" if status is None else f"exit status {status}"
 
 
+def _skips(output: str) -> str:
+    """The tests pytest skipped, with the reasons, from its ``-rs`` lines ("" if none)."""
+    found = SKIPPED.findall(output)
+    if not found:
+        return ""
+    count = sum(int(number) for number, _ in found)
+    reasons = "; ".join(f"{where} ({number})" for number, where in found)
+    return f"{count} tests skipped: {reasons}"
+
+
 def report(header: str, sections: list) -> str:
-    run = [section for section in sections if section[2] != NOT_RUN]
-    failed = [name for name, _, status, _, _ in run if status != 0]
+    run = [section for section in sections if section[2] not in (NOT_RUN, NEVER_RUN)]
+    failed = [name for name, _, status, _, _ in run if status not in (0, INTERRUPTED)]
     left_out = [name for name, _, status, _, _ in sections if status == NOT_RUN]
-    parts = ["failed: " + ", ".join(failed)] if failed else []
+    stopped = [name for name, _, status, _, _ in sections if status == INTERRUPTED]
+    never = [name for name, _, status, _, _ in sections if status == NEVER_RUN]
+    parts = [f"interrupted during {stopped[0]}"] if stopped else []
+    if never:
+        parts.append("never run: " + ", ".join(never))
+    if failed:
+        parts.append("failed: " + ", ".join(failed))
     if left_out:
         parts.append("not run (budget spent): " + ", ".join(left_out))
     summary = "; ".join(parts) or "all steps passed"
+    skips = [f"{name}: {_skips(output)}" for name, _, _, _, output in run if _skips(output)]
+    if skips:
+        summary += "; " + "; ".join(skips)
     parts = [f"# GPU check\n\n{header}\n\n**{summary}** ({len(run)} steps run)\n"]
     for name, command, status, seconds, output in sections:
-        if status == NOT_RUN:
-            parts.append(f"## {name}\n\n`{' '.join(command)}`: {_shown(status)}\n")
+        if status in (NOT_RUN, NEVER_RUN):
+            parts.append(f"## {name}\n\n`{shlex.join(command)}`: {_shown(status)}\n")
             continue
         parts.append(
-            f"## {name}\n\n`{' '.join(command)}`: {_shown(status)}, {seconds:.0f} s\n\n"
+            f"## {name}\n\n`{shlex.join(command)}`: {_shown(status)}, {seconds:.0f} s\n\n"
             f"```\n{output.rstrip()}\n```\n"
         )
     return "\n".join(parts)
 
 
+def _device(text: str) -> str:
+    """``pyro_relax._cli.device``, with how to check the script on a machine without it."""
+    try:
+        return device_name(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(
+            f"{error}; run on a machine with a GPU, or pass --device cpu (with --quick to check "
+            "the script)"
+        ) from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (default cuda)")
+    parser.add_argument(
+        "--device", type=_device, default="cuda", help="cuda, cuda:N, or cpu (default cuda)"
+    )
     parser.add_argument("--out", default="gpu-check", help="folder of report.md")
     parser.add_argument("--data", help="MNIST IDX folder for bench_gst (default: its own)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
@@ -170,15 +218,8 @@ def main(argv=None) -> int:
         "--budget", type=float, help="seconds for the whole run (default: no limit)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny settings (checks the script)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # the device checked before the folder is made
     start = time.perf_counter()  # the budget counts from here
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(
-            f"gpu_check: torch {torch.__version__} sees no CUDA device; run on a machine with "
-            "a GPU, or pass --device cpu (with --quick to check the script)",
-            file=sys.stderr,
-        )
-        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYRO_RELAX_TEST_DEVICE=args.device, PYTHONUNBUFFERED="1")
@@ -190,7 +231,7 @@ def main(argv=None) -> int:
     print(header, flush=True)
     lines = commands(args.device, args.quick, args.data)
     sections = []
-    for name in args.steps:
+    for position, name in enumerate(args.steps):
         timeout = args.timeout
         if args.budget is not None:
             timeout = min(timeout, args.budget - (time.perf_counter() - start))
@@ -198,8 +239,22 @@ def main(argv=None) -> int:
             print(f"\n== {name}: not run, {max(timeout, 0):.0f} s of the budget left", flush=True)
             status, seconds, output = NOT_RUN, 0.0, ""
         else:
-            print(f"\n== {name}: {' '.join(lines[name])}", flush=True)
-            status, seconds, output = run_step(lines[name], timeout, env)
+            print(f"\n== {name}: {shlex.join(lines[name])}", flush=True)
+            began = time.perf_counter()
+            try:
+                status, seconds, output = run_step(lines[name], timeout, env)
+            except KeyboardInterrupt:
+                # subprocess.run has stopped the step; the report must not read as complete.
+                sections.append((name, lines[name], INTERRUPTED, time.perf_counter() - began, ""))
+                sections += [
+                    (rest, lines[rest], NEVER_RUN, 0.0, "") for rest in args.steps[position + 1 :]
+                ]
+                (out / "report.md").write_text(report(header, sections))
+                print(
+                    f"gpu_check: interrupted during {name}; report: {out / 'report.md'}",
+                    file=sys.stderr,
+                )
+                return 130
             print(output, flush=True)
             print(f"== {name}: {_shown(status)} after {seconds:.0f} s", flush=True)
         sections.append((name, lines[name], status, seconds, output))

@@ -34,6 +34,7 @@ from torch.distributions import RelaxedOneHotCategorical
 from torch.profiler import ProfilerActivity, profile
 
 from pyro_relax import IGR, GenGSPoisson
+from pyro_relax._cli import integer_at_least, positive_int
 
 TEMPERATURE = 0.5
 # Operators that only describe memory (views, shapes, allocation) or whose work is that of the
@@ -191,16 +192,21 @@ def compiled_step_count(loss) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[100, 50])
-    parser.add_argument("--outcomes", type=int, nargs="+", default=[15, 50])
-    parser.add_argument("--top", type=int, default=0, help="also list each case's top operators")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[100, 50])
+    parser.add_argument("--outcomes", type=integer_at_least(2), nargs="+", default=[15, 50])
+    parser.add_argument(
+        "--top", type=integer_at_least(0), default=0, help="also list each case's top operators"
+    )
     parser.add_argument(
         "--compiled", action="store_true", help="also count kernels under torch.compile"
     )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(machine(torch.device("cpu")))
-    print(f"batch {tuple(args.batch)}, temperature {TEMPERATURE}; leaf aten operators per call")
+    print(
+        f"batch {tuple(args.batch)}, temperature {TEMPERATURE}; innermost computing aten "
+        "operators per call"
+    )
     columns = [f"n = {n:>3}" for n in args.outcomes]
     if args.compiled:
         columns += [f"compiled, n = {n:>3}" for n in args.outcomes]

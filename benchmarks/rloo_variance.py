@@ -60,6 +60,7 @@ import torch
 from bench_gengs import add_clock_option, machine, use_clock
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
+from pyro_relax._cli import integer_at_least, positive_int, seed
 from pyro_relax.infer.rloo import TraceRLOO_ELBO
 
 F64 = {"dtype": torch.float64}
@@ -70,7 +71,22 @@ DATA = torch.tensor([1.2, 0.3, 2.0], **F64)
 LOGITS = torch.tensor([0.5, -0.3, 0.2, -1.0], **F64)
 PARTICLES = (2, 4, 8)
 WARM_UP = 50
-BATCHES = 20
+BATCHES = 20  # the batches of draws whose spread gives a variance's standard error
+
+
+def _draws(text: str) -> int:
+    """An argparse type: a number of draws that splits into ``BATCHES`` batches of at least
+    two, so that each batch has a variance."""
+    value = integer_at_least(2 * BATCHES)(text)
+    if value % BATCHES:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {BATCHES}, got {text}")
+    return value
+
+
+def _largest(errors) -> float:
+    """The largest of ``errors``, NaN if any is (``max`` keeps whichever comes first)."""
+    errors = list(errors)
+    return math.nan if any(math.isnan(error) for error in errors) else max(errors)
 
 
 def model(logits, infer):
@@ -92,7 +108,9 @@ def exact_elbo() -> float:
 
 def estimators(num_particles):
     """Name: (ELBO, the guide site's ``infer`` given the number of copies, warm-up steps)."""
-    vectorized = {"num_particles": num_particles, "vectorize_particles": True}
+    # One plate, given: Pyro would guess it at every gradient, with a log line in the table.
+    nesting = {"max_plate_nesting": 1}
+    vectorized = {"num_particles": num_particles, "vectorize_particles": True, **nesting}
     exact = torch.tensor(exact_elbo(), **F64)
 
     def nothing(copies):
@@ -106,7 +124,7 @@ def estimators(num_particles):
         return {"baseline": {"baseline_value": exact.expand(num_particles, copies)}}
 
     return {
-        "RLOO": (TraceRLOO_ELBO(num_particles), nothing, 0),
+        "RLOO": (TraceRLOO_ELBO(num_particles, **nesting), nothing, 0),
         "decaying": (TraceGraph_ELBO(**vectorized), decaying, WARM_UP),
         "none": (Trace_ELBO(**vectorized), nothing, 0),
         "exact mean": (TraceGraph_ELBO(**vectorized), exact_mean, 0),
@@ -151,7 +169,7 @@ def row(num_particles, draws, repeats) -> tuple[str, float]:
     variants = estimators(num_particles)
     results = {name: total_variance(*spec, draws) for name, spec in variants.items()}
     variance = {name: value for name, (value, _) in results.items()}
-    worst_error = max(error for _, error in results.values())
+    worst_error = _largest(error for _, error in results.values())
     pyro.clear_param_store()
     ms = milliseconds(variants, repeats)
     cells = [str(num_particles)]
@@ -277,7 +295,7 @@ def minibatch_variances(grads, indices, means):
         float(batches.std()) / math.sqrt(BATCHES) / total,
         float(squares.std()) / math.sqrt(len(squares)) / conditional,
     )
-    return total, conditional, max(errors)
+    return total, conditional, _largest(errors)
 
 
 def minibatch_rows(num_particles, position, data, draws, generator) -> tuple[str, str, float]:
@@ -297,7 +315,7 @@ def minibatch_rows(num_particles, position, data, draws, generator) -> tuple[str
     cells[0].append(f"{subsample_part:.4g}")
     cells[1] += [f"{1e3 * seconds[name]:.1f}" for name in ("RLOO", "decaying", "none")]
     lines = ["| " + " | ".join(row) + " |" for row in cells]
-    return lines[0], lines[1], max(result[2] for result in results.values())
+    return lines[0], lines[1], _largest(result[2] for result in results.values())
 
 
 def fixed_table(args) -> None:
@@ -308,11 +326,12 @@ def fixed_table(args) -> None:
         "| ms RLOO | ms decaying | ms none |"
     )
     print("|---:" * 10 + "|")
-    worst_error = 0.0
+    errors = []
     for num_particles in PARTICLES:
         line, error = row(num_particles, args.draws, args.repeats)
-        worst_error = max(worst_error, error)
+        errors.append(error)
         print(line)
+    worst_error = _largest(errors)
     print(f"\nlargest relative standard error of a variance above: {worst_error:.1%}")
 
 
@@ -320,7 +339,7 @@ def minibatch_table(args) -> None:
     data = item_data(args.spread)
     evidence = item_log_joint(data).logsumexp(-1)
     generator = torch.Generator().manual_seed(args.seed)
-    totals, conditionals, worst_error = [], [], 0.0
+    totals, conditionals, errors = [], [], []
     for position in GUIDE_POSITIONS:
         for num_particles in PARTICLES:
             total, conditional, error = minibatch_rows(
@@ -328,7 +347,8 @@ def minibatch_table(args) -> None:
             )
             totals.append(total)
             conditionals.append(conditional)
-            worst_error = max(worst_error, error)
+            errors.append(error)
+    worst_error = _largest(errors)
     print(f"minibatch: {ITEMS} items (spread {args.spread:g}), {SUBSAMPLE} a step, ", end="")
     print(f"{args.minibatch_draws} draws a row; decaying average warmed up for {WARM_UP} steps")
     print(
@@ -350,11 +370,16 @@ def minibatch_table(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=4000, help="draws per variance (20 | draws)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed rounds")
+    parser.add_argument(
+        "--draws",
+        type=_draws,
+        default=4000,
+        help="draws per variance (a multiple of 20, at least 40)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=30, help="timed rounds")
     parser.add_argument(
         "--minibatch-draws",
-        type=int,
+        type=_draws,
         default=2000,
         help="minibatch draws per row (a multiple of 20, at least 40)",
     )
@@ -362,8 +387,10 @@ def main(argv=None) -> None:
         "--spread", type=float, default=1.0, help="the items' spread around their clusters"
     )
     parser.add_argument("--table", choices=("fixed", "minibatch", "both"), default="both")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
+    )
+    parser.add_argument("--seed", type=seed, default=0)
     add_clock_option(parser)
     args = parser.parse_args(argv)
     if args.threads is not None:

@@ -2,6 +2,11 @@
 the loss that Pyro's ELBO computes for the same model and guide; the GPU check runs its steps and
 reports each one's outcome."""
 
+import argparse
+import importlib
+import math
+import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -120,11 +125,14 @@ def gpu_check(monkeypatch):
     return gpu_check
 
 
-def test_gpu_check_refuses_without_cuda(gpu_check, capsys):
+def test_gpu_check_refuses_without_cuda(gpu_check, capsys, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert gpu_check.main(["--out", "unused"]) == 2
+    with pytest.raises(SystemExit) as refused:
+        gpu_check.main(["--out", str(tmp_path / "out")])
+    assert refused.value.code == 2
     assert "--device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_check_reports_every_step_and_fails_on_any(gpu_check, monkeypatch, tmp_path):
@@ -183,6 +191,8 @@ def test_gpu_check_compile_step_runs_on_the_cpu(gpu_check, tmp_path):
     argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--steps", "compile"]
     assert gpu_check.main(argv) == 0
     report = (tmp_path / "report.md").read_text()
+    # The bench_gengs step prints the small-size tables; this step only the compiled one.
+    assert "validate_args=True" not in report and "torch.compile" in report
     rows = [line.split() for line in report.splitlines()]
     rows = [row for row in rows if len(row) == 7 and row[0] in ("15", "50")]
     assert [row[0] for row in rows] == ["15", "50"], report
@@ -250,7 +260,11 @@ def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
     import bench_igr
 
     table = bench_igr.relaxit_table(_PlainInvertibleGaussian, torch.device("cpu"), 1, 1)
-    rows = table.splitlines()[1:]
+    header, *rows = table.splitlines()
+    # Each column name ends where its figures do (the header's step column was 2 narrower).
+    for name, end in (("relaxit ms", 58), ("IGR ms", 69), ("IGR/relaxit", 82)):
+        assert header.index(name) + len(name) == end
+    assert all(len(row) == 82 for row in rows)
     sampled = ["rsample + backward", "rsample + log_prob + backward"]
     steps = ["construction only", *sampled, *(f"{step}, validated" for step in sampled)]
     steps += ["IGR's operators alone", "IGR's arithmetic, one node", "stable, no accuracy fixes"]
@@ -388,3 +402,340 @@ def test_discrete_memory_prints_a_row_per_batch():
         ["IGR", "1"], ["IGR", "3"], ["IGRStickBreaking", "1"], ["IGRStickBreaking", "3"]
     ]  # fmt: skip
     assert all(float(row[2]) >= 0 and float(row[4]) >= float(row[3]) > 0 for row in rows)
+
+
+# --- Options: a bad value is argparse's one-line usage error, before anything runs or prints.
+
+# Each case adds the tiny settings that keep a run short were the bad option let through.
+BAD_OPTIONS = [
+    ("bench_gengs", ["--repeats", "0", "--number", "1"], "--repeats"),
+    ("bench_gengs", ["--repeats", "-1", "--number", "1"], "--repeats"),
+    ("bench_gengs", ["--number", "0", "--repeats", "1"], "--number"),
+    ("bench_gengs", ["--scale-repeats", "0", "--repeats", "1", "--number", "1"], "--scale-repeats"),
+    ("bench_gengs", ["--threads", "0", "--repeats", "1", "--number", "1"], "--threads"),
+    ("bench_gengs", ["--sizes", "0x16", "--repeats", "1", "--number", "1"], "--sizes"),
+    ("bench_gengs", ["--sizes", "1e3x1", "--repeats", "1", "--number", "1"], "--sizes"),
+    ("bench_gengs", ["--device", "cuda:99", "--clock", "cpu"], "--device"),
+    ("bench_gengs", ["--device", "nonsense"], "--device"),
+    ("bench_igr", ["--repeats", "0", "--number", "1"], "--repeats"),
+    ("bench_igr", ["--number", "0", "--repeats", "1"], "--number"),
+    ("bench_igr", ["--threads", "-2", "--repeats", "1", "--number", "1"], "--threads"),
+    ("bench_igr", ["--device", "cuda:99"], "--device"),
+    ("bench_gst", ["--steps", "1", "--warmup", "0", "--num-draws", "2"], "--steps"),
+    ("bench_gst", ["--steps", "0", "--warmup", "0", "--num-draws", "2"], "--steps"),
+    ("bench_gst", ["--warmup", "-1", "--steps", "2", "--num-draws", "2"], "--warmup"),
+    ("bench_gst", ["--threads", "0", "--steps", "2", "--num-draws", "2"], "--threads"),
+    ("bench_gst", ["--num-draws", "0", "--steps", "2"], "--num-draws"),
+    ("bench_gst", ["--temperature", "-1", "--steps", "2", "--num-draws", "2"], "--temperature"),
+    ("bench_gst", ["--device", "cuda:99"], "--device"),
+    ("bench_gst", ["--data", "/nonexistent", "--steps", "2", "--num-draws", "2"], "--data"),
+    ("bench_training", ["--threads", "0", "--smoke"], "--threads"),
+    ("bench_training", ["--device", "cuda:99", "--smoke"], "--device"),
+    ("bench_training", ["--device", "nonsense", "--smoke"], "--device"),
+    ("discrete_memory", ["--batch", "0", "--latents", "2", "--categories", "3"], "--batch"),
+    ("discrete_memory", ["--batch", "-1", "--latents", "2", "--categories", "3"], "--batch"),
+    ("discrete_memory", ["--categories", "1", "--batch", "1", "--latents", "2"], "--categories"),
+    ("discrete_memory", ["--latents", "0", "--batch", "1", "--categories", "3"], "--latents"),
+    ("kernel_counts", ["--batch", "0", "5", "--outcomes", "3"], "--batch"),
+    ("kernel_counts", ["--outcomes", "1", "--batch", "2", "2"], "--outcomes"),
+    ("kernel_counts", ["--top", "-1", "--batch", "2", "2", "--outcomes", "3"], "--top"),
+    ("rloo_variance", ["--draws", "20", "--repeats", "1", "--table", "fixed"], "--draws"),
+    ("rloo_variance", ["--draws", "30", "--repeats", "1", "--table", "fixed"], "--draws"),
+    ("rloo_variance", ["--draws", "0", "--repeats", "1", "--table", "fixed"], "--draws"),
+    ("rloo_variance", ["--minibatch-draws", "20", "--table", "minibatch"], "--minibatch-draws"),
+    ("rloo_variance", ["--repeats", "0", "--draws", "40", "--table", "fixed"], "--repeats"),
+    ("gpu_check", ["--device", "nonsense", "--steps", "kernel_counts"], "--device"),
+    ("gpu_check", ["--device", "mps", "--steps", "kernel_counts"], "--device"),
+]
+
+
+@pytest.mark.parametrize(
+    "script, argv, option", BAD_OPTIONS, ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_OPTIONS]
+)
+def test_a_bad_option_is_a_usage_error(monkeypatch, capsys, tmp_path, script, argv, option):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    main = importlib.import_module(script).main
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--out", str(out)] if script == "gpu_check" else argv)
+    printed = capsys.readouterr()
+    assert refused.value.code == 2, printed.err
+    assert printed.out == ""  # refused before the machine line or anything else
+    *usage, message = printed.err.strip().splitlines()
+    assert (
+        usage[0].startswith("usage:")
+        and f"error: argument {option}" in message
+        or (
+            f"error: {option}" in message  # a check after parsing (bench_gst's --data)
+        )
+    ), printed.err
+    assert not out.exists()  # gpu_check: the device checked before the folder is made
+
+
+# --- bench_igr: only a validation check's refusal is "failed validation".
+
+
+@pytest.fixture
+def bench_igr(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_igr
+
+    return bench_igr
+
+
+TORCH_REFUSAL = "Expected value argument (Tensor of shape (100, 20, 10)) to be within the support"
+
+
+@pytest.mark.parametrize("validate_args", [False, True])
+@pytest.mark.parametrize(
+    "error", [ValueError("a bug"), statistics.StatisticsError("no median for empty data")]
+)
+def test_igr_table_lets_other_errors_through(bench_igr, monkeypatch, validate_args, error):
+    def compare(*args):
+        raise error
+
+    monkeypatch.setattr(bench_igr, "compare", compare)
+    with pytest.raises(ValueError, match=str(error)):
+        bench_igr.table(torch.device("cpu"), 1, 1, validate_args)
+
+
+def test_igr_table_reports_a_validation_refusal_only_with_validation_on(bench_igr, monkeypatch):
+    def compare(*args):
+        raise ValueError(TORCH_REFUSAL + "\nmore")
+
+    monkeypatch.setattr(bench_igr, "compare", compare)
+    lines = bench_igr.table(torch.device("cpu"), 1, 1, True).splitlines()[1:]
+    assert lines == [f"{k:>4}  failed validation: {TORCH_REFUSAL}" for k in bench_igr.CATEGORIES]
+    with pytest.raises(ValueError, match="Expected value argument"):
+        bench_igr.table(torch.device("cpu"), 1, 1, False)  # no check runs: not a refusal
+
+
+class _BrokenInvertibleGaussian(_PlainInvertibleGaussian):
+    """A stand-in whose log_prob raises a ValueError that is no validation check's."""
+
+    def log_prob(self, value):
+        raise ValueError("a bug in log_prob")
+
+
+def test_relaxit_table_lets_other_errors_through(bench_igr):
+    with pytest.raises(ValueError, match="a bug in log_prob"):
+        bench_igr.relaxit_table(_BrokenInvertibleGaussian, torch.device("cpu"), 1, 1)
+
+
+# --- bench_gengs
+
+
+def test_bench_gengs_compile_table_gives_the_largest_difference_of_z(bench_gengs, monkeypatch):
+    # A stand-in for torch.compile that returns eager's step with one coordinate of z moved by
+    # 0.5: the column "max |dz|" must read 0.5 (it read the difference of a weighted sum).
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", False)  # restored after
+
+    def compile(fn, fullgraph):
+        def moved(rate):
+            value, loss = fn(rate)
+            bump = torch.zeros_like(value)
+            bump.view(-1)[7] = 0.5
+            return value + bump, loss
+
+        return moved
+
+    monkeypatch.setattr(torch, "compile", compile)
+    rows = [
+        line.split() for line in bench_gengs.compile_table(torch.device("cpu"), 1, 1).split("\n")
+    ]
+    assert [row[0] for row in rows[1:]] == ["15", "50"]
+    assert all(float(row[5]) == 0.5 and float(row[6]) == 0 for row in rows[1:])
+
+
+def test_bench_gengs_can_leave_out_the_small_tables(bench_gengs, capsys):
+    bench_gengs.main(["--no-small", "--sizes", "--repeats", "1", "--number", "1"])
+    out = capsys.readouterr().out
+    assert "validate_args" not in out and "batch 100 x 50" in out
+
+
+# --- bench_gst
+
+
+def test_bench_gst_cuda_peak_is_this_steps_rise_plus_this_variants_tensors(monkeypatch):
+    # Fake CUDA statistics: 10 MiB allocated before the step (other variants' models, every
+    # batch), 13 MiB at its peak. The step's own peak is 3 MiB, and "peak" adds this variant's
+    # tensors, as on the CPU (it read 13 MiB: every variant's models and batches counted).
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_gst
+
+    monkeypatch.setattr(bench_gst, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 10 * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 13 * 2**20)
+    torch.manual_seed(0)
+    model = bench_gst.VAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = torch.bernoulli(torch.full((bench_gst.BATCH, 784), 0.3))
+    posterior = bench_gst.variants(1.0, 2)["STGS"]
+    bench_gst.train_step(model, optimizer, batch, posterior)  # Adam's states, as after the runs
+    peak, step = bench_gst.measure_memory(model, optimizer, batch, posterior, torch.device("cuda"))
+    assert step == 3 * 2**20
+    assert peak == bench_gst.live_tensor_bytes(model, optimizer, batch) + 3 * 2**20
+
+
+def test_bench_gst_prints_the_machine_before_the_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_gst
+
+    class Stop(Exception):
+        pass
+
+    events = []
+    monkeypatch.setattr(bench_gst, "machine", lambda device: events.append("machine") or "")
+
+    def train_step(*args):
+        events.append("step")
+        raise Stop
+
+    monkeypatch.setattr(bench_gst, "train_step", train_step)
+    with pytest.raises(Stop):
+        bench_gst.main(["--steps", "2", "--num-draws", "2"])
+    assert events == ["machine", "step"]
+
+
+# --- discrete_memory
+
+
+def _fake_child(tmp_path, code):
+    child = tmp_path / "child.py"
+    child.write_text(f"import json, sys\n{code}\n")
+    return child
+
+
+def test_discrete_memory_shows_why_a_size_failed(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import discrete_memory
+
+    child = _fake_child(tmp_path, "sys.exit('the reason it failed')")
+    monkeypatch.setattr(discrete_memory, "__file__", str(child))
+    with pytest.raises(SystemExit) as stopped:
+        discrete_memory.main(["--family", "IGR", "--batch", "1", "--latents", "2"])
+    assert "exit status 1" in str(stopped.value.code)
+    assert "the reason it failed" in capsys.readouterr().err
+
+
+def test_discrete_memory_passes_its_threads_on(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import discrete_memory
+
+    argv_file = tmp_path / "argv"
+    result = {"seconds": 0.5, "before_mib": 1.0, "after_mib": 2.0}
+    code = f"open({str(argv_file)!r}, 'w').write(' '.join(sys.argv)); print(json.dumps({result}))"
+    monkeypatch.setattr(discrete_memory, "__file__", str(_fake_child(tmp_path, code)))
+    threads = str(torch.get_num_threads())  # this process's own: the test leaves it as it was
+    discrete_memory.main(["--family", "IGR", "--batch", "1", "--threads", threads])
+    assert f"--threads {threads}" in argv_file.read_text()
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["IGR", "1", "0.50", "1", "2"]
+
+
+# --- rloo_variance
+
+
+@pytest.fixture
+def rloo_variance(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import rloo_variance
+
+    return rloo_variance
+
+
+def test_rloo_variance_never_reports_a_nan_error_as_zero(rloo_variance, monkeypatch, capsys):
+    # The NaN second: max(0.01, nan) is 0.01, and max(0.0, nan) 0.0.
+    errors = iter([0.01, math.nan, 0.02] * 4)
+    monkeypatch.setattr(rloo_variance, "row", lambda *args: ("| row |", next(errors)))
+    rloo_variance.fixed_table(argparse.Namespace(draws=40, repeats=1))
+    assert capsys.readouterr().out.splitlines()[-1].endswith("above: nan%")
+    monkeypatch.setattr(
+        rloo_variance, "minibatch_rows", lambda *args: ("| a |", "| b |", next(errors))
+    )
+    rloo_variance.minibatch_table(argparse.Namespace(spread=1.0, seed=0, minibatch_draws=40))
+    assert capsys.readouterr().out.splitlines()[-1].endswith("above: nan%")
+
+
+def test_rloo_variance_fixed_estimators_need_no_plate_guess(rloo_variance):
+    # Pyro logs its guess ("INFO Guessed max_plate_nesting") into the printed table; given, the
+    # nesting is the model's plate and the particles' (as the minibatch estimators have it).
+    for elbo, _, _ in rloo_variance.estimators(2).values():
+        assert elbo.max_plate_nesting == 2
+
+
+# --- gpu_check
+
+
+def test_gpu_check_reports_an_interrupted_run(gpu_check, monkeypatch, tmp_path, capsys):
+    # Ctrl-C during the second step: the report names it and the step that never ran, and never
+    # says that all steps passed; one line on stderr, exit status 130.
+    python = [sys.executable, "-c"]
+    fake = {name: python + ["print('ran')"] for name in ("tests", "bench_gengs", "bench_igr")}
+    monkeypatch.setattr(gpu_check, "commands", lambda device, quick, data: fake)
+    run_step = gpu_check.run_step
+    calls = []
+
+    def interrupted_second(command, timeout, env):
+        calls.append(command)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_step(command, timeout, env)
+
+    monkeypatch.setattr(gpu_check, "run_step", interrupted_second)
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--steps", *fake]
+    try:
+        status = gpu_check.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped gpu_check.main")
+    assert status == 130
+    report = (tmp_path / "report.md").read_text()
+    assert "**interrupted during bench_gengs; never run: bench_igr** (2 steps run)" in report
+    assert "all steps passed" not in report
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"gpu_check: interrupted during bench_gengs; report: {tmp_path / 'report.md'}"
+    ]
+
+
+def test_gpu_check_summary_names_skipped_tests(gpu_check, monkeypatch, tmp_path):
+    pytest_output = "5 passed, 5 skipped\nSKIPPED [5] tests/test_no_host_copies.py:56: needs CUDA"
+    fake = {"tests": [sys.executable, "-c", f"print({pytest_output!r})"]}
+    monkeypatch.setattr(gpu_check, "commands", lambda device, quick, data: fake)
+    assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--steps", "tests"]) == 0
+    summary = (tmp_path / "report.md").read_text().split("**")[1]
+    assert summary == (
+        "all steps passed; tests: 5 tests skipped: tests/test_no_host_copies.py:56: needs CUDA (5)"
+    )
+
+
+def test_gpu_check_report_commands_paste_into_a_shell(gpu_check, monkeypatch, tmp_path):
+    command = [sys.executable, "-c", "import sys; print(sys.argv[1:])", "-k", "GenGS or gst-vae"]
+    monkeypatch.setattr(gpu_check, "commands", lambda device, quick, data: {"tests": command})
+    assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--steps", "tests"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    shown = report.split("## tests\n\n`")[1].split("`: exit status")[0]
+    assert shlex.split(shown) == command
+
+
+# --- kernel_counts and the README
+
+
+def test_kernel_counts_header_names_its_counting_rule(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import kernel_counts
+
+    kernel_counts.main(["--batch", "2", "2", "--outcomes", "3"])
+    header = capsys.readouterr().out.splitlines()[4]
+    assert header.endswith("; innermost computing aten operators per call")
+
+
+def test_the_readme_names_the_scripts_that_take_a_device():
+    # It said that every script takes --device cuda; three have no --device.
+    readme = " ".join((BENCHMARKS / "README.md").read_text().split())
+    scripts = sorted(BENCHMARKS.glob("*.py"))
+    takes = [f"`{script.name}`" for script in scripts if '"--device"' in script.read_text()]
+    others = [f"`{script.name}`" for script in scripts if '"--device"' not in script.read_text()]
+    assert f"{', '.join(takes[:-1])} and {takes[-1]} take `--device cuda`" in readme
+    assert f"{', '.join(others[:-1])} and {others[-1]} run on the CPU only" in readme
