@@ -5,6 +5,7 @@ import argparse
 import fcntl
 import importlib
 import json
+import math
 import multiprocessing
 import random
 import re
@@ -499,6 +500,16 @@ DIVERGING = {
 }
 
 
+def _diverging_run(tmp_path, capsys, name, options):
+    """The exit status and the one line a run printed (``None`` when it printed none)."""
+    status = main(["experiment", name, "--smoke", "--results", str(tmp_path), *options])
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    lines = [line for line in error.splitlines() if line.startswith("pyro-relax experiment")]
+    assert len(lines) <= 1
+    return status, (lines[0] if lines else None)
+
+
 @pytest.mark.parametrize(
     "name, validation",
     # With validation off (the image VAEs' --no-validation) the loss became NaN and training
@@ -508,13 +519,47 @@ DIVERGING = {
 )
 def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path, capsys, name, validation):
     options = [*DIVERGING[name], "--lr", "1e8"] + ([] if validation else ["--no-validation"])
-    assert main(["experiment", name, "--smoke", "--results", str(tmp_path), *options]) == 1
-    error = capsys.readouterr().err
-    assert "Traceback" not in error
-    [line] = [line for line in error.splitlines() if line.startswith("pyro-relax experiment")]
-    assert line.startswith(f"pyro-relax experiment {name}: ") and "training diverged" in line
-    assert "a learning rate below 1e+08 (--lr)" in line
+    status, line = _diverging_run(tmp_path, capsys, name, options)
+    assert status == 1 and line.startswith(f"pyro-relax experiment {name}: ")
+    assert "training diverged" in line and "a learning rate below 1e+08 (--lr)" in line
     assert not list(tmp_path.glob("*.json"))  # no record of a diverged run
+
+
+@pytest.mark.parametrize(
+    "name, options, what",
+    [
+        # The weights stay moderate while what the networks compute from them overflows: IGR's
+        # scale (the exponential of an encoder output), a geometric guide's mean (whose draws
+        # wrapped around as integers); both ended in a traceback from a parameter check.
+        ("igr-vae", ["--estimator", "IGR-I", "--temperature-pair", "0.5", "--lr", "1"], "scale"),
+        ("vae", ["--estimator", "REINFORCE", "--prior", "Geom(.5)", "--lr", "1"], "mean count"),
+        # The gradient's variance overflowed after a finite epoch and went into the results as
+        # Infinity (not JSON).
+        ("gst-vae", ["--estimator", "GST-1.0", "--temperature", "0.5", "--lr", "1e4"], "variance"),
+        # Stopped after the whole optimization, without saying at which step.
+        ("synthetic", ["--distributions", "poisson", "--lr", "8"], "step 9: "),
+    ],
+)
+def test_a_run_diverging_at_a_moderate_rate_names_what_overflowed(
+    tmp_path, capsys, name, options, what
+):
+    status, line = _diverging_run(tmp_path, capsys, name, options)
+    assert status == 1 and "training diverged" in line and what in line
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        # A score-function baseline (a running average of a cost) passed 1/eps: no weight did,
+        # and the run ends finite.
+        ("vae", ["--estimator", "REINFORCE", "--lr", "10"]),
+        # One person's prior rate passed 1/eps: a poor fit, finite.
+        ("neyman", ["--estimators", "exact", "--gradient-points", "--lr", "0.5"]),
+    ],
+)
+def test_a_poor_but_finite_run_is_not_called_diverged(tmp_path, capsys, name, options):
+    status, line = _diverging_run(tmp_path, capsys, name, options)
+    assert status == 0 and line is None
 
 
 def test_diverging_names_what_diverged_and_lets_other_errors_through():
@@ -545,6 +590,15 @@ def test_diverging_names_what_diverged_and_lets_other_errors_through():
     values["w"] = torch.tensor([8e6, -8e6])  # below 1/eps of float32 (8.4e6): fine
     with common.diverging("run A", quantities, 0.1):
         pass
+    # A quantity given its own bound: finite is enough with math.inf, a smaller bound is kept.
+    with common.diverging("run A", lambda: [("rate", torch.tensor([1e30]), math.inf)], 0.1):
+        pass
+    with pytest.raises(common.DivergedError, match="rate has an entry of magnitude 3, beyond 2;"):
+        with common.diverging("run A", lambda: [("rate", torch.tensor([3.0]), 2.0)], 0.1):
+            pass
+    # The learning rate in the advice is never rounded above the one given.
+    with pytest.raises(common.DivergedError, match=re.escape("below 12.3456789 (--lr)")):
+        common.finite(math.inf, "the loss", "run A", 12.3456789)
     assert common.finite(torch.tensor(2.5), "the loss", "run A", 0.1) == 2.5
     with pytest.raises(common.DivergedError, match="run A: training diverged: the loss is nan"):
         common.finite(float("nan"), "the loss", "run A", 0.1)

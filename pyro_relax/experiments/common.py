@@ -66,9 +66,12 @@ def diverging(where: str, quantities, lr: float):
     ``(name, tensor)`` pairs: the parameters, and what the model computes from them where that
     can overflow while they stay finite), checked when the stretch ends and when it raises
     (a distribution refusing a parameter, an overflow in a score; chained to that error). A
-    tensor has diverged when an entry is infinite, NaN or larger in magnitude than
-    ``1 / eps`` of its dtype (8.4e6 in float32, beyond which neighbouring floats lie more than 1
-    apart; IGR refuses a ``loc`` that large). An error raised while no quantity has diverged
+    tensor has diverged when an entry is infinite, NaN or larger in magnitude than its bound: a
+    third item of the pair where given (``math.inf``: finite is enough, for a quantity that may
+    grow large in a healthy run), else ``1 / eps`` of its dtype (8.4e6 in float32, beyond which
+    neighbouring floats lie more than 1 apart; IGR refuses a ``loc`` or ``scale`` that large).
+    Pass the trained parameters, not Pyro's score-function baselines (running averages of a
+    cost, which may be large). An error raised while no quantity has diverged
     passes through unchanged: a bug is not reported as a divergence. The message suggests a
     learning rate below ``lr`` (``--lr``). Losses and scores, numbers rather than tensors, are
     checked by :func:`finite`."""
@@ -97,23 +100,27 @@ def finite(value, what: str, where: str, lr: float) -> float:
 
 
 def _diverged(where: str, what: str, lr: float) -> str:
+    shown = f"{lr:g}" if float(f"{lr:g}") == lr else repr(lr)  # never rounded above the given
     return (
-        f"{where}: training diverged: {what}; a learning rate below {lr:g} (--lr) may keep it "
+        f"{where}: training diverged: {what}; a learning rate below {shown} (--lr) may keep it "
         "finite"
     )
 
 
 def _first_diverged(named_tensors):
-    """What is wrong with the first floating tensor of ``named_tensors`` with an infinite, NaN
-    or larger than ``1 / eps`` entry, or ``None``."""
-    for name, tensor in named_tensors:
+    """What is wrong with the first floating tensor of ``named_tensors`` (``(name, tensor)`` or
+    ``(name, tensor, bound)`` tuples) that has an infinite or NaN entry or one larger in
+    magnitude than its bound (default ``1 / eps`` of its dtype), or ``None``."""
+    for name, tensor, *bound in named_tensors:
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
         largest = float(tensor.detach().abs().max())  # NaN when an entry is NaN
         if not math.isfinite(largest):
             return f"{name} is not finite"
-        if largest > 1 / torch.finfo(tensor.dtype).eps:
-            return f"{name} has an entry of magnitude {largest:.3g}, beyond 1/eps of its dtype"
+        limit = bound[0] if bound else 1 / torch.finfo(tensor.dtype).eps
+        if largest > limit:
+            beyond = f"{limit:g}" if bound else "1/eps of its dtype"
+            return f"{name} has an entry of magnitude {largest:.3g}, beyond {beyond}"
     return None
 
 
@@ -133,14 +140,23 @@ def given_options(base, args, fields: dict):
 
 
 def describe(error: BaseException) -> str:
-    r"""``Type: first line of its message``, to quote an error inside a one-line message.
+    r"""``Type: first line of its message``, to quote an error inside a one-line message; a
+    first line that ends in a colon (Pyro's "Error while computing log_prob at site 'z':"
+    before the error it wraps) runs on into the next.
 
     Example:
         >>> describe(ValueError("bad value\nmore detail"))
         'ValueError: bad value'
+        >>> describe(ValueError("at site 'z':\nbad value\nmore detail"))
+        "ValueError: at site 'z': bad value"
     """
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    if not lines:
+        return type(error).__name__
+    first = lines[0]
+    if first.endswith(":") and len(lines) > 1:
+        first = f"{first} {lines[1]}"
+    return f"{type(error).__name__}: {first}"
 
 
 def seed_everything(seed: int) -> None:

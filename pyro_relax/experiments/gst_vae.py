@@ -465,6 +465,10 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
                 loss = common.finite(loss, "the loss", where, settings.lr)
                 began = time.perf_counter()
                 measured = run.measure(epoch + 1)
+                for name, value in measured.items():  # the gradient's variance overflows first
+                    if isinstance(value, float):
+                        what = "the " + name.replace("grad_", "gradient ").replace("_", " ")
+                        common.finite(value, what, where, settings.lr)
             entry = {"epoch": epoch + 1, "loss": loss, **measured}
             entry.update(
                 temperature=settings.temperature,

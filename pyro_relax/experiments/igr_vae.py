@@ -96,7 +96,7 @@ from pyro_relax.distributions import (
     uniform_igr_prior,
 )
 from pyro_relax.experiments import common, image_vae
-from pyro_relax.experiments.data import BINARIZATIONS, batches
+from pyro_relax.experiments.data import BINARIZATIONS
 from pyro_relax.infer import Estimate, discrete_elbo, discrete_log_likelihood
 
 __all__ = [
@@ -157,6 +157,7 @@ _EVAL_CHUNK = 100  # test images scored at a time (bounds the particles' memory)
 _LOSS_CHUNK = 1000  # test images per evaluation of the relaxed objective
 _PARTICLE_CHUNK = 100  # draws of the guide decoded at a time by the reference score
 _SCORES = ("test_log_likelihood", "test_neg_elbo", "test_reference_score")
+_PROBE_IMAGES = 16  # images whose guide the divergence check computes, once per epoch
 
 
 def temperature_of(estimator: str, pair: str) -> float:
@@ -501,26 +502,27 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
 
     steps = settings.steps_per_epoch
     desc = f"{settings.estimator} tau={settings.temperature}"
+
+    def guide_parameters(images):
+        # IGR's scale is the exponential of an encoder output: it passes 1/eps (which IGR
+        # refuses) while the weights stay moderate.
+        guide = estimator.guide_dist(images)
+        for name in ("loc", "scale", "logits"):
+            if hasattr(guide, name):
+                yield f"the guide's {name}", getattr(guide, name)
+
+    quantities = image_vae.training_quantities(
+        estimator.modules, guide_parameters, test_images[:_PROBE_IMAGES]
+    )
     bar = common.progress(
         total=settings.epochs * steps, initial=start * steps, desc=desc, unit="step", disable=quiet
     )
     with bar:
         for epoch in range(start, settings.epochs):
-            began, total_loss = time.perf_counter(), 0.0
+            began = time.perf_counter()
             where = f"{desc}, epoch {epoch + 1}"
-            with common.diverging(where, pyro.get_param_store().named_parameters, settings.lr):
-                for step, x in enumerate(
-                    batches(
-                        data.train_images,
-                        settings.batch_size,
-                        generator=generator,
-                        binarization=settings.binarization,
-                    )
-                ):
-                    if step == steps:
-                        break
-                    total_loss += svi.step(x.to(device))
-                    bar.update()
+            with common.diverging(where, quantities, settings.lr):
+                total_loss = image_vae.svi_epoch(svi, data, settings, generator, bar)
                 seconds += time.perf_counter() - began
                 total_loss = common.finite(total_loss, "the loss", where, settings.lr)
                 history.append(

@@ -13,7 +13,7 @@ from torch import nn
 
 from pyro_relax._cli import positive_float, positive_int
 from pyro_relax.experiments import common
-from pyro_relax.experiments.data import DATASETS, ImageDataset, binarize, load_dataset
+from pyro_relax.experiments.data import DATASETS, ImageDataset, batches, binarize, load_dataset
 
 __all__ = [
     "EVALUATION_SETTINGS",
@@ -62,6 +62,47 @@ def evaluation_images(data, binarization: str, device):
     train = binarize(data.train_images, binarization, generator).to(device)
     test = binarize(data.test_images, binarization, generator).to(device)
     return train, test
+
+
+def svi_epoch(svi, data, settings, generator, bar, after_step=None) -> float:
+    """One epoch of ``svi`` steps on batches of ``data``'s training images (binarized as
+    ``settings.binarization`` says, at most ``settings.steps_per_epoch`` of them, drawn with
+    ``generator``, on ``settings.device``), calling ``after_step()`` (a temperature schedule's
+    step) and advancing ``bar`` after each; the sum of the steps' losses."""
+    images = batches(
+        data.train_images,
+        settings.batch_size,
+        generator=generator,
+        binarization=settings.binarization,
+    )
+    total = 0.0
+    for step, x in enumerate(images):
+        # Not islice: the batch after the last is drawn (its binarization noise too), as it
+        # always was, so that runs reproduce the recorded ones.
+        if step == settings.steps_per_epoch:
+            break
+        total += svi.step(x.to(settings.device))
+        if after_step is not None:
+            after_step()
+        bar.update()
+    return total
+
+
+def training_quantities(modules: dict, guide_parameters, images):
+    """What :func:`~pyro_relax.experiments.common.diverging` checks in an image VAE: the
+    networks' weights (``modules``: name -> ``nn.Module``; not Pyro's score-function baselines,
+    running averages of a cost that may be large), then ``guide_parameters(images)``, the
+    ``(name, tensor)`` pairs the guide computes from a few images (computed without a gradient
+    and without validation), where a run diverges first while the weights stay moderate: a
+    scale that is the exponential of a network output, a count guide's mean."""
+
+    def quantities():
+        for prefix, module in modules.items():
+            yield from module.named_parameters(prefix=prefix)
+        with torch.no_grad(), pyro.validation_enabled(False):
+            yield from guide_parameters(images)
+
+    return quantities
 
 
 def restore_params(state: dict, modules: dict) -> None:

@@ -518,9 +518,11 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
         yield from regression.named_parameters(prefix="regression")
         yield from encoder.named_parameters(prefix="encoder")
         # What overflows first: exp of the linear predictor, with parameters of moderate size.
+        # Finite is enough (bound inf): a large rate for a few people is a poor fit, not a
+        # broken run.
         with torch.no_grad():
-            yield "the prior's rate", regression.prior_rate(data.x_train)
-            yield "the scale phi", regression.scale
+            yield "the prior's rate", regression.prior_rate(data.x_train), math.inf
+            yield "the scale phi", regression.scale, math.inf
 
     x, y = data.x_train, data.y_train
     with common.progress(total=config.steps, initial=start, desc=estimator, unit="step") as bar:

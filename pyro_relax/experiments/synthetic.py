@@ -562,8 +562,9 @@ def optimize(problem: Problem, estimator: Estimator, config: Config, seed: int) 
             return [("theta", theta), ("the natural parameter", problem.natural(theta))]
 
     curve = []
-    with common.diverging(where, quantities, config.lr):
-        for step in range(config.steps + 1):
+    for step in range(config.steps + 1):
+        # Checked at every step: the parameters are a few numbers.
+        with common.diverging(f"{where}, step {step}", quantities, config.lr):
             with torch.no_grad():
                 # In float64: the gap to the minimum falls below float32's resolution.
                 loss = problem.exact_loss(problem.natural(theta).double())

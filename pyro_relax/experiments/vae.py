@@ -84,10 +84,7 @@ from pyro_relax.distributions import (
     TruncatedGenGS,
 )
 from pyro_relax.experiments import common, image_vae
-from pyro_relax.experiments.data import (
-    BINARIZATIONS,
-    batches,
-)
+from pyro_relax.experiments.data import BINARIZATIONS
 from pyro_relax.infer import discrete_elbo
 from pyro_relax.schedules import ExponentialDecay
 
@@ -135,6 +132,7 @@ _SMOKE = {"epochs": 1, "steps_per_epoch": 3, "latents": 8, "hidden": (64, 32), "
 NP_MASS = 0.999  # the mass GenGS-NP's automatic truncation captures
 _RATE_FLOOR = 1e-4  # keeps softplus outputs (Poisson rates, NB total counts) positive in float32
 _CURVE_TRAIN_IMAGES = 10_000  # training images scored after each epoch
+_PROBE_IMAGES = 16  # images whose guide the divergence check computes, once per epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,27 +524,23 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
             print(f"scoring the model trained in {checkpoint.path}", file=sys.stderr)
 
     desc = f"{settings.prior} {settings.estimator}"
+
+    def guide_mean(images):
+        # A count guide's mean overflows first (a geometric's from a logit of -90), where
+        # its draws wrap around as integers and the decoder's logits turn NaN.
+        yield "the guide's mean count", estimator.discrete_guide(images).mean
+
+    modules = {"encoder": encoder, "decoder": decoder}
+    quantities = image_vae.training_quantities(modules, guide_mean, eval_train[:_PROBE_IMAGES])
     bar = common.progress(
         total=settings.epochs * steps, initial=start * steps, desc=desc, unit="step", disable=quiet
     )
     with bar:
         for epoch in range(start, settings.epochs):
-            began, total_loss = time.perf_counter(), 0.0
+            began = time.perf_counter()
             where = f"{desc}, epoch {epoch + 1}"
-            with common.diverging(where, pyro.get_param_store().named_parameters, settings.lr):
-                for step, x in enumerate(
-                    batches(
-                        data.train_images,
-                        settings.batch_size,
-                        generator=generator,
-                        binarization=settings.binarization,
-                    )
-                ):
-                    if step == steps:
-                        break
-                    total_loss += svi.step(x.to(device))
-                    schedule.step()
-                    bar.update()
+            with common.diverging(where, quantities, settings.lr):
+                total_loss = image_vae.svi_epoch(svi, data, settings, generator, bar, schedule.step)
                 seconds += time.perf_counter() - began
                 total_loss = common.finite(total_loss, "the loss", where, settings.lr)
                 history.append(
