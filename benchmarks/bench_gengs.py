@@ -98,6 +98,19 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
 
 
+def add_timing_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the scripts that time alternating calls: repetitions, calls per
+    repetition, device and threads."""
+    parser.add_argument("--repeats", type=positive_int, default=30, help="alternating repetitions")
+    parser.add_argument(
+        "--number", type=positive_int, default=20, help="calls per timed repetition"
+    )
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
+    )
+
+
 def add_clock_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clock",
@@ -371,14 +384,7 @@ def _compile_table(device, repeats, number) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=positive_int, default=30, help="alternating repetitions")
-    parser.add_argument(
-        "--number", type=positive_int, default=20, help="calls per timed repetition"
-    )
-    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
-    )
+    add_timing_options(parser)
     parser.add_argument(
         "--small",
         action=argparse.BooleanOptionalAction,

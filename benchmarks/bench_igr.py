@@ -36,13 +36,11 @@ import warnings
 
 import pyro
 import torch
-from bench_gengs import add_clock_option, machine, use_clock
+from bench_gengs import add_clock_option, add_timing_options, machine, use_clock
 from bench_gengs import alternate as alternate_times
 from torch.distributions import RelaxedOneHotCategorical
 
 from pyro_relax import IGR
-from pyro_relax._cli import device as device_name
-from pyro_relax._cli import positive_int
 from pyro_relax.transforms import SoftmaxPlusPlusTransform
 from pyro_relax.transforms.softmax_plus_plus import _SimplexAndLog
 
@@ -314,14 +312,7 @@ def table(device, repeats, number, validate_args) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=positive_int, default=30, help="alternating repetitions")
-    parser.add_argument(
-        "--number", type=positive_int, default=20, help="calls per timed repetition"
-    )
-    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
-    )
+    add_timing_options(parser)
     add_clock_option(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)

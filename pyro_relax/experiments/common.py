@@ -124,6 +124,18 @@ def _first_diverged(named_tensors):
     return None
 
 
+def add_estimators_option(parser, estimators) -> None:
+    """``--estimators NAME ...``: which of ``estimators`` to train (default: all)."""
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        choices=estimators,
+        default=list(estimators),
+        metavar="NAME",
+        help=f"estimators to train, from {', '.join(estimators)} (default: all)",
+    )
+
+
 def both_defaults(full, smoke, name: str) -> str:
     """The help text of an option whose default is ``None`` (see :func:`given_options`): the
     value of config field ``name`` in the ``full`` and in the ``smoke`` config."""

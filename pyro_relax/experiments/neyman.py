@@ -1210,14 +1210,7 @@ def _write_plot(path, records) -> None:
 def add_arguments(parser) -> None:
     """Adds this experiment's options to its subcommand's ``parser``."""
     defaults = NeymanConfig()
-    parser.add_argument(
-        "--estimators",
-        nargs="+",
-        choices=ESTIMATORS,
-        default=list(ESTIMATORS),
-        metavar="NAME",
-        help=f"estimators to train, from {', '.join(ESTIMATORS)} (default: all)",
-    )
+    common.add_estimators_option(parser, ESTIMATORS)
 
     # Defaults None: an option given with --smoke is used (the help gives both defaults).
     default = functools.partial(common.both_defaults, defaults, SMOKE_CONFIG)

@@ -885,14 +885,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--test-fraction", type=fraction, default=0.2, help="held-out documents of --corpus"
     )
-    parser.add_argument(
-        "--estimators",
-        nargs="+",
-        choices=ESTIMATORS,
-        default=list(ESTIMATORS),
-        metavar="NAME",
-        help=f"estimators to train, from {', '.join(ESTIMATORS)} (default: all)",
-    )
+    common.add_estimators_option(parser, ESTIMATORS)
     # Defaults None: an option given with --smoke is used (the help gives both defaults).
     default = functools.partial(common.both_defaults, defaults, SMOKE_CONFIG)
 
