@@ -243,7 +243,7 @@ def main(argv=None):
     base_time = statistics.median(runs["STGS"][3])
     base_peak, base_step = memory["STGS"]
     for name, (_, _, _, times) in runs.items():
-        quartiles = statistics.quantiles(times, n=4)
+        quartiles = statistics.quantiles(times, n=4, method="inclusive")
         median = statistics.median(times)
         peak, step = memory[name]
         print(

@@ -359,7 +359,7 @@ def table_rows(model_name, estimator, sides, device):
         if side.error is not None:
             rows.append(cells + ["fails (see below)", "", "", ""])
             continue
-        low, _, high = statistics.quantiles(side.times, n=4)
+        low, _, high = statistics.quantiles(side.times, n=4, method="inclusive")
         ratio = medians[side.name] / medians[side.reference] if side.reference else None
         cells += [
             f"{medians[side.name]:.2f}",

@@ -50,6 +50,7 @@ Run from the project root::
 """
 
 import argparse
+import functools
 import math
 import statistics
 
@@ -155,14 +156,11 @@ def total_variance(elbo, infer, warm_up, draws):
 
 
 def milliseconds(variants, repeats) -> dict:
-    """Median milliseconds per gradient of one copy, the variants in turns."""
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, (elbo, infer, _) in variants.items():
-            start = bench_gengs.clock()
-            gradients(elbo, infer, 1)
-            times[name].append(1e3 * (bench_gengs.clock() - start))
-    return {name: statistics.median(values) for name, values in times.items()}
+    """Median milliseconds per gradient of one copy, the variants in turns (which goes first
+    rotates, so that a drift in the machine's load hits every variant)."""
+    steps = [functools.partial(gradients, elbo, infer, 1) for elbo, infer, _ in variants.values()]
+    times = bench_gengs.alternate(steps, torch.device("cpu"), repeats, 1)
+    return {name: statistics.median(values) for name, values in zip(variants, times, strict=True)}
 
 
 def row(num_particles, draws, repeats) -> tuple[str, float]:
