@@ -99,8 +99,11 @@ def training_quantities(modules: dict, guide_parameters, images):
     def quantities():
         for prefix, module in modules.items():
             yield from module.named_parameters(prefix=prefix)
+        # Computed whole inside the contexts: a generator left suspended in them (the check
+        # stops at the first diverged entry) would keep them on until it is collected.
         with torch.no_grad(), pyro.validation_enabled(False):
-            yield from guide_parameters(images)
+            computed = list(guide_parameters(images))
+        yield from computed
 
     return quantities
 

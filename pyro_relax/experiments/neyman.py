@@ -520,9 +520,10 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
         # What overflows first: exp of the linear predictor, with parameters of moderate size.
         # Finite is enough (bound inf): a large rate for a few people is a poor fit, not a
         # broken run.
-        with torch.no_grad():
-            yield "the prior's rate", regression.prior_rate(data.x_train), math.inf
-            yield "the scale phi", regression.scale, math.inf
+        with torch.no_grad():  # not around a yield: the check may stop before the end
+            rate, scale = regression.prior_rate(data.x_train), regression.scale
+        yield "the prior's rate", rate, math.inf
+        yield "the scale phi", scale, math.inf
 
     x, y = data.x_train, data.y_train
     with common.progress(total=config.steps, initial=start, desc=estimator, unit="step") as bar:
