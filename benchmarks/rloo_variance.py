@@ -159,7 +159,10 @@ def milliseconds(variants, repeats) -> dict:
     """Median milliseconds per gradient of one copy, the variants in turns (which goes first
     rotates, so that a drift in the machine's load hits every variant)."""
     steps = [functools.partial(gradients, elbo, infer, 1) for elbo, infer, _ in variants.values()]
-    times = bench_gengs.alternate(steps, torch.device("cpu"), repeats, 1)
+    # On a fork of the random stream: the variances, drawn from it, depend on --seed alone, not
+    # on how many timing calls (and warm-up calls) ran between them.
+    with torch.random.fork_rng():
+        times = bench_gengs.alternate(steps, torch.device("cpu"), repeats, 1)
     return {name: statistics.median(values) for name, values in zip(variants, times, strict=True)}
 
 

@@ -273,7 +273,8 @@ def test_relaxit_table_times_every_step_and_the_row_maximum(monkeypatch):
     assert [(int(row[:4]), row[6:46].strip()) for row in rows] == expected
     for row in rows:
         theirs, ours, ratio = (float(cell) for cell in row[46:].split())
-        assert ours > 0 and ratio > 0
+        # One call per side: a slow first call of relaxit's can make the ratio print as 0.00.
+        assert ours > 0 and ratio >= 0
         if theirs >= 0.1:  # milliseconds printed to three decimals: the ratio, to 1%
             assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.01)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from pyro_relax import IGR
 from pyro_relax.__main__ import build_parser, main
 from pyro_relax.experiments import EXPERIMENTS, common
 from pyro_relax.experiments.common import (
@@ -538,6 +539,15 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path, capsys,
         ("gst-vae", ["--estimator", "GST-1.0", "--temperature", "0.5", "--lr", "1e4"], "variance"),
         # Stopped after the whole optimization, without saying at which step.
         ("synthetic", ["--distributions", "poisson", "--lr", "8"], "step 9: "),
+        # A prior rate of 3e7 doctor visits: scoring it without truncation took 16 GB.
+        ("neyman", ["--estimators", "exact", "--gradient-points", "--lr", "0.5"], "rate"),
+        # IGR's scale collapsing below eps (which IGR refuses) ended in a traceback.
+        (
+            "igr-vae",
+            ["--estimator", "IGR-I", "--temperature-pair", "0.5", "--lr", "0.3", "--epochs", "3"]
+            + ["--steps-per-epoch", "10"],
+            "`scale` must be finite, positive and within [eps, 1/eps]",
+        ),
     ],
 )
 def test_a_run_diverging_at_a_moderate_rate_names_what_overflowed(
@@ -553,8 +563,6 @@ def test_a_run_diverging_at_a_moderate_rate_names_what_overflowed(
         # A score-function baseline (a running average of a cost) passed 1/eps: no weight did,
         # and the run ends finite.
         ("vae", ["--estimator", "REINFORCE", "--lr", "10"]),
-        # One person's prior rate passed 1/eps: a poor fit, finite.
-        ("neyman", ["--estimators", "exact", "--gradient-points", "--lr", "0.5"]),
     ],
 )
 def test_a_poor_but_finite_run_is_not_called_diverged(tmp_path, capsys, name, options):
@@ -571,6 +579,19 @@ def test_diverging_names_what_diverged_and_lets_other_errors_through():
     with pytest.raises(KeyError, match="a bug"):  # nothing diverged: the error as it was
         with common.diverging("run A, epoch 2", quantities, 0.1):
             raise KeyError("a bug")
+    with pytest.raises(ValueError, match="shapes"):  # a ValueError from no value check, too
+        with common.diverging("run A, epoch 2", quantities, 0.1):
+            raise ValueError("shapes do not match")
+    # A distribution refusing a value computed in training (the library's check, torch's)
+    # is a divergence even where the checked quantities look fine.
+    for refusal in (
+        lambda: IGR(torch.zeros(3), torch.full((3,), 1e-9), 0.5, validate_args=True),
+        lambda: torch.distributions.Normal(0.0, torch.tensor(-1.0), validate_args=True),
+        lambda: torch.distributions.Poisson(1.0, validate_args=True).log_prob(torch.tensor(-3.0)),
+    ):
+        with pytest.raises(common.DivergedError, match="a distribution refused a value"):
+            with common.diverging("run A, epoch 2", quantities, 0.1):
+                refusal()
     for bad, what in [
         (float("nan"), "w is not finite"),
         (float("-inf"), "w is not finite"),

@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import pyro
@@ -71,8 +72,12 @@ def diverging(where: str, quantities, lr: float):
     grow large in a healthy run), else ``1 / eps`` of its dtype (8.4e6 in float32, beyond which
     neighbouring floats lie more than 1 apart; IGR refuses a ``loc`` or ``scale`` that large).
     Pass the trained parameters, not Pyro's score-function baselines (running averages of a
-    cost, which may be large). An error raised while no quantity has diverged
-    passes through unchanged: a bug is not reported as a divergence. The message suggests a
+    cost, which may be large). An error raised while no quantity has diverged passes through
+    unchanged (a bug is not reported as a divergence), unless it is a distribution refusing the
+    value of a parameter or a sample (the library's ``check_constraint``, torch's argument
+    checks): in an experiment, whose data are checked when loaded, such a value comes from
+    training, and a few images or the checked quantities need not show it (a guide's scale
+    collapsing below eps on one batch). The message suggests a
     learning rate below ``lr`` (``--lr``). Losses and scores, numbers rather than tensors, are
     checked by :func:`finite`."""
     try:
@@ -82,7 +87,9 @@ def diverging(where: str, quantities, lr: float):
     except Exception as error:
         what = _first_diverged(quantities())
         if what is None:
-            raise
+            if not _refused_a_value(error):
+                raise
+            what = "a distribution refused a value computed in training"
         message = _diverged(where, f"{what} ({describe(error)})", lr)
         raise DivergedError(message) from error
     what = _first_diverged(quantities())
@@ -97,6 +104,29 @@ def finite(value, what: str, where: str, lr: float) -> float:
     if not math.isfinite(value):
         raise DivergedError(_diverged(where, f"{what} is {value}", lr))
     return value
+
+
+def _refused_a_value(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, is a ``ValueError`` raised where a
+    distribution checks the value of a parameter or a sample."""
+    checks = {
+        (os.path.join("pyro_relax", "_numerics.py"), "check_constraint"),
+        (os.path.join("torch", "distributions", "distribution.py"), "__init__"),
+        (os.path.join("torch", "distributions", "distribution.py"), "_validate_sample"),
+    }
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ValueError):
+            for frame, _ in traceback.walk_tb(error.__traceback__):
+                code = frame.f_code
+                if any(
+                    code.co_filename.endswith(file) and code.co_name == name
+                    for file, name in checks
+                ):
+                    return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _diverged(where: str, what: str, lr: float) -> str:

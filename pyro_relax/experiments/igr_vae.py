@@ -504,12 +504,14 @@ def train(settings: _Settings, data, checkpoint=None, *, quiet=False) -> dict:
     desc = f"{settings.estimator} tau={settings.temperature}"
 
     def guide_parameters(images):
-        # IGR's scale is the exponential of an encoder output: it passes 1/eps (which IGR
-        # refuses) while the weights stay moderate.
+        # IGR's scale is the exponential of an encoder output: it leaves [eps, 1/eps] (which
+        # IGR refuses) while the weights stay moderate, upwards or (collapsing) downwards.
         guide = estimator.guide_dist(images)
         for name in ("loc", "scale", "logits"):
             if hasattr(guide, name):
                 yield f"the guide's {name}", getattr(guide, name)
+        if hasattr(guide, "scale"):
+            yield "the inverse of the guide's scale", guide.scale.reciprocal()
 
     quantities = image_vae.training_quantities(
         estimator.modules, guide_parameters, test_images[:_PROBE_IMAGES]

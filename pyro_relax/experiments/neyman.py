@@ -127,6 +127,9 @@ GRADIENT_PAIRS = (ST, ST_SYM, GENGS)
 TERMS = ("likelihood", "prior", "entropy", "total")
 # The smallest guide rate: a Poisson rate must be positive, and softplus underflows.
 _MIN_RATE = 1e-3
+# A prior rate (episodes a person) beyond which a run counts as diverged: the data hold at most
+# 77 visits a person, and the untruncated score enumerates counts up to the largest rate.
+_MAX_PRIOR_RATE = 1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,11 +521,11 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
         yield from regression.named_parameters(prefix="regression")
         yield from encoder.named_parameters(prefix="encoder")
         # What overflows first: exp of the linear predictor, with parameters of moderate size.
-        # Finite is enough (bound inf): a large rate for a few people is a poor fit, not a
-        # broken run.
+        # The rate's bound is what the untruncated score can enumerate (counts up to the
+        # largest rate, per test person: a rate of 3e7 took 16 GB); phi need only be finite.
         with torch.no_grad():  # not around a yield: the check may stop before the end
             rate, scale = regression.prior_rate(data.x_train), regression.scale
-        yield "the prior's rate", rate, math.inf
+        yield "the prior's rate", rate, _MAX_PRIOR_RATE
         yield "the scale phi", scale, math.inf
 
     x, y = data.x_train, data.y_train
