@@ -522,9 +522,10 @@ def train(estimator, data: Visits, config: NeymanConfig, *, checkpoint=None, dev
         yield from encoder.named_parameters(prefix="encoder")
         # What overflows first: exp of the linear predictor, with parameters of moderate size.
         # The rate's bound is what the untruncated score can enumerate (counts up to the
-        # largest rate, per test person: a rate of 3e7 took 16 GB); phi need only be finite.
+        # largest test person's rate: a rate of 3e7 took 16 GB); phi need only be finite.
         with torch.no_grad():  # not around a yield: the check may stop before the end
-            rate, scale = regression.prior_rate(data.x_train), regression.scale
+            people = torch.cat([data.x_train, data.x_test])
+            rate, scale = regression.prior_rate(people), regression.scale
         yield "the prior's rate", rate, _MAX_PRIOR_RATE
         yield "the scale phi", scale, math.inf
 
