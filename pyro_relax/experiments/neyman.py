@@ -1322,22 +1322,34 @@ def _run(args) -> int:
         data.name += "-smoke"
     records, networks, checkpoints = [], {}, []
 
+    def merge(new_records):
+        for record in new_records:
+            record |= {"machine": common.machine(), "command": args.command_line}
+        common.update_records(
+            results / "neyman.json",
+            new_records,
+            _record_settings,
+            lambda merged: write_reports(results, merged),
+        )
+        records.extend(new_records)
+
     def trained(estimator):
         if estimator not in networks:
             checkpoints.append(_checkpoint(results, data, estimator, config, args.device))
             record, networks[estimator] = train(
                 estimator, data, config, checkpoint=checkpoints[-1], device=args.device
             )
-            records.append(record)
+            merge([record])  # at once: a later run that fails (or diverges) loses nothing
         return networks[estimator]
 
     for estimator in args.estimators:
         if estimator == GLM:
-            records.append(_glm_record(data, config))
+            merge([_glm_record(data, config)])
         else:
             trained(estimator)
     draws = args.gradient_draws or (4 if args.smoke else 1000)
     people = min(args.gradient_people, len(data.y_train))
+    study = []
     for point in args.gradient_points if draws else []:
         if point == "start":
             regression, encoder = _networks(ST, data.x_train.shape[1], config, "cpu")
@@ -1359,18 +1371,13 @@ def _run(args) -> int:
                 for record in found:
                     record |= {"data": data.name, "seed": config.seed, "point": point}
                     record |= {"device": "cpu", "settings": dataclasses.asdict(config)}
-                records.extend(found)
+                study.extend(found)
                 print(_bias_line(found), file=sys.stderr)
-    for record in records:
-        record |= {"machine": common.machine(), "command": args.command_line}
-
-    common.update_records(
-        results / "neyman.json",
-        records,
-        _record_settings,
-        lambda merged: write_reports(results, merged),
-    )
-    for checkpoint in checkpoints:  # only now: until the merge, they hold the finished records
+    if study:
+        merge(study)  # once: each merge rewrites the reports
+    # Only now: until the whole command ends, a finished run's checkpoint holds its record, so
+    # that the command run again after an interruption does not train it again.
+    for checkpoint in checkpoints:
         checkpoint.remove()
     print(_markdown(records))
     print(f"results written to {results}/neyman.json, neyman.md and neyman.png")

@@ -999,25 +999,26 @@ def _run(args) -> int:
     for estimator, decoder, run_config in runs:
         label = estimator if decoder is None else TRUE_MODEL
         checkpoints.append(_checkpoint(results, corpus, label, run_config, args.device))
-        records.append(
-            train(
-                estimator,
-                corpus,
-                run_config,
-                decoder=decoder,
-                checkpoint=checkpoints[-1],
-                device=args.device,
-            )
+        record = train(
+            estimator,
+            corpus,
+            run_config,
+            decoder=decoder,
+            checkpoint=checkpoints[-1],
+            device=args.device,
         )
-    for record in records:
         record.update(machine=common.machine(), command=args.command_line)
-    common.update_records(
-        results / "topic.json",
-        records,
-        _record_settings,
-        lambda merged: _write_table(results, merged),
-    )
-    for checkpoint in checkpoints:  # only now: until the merge, they hold the finished records
+        # Merged as soon as it is finished: a later run that fails (or diverges) loses nothing.
+        common.update_records(
+            results / "topic.json",
+            [record],
+            _record_settings,
+            lambda merged: _write_table(results, merged),
+        )
+        records.append(record)
+    # Only now: until the whole command ends, a finished run's checkpoint holds its record, so
+    # that the command run again after an interruption does not train it again.
+    for checkpoint in checkpoints:
         checkpoint.remove()
     _write_plot(results / "topic.png", records)
     print(_table(records))
