@@ -24,6 +24,7 @@ __all__ = [
     "check_constraint",
     "check_count",
     "check_flag",
+    "check_number",
     "check_devices",
     "clamp_with_identity_gradient",
     "fast_apply",
@@ -804,6 +805,31 @@ def check_count(owner: str, name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{owner}: `{name}` must be an integer of at least {minimum}, got {value}")
     return int(value)
+
+
+def _finite_positive(value) -> bool:
+    return 0 < value < math.inf
+
+
+def check_number(
+    owner: str,
+    name: str,
+    value,
+    requirement: str = "be a finite positive number",
+    valid=_finite_positive,
+):
+    """``value`` if it is a real number (Python's or NumPy's, not a bool) for which
+    ``valid(value)`` holds (by default: finite and positive); else ``TypeError`` for anything
+    that is not a real number (a string, a tensor, ``None``) and ``ValueError`` for one that
+    is not valid, both saying that ``name`` must ``requirement``. The library's one check of a
+    numeric option (a parameter, which may be a tensor, is parsed by
+    :func:`parse_parameters`)."""
+    message = f"{owner}: `{name}` must {requirement}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(message)
+    if not valid(value):
+        raise ValueError(message)
+    return value
 
 
 def check_flag(owner: str, name: str, value) -> bool:

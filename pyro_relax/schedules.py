@@ -1,11 +1,10 @@
 """Temperature schedules that anneal a temperature tensor in place."""
 
 import math
-from numbers import Real
 
 import torch
 
-from pyro_relax._numerics import check_count
+from pyro_relax._numerics import check_count, check_number
 
 __all__ = ["ExponentialDecay"]
 
@@ -54,15 +53,10 @@ class ExponentialDecay:
     """
 
     def __init__(self, initial=1.0, floor=0.1, steps=1000, *, device=None, dtype=None):
-        for name, value in (("initial", initial), ("floor", floor)):
-            if isinstance(value, bool) or not isinstance(value, Real):
-                raise TypeError(f"ExponentialDecay: `{name}` must be a number, got {value!r}")
-        if not 0 < initial < math.inf:
-            raise ValueError(
-                f"ExponentialDecay: `initial` must be finite and positive, got {initial}"
-            )
-        if not 0 < floor <= initial:
-            raise ValueError(f"ExponentialDecay: `floor` must lie in (0, initial], got {floor}")
+        check_number("ExponentialDecay", "initial", initial)
+        check_number(
+            "ExponentialDecay", "floor", floor, "lie in (0, initial]", lambda f: 0 < f <= initial
+        )
         steps = check_count("ExponentialDecay", "steps", steps)
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"ExponentialDecay: `dtype` must be a torch.dtype, got {dtype!r}")

@@ -1055,3 +1055,29 @@ def test_with_relaxation_refuses_what_is_not_a_value_and_a_record():
     with pytest.raises(TypeError, match="`value` must be a tensor, got float"):
         pr.with_relaxation(2.0, pr.relaxation_of(z))
     assert pr.relaxation_of(pr.with_relaxation(z.clone(), None)) is None
+
+
+# Every numeric option (not a parameter tensor) goes through one check: a value that is not a
+# real number is a TypeError, one out of range a ValueError, both naming the option.
+NUMERIC_OPTIONS = {
+    "precision": lambda v: pr.IGRStickBreaking(torch.zeros(3), torch.ones(3), 0.5, precision=v),
+    "gap": lambda v: pr.GappedSTCategorical(0.5, logits=torch.zeros(3), gap=v),
+    "init_scale": lambda v: pr.infer.AutoRelaxed(lambda: None, init_scale=v),
+    "initial": lambda v: pr.ExponentialDecay(v, 0.1, 10),
+    "floor": lambda v: pr.ExponentialDecay(1.0, v, 10),
+    "scale": lambda v: pr.uniform_igr_prior(5, v),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMERIC_OPTIONS))
+@pytest.mark.parametrize(
+    "value, error",
+    # (None is precision's default.)
+    [(True, TypeError), ("0.5", TypeError), (torch.tensor(0.5), TypeError), (-1.0, ValueError)]
+    + [(math.nan, ValueError), (math.inf, ValueError)],
+)
+def test_a_numeric_option_is_checked_by_type_then_range(name, value, error):
+    if name == "gap" and isinstance(value, str):
+        error = ValueError  # gap takes a word, "expected": another word is a bad value
+    with pytest.raises(error, match=f"`{name}` must"):
+        NUMERIC_OPTIONS[name](value)

@@ -2,7 +2,6 @@
 
 import functools
 import math
-from numbers import Real
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from pyro_relax._numerics import (
     check_constraint,
     check_count,
     check_flag,
+    check_number,
     clamp_with_identity_gradient,
     common_dtype_and_device,
     distribution_repr,
@@ -664,11 +664,9 @@ class IGRStickBreaking(_IGRBase):
 
     def __init__(self, loc, scale, temperature, *, delta=1.0, precision=None, validate_args=None):
         if precision is not None:
-            message = f"{type(self).__name__}: `precision` must lie in (0, 1), got {precision!r}"
-            if isinstance(precision, bool) or not isinstance(precision, Real):
-                raise TypeError(message)
-            if not 0 < precision < 1:
-                raise ValueError(message)
+            check_number(
+                type(self).__name__, "precision", precision, "lie in (0, 1)", lambda p: 0 < p < 1
+            )
         validate, softmax = self._set_parameters(loc, scale, temperature, delta, validate_args)
         self.precision = precision
         self._set_distribution([SigmoidSticksTransform(cache_size=1), softmax], validate)

@@ -1,12 +1,17 @@
 """Priors for IGR: the closed form of a uniform prior, and fitting to a target PMF."""
 
 import math
-from numbers import Real
 from statistics import NormalDist
 
 import torch
 
-from pyro_relax._numerics import as_float, check_constraint, check_count, finite_positive
+from pyro_relax._numerics import (
+    as_float,
+    check_constraint,
+    check_count,
+    check_number,
+    finite_positive,
+)
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRStickBreaking
 
 __all__ = ["fit_igr_prior", "uniform_igr_prior"]
@@ -43,7 +48,7 @@ def uniform_igr_prior(num_categories: int, scale=1.0, *, dtype=None, device=None
         -0.753
     """
     check_count("uniform_igr_prior", "num_categories", num_categories, minimum=2)
-    _check_positive_number("uniform_igr_prior", "scale", scale)
+    check_number("uniform_igr_prior", "scale", scale)
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"uniform_igr_prior: `dtype` must be a floating dtype, got {dtype}")
     like = dict(dtype=dtype or torch.get_default_dtype(), device=device)
@@ -52,14 +57,6 @@ def uniform_igr_prior(num_categories: int, scale=1.0, *, dtype=None, device=None
     ratio = -NormalDist().inv_cdf(k ** (-1 / (k - 1)))
     scale = torch.full((num_categories - 1,), float(scale), **like)
     return ratio * scale, scale
-
-
-def _check_positive_number(owner, name, value):
-    message = f"{owner}: `{name}` must be a finite positive number, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(message)
-    if not 0 < value < math.inf:
-        raise ValueError(message)
 
 
 def _target_pmf(target_probs):
@@ -189,7 +186,7 @@ def fit_igr_prior(
             check_constraint(owner, name, value, finite_positive)
     check_count(owner, "num_samples", num_samples)
     check_count(owner, "num_steps", num_steps, minimum=0)
-    _check_positive_number(owner, "lr", lr)
+    check_number(owner, "lr", lr)
     if objective not in ("squared_error", "cross_entropy"):
         raise ValueError(
             f"`objective` must be 'squared_error' or 'cross_entropy', got {objective!r}"
@@ -203,7 +200,7 @@ def fit_igr_prior(
             "init='hazard' is for the stick-breaking families IGRStickBreaking, IGRCount"
         )
     if init == "hazard":
-        _check_positive_number(owner, "init_scale", init_scale)
+        check_number(owner, "init_scale", init_scale)
     target = _target_pmf(target_probs)
     if init == "hazard":
         loc, log_scale = _hazard_init(target, float(init_scale))

@@ -2,7 +2,6 @@
 
 import math
 import warnings
-from numbers import Real
 
 import torch
 from pyro.distributions import Bernoulli, OneHotCategorical, constraints
@@ -17,6 +16,7 @@ from pyro_relax._numerics import (
     categorical_parameters,
     check_count,
     check_flag,
+    check_number,
     distribution_repr,
     finite_real,
     floating,
@@ -52,12 +52,10 @@ __all__ = [
 def _check_gap(owner: str, gap):
     if isinstance(gap, str) and gap == "expected":
         return gap
-    message = f'{owner}: `gap` must be a finite non-negative number or "expected", got {gap!r}'
-    if not isinstance(gap, str) and (isinstance(gap, bool) or not isinstance(gap, Real)):
-        raise TypeError(message)
-    if isinstance(gap, str) or not 0 <= gap < math.inf:
-        raise ValueError(message)
-    return float(gap)
+    requirement = 'be a finite non-negative number or "expected"'
+    if isinstance(gap, str):  # another word: a bad value, not a bad type
+        raise ValueError(f"{owner}: `gap` must {requirement}, got {gap!r}")
+    return float(check_number(owner, "gap", gap, requirement, lambda g: 0 <= g < math.inf))
 
 
 def _expected_gap(log_p: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,8 @@
 family."""
 
 import functools
-import math
 from collections.abc import Callable
 from contextlib import ExitStack
-from numbers import Real
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -19,6 +17,7 @@ from pyro.nn import PyroParam
 from pyro.ops.tensor_utils import periodic_repeat
 from torch.distributions import Bernoulli, Independent, OneHotCategorical
 
+from pyro_relax._numerics import check_number
 from pyro_relax.distributions.finite_discrete import FiniteDiscrete
 from pyro_relax.distributions.gengs import TruncatedGenGS
 from pyro_relax.distributions.igr import IGR, IGRCount, IGRPlanar, IGRStickBreaking
@@ -283,12 +282,7 @@ class AutoRelaxed(AutoGuide):
     """
 
     def __init__(self, model, *, init_scale=1.0, temperature=None, create_plates=None):
-        if isinstance(init_scale, bool) or not isinstance(init_scale, Real):
-            raise TypeError(f"AutoRelaxed: `init_scale` must be a number, got {init_scale!r}")
-        if not 0 < init_scale < math.inf:
-            raise ValueError(
-                f"AutoRelaxed: `init_scale` must be finite and positive, got {init_scale}"
-            )
+        check_number("AutoRelaxed", "init_scale", init_scale)
         super().__init__(model, create_plates=create_plates)
         # After the module's set-up: a tensor assigned before it raised AttributeError
         # ('_pyro_params').
