@@ -8,16 +8,7 @@ import functools
 import math
 
 import torch
-from torch.distributions import (
-    Bernoulli,
-    Binomial,
-    Geometric,
-    Multinomial,
-    NegativeBinomial,
-    Normal,
-    OneHotCategorical,
-    Poisson,
-)
+from torch.distributions import Bernoulli, Multinomial, Normal, OneHotCategorical
 from torch.distributions.kl import kl_divergence, register_kl
 
 from pyro_relax._numerics import (
@@ -35,7 +26,7 @@ from pyro_relax.distributions.straight_through import (
     _StraightThroughBernoulli,
     _StraightThroughCategorical,
 )
-from pyro_relax.distributions.truncation import log_probs_truncated
+from pyro_relax.distributions.truncation import _FAMILIES, log_probs_truncated
 
 __all__ = []
 
@@ -119,9 +110,9 @@ def _kl_truncatedgengs_count(p, q):
     return categorical_kl(p.logits, log_probs_truncated(q, p.truncation, p.num_outcomes))
 
 
-for _count in (Poisson, Geometric, NegativeBinomial, Binomial):
-    _registered(TruncatedGenGS, _count)(_kl_truncatedgengs_count)
-    _registered(FiniteDiscrete, _count)(_kl_finitediscrete_count)
+for _family in _FAMILIES:  # every count family a GenGS truncates
+    _registered(TruncatedGenGS, _family.cls)(_kl_truncatedgengs_count)
+    _registered(FiniteDiscrete, _family.cls)(_kl_finitediscrete_count)
 
 
 @_registered(GenGSMultinomial, Multinomial)

@@ -244,6 +244,21 @@ def _at(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return values.gather(-1, index)
 
 
+def _binomial_impossible(base, p, k, last):
+    # p = 1: X = n, so a count below n has no mass; the tail bin P(X >= last) has all of it
+    # when last <= n (and none otherwise, which its survival function already says).
+    n = base.total_count.unsqueeze(-1)
+    return ((p == 0) & (k > 0)) | ((p == 1) & (k < n) & (k < last))
+
+
+def _negative_binomial_impossible(base, p, k, last):
+    return (p == 0) & (k > 0)  # no success before the r failures: X = 0
+
+
+def _geometric_impossible(base, p, k, last):
+    return (p == 1) & (k > 0)  # success at the first trial: X = 0
+
+
 class _Family(NamedTuple):
     cls: type
     log_pmf: Callable
@@ -255,6 +270,9 @@ class _Family(NamedTuple):
     # the values the truncated PMF can be computed from: finite, and away from the degenerate
     # limits whose log-PMF is 0 * -inf.
     constraints: dict
+    # impossible(base, p, k, last): where a success probability p of exactly 0 or 1 (built
+    # from probs) leaves count k, or the tail at last, no mass; None for a family without one.
+    impossible: Callable | None = None
 
 
 # Most derived classes first: the lookup takes the first isinstance match.
@@ -268,6 +286,7 @@ _FAMILIES = (
             "probs": constraints.unit_interval,
             "logits": finite_real,
         },
+        _binomial_impossible,
     ),
     _Family(
         NegativeBinomial,
@@ -278,12 +297,14 @@ _FAMILIES = (
             "probs": constraints.half_open_interval(0.0, 1.0),
             "logits": finite_real,
         },
+        _negative_binomial_impossible,
     ),
     _Family(
         Geometric,
         _geometric_log_pmf,
         _geometric_log_sf,
         {"probs": positive_probability, "logits": finite_real},
+        _geometric_impossible,
     ),
     _Family(Poisson, _poisson_log_pmf, _poisson_log_sf, {"rate": finite_positive}),
 )
@@ -431,26 +452,18 @@ def log_probs_truncated(base: Distribution, truncation, size: int) -> torch.Tens
         head = log_pmf(base, k)
         minus_inf = torch.full_like(head, -float("inf"))
         row = torch.where(k < last, head, torch.where(k == last, tail, minus_inf))
-    impossible = _impossible_at_the_edges(base, k, last)
+    impossible = _impossible_at_the_edges(family, base, k, last)
     return row if impossible is None else row.masked_fill(impossible, -float("inf"))
 
 
-def _impossible_at_the_edges(base: Distribution, k: torch.Tensor, last):
+def _impossible_at_the_edges(family: _Family, base: Distribution, k: torch.Tensor, last):
     """Where a success probability of exactly 0 or 1 leaves outcome ``k`` (the tail
     ``P(X >= last)`` at ``last``) no mass, or ``None``: the log-odds that the log-PMFs take
     are clamped at the smallest normal number, which leaves those outcomes finite (about
     -708 per count in float64), and a KL to such a distribution would be finite."""
-    if isinstance(base, Poisson) or not built_from_probs(base):
+    if family.impossible is None or not built_from_probs(base):
         return None
-    p = base.probs.unsqueeze(-1)
-    if isinstance(base, Binomial):
-        n = base.total_count.unsqueeze(-1)
-        # p = 1: X = n, so a count below n has no mass; the tail bin P(X >= last) has all of it
-        # when last <= n (and none otherwise, which its survival function already says).
-        return ((p == 0) & (k > 0)) | ((p == 1) & (k < n) & (k < last))
-    if isinstance(base, NegativeBinomial):
-        return (p == 0) & (k > 0)  # no success before the r failures: X = 0
-    return (p == 1) & (k > 0)  # Geometric: success at the first trial, X = 0
+    return family.impossible(base, base.probs.unsqueeze(-1), k, last)
 
 
 def automatic_truncation(base: Distribution, mass: float, max_truncation: int | None = None):
