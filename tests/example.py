@@ -30,6 +30,13 @@ class Example:
         categories: maps ``(d, sample)`` to the index of the discrete outcome the sample
             stands for (``None``: not a relaxation of a categorical over ``category_probs``).
         category_probs: the discrete PMF the categories follow, ``batch_shape + (n,)``.
+        reference_probs: maps ``(params, d)`` to the PMF ``category_probs`` must equal,
+            computed from the example's ``params`` without the code under test (torch's,
+            Pyro's or scipy's distributions, or a Monte Carlo of the definition); ``d`` serves
+            only for an outcome table of vectors. Required where ``category_probs`` is given:
+            ``category_probs`` alone reads the PMF off the class it tests.
+        reference_tolerance: the absolute error ``reference_probs`` may have (a Monte Carlo
+            reference's; 0 for an exact one, compared to the dtype's rounding).
         values_of: maps ``(d, index)`` to the plain value of that outcome, which ``log_prob``
             scores as the discrete distribution does.
         static_shapes: builds and samples without reading tensors on the host.
@@ -53,6 +60,8 @@ class Example:
     kl_partners: tuple[Callable[[], torch.distributions.Distribution], ...] = ()
     categories: Callable | None = None
     category_probs: Callable | None = None
+    reference_probs: Callable | None = None
+    reference_tolerance: float = 0.0
     values_of: Callable | None = None
     static_shapes: bool = True
     exact_density: bool = False

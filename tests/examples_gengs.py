@@ -26,6 +26,46 @@ _GENGS = dict(
     category_probs=lambda d: d.probs,
     values_of=_gengs_values,
 )
+
+
+def _counts(base, truncation=None, *, mass=0.999, max_truncation=None, largest=None):
+    """The PMF a GenGS relaxes, from torch's own ``base.log_prob``: outcomes ``0..n-2`` exact,
+    the last ``n - 1`` holding ``P(X >= n - 1)``. Without ``truncation``, each element's
+    ``n = k* + 2`` with ``k*`` the smallest ``k`` where ``P(X <= k) >= mass`` (at most
+    ``largest + 1`` for a support bounded by ``largest``): capped per element by
+    ``max_truncation``, else the batch maximum for all (docs of ``automatic_truncation``)."""
+    batch = base.batch_shape
+    top = 400 if largest is None else largest
+    grid = torch.arange(top + 1, dtype=_f64).reshape((-1,) + (1,) * len(batch))
+    pmf = base.log_prob(grid).exp().movedim(0, -1).to(_f64)
+    if truncation is None:
+        size = (pmf.cumsum(-1) < mass).sum(-1) + 2
+        if largest is not None:
+            size = size.clamp(max=largest + 1)
+        if max_truncation is None:
+            truncation = int(size.max())
+            size = torch.full(batch, truncation)
+        else:
+            truncation = max_truncation
+            size = size.clamp(max=max_truncation)
+    else:
+        size = torch.full(batch, truncation)
+    outcome = torch.arange(truncation)
+    last = (size - 1).unsqueeze(-1)
+    probs = torch.where(outcome < last, pmf[..., :truncation], 0.0)
+    return torch.where(outcome == last, 1 - probs.sum(-1, keepdim=True), probs)
+
+
+def _multinomial(params, d):
+    # Pyro's Multinomial at each outcome of the table, which must be every count vector of the
+    # total (checked here against an enumeration of its own).
+    total, probs = 3, params["probs"]
+    table = {(a, b, total - a - b) for a in range(total + 1) for b in range(total + 1 - a)}
+    assert sorted(map(tuple, d.outcomes.long().tolist())) == sorted(table)
+    value = d.outcomes.reshape((-1,) + (1,) * (probs.dim() - 1) + (probs.shape[-1],))
+    return dist.Multinomial(total, probs).log_prob(value).exp().movedim(0, -1)
+
+
 _RATE = {"rate": constraints.positive}
 _PROBS = {"probs": constraints.unit_interval}
 _SIMPLEX = {"probs": constraints.simplex}
@@ -43,6 +83,7 @@ GENGS_EXAMPLES = [
         learnable=_SIMPLEX,
         prior=lambda: pr.TruncatedGenGS(0.5, logits=torch.zeros(4, dtype=_f64)),
         kl_partners=(lambda: pr.TruncatedGenGS(0.5, logits=torch.zeros(4, dtype=_f64)),),
+        reference_probs=lambda p, d: p["probs"] / p["probs"].sum(-1, keepdim=True),
         **_GENGS,
     ),
     Example(
@@ -59,6 +100,7 @@ GENGS_EXAMPLES = [
             lambda: pr.GenGSPoisson(torch.tensor(2.0, dtype=_f64), 0.5, 8),
             lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),
         ),
+        reference_probs=lambda p, d: torch.softmax(p["logits"], -1),
         **_GENGS,
     ),
     Example(
@@ -85,6 +127,7 @@ GENGS_EXAMPLES = [
                 outcomes=_t([0.0, 0.0], [1.0, -1.0], [2.0, 0.5], [3, 3]),
             ),
         ),
+        reference_probs=lambda p, d: torch.softmax(p["logits"], -1),
         **_GENGS,
     ),
     Example(
@@ -97,6 +140,7 @@ GENGS_EXAMPLES = [
             lambda: pr.GenGSPoisson(torch.tensor(2.0, dtype=_f64), 0.5, 12),
             lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),
         ),
+        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 12),
         **_GENGS,
     ),
     Example(
@@ -107,6 +151,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         prior=lambda: pr.GenGSPoisson(2.0, 0.01, 15),
         kl_partners=(lambda: dist.Poisson(2.0),),
+        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 15).float(),
         **_GENGS,
     ),
     Example(
@@ -118,6 +163,7 @@ GENGS_EXAMPLES = [
         prior=lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),
         kl_partners=(lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),),
         surrogate_gradient=True,
+        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 15),
         **_GENGS,
     ),
     Example(
@@ -127,6 +173,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         prior=lambda: pr.GenGSPoisson(torch.tensor(1.0, dtype=_f64), 0.5, 10),
         kl_partners=(lambda: dist.Poisson(torch.tensor(1.0, dtype=_f64)),),
+        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 10).expand(2, 3, 10),
         **_GENGS,
     ),
     Example(
@@ -137,6 +184,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         prior=lambda: pr.GenGSPoisson(torch.tensor(2.0, dtype=_f64), 0.3, 20),
         kl_partners=(lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),),
+        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), max_truncation=20),
         **_GENGS,
     ),
     Example(
@@ -146,6 +194,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         kl_partners=(lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),),
         static_shapes=False,
+        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"])),
         **_GENGS,
     ),
     Example(
@@ -158,6 +207,7 @@ GENGS_EXAMPLES = [
         prior=lambda: pr.GenGSPoisson(torch.tensor(1.0, dtype=_f64), 0.2, 10),
         kl_partners=(lambda: dist.Poisson(torch.tensor(1.0, dtype=_f64)),),
         through={"rate": "base_dist"},
+        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 10),
         **_GENGS,
     ),
     Example(
@@ -167,6 +217,7 @@ GENGS_EXAMPLES = [
         learnable=_PROBS,
         prior=lambda: pr.GenGSGeometric(0.3, 25, probs=torch.tensor(0.5, dtype=_f64)),
         kl_partners=(lambda: dist.Geometric(torch.tensor(0.5, dtype=_f64)),),
+        reference_probs=lambda p, d: _counts(dist.Geometric(p["probs"]), 25),
         **_GENGS,
     ),
     Example(
@@ -184,6 +235,9 @@ GENGS_EXAMPLES = [
                 torch.tensor(3.0, dtype=_f64), torch.tensor(0.5, dtype=_f64)
             ),
         ),
+        reference_probs=lambda p, d: _counts(
+            dist.NegativeBinomial(p["total_count"], p["probs"]), 30
+        ),
         **_GENGS,
     ),
     Example(
@@ -194,6 +248,7 @@ GENGS_EXAMPLES = [
         prior=lambda: pr.GenGSBinomial(10, 0.3, probs=torch.tensor(0.5, dtype=_f64)),
         kl_partners=(lambda: dist.Binomial(10, torch.tensor(0.5, dtype=_f64)),),
         static_shapes=False,
+        reference_probs=lambda p, d: _counts(dist.Binomial(10, p["probs"]), largest=10),
         **_GENGS,
     ),
     Example(
@@ -206,6 +261,7 @@ GENGS_EXAMPLES = [
             lambda: pr.GenGSMultinomial(3, 1.0, probs=_t(0.5, 0.25, 0.25)),
             lambda: dist.Multinomial(3, _t(0.5, 0.25, 0.25)),
         ),
+        reference_probs=_multinomial,
         **_GENGS,
     ),
 ]

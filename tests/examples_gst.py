@@ -18,6 +18,20 @@ def _one_hot(d, index):
     return (index.unsqueeze(-1) == classes).to(d.probs.dtype)
 
 
+def _class_probs(params, d):
+    # The categorical the parameters name, by torch's softmax or normalization.
+    if "logits" in params:
+        probs = torch.softmax(params["logits"], -1)
+    else:
+        probs = params["probs"] / params["probs"].sum(-1, keepdim=True)
+    return probs.expand(d.batch_shape + probs.shape[-1:])
+
+
+def _bernoulli_probs(params, d):
+    one = params["logits"].sigmoid() if "logits" in params else params["probs"]
+    return torch.stack([1 - one, one], -1).expand(d.batch_shape + (2,))
+
+
 # One-hot values: the category is the position of the 1 (for soft GST and GR-MCK values, the
 # largest coordinate, which is the sampled category by consistency). Every example built with
 # these two is a straight-through estimator (soft GST included: its perturbations are
@@ -26,12 +40,14 @@ def _one_hot(d, index):
 _ONE_HOT = dict(
     categories=lambda d, value: value.argmax(-1),
     category_probs=lambda d: d.probs,
+    reference_probs=_class_probs,
     values_of=_one_hot,
     surrogate_gradient=True,
 )
 _BINARY = dict(
     categories=lambda d, value: value.long(),
     category_probs=lambda d: torch.stack([1 - d.probs, d.probs], -1),
+    reference_probs=_bernoulli_probs,
     values_of=lambda d, index: index.to(d.probs.dtype),
     surrogate_gradient=True,
 )

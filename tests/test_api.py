@@ -75,3 +75,23 @@ def test_distributions_with_their_own_init_define_expand(module_name, name):
         if "__init__" in vars(obj):
             assert "expand" in vars(obj), f"{name} defines __init__ but not expand"
             assert "_get_checked_instance" in inspect.getsource(obj.expand)
+
+
+# Distributions the generic suites do not run, and why; every other public distribution class
+# must be what some registry example builds, or a new one would pass by never being tested.
+_NOT_IN_THE_REGISTRY = {
+    "FiniteDiscrete": "no relaxation: what discrete() returns, tested in test_finite_discrete.py",
+}
+
+
+def test_every_public_distribution_is_in_the_registry():
+    from registry import EXAMPLES
+
+    built = {type(example.build()).__name__ for example in EXAMPLES}
+    public = {
+        name
+        for module_name, name in PUBLIC
+        if inspect.isclass(obj := _obj(module_name, name))
+        and issubclass(obj, torch.distributions.Distribution)
+    }
+    assert public - built == set(_NOT_IN_THE_REGISTRY), "add an Example to tests/examples_*.py"

@@ -1,6 +1,7 @@
 """Generic checks that every example in the registry passes."""
 
 import copy
+import inspect
 import io
 import math
 import pickle
@@ -11,6 +12,7 @@ import scipy.stats
 import torch
 from registry import EXAMPLES
 from torch.distributions import kl_divergence
+from torch.distributions.utils import lazy_property
 
 from pyro_relax import relaxation_of, with_relaxation
 
@@ -47,6 +49,43 @@ def test_expand(example):
     torch.testing.assert_close(expanded.log_prob(value), expected)
     for partner in example.kl_partners:
         assert kl_divergence(expanded, partner()).shape == batch_shape
+
+
+def _read_every_property(d):
+    # What a user's code (or a plate's repr) may read before a plate expands the distribution:
+    # each property and lazy property of the distribution and of the distribution it wraps.
+    for obj in (d, getattr(d, "base_dist", None)):
+        if obj is None:
+            continue
+        for name in dir(type(obj)):
+            attribute = inspect.getattr_static(type(obj), name, None)
+            if isinstance(attribute, (property, lazy_property)) and not name.startswith("__"):
+                try:
+                    getattr(obj, name)
+                except (NotImplementedError, ValueError, RuntimeError):
+                    pass
+
+
+@every_example
+def test_expand_draws_what_the_distribution_draws(example):
+    # An expanded distribution is the distribution repeated: under one seed it draws the same
+    # values as the original asked for the same leading shape (a dropped option, `hard` say, or
+    # parameters not expanded along with the batch fail here, as shapes alone do not), its
+    # parameters have the new batch shape, and expansion works whatever was read before (a
+    # lazy property of a wrapped distribution can make it refuse to expand).
+    d = example.build()
+    _read_every_property(d)
+    batch_shape = torch.Size((4,)) + d.batch_shape
+    expanded = d.expand(batch_shape)
+    for sample_shape in ((), (2,)):
+        torch.manual_seed(7)
+        expected = d.rsample(sample_shape + (4,))
+        torch.manual_seed(7)
+        torch.testing.assert_close(expanded.rsample(sample_shape), expected)
+    for name in example.learnable:
+        parameter = getattr(expanded, name, None)
+        if torch.is_tensor(parameter):
+            assert parameter.shape[: len(batch_shape)] == batch_shape, name
 
 
 @every_example
@@ -213,6 +252,44 @@ def test_values_and_gradients_are_finite(example):
     for name in example.learnable:
         grad = params[name].grad
         assert grad is not None and torch.isfinite(grad).all(), name
+
+
+@pytest.mark.parametrize(
+    "example", [e for e in EXAMPLES if e.learnable and not e.surrogate_gradient], ids=lambda e: e.id
+)
+def test_samples_alone_carry_the_gradient(example):
+    # The pathwise gradient reaches every learnable parameter through the sample itself, not
+    # only through log_prob or a KL (a detached rsample passes the test above). The weights
+    # make the sum depend on the sample where its coordinates sum to a constant.
+    torch.manual_seed(2)
+    params = example.parameters(requires_grad=True)
+    d = example.build(params)
+    value = d.rsample((64,))
+    weights = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).reshape(value.shape)
+    grads = torch.autograd.grad((weights * value).sum(), [params[n] for n in example.learnable])
+    for name, grad in zip(example.learnable, grads, strict=True):
+        assert grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "example", [e for e in EXAMPLES if "temperature" in e.params], ids=lambda e: e.id
+)
+def test_the_temperature_changes_what_is_drawn(example):
+    # Under one seed, a temperature four times larger gives other values or, for a
+    # straight-through estimator whose values are the outcomes themselves, another surrogate
+    # gradient. No other test differentiates a straight-through class by its temperature.
+    def draw(scale):
+        torch.manual_seed(8)
+        params = example.parameters(requires_grad=True)
+        params["temperature"] = params["temperature"] * scale
+        value = example.build(params).rsample((16,))
+        if not example.surrogate_gradient:
+            return [value.detach()]
+        weights = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).reshape(value.shape)
+        return torch.autograd.grad((weights * value).sum(), [params[n] for n in example.learnable])
+
+    for cold, warm in zip(draw(1.0), draw(4.0), strict=True):
+        assert not torch.allclose(cold, warm, rtol=1e-6, atol=0)
 
 
 # By the temperature only where the value's gradient is the derivative: a straight-through
@@ -457,10 +534,36 @@ def test_noise_and_constants_follow_the_parameters_device(example):
 
 
 @pytest.mark.parametrize("example", categorical, ids=lambda e: e.id)
-def test_category_probs_are_normalized(example):
-    probs = example.category_probs(example.build())
-    assert (probs >= 0).all()
-    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]))
+def test_category_probs_match_an_independent_reference(example):
+    # `category_probs` reads the PMF off the class under test, so every test below that scores
+    # against it would pass a wrong PMF that is wrong alike everywhere; the registry's reference
+    # computes it from the parameters with torch's, Pyro's or scipy's own distributions.
+    assert example.reference_probs is not None, f"{example.id}: give a reference_probs"
+    params = example.parameters()
+    d = example.build(params)
+    probs = example.category_probs(d)
+    expected = example.reference_probs(params, d)
+    assert probs.shape == expected.shape and probs.dtype == expected.dtype
+    tolerance = example.reference_tolerance
+    torch.testing.assert_close(
+        probs, expected, atol=tolerance or None, rtol=0 if tolerance else None
+    )
+
+
+@pytest.mark.parametrize("example", categorical, ids=lambda e: e.id)
+def test_plain_outcomes_carry_all_the_mass(example):
+    # From log_prob, not from `category_probs`: a class's `probs` is a softmax of its logits,
+    # normalized whatever logits log_prob scores with. Every outcome of positive probability
+    # lies in the support (draws at small rates need not reach the last outcomes).
+    d = example.build()
+    probs = example.category_probs(d)
+    total = 0
+    for k in range(probs.shape[-1]):
+        index = torch.full(d.batch_shape, k, dtype=torch.long)
+        value = example.values_of(d, index)
+        assert d.support.check(value)[probs[..., k] > 0].all(), k
+        total = total + d.log_prob(value).exp()
+    torch.testing.assert_close(total, torch.ones_like(total))
 
 
 @pytest.mark.parametrize("example", categorical, ids=lambda e: e.id)
