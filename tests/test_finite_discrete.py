@@ -303,3 +303,20 @@ def test_icdf_of_level_one_is_the_last_outcome_of_positive_probability():
                     break
             got = float(d.icdf(torch.tensor(q)))
             assert probs[int(got)] > 0 and got == expected, (logits, q)
+
+
+def test_entropy_of_a_batch_is_each_element_s_own():
+    # Against scipy, per batch element: the registry's check compares a GenGS's entropy with its
+    # discrete() distribution's, which is the same function.
+    probs = torch.tensor([[0.2, 0.3, 0.5], [0.9, 0.05, 0.05]], dtype=torch.float64)
+    d = pr.FiniteDiscrete(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), probs=probs)
+    expected = torch.as_tensor(scipy.stats.entropy(probs.numpy(), axis=-1))
+    torch.testing.assert_close(d.entropy(), expected)
+    # A GenGS's is that of its truncated PMF, tail bin from scipy's survival function.
+    rate = [[1.0], [4.0]]
+    pmf = torch.as_tensor(scipy.stats.poisson.pmf(range(11), mu=rate))
+    tail = torch.as_tensor(scipy.stats.poisson.sf(10, mu=rate))
+    truncated = torch.cat([pmf, tail], -1)
+    relaxed = pr.GenGSPoisson(torch.tensor([1.0, 4.0], dtype=torch.float64), 0.5, 12)
+    expected = torch.as_tensor(scipy.stats.entropy(truncated.numpy(), axis=-1))
+    torch.testing.assert_close(relaxed.entropy(), expected)

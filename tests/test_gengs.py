@@ -789,6 +789,13 @@ _EDGE_CASES = {
         1.0,
         [0, 1, 2, 3, 4],
     ),
+    # A binomial with p = 1 truncated below N + 1: X = 5 lies in the tail bin, the last outcome.
+    "binomial-p1-truncated": (
+        lambda p: GenGS(dist.Binomial(5, probs=p), 0.5, 3, tail_tolerance=None),
+        lambda p: dist.Binomial(5, probs=p),
+        1.0,
+        [0, 1],
+    ),
     "geometric-p1": (
         lambda p: GenGSGeometric(0.5, 6, probs=p, tail_tolerance=None),
         lambda p: dist.Geometric(probs=p),
@@ -881,6 +888,26 @@ def test_exponential_decay_values_and_floor():
     expected = [0.1 ** (t / 4) for t in (1, 2, 3)] + [0.1, 0.1, 0.1]
     np.testing.assert_allclose(values, expected, rtol=1e-6)
     assert schedule.value_at(100) == 0.1
+
+
+def test_exponential_decay_reaches_exactly_its_floor_at_the_last_step():
+    # The exponential alone rounds one unit in the last place above the floor at step T.
+    schedule = ExponentialDecay(3.3, 0.01, steps=999)
+    assert schedule.value_at(999) == 0.01
+    assert schedule.value_at(998) > 0.01
+
+
+def test_exponential_decay_anneals_a_float64_distribution():
+    # The schedule's tensor has the dtype asked for: a float32 one would be copied by a float64
+    # distribution (with a warning), whose temperature then never moves.
+    schedule = ExponentialDecay(1.0, 0.1, steps=4, dtype=torch.float64)
+    assert schedule.temperature.dtype == torch.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = GenGSPoisson(torch.tensor(3.0, dtype=torch.float64), schedule.temperature, 10)
+    schedule.step()
+    schedule.step()
+    assert float(d.temperature) == pytest.approx(10 ** (-2 / 4), rel=1e-12)
 
 
 def test_exponential_decay_updates_temperature_in_place():

@@ -718,3 +718,26 @@ def test_soft_stgs_scores_another_familys_sample_from_its_coordinates(num_catego
     value = igr.rsample((4,))
     stgs = pr.STGSCategorical(0.5, logits=torch.zeros(num_categories), hard=False)
     torch.testing.assert_close(stgs.log_prob(value), stgs.log_prob(value.clone()))
+
+
+_BERNOULLIS = [pr.STBernoulli, pr.STGSBernoulli, pr.GRMCKBernoulli, pr.GappedSTBernoulli]
+
+
+@pytest.mark.parametrize("cls", _BERNOULLIS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("built_by", ["logits-probs", "probs-logits"])
+def test_bernoulli_kl_holds_whichever_way_each_side_is_given(cls, built_by):
+    # An encoder's logits against a prior's probs (and the reverse), the prior plain or relaxed:
+    # pairs built alike cancel a swapped pair of log-probabilities, and q = 0.5 is symmetric, so
+    # neither would show one. The closed form p log(p / q) + (1 - p) log((1 - p) / (1 - q)).
+    f64 = torch.float64
+    if built_by == "logits-probs":
+        p, q = 1 / (1 + math.exp(-1.0)), 0.2
+        d = cls(0.5, logits=torch.tensor(1.0, dtype=f64))
+        priors = [dist.Bernoulli(probs=torch.tensor(q, dtype=f64)), cls(0.5, probs=q)]
+    else:
+        p, q = 0.7, 1 / (1 + math.exp(1.0))
+        d = cls(0.5, probs=torch.tensor(p, dtype=f64))
+        priors = [dist.Bernoulli(logits=torch.tensor(-1.0, dtype=f64)), cls(0.5, logits=-1.0)]
+    expected = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    for prior in priors:
+        assert float(kl_divergence(d, prior)) == pytest.approx(expected, rel=1e-6)

@@ -375,6 +375,21 @@ def test_fit_igr_prior_rejects_unknown_options():
         pr.fit_igr_prior(target, family=pr.IGR, init="hazard", num_steps=0)
 
 
+def test_the_hazard_start_has_the_target_s_law_in_the_limit():
+    # num_steps=0 returns the start: the first k with y_k > 0 has hazard Phi(mu_k / sigma), so
+    # the law h_0, (1 - h_0) h_1, ..., prod (1 - h_k) must be the target (scipy's Phi).
+    target = [0.1, 0.2, 0.3, 0.4]
+    loc, scale = pr.fit_igr_prior(
+        torch.tensor(target, dtype=_f64), family=pr.IGRStickBreaking, init="hazard", num_steps=0
+    )
+    hazard = scipy.stats.norm.cdf((loc / scale).numpy())
+    law, remaining = [], 1.0
+    for h in hazard:
+        law.append(remaining * h)
+        remaining *= 1 - h
+    np.testing.assert_allclose(law + [remaining], target, atol=1e-12)
+
+
 def _count_moments(probs, target):
     k = torch.arange(probs.shape[-1], dtype=_f64)
     probs = probs.double()
