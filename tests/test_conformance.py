@@ -690,6 +690,28 @@ def test_moments_and_entropy_are_those_of_the_discrete_distribution(example):
         torch.testing.assert_close(value, expected, msg=f"{example.id}: {name}")
 
 
+@pytest.mark.parametrize(
+    "example", [e for e in categorical if not e.reference_tolerance], ids=lambda e: e.id
+)
+def test_moments_and_entropy_follow_the_reference_pmf(example):
+    # The test above compares a class with its own discrete(), often the same code: here the
+    # moments come from the registry's exact PMF (not a Monte Carlo one) and the outcomes'
+    # plain values, as sum_k p_k v_k, sum_k p_k (v_k - mean)^2 per coordinate, -sum_k p_k log p_k.
+    params = example.parameters()
+    d = example.build(params)
+    probs = example.reference_probs(params, d)
+    outcomes = range(probs.shape[-1])
+    index = [torch.full(d.batch_shape, k, dtype=torch.long) for k in outcomes]
+    values = torch.stack([example.values_of(d, k) for k in index])  # (n,) + batch + event
+    weights = probs.movedim(-1, 0).reshape(
+        values.shape[: 1 + len(d.batch_shape)] + (1,) * len(d.event_shape)
+    )
+    mean = (weights * values).sum(0)
+    torch.testing.assert_close(d.mean, mean)
+    torch.testing.assert_close(d.variance, (weights * (values - mean).square()).sum(0))
+    torch.testing.assert_close(d.entropy(), -torch.special.xlogy(probs, probs).sum(-1))
+
+
 @every_example
 def test_autocast_changes_neither_samples_nor_densities(example):
     # Under torch.autocast the relaxations keep float32 (README): IGRCount's map onto the
