@@ -50,8 +50,9 @@ def test_update_records_replaces_a_rerun_and_keeps_the_others(tmp_path):
 def test_the_committed_results_are_strict_json():
     # The committed gst_vae.json held 537 `Infinity` tokens (grad_snr of a zero variance),
     # which Python's json writes and strict JSON readers refuse.
-    committed = Path(__file__).resolve().parents[1] / "results"
-    for results in committed.glob("*.json"):
+    committed = sorted((Path(__file__).resolve().parents[1] / "results").glob("*.json"))
+    assert committed, "no committed results/*.json"
+    for results in committed:
 
         def refuse(name, results=results):
             raise AssertionError(f"{results.name} holds {name}")

@@ -1,5 +1,6 @@
 """Generic checks of the library's transforms, generated from a list of instances (float64)."""
 
+import math
 import pickle
 
 import pyro
@@ -188,3 +189,16 @@ def test_softmax_plus_plus_names_a_batch_its_parameters_do_not_broadcast_with():
     with pytest.raises(ValueError, match=r"a point of batch shape \(2,\) does not broadcast"):
         transform.inv(torch.full((2, 5), 0.2))
     assert transform(torch.zeros(3, 4)).shape == (3, 5)
+
+
+def test_sticks_are_the_pieces_their_definition_breaks_off():
+    # At an asymmetric input (the docstring's zeros cannot tell sigmoid(x) from sigmoid(-x)):
+    # s_k = 1 / (1 + e^-x_k), w_k = s_k prod_{j<k} (1 - s_j), in Python floats.
+    x = [0.7, -1.3, 2.0, -0.2]
+    expected, rest = [], 1.0
+    for value in x:
+        s = 1 / (1 + math.exp(-value))
+        expected.append(s * rest)
+        rest *= 1 - s
+    actual = SigmoidSticksTransform()(torch.tensor(x, dtype=torch.float64))
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64))
