@@ -27,8 +27,9 @@ from pyro_relax import GappedSTBernoulli, GenGSPoisson
 from pyro_relax.infer.rloo import TraceRLOO_ELBO
 
 REPLICATES = 2000
-# A mean gradient further than this many standard errors from the exact one fails the test.
-Z_MAX = 4.0
+# Each check of unbiasedness rejects a correct estimator with probability at most LEVEL; the
+# draws are seeded by the fixture, so a pass is deterministic.
+LEVEL = 1e-3
 
 F64 = {"dtype": torch.float64}
 PRIOR = torch.tensor([0.1, 0.2, 0.3, 0.4], **F64)
@@ -63,11 +64,20 @@ def exact_gradient(elbo_fn, params):
     return dict(zip(leaves, grads, strict=True))
 
 
+def assert_z_scores_are_standard(z, what):
+    """z-scores of mean gradients against exact ones, about N(0, 1) each for an unbiased
+    estimator (2000 draws): no one beyond the two-sided level LEVEL / K (Bonferroni over the K
+    of them), and their sum of squares within chi-square with K degrees of freedom at LEVEL."""
+    z = torch.as_tensor(z, dtype=torch.float64).flatten()
+    smallest = 2 * stats.norm.sf(float(z.abs().max()))
+    assert smallest > LEVEL / z.numel(), f"{what}: z-scores {z.tolist()}"
+    assert stats.chi2.sf(float(z.square().sum()), z.numel()) > LEVEL, f"{what}: {z.tolist()}"
+
+
 def assert_unbiased(draws, exact):
     for name, values in draws.items():
         standard_error = values.std(0) / math.sqrt(len(values))
-        z = (values.mean(0) - exact[name]) / standard_error
-        assert bool((z.abs() < Z_MAX).all()), f"{name}: z-scores {z.tolist()}"
+        assert_z_scores_are_standard((values.mean(0) - exact[name]) / standard_error, name)
 
 
 def expected_normal_log_lik(locs, variance):
@@ -201,8 +211,8 @@ UNBIASED_CASES = {
 
 @pytest.mark.parametrize("case", UNBIASED_CASES)
 def test_gradient_is_unbiased(case):
-    """The mean of 2000 RLOO gradients (K = 4) is within 4 standard errors of the exact gradient,
-    computed by enumeration (and closed forms) with autograd."""
+    """The mean of 2000 RLOO gradients (K = 4) against the exact gradient, computed by
+    enumeration (and closed forms) with autograd: z-scores standard normal at LEVEL."""
     model, guide, elbo_fn, params = UNBIASED_CASES[case]
     draws = gradient_draws(TraceRLOO_ELBO(num_particles=4), model, guide, params)
     assert_unbiased(draws, exact_gradient(elbo_fn, params))
@@ -434,7 +444,7 @@ def test_svi_with_subsampling():
 
 def test_subsampled_gradient_is_scaled_and_unbiased():
     """Given the five data of a step, each one's gradient estimates 10 / 5 times its exact
-    gradient: 20 steps of 500 copies, within 4 standard errors per datum."""
+    gradient: 20 steps of 500 copies, their z-scores standard normal (LEVEL)."""
     subsamples, draws = [], {i: [] for i in range(10)}
     elbo = TraceRLOO_ELBO(4, max_plate_nesting=2)  # traces the guide once per step
     for _ in range(20):
@@ -447,7 +457,8 @@ def test_subsampled_gradient_is_scaled_and_unbiased():
     log_q = dist.Bernoulli(logits=leaf).log_prob(z)
     cost = math.log(0.5) + dist.Normal(4 * z - 2, 1.0).log_prob(2 * SIGNS) - log_q
     (exact,) = torch.autograd.grad(-(log_q.exp() * cost).sum(), leaf)
+    z_scores = []
     for i, values in draws.items():
         values = torch.cat(values)
-        z_score = (values.mean() - 2 * exact[i]) / (values.std() / math.sqrt(len(values)))
-        assert abs(z_score) < Z_MAX, f"datum {i}: z-score {z_score}"
+        z_scores.append((values.mean() - 2 * exact[i]) / (values.std() / math.sqrt(len(values))))
+    assert_z_scores_are_standard(torch.stack(z_scores), "the data")
