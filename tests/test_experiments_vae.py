@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from statistical import assert_z_scores_are_standard
 from torch.distributions import kl_divergence
 
 from pyro_relax.__main__ import build_parser, main
@@ -373,7 +374,9 @@ def test_prior_conventions(name, mean, truncation):
     base = prior.distribution()
     assert float(base.mean) == pytest.approx(mean, rel=1e-6)
     samples = base.sample((200_000,))
-    assert float(samples.mean()) == pytest.approx(mean, abs=5 * float(base.stddev) / 447)
+    # The sample mean's error in standard errors, standard normal at LEVEL (statistical.py).
+    z = (float(samples.mean()) - mean) / (float(base.stddev) / math.sqrt(len(samples)))
+    assert_z_scores_are_standard(z, f"the mean of {name}")
     relaxed = prior.relaxed(0.5, truncation, tail_tolerance=None, **prior.prior_kwargs())
     # The truncated PMF agrees with the untruncated one below the last outcome.
     head = base.log_prob(torch.arange(truncation - 1.0))
@@ -489,13 +492,15 @@ def test_scorer_matches_brute_force_on_a_tiny_model():
     value, error = discrete_neg_elbo(
         model, guide, images, num_samples=4, seed=1, chunk_size=len(images)
     )
-    assert abs(value - exact) < 4 * error  # a 4-sigma band: fails 6e-5 of the time by chance
+    # The error in standard errors, standard normal at LEVEL (statistical.py): a correct
+    # scorer fails with probability LEVEL by chance.
+    assert_z_scores_are_standard((value - exact) / error, "the scored value")
     assert 4 * error < 0.05  # finer than the truncated prior's error
     # Scored in chunks the draws are independent: the standard error is that of all draws.
     chunked, chunked_error = discrete_neg_elbo(
         model, guide, images, num_samples=4, seed=1, chunk_size=5000
     )
-    assert abs(chunked - exact) < 4 * chunked_error
+    assert_z_scores_are_standard((chunked - exact) / chunked_error, "the value scored in chunks")
     assert chunked_error == pytest.approx(error, rel=0.1)
 
 
@@ -569,7 +574,10 @@ def test_reinforce_kl_gradient_is_unbiased():
         estimates.append(float(gradient) / len(x))  # the mean over 5000 images
     estimates = torch.tensor(estimates)
     error = float(estimates.std()) / math.sqrt(len(estimates))
-    assert abs(float(estimates.mean()) - float(exact)) < 4 * error
+    # The error of the mean in standard errors, at LEVEL (statistical.py): Student t with 19
+    # degrees of freedom, the standard error coming from the 20 estimates.
+    t = (float(estimates.mean()) - float(exact)) / error
+    assert_z_scores_are_standard(t, "the mean gradient", df=len(estimates) - 1)
     assert error < 0.1 * abs(float(exact))  # fine enough to see a wrong term
 
 

@@ -21,15 +21,15 @@ from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO, config_enumerate
 from pyro.infer.util import torch_item
 from pyro.optim import Adam
 from scipy import stats
+from statistical import assert_z_scores_are_standard
 from torch.nn.functional import one_hot
 
 from pyro_relax import GappedSTBernoulli, GenGSPoisson
 from pyro_relax.infer.rloo import TraceRLOO_ELBO
 
 REPLICATES = 2000
-# Each check of unbiasedness rejects a correct estimator with probability at most LEVEL; the
-# draws are seeded by the fixture, so a pass is deterministic.
-LEVEL = 1e-3
+# Each check of unbiasedness rejects a correct estimator with probability at most LEVEL (1e-3,
+# statistical.LEVEL); the draws are seeded by the fixture, so a pass is deterministic.
 
 F64 = {"dtype": torch.float64}
 PRIOR = torch.tensor([0.1, 0.2, 0.3, 0.4], **F64)
@@ -64,17 +64,11 @@ def exact_gradient(elbo_fn, params):
     return dict(zip(leaves, grads, strict=True))
 
 
-def assert_z_scores_are_standard(z, what):
+def assert_unbiased(draws, exact):
     """z-scores of mean gradients against exact ones, about N(0, 1) each for an unbiased
     estimator (2000 draws): no one beyond the two-sided level LEVEL / K (Bonferroni over the K
-    of them), and their sum of squares within chi-square with K degrees of freedom at LEVEL."""
-    z = torch.as_tensor(z, dtype=torch.float64).flatten()
-    smallest = 2 * stats.norm.sf(float(z.abs().max()))
-    assert smallest > LEVEL / z.numel(), f"{what}: z-scores {z.tolist()}"
-    assert stats.chi2.sf(float(z.square().sum()), z.numel()) > LEVEL, f"{what}: {z.tolist()}"
-
-
-def assert_unbiased(draws, exact):
+    of them), and their sum of squares within chi-square with K degrees of freedom at LEVEL
+    (assert_z_scores_are_standard in statistical.py)."""
     for name, values in draws.items():
         standard_error = values.std(0) / math.sqrt(len(values))
         assert_z_scores_are_standard((values.mean(0) - exact[name]) / standard_error, name)
