@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_relax import IGR
+from pyro_relax import IGR, IGRCount
 from pyro_relax.__main__ import build_parser, main
 from pyro_relax.experiments import EXPERIMENTS, common
 from pyro_relax.experiments.common import (
@@ -194,6 +194,23 @@ def test_an_entry_missing_from_a_checkpoint_is_a_clear_error(tmp_path):
     message = str(error.value)
     assert str(checkpoint.path) in message and "'schedule'" in message and "delete it" in message
     assert "\n" not in message
+
+
+@pytest.mark.skipif(not hasattr(torch, "OutOfMemoryError"), reason="torch.OutOfMemoryError is new")
+def test_running_out_of_memory_while_restoring_is_not_called_a_corrupt_checkpoint(tmp_path):
+    # An entry that does not fit the run (torch's RuntimeError for other shapes) means the
+    # file is of another version: CorruptFileError, "delete it". Running out of memory (also a
+    # RuntimeError) says nothing about the file, and the advice would delete a valid one: it
+    # passes through as it was.
+    checkpoint = Checkpoint(tmp_path / "run.pt", {"lr": 0.001})
+    checkpoint.save({"epoch": 3})
+    state = checkpoint.load()
+    with pytest.raises(CorruptFileError, match="delete it"):
+        with state.restoring():
+            raise RuntimeError("size mismatch for weight")
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        with state.restoring():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def test_a_checkpoint_save_leaves_no_temporary_file(tmp_path):
@@ -660,3 +677,12 @@ def test_diverging_names_what_diverged_and_lets_other_errors_through():
     assert common.finite(torch.tensor(2.5), "the loss", "run A", 0.1) == 2.5
     with pytest.raises(common.DivergedError, match="run A: training diverged: the loss is nan"):
         common.finite(float("nan"), "the loss", "run A", 0.1)
+
+
+def test_diverging_finds_a_refusal_re_raised_without_its_cause():
+    # IGRCount re-raises its stick-breaking distribution's refusal under its own name, `from
+    # None`: the original error is then the context, not the cause, and a collapsed scale
+    # (0 after training) is still a divergence.
+    with pytest.raises(common.DivergedError, match="a distribution refused a value"):
+        with common.diverging("run A, epoch 3", lambda: [], 0.01):
+            IGRCount(torch.zeros(3), torch.tensor([1.0, 1.0, 0.0]), 0.5, validate_args=True)

@@ -6,6 +6,7 @@ these tests pin the measured cases and the helpers outside the registry.
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -754,6 +755,26 @@ def test_a_half_precision_temperature_is_not_silently_left_behind():
     for _ in range(5):
         schedule.step()
     torch.testing.assert_close(d.temperature, torch.full_like(d.temperature, 0.1))
+
+
+def test_a_learned_temperature_converted_to_the_parameters_dtype_is_not_called_a_copy():
+    # A float32 temperature that requires a gradient, with float64 parameters: its conversion
+    # is in the autograd graph, so the gradient reaches the learned tensor, and the warning
+    # that in-place updates of the temperature do not reach the copy does not apply.
+    tau = torch.tensor(0.5, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = pr.IGR(torch.zeros(3, dtype=_f64), torch.ones(3, dtype=_f64), tau)
+        d.rsample()[0].backward()
+    assert not [w for w in caught if "is copied" in str(w.message)]
+    assert tau.grad is not None and bool(tau.grad != 0)
+
+
+def test_a_complex_parameter_is_refused_not_cut_to_its_real_part():
+    # torch converts a complex tensor to a real dtype by dropping its imaginary part: a rate of
+    # 3 + 1j would build a Poisson of rate 3.
+    with pytest.raises(TypeError, match="`rate` must be real"):
+        pr.GenGSPoisson(torch.tensor(3.0 + 1.0j), 0.5, 10)
 
 
 def test_a_schedule_reaches_its_floor_exactly_and_says_what_it_is():

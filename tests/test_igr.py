@@ -244,6 +244,24 @@ def test_quadrature_integrates_the_batch_in_bounded_chunks(monkeypatch):
     torch.testing.assert_close(grad_chunked, grad_whole, rtol=0, atol=0)
 
 
+def test_quadrature_of_an_empty_batch_is_empty():
+    # An empty batch gave no chunk to integrate, and torch.cat of no pieces raised.
+    log_probs = pr.igr_log_probs(torch.zeros(0, 2), torch.ones(0, 2))
+    assert log_probs.shape == (0, 3)
+
+
+def test_quadrature_does_not_change_when_loc_and_scale_are_scaled_together():
+    # P(H = k) depends on loc / scale only (H is the argmax of y, or K where no y_k > 0, and
+    # scaling y by c > 0 keeps both), so the rule must scale with the parameters. The break
+    # points of a mean below 0 sit at multiples of sigma^2 / (sigma + |mu|), a length; a rule
+    # with sigma / (sigma + |mu|) (equal where sigma = 1) does not scale, and was off by 1.9
+    # nats at c = 1000. Means 20 and 30 scales below 0; tolerance 1e-9 of float64's rounding.
+    loc, scale = _t(-20.0, -30.0), _t(1.0, 1.5)
+    torch.testing.assert_close(
+        pr.igr_log_probs(1e3 * loc, 1e3 * scale), pr.igr_log_probs(loc, scale), rtol=1e-9, atol=0
+    )
+
+
 def test_categorical_is_batched_and_differentiable():
     loc = torch.randn(2, 3, 4, dtype=_f64, requires_grad=True)
     d = pr.IGR(loc, torch.rand(2, 3, 4, dtype=_f64) + 0.5, 0.2)
@@ -509,6 +527,17 @@ def test_planar_rejects_values_it_did_not_draw():
         d.log_prob(other.rsample())
 
 
+def test_planar_flows_that_give_non_finite_values_are_refused_under_validation():
+    # A planar layer with w = 0 divides by |w|^2 = 0: NaN draws, refused by name under
+    # validation rather than returned.
+    flow = Planar(3)
+    with torch.no_grad():
+        flow.w.zero_()
+    d = pr.IGRPlanar(torch.zeros(3), torch.ones(3), 0.5, flows=[flow], validate_args=True)
+    with pytest.raises(ValueError, match="non-finite values"):
+        d.rsample((2,))
+
+
 # --- countably infinite stick-breaking ------------------------------------------------------
 
 
@@ -620,6 +649,35 @@ def test_infinite_mode_trains_in_a_plate_in_float32():
         assert all(math.isfinite(svi.step(data)) for _ in range(5))
 
 
+def test_the_discrete_limit_with_a_precision_takes_the_largest_kept_stick():
+    # With a precision the limit tau -> 0 is the argmax of the kept sticks only: a dropped
+    # stick (an exact zero in every sample) can be the largest of all. Sticks by hand from loc
+    # (scale 1e-3: the same sticks in every draw): 0.1, 0.09, 0.081, then 0.69; the first
+    # three reach 0.271 >= rho = 0.25, so they are kept and the fourth is dropped. The limit is
+    # category 0 in every draw, where the argmax over all sticks gives 3.
+    loc = _t(math.log(1 / 9), math.log(1 / 9), math.log(1 / 9), 3.0, 0.0)
+    d = pr.IGRStickBreaking(loc, torch.full((5,), 1e-3, dtype=_f64), 0.5, precision=0.25)
+    s = torch.sigmoid(loc)
+    sticks = s * torch.cat([_t(1.0), torch.cumprod(1 - s, -1)[:-1]])
+    kept = int((sticks.cumsum(-1) < 0.25).sum()) + 1
+    assert kept == 3 and int(sticks.argmax()) == 3  # the setting the test is about
+    expected = torch.nn.functional.one_hot(sticks[:kept].argmax(), 6).double()
+    torch.manual_seed(0)
+    torch.testing.assert_close(d.categorical(200).probs.double(), expected, rtol=0, atol=0)
+
+
+def test_a_vertex_without_sticks_reads_as_one_kept_stick():
+    # Every sample keeps at least one stick (n >= 1). The last vertex (0, ..., 0, 1) has no
+    # non-zero stick coordinate: it reads as the first stick kept and underflowed (its
+    # density undetermined: NaN, or the matching error under validation), not as 0 sticks
+    # (-inf and an error about the precision).
+    vertex = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
+    d = pr.IGRStickBreaking(torch.zeros(4), torch.ones(4), 0.5, precision=0.9)
+    assert int(d.truncation_of(vertex)) == 1
+    with pytest.raises(ValueError, match="does not determine its pre-image"):
+        d.log_prob(vertex)
+
+
 # --- counts ---------------------------------------------------------------------------------
 
 
@@ -636,6 +694,31 @@ def test_count_values_and_scoring():
     torch.testing.assert_close(d.log_prob(c), d.simplex_dist.log_prob(pr.relaxation_of(c).simplex))
     with pytest.raises(ValueError, match="plain count"):
         d.log_prob(torch.tensor([3.0, 4.0]))
+
+
+@pytest.mark.parametrize("num_sticks", [1, 2])
+def test_a_relaxed_count_is_the_mean_outcome_up_to_the_largest(num_sticks):
+    # A relaxed count is sum_k k z_k over the outcomes 0..K-1 (the definition); the clamp to
+    # [0, K - 1] only absorbs rounding. A large delta puts most of the mass on the last
+    # outcome, so counts above K - 2 are drawn, which a clamp at K - 2 cut down.
+    torch.manual_seed(0)
+    d = pr.IGRCount(torch.zeros(num_sticks), torch.ones(num_sticks), 2.0, delta=50.0)
+    c = d.rsample((20,))
+    assert bool((c > num_sticks - 1).all())  # above K - 2, the setting the test is about
+    simplex = pr.relaxation_of(c).simplex
+    torch.testing.assert_close(c, simplex @ torch.arange(num_sticks + 1.0))
+
+
+def test_a_count_s_support_ends_at_k_minus_1_and_its_expansion_checks_it():
+    # The outcomes are 0..K-1 (here K = 4): 3.5 is outside the support, and an expanded count
+    # validates as the original does (it dropped validation and scored such values).
+    d = pr.IGRCount(torch.zeros(3), torch.ones(3), 0.5, validate_args=True)
+    assert d.support.upper_bound == 3
+    expanded = d.expand((2,))
+    record = pr.relaxation_of(expanded.rsample())
+    outside = pr.with_relaxation(torch.full((2,), 3.5), record)
+    with pytest.raises(ValueError, match="support"):
+        expanded.log_prob(outside)
 
 
 @pytest.mark.parametrize("precision", [0.8, None], ids=["other-precision", "finite"])
@@ -982,6 +1065,136 @@ def test_stick_breaking_scores_another_maps_draw_from_its_preimage(other_tempera
     assert bool(torch.isneginf(log_prob[~inside]).all())
     assert bool(inside.any())
     torch.testing.assert_close(log_prob[inside].double(), expected[inside], rtol=1e-4, atol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("num_sticks", "other_temperature", "other_delta", "shift"),
+    [(6, 0.4, 1.0, -1.0), (2, 0.5, 1.2, 0.0)],
+    ids=["colder-guide", "guide-with-larger-delta"],
+)
+def test_stick_breaking_scores_another_maps_draw_where_the_affine_offsets_are_negative(
+    num_sticks, other_temperature, other_delta, shift
+):
+    # The test above has b >= 0 and remainders' offsets 1 - a - k b >= 0 only. A guide colder
+    # than the model (a = tau / tau' = 1.25: offset 1 - a < 0), the usual case with
+    # AutoRelaxed(temperature=...), or one with a larger delta (b < 0) takes the other branches
+    # of log(a e^x + b): the validity test log|b| < log(a e^x) and log1mexp. Reading every such
+    # row as outside the image, or adding log1mexp where it is subtracted, scored the model's
+    # own image -inf or 84 nats off. The reference inverts the pre-image by hand in float64;
+    # the tolerance is float32's rounding of the guide's draw.
+    torch.manual_seed(0)
+    temperature, delta = 0.5, 1.0
+    guide = pr.IGRStickBreaking(
+        torch.randn(num_sticks) + shift,
+        0.5 + torch.rand(num_sticks),
+        torch.tensor(other_temperature),
+        delta=other_delta,
+    )
+    value = guide.rsample((2000,))
+    model = pr.IGRStickBreaking(
+        torch.zeros(num_sticks),
+        torch.ones(num_sticks),
+        torch.tensor(temperature),
+        delta=delta,
+        validate_args=False,
+    )
+    log_prob = model.log_prob(value)
+    y = pr.relaxation_of(value).preimage.double()
+    s = torch.sigmoid(y)
+    rest = torch.cumprod(1 - s, -1)
+    guide_sticks = s * torch.cat([torch.ones_like(rest[..., :1]), rest[..., :-1]], -1)
+    sticks = (temperature / other_temperature) * guide_sticks + temperature * (
+        math.log(delta) - math.log(other_delta)
+    )
+    remainders = 1 - sticks.cumsum(-1)
+    inside = (sticks > 0).all(-1) & (remainders > 0).all(-1)
+    model64 = pr.IGRStickBreaking(
+        torch.zeros(num_sticks, dtype=_f64),
+        torch.ones(num_sticks, dtype=_f64),
+        torch.tensor(temperature, dtype=_f64),
+        delta=delta,
+        validate_args=False,
+    )
+    preimage = sticks.clamp(min=1e-300).log() - remainders.clamp(min=1e-300).log()
+    expected = model64._log_density(preimage)
+    assert 50 < int(inside.sum()) < 1950  # rows in the model's image and rows outside it
+    assert bool(torch.isneginf(log_prob[~inside]).all())
+    torch.testing.assert_close(log_prob[inside].double(), expected[inside], rtol=1e-4, atol=0.02)
+
+
+def test_stick_breaking_scores_a_warmer_guide_s_deep_sticks_finitely():
+    # Equal deltas (b = 0) and other temperatures: log(a e^x + b) is x + log a, computed as
+    # term + log1p(b e^-term). A stick below e^-88 overflows e^-term in float32, and 0 * inf
+    # made every such draw's density NaN unless the exponent is capped. Loc 6 and 19 sticks
+    # put the deepest log-stick near -109. The reference: the model's sticks a w' and
+    # remainders (1 - a) + a r' by hand in float64 from the same pre-image (1 - a = 0.29, no
+    # cancellation); tolerance as above.
+    torch.manual_seed(0)
+    num_sticks, a = 19, 0.5 / 0.7
+    guide = pr.IGRStickBreaking(
+        torch.full((num_sticks,), 6.0), torch.full((num_sticks,), 0.3), torch.tensor(0.7)
+    )
+    value = guide.rsample((4,))
+    model = pr.IGRStickBreaking(
+        torch.zeros(num_sticks), torch.ones(num_sticks), torch.tensor(0.5), validate_args=False
+    )
+    log_prob = model.log_prob(value)
+    y = pr.relaxation_of(value).preimage.double()
+    log_rest = torch.nn.functional.logsigmoid(-y)
+    log_after = log_rest.cumsum(-1)
+    log_guide_sticks = torch.nn.functional.logsigmoid(y) + log_after - log_rest
+    assert float(log_guide_sticks.min()) < -100  # the setting the test is about
+    log_sticks = math.log(a) + log_guide_sticks
+    log_remainders = torch.log((1 - a) + a * log_after.exp())
+    model64 = pr.IGRStickBreaking(
+        torch.zeros(num_sticks, dtype=_f64),
+        torch.ones(num_sticks, dtype=_f64),
+        torch.tensor(0.5, dtype=_f64),
+        validate_args=False,
+    )
+    expected = model64._log_density(log_sticks - log_remainders)
+    assert bool(torch.isfinite(log_prob).all())
+    torch.testing.assert_close(log_prob.double(), expected, rtol=1e-4, atol=0.02)
+
+
+def test_a_dropped_stick_outside_the_affine_image_does_not_void_the_row():
+    # With a precision, the sticks after the cut are dropped: their affine images (here
+    # negative, as the model's delta is below the guide's, b < 0) do not matter. Reading them
+    # voided every row whose later sticks fell below |b|. The rule by hand: a row is possible
+    # where the model's kept sticks w = w' + tau (log 0.8 - log 1) are positive, the
+    # remainders after them positive, and the model cuts those sticks where the guide did.
+    torch.manual_seed(0)
+    num_sticks = 8
+    guide = pr.IGRStickBreaking(
+        torch.tensor([3.0] + [0.0] * (num_sticks - 1)),
+        torch.full((num_sticks,), 0.3),
+        0.5,
+        delta=1.0,
+        precision=0.8,
+    )
+    value = guide.rsample((2000,))
+    model = pr.IGRStickBreaking(
+        torch.zeros(num_sticks),
+        torch.ones(num_sticks),
+        0.5,
+        delta=0.8,
+        precision=0.8,
+        validate_args=False,
+    )
+    log_prob = model.log_prob(value)
+    record = pr.relaxation_of(value)
+    y = record.preimage.double()
+    kept = torch.arange(num_sticks) < record.kept_sticks.unsqueeze(-1)
+    s = torch.sigmoid(y)
+    rest = torch.cumprod(1 - s, -1)
+    guide_sticks = s * torch.cat([torch.ones_like(rest[..., :1]), rest[..., :-1]], -1)
+    sticks = torch.where(kept, guide_sticks + 0.5 * math.log(0.8), 0.0)
+    cumulative = sticks.cumsum(-1)
+    in_image = ((sticks > 0) | ~kept).all(-1) & (1 - cumulative > 0).all(-1)
+    model_cut = ((cumulative < 0.8) & kept).sum(-1).clamp(max=num_sticks - 1) + 1
+    possible = in_image & (model_cut == kept.sum(-1))
+    assert 0 < int(possible.sum()) < 2000  # both kinds of rows
+    assert torch.equal(torch.isfinite(log_prob), possible)
 
 
 def test_stick_breaking_gradient_through_another_maps_draw():

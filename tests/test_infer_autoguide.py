@@ -149,6 +149,24 @@ def test_subsampled_plate_uses_the_rows_of_the_subsample():
     torch.testing.assert_close(site["fn"].logits, logits[index].log_softmax(-1))
 
 
+def test_a_temperature_expanded_over_a_subsample_of_two_is_seen_through():
+    # The model expands its temperature over a subsample of 2: the guide reads it without the
+    # added dimension (stride 0, size 2), so that it broadcasts with the plate's 6 items, as
+    # for a subsample of 3 (a size-2 expansion was kept, and discrete() raised that (2,) does
+    # not broadcast with (6,)).
+    tau = torch.tensor(0.5)
+
+    def model():
+        with pyro.plate("items", 6, subsample_size=2):
+            pyro.sample("z", pr.GenGSPoisson(torch.tensor(3.0), tau.expand(2), 10))
+
+    guide = AutoRelaxed(model)
+    guide()
+    assert guide.discrete()["z"].probs.shape == (6, 10)
+    fn = relaxed_base(poutine.trace(guide).get_trace().nodes["z"]["fn"])
+    torch.testing.assert_close(fn.temperature, torch.full((2,), 0.5))
+
+
 def test_exclusions_item_by_item_in_a_subsampled_plate_are_refused():
     # The guide's logits started from the first subsample's prior, repeated to the other items,
     # -inf included: an item with a total count of 8 got the exclusions of one with 1, and its
@@ -466,6 +484,19 @@ def test_temperature_argument_replaces_the_models():
     torch.testing.assert_close(fn.temperature, torch.full((4,), schedule.value_at(1)))
 
 
+def test_a_planar_site_keeps_the_model_s_temperature_under_a_temperature_argument():
+    # IGR-Planar has no inverse: its prior scores only samples of its own map, temperature
+    # included. So AutoRelaxed(temperature=...) leaves such a site at the model's temperature
+    # (documented); at the argument's, the first SVI step raised that the flows differ.
+    prior = lambda: pr.IGRPlanar(torch.zeros(3), torch.ones(3), TAU, flows=FLOWS)  # noqa: E731
+    model = _plated(prior)
+    guide = AutoRelaxed(model, temperature=0.2)
+    loss = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO()).step()
+    assert math.isfinite(loss)
+    fn = relaxed_base(poutine.trace(guide).get_trace().nodes["z"]["fn"])
+    torch.testing.assert_close(fn.temperature, torch.full((4,), float(TAU)))
+
+
 def test_guides_start_at_the_prior():
     def model():
         pyro.sample("count", pr.GenGSPoisson(torch.tensor(2.0), TAU, 10))
@@ -648,9 +679,19 @@ def test_median_and_quantiles_come_through_autoguidelist_with_the_full_plate():
     assert quantiles["z"].shape == (2, 6) and bool((quantiles["z"][0] <= quantiles["z"][1]).all())
 
 
+# A Bernoulli site's quantiles are a comparison with the CDF, which does not check the levels
+# itself (as a GenGS site's icdf does): AutoRelaxed must.
+@pytest.mark.parametrize(
+    "prior",
+    [
+        lambda: pr.GenGSPoisson(torch.tensor(2.0), 0.5, 20),
+        lambda: pr.STBernoulli(0.5, probs=torch.tensor(0.3)),
+    ],
+    ids=["GenGSPoisson", "STBernoulli"],
+)
 @pytest.mark.parametrize("levels", [[], [1.5], [-0.1], [math.nan]])
-def test_quantile_levels_outside_the_unit_interval_are_refused(levels):
-    guide = _prior_guide(pr.GenGSPoisson(torch.tensor(2.0), 0.5, 20))
+def test_quantile_levels_outside_the_unit_interval_are_refused(levels, prior):
+    guide = _prior_guide(prior())
     with pytest.raises(ValueError, match=r"levels must lie in \[0, 1\]"):
         guide.quantiles(levels)
 

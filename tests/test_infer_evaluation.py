@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import pytest
 import scipy.stats
 import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.infer import Predictive, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.poutine import trace
 from statistical import assert_z_scores_are_standard
@@ -108,6 +109,17 @@ def test_discretize_replaces_every_relaxed_site_inside_its_wrappers():
     assert isinstance(nodes["n"]["fn"], dist.Normal)
     # Outside the handler nothing changed.
     assert isinstance(trace(wrapped).get_trace().nodes["igr"]["fn"], pr.IGR)
+
+
+def test_discretize_sees_through_an_explicit_expanded_distribution():
+    # No library class's expand returns an ExpandedDistribution, but a user may wrap one
+    # explicitly: the relaxed site inside is replaced (integer counts, not the relaxed ones)
+    # and expanded as the wrapper was (4 draws, not 1).
+    torch.manual_seed(0)
+    expanded = ExpandedDistribution(pr.GenGSPoisson(torch.tensor(3.0), 0.5, 10), (4,))
+    node = trace(discretize(lambda: pyro.sample("z", expanded))).get_trace().nodes["z"]
+    assert node["fn"].batch_shape == (4,) and node["value"].shape == (4,)
+    assert torch.equal(node["value"], node["value"].round())
 
 
 def test_discretize_scores_an_observed_relaxed_site_by_its_discrete_distribution():
