@@ -28,7 +28,7 @@ _GENGS = dict(
 )
 
 
-def _counts(base, truncation=None, *, mass=0.999, max_truncation=None, largest=None):
+def _truncated_pmf(base, truncation=None, *, mass=0.999, max_truncation=None, largest=None):
     """The PMF a GenGS relaxes, from torch's own ``base.log_prob``: outcomes ``0..n-2`` exact,
     the last ``n - 1`` holding ``P(X >= n - 1)``. Without ``truncation``, each element's
     ``n = k* + 2`` with ``k*`` the smallest ``k`` where ``P(X <= k) >= mass`` (at most
@@ -140,7 +140,7 @@ GENGS_EXAMPLES = [
             lambda: pr.GenGSPoisson(torch.tensor(2.0, dtype=_f64), 0.5, 12),
             lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),
         ),
-        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 12),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Poisson(p["rate"]), 12),
         **_GENGS,
     ),
     Example(
@@ -151,7 +151,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         prior=lambda: pr.GenGSPoisson(2.0, 0.01, 15),
         kl_partners=(lambda: dist.Poisson(2.0),),
-        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 15).float(),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Poisson(p["rate"]), 15).float(),
         **_GENGS,
     ),
     Example(
@@ -163,7 +163,7 @@ GENGS_EXAMPLES = [
         prior=lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),
         kl_partners=(lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),),
         surrogate_gradient=True,
-        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 15),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Poisson(p["rate"]), 15),
         **_GENGS,
     ),
     Example(
@@ -173,7 +173,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         prior=lambda: pr.GenGSPoisson(torch.tensor(1.0, dtype=_f64), 0.5, 10),
         kl_partners=(lambda: dist.Poisson(torch.tensor(1.0, dtype=_f64)),),
-        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 10).expand(2, 3, 10),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Poisson(p["rate"]), 10).expand(2, 3, 10),
         **_GENGS,
     ),
     Example(
@@ -184,7 +184,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         prior=lambda: pr.GenGSPoisson(torch.tensor(2.0, dtype=_f64), 0.3, 20),
         kl_partners=(lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),),
-        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), max_truncation=20),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Poisson(p["rate"]), max_truncation=20),
         **_GENGS,
     ),
     Example(
@@ -194,7 +194,7 @@ GENGS_EXAMPLES = [
         learnable=_RATE,
         kl_partners=(lambda: dist.Poisson(torch.tensor(2.0, dtype=_f64)),),
         static_shapes=False,
-        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"])),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Poisson(p["rate"])),
         **_GENGS,
     ),
     Example(
@@ -207,7 +207,7 @@ GENGS_EXAMPLES = [
         prior=lambda: pr.GenGSPoisson(torch.tensor(1.0, dtype=_f64), 0.2, 10),
         kl_partners=(lambda: dist.Poisson(torch.tensor(1.0, dtype=_f64)),),
         through={"rate": "base_dist"},
-        reference_probs=lambda p, d: _counts(dist.Poisson(p["rate"]), 10),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Poisson(p["rate"]), 10),
         **_GENGS,
     ),
     Example(
@@ -217,7 +217,7 @@ GENGS_EXAMPLES = [
         learnable=_PROBS,
         prior=lambda: pr.GenGSGeometric(0.3, 25, probs=torch.tensor(0.5, dtype=_f64)),
         kl_partners=(lambda: dist.Geometric(torch.tensor(0.5, dtype=_f64)),),
-        reference_probs=lambda p, d: _counts(dist.Geometric(p["probs"]), 25),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Geometric(p["probs"]), 25),
         **_GENGS,
     ),
     Example(
@@ -235,7 +235,7 @@ GENGS_EXAMPLES = [
                 torch.tensor(3.0, dtype=_f64), torch.tensor(0.5, dtype=_f64)
             ),
         ),
-        reference_probs=lambda p, d: _counts(
+        reference_probs=lambda p, d: _truncated_pmf(
             dist.NegativeBinomial(p["total_count"], p["probs"]), 30
         ),
         **_GENGS,
@@ -248,7 +248,7 @@ GENGS_EXAMPLES = [
         prior=lambda: pr.GenGSBinomial(10, 0.3, probs=torch.tensor(0.5, dtype=_f64)),
         kl_partners=(lambda: dist.Binomial(10, torch.tensor(0.5, dtype=_f64)),),
         static_shapes=False,
-        reference_probs=lambda p, d: _counts(dist.Binomial(10, p["probs"]), largest=10),
+        reference_probs=lambda p, d: _truncated_pmf(dist.Binomial(10, p["probs"]), largest=10),
         **_GENGS,
     ),
     Example(

@@ -2,8 +2,10 @@
 
 Each family keeps its examples in ``tests/examples_<family>.py``; the generic suites
 (``test_conformance.py``, ``test_pyro_integration.py``, ``test_fuzz.py``, ``test_compile.py``,
-``test_no_host_copies.py`` and, with a GPU, ``test_cuda.py``) run every one of them, and
-``test_api.py`` fails for a public distribution class that no example builds.
+``test_no_host_copies.py`` and, with a GPU, ``test_cuda.py``; some tests of
+``test_hardening.py`` and ``test_gst.py`` too) run each test on every example that declares
+what the test needs, and ``test_api.py`` fails for a public distribution class that no example
+builds.
 """
 
 from examples_gengs import GENGS_EXAMPLES

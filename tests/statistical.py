@@ -35,8 +35,9 @@ def assert_z_scores_are_standard(
     each other), two-sided, or with ``one_sided`` only the upper tail (an estimate that may
     fall short of its expected value, as a lower bound may, but not exceed it). With K > 1
     ``independent`` scores and two sides, also their sum of squares within chi-square with K
-    degrees of freedom at ``level``: a pattern of moderate errors that no single one reveals.
-    Each of the two assertions rejects correct estimates with probability at most ``level``.
+    degrees of freedom: a pattern of moderate errors that no single one reveals. The two
+    assertions then run at ``level / 2`` each, so that together they reject correct estimates
+    with probability at most ``level``.
 
     ``df``: the scores are Student t with ``df`` degrees of freedom (standard errors estimated
     from ``df + 1`` draws), replaced by the normal scores of equal tail probability."""
@@ -47,7 +48,9 @@ def assert_z_scores_are_standard(
         p = stats.norm.sf(z.numpy())
     else:
         p = 2 * stats.norm.sf(z.abs().numpy())
+    both = independent and not one_sided and z.numel() > 1
+    level = level / 2 if both else level
     assert p.min() > level / z.numel(), f"{what}: z-scores {z.tolist()}, p-values {p.tolist()}"
-    if independent and not one_sided and z.numel() > 1:
+    if both:
         p_sum = stats.chi2.sf(float(z.square().sum()), z.numel())
         assert p_sum > level, f"{what}: z-scores {z.tolist()}, chi-square p-value {p_sum}"

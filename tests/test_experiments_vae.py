@@ -373,6 +373,7 @@ def test_prior_conventions(name, mean, truncation):
     assert prior.truncation == truncation
     base = prior.distribution()
     assert float(base.mean) == pytest.approx(mean, rel=1e-6)
+    torch.manual_seed(0)
     samples = base.sample((200_000,))
     # The sample mean's error in standard errors, standard normal at LEVEL (statistical.py).
     z = (float(samples.mean()) - mean) / (float(base.stddev) / math.sqrt(len(samples)))

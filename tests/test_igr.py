@@ -30,6 +30,15 @@ def _t(*values, dtype=_f64):
     return torch.tensor(values, dtype=dtype)
 
 
+def _sticks(y):
+    """The stick-breaking pieces w_k = s_k prod_{j<k} (1 - s_j), s = sigmoid(y), from their
+    definition: a reference that shares nothing with the library's transform (whose errors
+    would cancel against themselves)."""
+    s = torch.sigmoid(y)
+    rest = torch.cumprod(1 - s, -1)
+    return s * torch.cat([torch.ones_like(rest[..., :1]), rest[..., :-1]], -1)
+
+
 def _monte_carlo_categories(loc, scale, num_samples):
     """The discrete variable of Proposition 1 by brute force, in float64."""
     y = loc + scale * torch.randn((num_samples,) + loc.shape, dtype=_f64)
@@ -290,11 +299,7 @@ def test_monte_carlo_categoricals(family, budget, monkeypatch):
     else:
         d = pr.IGRStickBreaking(loc, scale, 0.1)
         y = loc + scale * torch.randn(200_000, 3, dtype=_f64)
-        # The sticks from their definition, not the library's transform (a consistent error in
-        # it would cancel): s = sigmoid(y), w_k = s_k prod_{j<k} (1 - s_j).
-        s = torch.sigmoid(y)
-        rest = torch.cumprod(torch.cat([torch.ones_like(s[:, :1]), 1 - s[:, :-1]], -1), -1)
-        expected = torch.bincount((s * rest).argmax(-1), minlength=4).double() / 200_000
+        expected = torch.bincount(_sticks(y).argmax(-1), minlength=4).double() / 200_000
         assert expected[-1] == 0  # the last category has no mass in the limit
     probs = d.categorical(num_samples=40_000).probs
     # Standard error <= 2.5e-3: five of them.
@@ -398,7 +403,7 @@ def test_fit_igr_prior_rejects_unknown_options():
         pr.fit_igr_prior(target, family=pr.IGR, init="hazard", num_steps=0)
 
 
-def test_the_hazard_start_has_the_target_s_law_in_the_limit():
+def test_the_hazard_start_has_the_law_of_the_target_in_the_limit():
     # num_steps=0 returns the start: the first k with y_k > 0 has hazard Phi(mu_k / sigma), so
     # the law h_0, (1 - h_0) h_1, ..., prod (1 - h_k) must be the target (scipy's Phi).
     target = [0.1, 0.2, 0.3, 0.4]
@@ -550,7 +555,7 @@ def test_infinite_mode_conserves_mass_and_reports_its_truncation():
     torch.testing.assert_close(z.sum(-1), torch.ones(400, 3))
     kept = d.truncation_of(z)
     # The smallest n whose sticks reach the precision, for every sample and batch element.
-    sticks = pr.SigmoidSticksTransform()(pr.relaxation_of(z).preimage)
+    sticks = _sticks(pr.relaxation_of(z).preimage)
     cumulative = sticks.cumsum(-1)
     reached = cumulative >= 0.95
     expected = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, 29)
@@ -657,8 +662,7 @@ def test_the_discrete_limit_with_a_precision_takes_the_largest_kept_stick():
     # category 0 in every draw, where the argmax over all sticks gives 3.
     loc = _t(math.log(1 / 9), math.log(1 / 9), math.log(1 / 9), 3.0, 0.0)
     d = pr.IGRStickBreaking(loc, torch.full((5,), 1e-3, dtype=_f64), 0.5, precision=0.25)
-    s = torch.sigmoid(loc)
-    sticks = s * torch.cat([_t(1.0), torch.cumprod(1 - s, -1)[:-1]])
+    sticks = _sticks(loc)
     kept = int((sticks.cumsum(-1) < 0.25).sum()) + 1
     assert kept == 3 and int(sticks.argmax()) == 3  # the setting the test is about
     expected = torch.nn.functional.one_hot(sticks[:kept].argmax(), 6).double()
@@ -688,7 +692,7 @@ def test_count_values_and_scoring():
     assert c.shape == (300, 2)
     assert ((c >= 0) & (c <= 9)).all()
     # At low temperature the relaxed count is the index of the largest stick.
-    sticks = pr.SigmoidSticksTransform()(pr.relaxation_of(pr.relaxation_of(c).simplex).preimage)
+    sticks = _sticks(pr.relaxation_of(pr.relaxation_of(c).simplex).preimage)
     near = (c - sticks.argmax(-1)).abs() < 0.05
     assert near.double().mean() > 0.97  # all but near-ties of the two largest sticks
     torch.testing.assert_close(d.log_prob(c), d.simplex_dist.log_prob(pr.relaxation_of(c).simplex))
@@ -709,7 +713,7 @@ def test_a_relaxed_count_is_the_mean_outcome_up_to_the_largest(num_sticks):
     torch.testing.assert_close(c, simplex @ torch.arange(num_sticks + 1.0))
 
 
-def test_a_count_s_support_ends_at_k_minus_1_and_its_expansion_checks_it():
+def test_the_support_of_a_count_ends_at_k_minus_1_and_expansion_keeps_checking_it():
     # The outcomes are 0..K-1 (here K = 4): 3.5 is outside the support, and an expanded count
     # validates as the original does (it dropped validation and scored such values).
     d = pr.IGRCount(torch.zeros(3), torch.ones(3), 0.5, validate_args=True)
@@ -1048,7 +1052,7 @@ def test_stick_breaking_scores_another_maps_draw_from_its_preimage(other_tempera
     log_prob = model.log_prob(value)
     # The reference: float64 through the sticks from the same pre-image, inverted by hand.
     y = pr.relaxation_of(value).preimage.double()
-    sticks = pr.SigmoidSticksTransform()(y)
+    sticks = _sticks(y)
     logits = (sticks / other_temperature - math.log(other_delta)) + delta.double().log()
     model_sticks = temperature.double() * logits
     remainders = 1 - model_sticks.cumsum(-1)
@@ -1100,9 +1104,7 @@ def test_stick_breaking_scores_another_maps_draw_where_the_affine_offsets_are_ne
     )
     log_prob = model.log_prob(value)
     y = pr.relaxation_of(value).preimage.double()
-    s = torch.sigmoid(y)
-    rest = torch.cumprod(1 - s, -1)
-    guide_sticks = s * torch.cat([torch.ones_like(rest[..., :1]), rest[..., :-1]], -1)
+    guide_sticks = _sticks(y)
     sticks = (temperature / other_temperature) * guide_sticks + temperature * (
         math.log(delta) - math.log(other_delta)
     )
@@ -1122,7 +1124,7 @@ def test_stick_breaking_scores_another_maps_draw_where_the_affine_offsets_are_ne
     torch.testing.assert_close(log_prob[inside].double(), expected[inside], rtol=1e-4, atol=0.02)
 
 
-def test_stick_breaking_scores_a_warmer_guide_s_deep_sticks_finitely():
+def test_stick_breaking_scores_the_deep_sticks_of_a_warmer_guide_finitely():
     # Equal deltas (b = 0) and other temperatures: log(a e^x + b) is x + log a, computed as
     # term + log1p(b e^-term). A stick below e^-88 overflows e^-term in float32, and 0 * inf
     # made every such draw's density NaN unless the exponent is capped. Loc 6 and 19 sticks
@@ -1185,9 +1187,7 @@ def test_a_dropped_stick_outside_the_affine_image_does_not_void_the_row():
     record = pr.relaxation_of(value)
     y = record.preimage.double()
     kept = torch.arange(num_sticks) < record.kept_sticks.unsqueeze(-1)
-    s = torch.sigmoid(y)
-    rest = torch.cumprod(1 - s, -1)
-    guide_sticks = s * torch.cat([torch.ones_like(rest[..., :1]), rest[..., :-1]], -1)
+    guide_sticks = _sticks(y)
     sticks = torch.where(kept, guide_sticks + 0.5 * math.log(0.8), 0.0)
     cumulative = sticks.cumsum(-1)
     in_image = ((sticks > 0) | ~kept).all(-1) & (1 - cumulative > 0).all(-1)

@@ -484,7 +484,7 @@ def test_temperature_argument_replaces_the_models():
     torch.testing.assert_close(fn.temperature, torch.full((4,), schedule.value_at(1)))
 
 
-def test_a_planar_site_keeps_the_model_s_temperature_under_a_temperature_argument():
+def test_a_planar_site_keeps_the_temperature_of_the_model_under_a_temperature_argument():
     # IGR-Planar has no inverse: its prior scores only samples of its own map, temperature
     # included. So AutoRelaxed(temperature=...) leaves such a site at the model's temperature
     # (documented); at the argument's, the first SVI step raised that the flows differ.

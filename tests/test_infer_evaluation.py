@@ -324,7 +324,7 @@ def test_two_particle_bound_matches_its_exact_expectation():
     assert copies * _exact_elbo(X) < mean < copies * _exact_log_evidence(X)
 
 
-def test_the_bound_s_standard_error_is_the_delta_method_s():
+def test_the_standard_error_of_the_bound_is_that_of_the_delta_method():
     # With a guide that is not the posterior the weights w = p(x, z) / q(z) vary: per item the
     # standard error is sqrt(Var_q[w] / (K E_q[w]^2)), from the exact sums E_q[w] = sum p and
     # E_q[w^2] = sum p^2 / q, summed in quadrature over the items. Within 15% (the estimate's
