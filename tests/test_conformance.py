@@ -255,19 +255,24 @@ def test_values_and_gradients_are_finite(example):
         assert grad is not None and torch.isfinite(grad).all(), name
 
 
+def _weighted_sum(value):
+    # A scalar of the sample with unequal weights: a plain sum is constant where the
+    # coordinates sum to one, and would carry no gradient.
+    weights = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).reshape(value.shape)
+    return (weights * value).sum()
+
+
 @pytest.mark.parametrize(
     "example", [e for e in EXAMPLES if e.learnable and not e.surrogate_gradient], ids=lambda e: e.id
 )
 def test_samples_alone_carry_the_gradient(example):
     # The pathwise gradient reaches every learnable parameter through the sample itself, not
-    # only through log_prob or a KL (a detached rsample passes the test above). The weights
-    # make the sum depend on the sample where its coordinates sum to a constant.
+    # only through log_prob or a KL (a detached rsample passes the test above).
     torch.manual_seed(2)
     params = example.parameters(requires_grad=True)
     d = example.build(params)
     value = d.rsample((64,))
-    weights = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).reshape(value.shape)
-    grads = torch.autograd.grad((weights * value).sum(), [params[n] for n in example.learnable])
+    grads = torch.autograd.grad(_weighted_sum(value), [params[n] for n in example.learnable])
     for name, grad in zip(example.learnable, grads, strict=True):
         assert grad.abs().sum() > 0, name
 
@@ -286,8 +291,7 @@ def test_the_temperature_changes_what_is_drawn(example):
         value = example.build(params).rsample((16,))
         if not example.surrogate_gradient:
             return [value.detach()]
-        weights = torch.linspace(0.5, 2.0, value.numel(), dtype=value.dtype).reshape(value.shape)
-        return torch.autograd.grad((weights * value).sum(), [params[n] for n in example.learnable])
+        return torch.autograd.grad(_weighted_sum(value), [params[n] for n in example.learnable])
 
     for cold, warm in zip(draw(1.0), draw(4.0), strict=True):
         assert not torch.allclose(cold, warm, rtol=1e-6, atol=0)

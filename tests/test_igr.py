@@ -12,7 +12,7 @@ import pytest
 import scipy.integrate
 import scipy.stats
 import torch
-from examples_igr import IGR_EXAMPLES
+from examples_igr import IGR_EXAMPLES, limit_frequencies
 from pyro.distributions.transforms import Planar, Spline
 from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
@@ -39,11 +39,16 @@ def _sticks(y):
     return s * torch.cat([torch.ones_like(rest[..., :1]), rest[..., :-1]], -1)
 
 
-def _monte_carlo_categories(loc, scale, num_samples):
-    """The discrete variable of Proposition 1 by brute force, in float64."""
-    y = loc + scale * torch.randn((num_samples,) + loc.shape, dtype=_f64)
-    index = torch.cat([y, torch.zeros_like(y[..., :1])], -1).argmax(-1)
-    return torch.bincount(index, minlength=loc.shape[-1] + 1).double() / num_samples
+def _standard_sticks(num_sticks, temperature, dtype=torch.float32, **options):
+    """IGR-SB with standard Gaussian parameters in ``dtype``, scoring without validation (values
+    outside its image score -inf): the model side of the cross-map scoring tests."""
+    return pr.IGRStickBreaking(
+        torch.zeros(num_sticks, dtype=dtype),
+        torch.ones(num_sticks, dtype=dtype),
+        torch.as_tensor(temperature).to(dtype),
+        validate_args=False,
+        **options,
+    )
 
 
 # --- normalization --------------------------------------------------------------------------
@@ -173,7 +178,7 @@ def test_proposition_2_matches_monte_carlo_with_unequal_scales():
     loc, scale = _t(0.3, -0.2, 0.6), _t(0.5, 2.0, 1.0)
     torch.manual_seed(4)
     num_draws = 4_000_000
-    observed = _monte_carlo_categories(loc, scale, num_draws)
+    observed = limit_frequencies(loc, scale, num_draws)
     probs = pr.igr_log_probs(loc, scale).exp()
     assert abs(float(probs.sum()) - 1) < 1e-9
     standard_error = (probs * (1 - probs) / num_draws).sqrt()
@@ -387,7 +392,7 @@ def test_uniform_prior_closed_form():
     # 1e6 draws: standard error sqrt(0.1 * 0.9 / N) = 3e-4 per category; the errors in it
     # standard normal at LEVEL, Bonferroni alone (the frequencies are dependent).
     num_draws = 1_000_000
-    observed = _monte_carlo_categories(loc, scale, num_draws)
+    observed = limit_frequencies(loc, scale, num_draws)
     z = (observed - 0.1) / math.sqrt(0.1 * 0.9 / num_draws)
     assert_z_scores_are_standard(z, "the frequencies of the categories", independent=False)
 
@@ -1049,13 +1054,7 @@ def test_stick_breaking_scores_another_maps_draw_from_its_preimage(other_tempera
     loc, scale = torch.randn(num_sticks), 0.5 + torch.rand(num_sticks)
     guide = pr.IGRStickBreaking(loc, scale, torch.tensor(other_temperature), delta=other_delta)
     value = guide.rsample((300,))
-    model = pr.IGRStickBreaking(
-        torch.zeros(num_sticks),
-        torch.ones(num_sticks),
-        temperature,
-        delta=delta,
-        validate_args=False,
-    )
+    model = _standard_sticks(num_sticks, temperature, delta=delta)
     log_prob = model.log_prob(value)
     # The reference: float64 through the sticks from the same pre-image, inverted by hand.
     y = pr.relaxation_of(value).preimage.double()
@@ -1064,13 +1063,7 @@ def test_stick_breaking_scores_another_maps_draw_from_its_preimage(other_tempera
     model_sticks = temperature.double() * logits
     remainders = 1 - model_sticks.cumsum(-1)
     inside = (model_sticks > 0).all(-1) & (remainders > 0).all(-1)
-    model64 = pr.IGRStickBreaking(
-        torch.zeros(num_sticks, dtype=torch.float64),
-        torch.ones(num_sticks, dtype=torch.float64),
-        temperature.double(),
-        delta=delta.double(),
-        validate_args=False,
-    )
+    model64 = _standard_sticks(num_sticks, temperature, _f64, delta=delta.double())
     preimage = model_sticks.log() - remainders.log()
     expected = model64._log_density(preimage)
     assert bool(torch.isneginf(log_prob[~inside]).all())
@@ -1102,13 +1095,7 @@ def test_stick_breaking_scores_another_maps_draw_where_the_affine_offsets_are_ne
         delta=other_delta,
     )
     value = guide.rsample((2000,))
-    model = pr.IGRStickBreaking(
-        torch.zeros(num_sticks),
-        torch.ones(num_sticks),
-        torch.tensor(temperature),
-        delta=delta,
-        validate_args=False,
-    )
+    model = _standard_sticks(num_sticks, temperature, delta=delta)
     log_prob = model.log_prob(value)
     y = pr.relaxation_of(value).preimage.double()
     guide_sticks = _sticks(y)
@@ -1117,13 +1104,7 @@ def test_stick_breaking_scores_another_maps_draw_where_the_affine_offsets_are_ne
     )
     remainders = 1 - sticks.cumsum(-1)
     inside = (sticks > 0).all(-1) & (remainders > 0).all(-1)
-    model64 = pr.IGRStickBreaking(
-        torch.zeros(num_sticks, dtype=_f64),
-        torch.ones(num_sticks, dtype=_f64),
-        torch.tensor(temperature, dtype=_f64),
-        delta=delta,
-        validate_args=False,
-    )
+    model64 = _standard_sticks(num_sticks, temperature, _f64, delta=delta)
     preimage = sticks.clamp(min=1e-300).log() - remainders.clamp(min=1e-300).log()
     expected = model64._log_density(preimage)
     assert 50 < int(inside.sum()) < 1950  # rows in the model's image and rows outside it
@@ -1144,9 +1125,7 @@ def test_stick_breaking_scores_the_deep_sticks_of_a_warmer_guide_finitely():
         torch.full((num_sticks,), 6.0), torch.full((num_sticks,), 0.3), torch.tensor(0.7)
     )
     value = guide.rsample((4,))
-    model = pr.IGRStickBreaking(
-        torch.zeros(num_sticks), torch.ones(num_sticks), torch.tensor(0.5), validate_args=False
-    )
+    model = _standard_sticks(num_sticks, 0.5)
     log_prob = model.log_prob(value)
     y = pr.relaxation_of(value).preimage.double()
     log_rest = torch.nn.functional.logsigmoid(-y)
@@ -1155,12 +1134,7 @@ def test_stick_breaking_scores_the_deep_sticks_of_a_warmer_guide_finitely():
     assert float(log_guide_sticks.min()) < -100  # the setting the test is about
     log_sticks = math.log(a) + log_guide_sticks
     log_remainders = torch.log((1 - a) + a * log_after.exp())
-    model64 = pr.IGRStickBreaking(
-        torch.zeros(num_sticks, dtype=_f64),
-        torch.ones(num_sticks, dtype=_f64),
-        torch.tensor(0.5, dtype=_f64),
-        validate_args=False,
-    )
+    model64 = _standard_sticks(num_sticks, 0.5, _f64)
     expected = model64._log_density(log_sticks - log_remainders)
     assert bool(torch.isfinite(log_prob).all())
     torch.testing.assert_close(log_prob.double(), expected, rtol=1e-4, atol=0.02)
@@ -1182,14 +1156,7 @@ def test_a_dropped_stick_outside_the_affine_image_does_not_void_the_row():
         precision=0.8,
     )
     value = guide.rsample((2000,))
-    model = pr.IGRStickBreaking(
-        torch.zeros(num_sticks),
-        torch.ones(num_sticks),
-        0.5,
-        delta=0.8,
-        precision=0.8,
-        validate_args=False,
-    )
+    model = _standard_sticks(num_sticks, 0.5, delta=0.8, precision=0.8)
     log_prob = model.log_prob(value)
     record = pr.relaxation_of(value)
     y = record.preimage.double()
